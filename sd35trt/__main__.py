@@ -1,0 +1,3 @@
+from sd35trt.cli.main import entry
+
+entry()

@@ -1,0 +1,163 @@
+"""Artifacts on disk: atomic writes, hashes and manifests.
+
+Every step writes into a temporary sibling folder and renames it into place only when complete, so an
+interrupted or failed step never leaves a half file under a final name and the previous artifact survives.
+Every artifact folder carries a manifest with the sha256 of its files and of its inputs; a step whose
+input hash is unchanged is skipped, and a consumer refuses files whose bytes don't match their manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from sd35trt.errors import ArtifactError, InvalidInputError
+
+MANIFEST_VERSION = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_json(data: Any) -> str:
+    """Stable hash of a JSON-able value (sorted keys), used for 'inputs unchanged?' decisions."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, turning a missing/corrupt file into one clear line."""
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found", path=path, hint="run the step that produces it first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{what} is not valid JSON ({exc.__class__.__name__})", path=path,
+                            hint="delete it and re-run the step that produces it") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{what} is not a JSON object", path=path,
+                            hint="delete it and re-run the step that produces it")
+    return data
+
+
+def ensure_writable_dir(path: Path, option: str = "--out") -> Path:
+    """Create ``path`` (and parents) or fail with one line naming the option."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (PermissionError, FileExistsError, NotADirectoryError, OSError) as exc:
+        raise InvalidInputError(f"cannot create output directory ({exc.strerror or exc.__class__.__name__})",
+                                path=path, hint=f"choose a writable {option}") from None
+    if not path.is_dir():
+        raise InvalidInputError("output path is not a directory", path=path, hint=f"choose a directory for {option}")
+    probe = path / f".sd35trt-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidInputError(f"output directory is not writable ({exc.strerror})", path=path,
+                                hint=f"choose a writable {option}") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on success swap it in, on any failure remove it.
+
+    The swap is two renames (old → backup, new → final) on the same file system; a crash between them
+    leaves the backup, which ``recover_interrupted`` puts back on the next run.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = final.parent / f".{final.name}.old"
+    if final.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(final, backup)
+    os.replace(tmp, final)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def recover_interrupted(final: Path) -> None:
+    """Undo what an interrupted ``atomic_dir`` left: stale temp folders, or a backup with no final."""
+    backup = final.parent / f".{final.name}.old"
+    if backup.exists() and not final.exists():
+        os.replace(backup, final)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        if _owner_gone(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _owner_gone(_tmp: Path) -> bool:
+    # Commands on one output folder are not meant to run concurrently; a temp folder found at start is
+    # an earlier interrupted run's.
+    return True
+
+
+def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under ``folder`` except manifests themselves."""
+    entries = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel.endswith("manifest.json") or rel.endswith("export.json") or rel.startswith("."):
+            continue
+        entries[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return entries
+
+
+def verify_files(folder: Path, entries: dict[str, dict[str, Any]], manifest: Path) -> None:
+    """Raise naming the first file whose size or sha256 differs from ``entries``."""
+    for rel, entry in entries.items():
+        path = folder / rel
+        if not path.is_file():
+            raise ArtifactError(f"file listed in {manifest.name} is missing", path=path,
+                                hint="rebuild this artifact; the folder is incomplete")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(f"size {size} differs from manifest ({entry['bytes']} bytes): truncated or replaced",
+                                path=path, hint="rebuild this artifact")
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"sha256 differs from {manifest.name}: the file was modified or corrupted",
+                                path=path, hint="rebuild this artifact")
+
+
+def package_versions(*names: str) -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,1 @@
+"""Command line: a thin typer layer over the library (nothing outside this package imports typer)."""

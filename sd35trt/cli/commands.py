@@ -1,0 +1,1 @@
+"""Subcommands beyond export (calibrate, build, bundle, doctor, generate, compare) register here."""

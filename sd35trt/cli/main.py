@@ -1,0 +1,118 @@
+"""``sd35trt`` entry point: wires subcommands and maps user errors to one line + exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from sd35trt import __version__
+from sd35trt.errors import Sd35TrtError
+
+app = typer.Typer(
+    name="sd35trt",
+    help="Stable Diffusion 3.5 → validated ONNX → FP8/FP16 TensorRT engines, with manifests and comparisons.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bundle_app = typer.Typer(help="Inspect and verify engine bundles.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+ModelOpt = typer.Option("tiny", "--model", "-m", help="tiny | sd3.5-medium | sd3.5-large (random weights) | path to a local diffusers SD3.5 directory")
+DeviceOpt = typer.Option("auto", "--device", help="torch device for export/calibration: auto, cpu or cuda")
+
+
+def emit(result: Any, as_json: bool = True) -> None:
+    """Results go to stdout (JSON), logs to stderr."""
+    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"sd35trt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Set SD35TRT_DEBUG=1 to see tracebacks for user errors too."""
+
+
+def ranges_from_options(batch: str, height: str, width: str, t5_tokens: str):
+    from sd35trt.specs import Range, ShapeRanges
+
+    return ShapeRanges(batch=Range.parse(batch, "--batch"), height=Range.parse(height, "--height"),
+                       width=Range.parse(width, "--width"), t5_tokens=Range.parse(t5_tokens, "--t5-tokens"))
+
+
+@app.command()
+def export(
+    model: str = ModelOpt,
+    out: Path = typer.Option(Path("build"), "--out", "-o", help="output directory; ONNX goes to OUT/onnx/<component>/"),
+    components: Optional[str] = typer.Option(None, "--components", help="comma-separated subset of transformer,clip_l,clip_g,t5,vae_decoder"),
+    opset: int = typer.Option(19, "--opset", help="ONNX opset (17-21)"),
+    height: str = typer.Option("512:1024:1024", "--height", help="pixel height range MIN:OPT:MAX (multiples of 16)"),
+    width: str = typer.Option("512:1024:1024", "--width", help="pixel width range MIN:OPT:MAX (multiples of 16)"),
+    batch: str = typer.Option("1:1:4", "--batch", help="images per prompt MIN:OPT:MAX"),
+    t5_tokens: str = typer.Option("256", "--t5-tokens", help="T5 sequence length range"),
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="re-export even when inputs are unchanged"),
+) -> None:
+    """Export SD3.5 components to ONNX (FP32), each validated against PyTorch in onnxruntime."""
+    from sd35trt.artifacts import ensure_writable_dir
+    from sd35trt.export import ExportConfig, export_model
+    from sd35trt.models import resolve_model
+    from sd35trt.specs import parse_components
+
+    config = ExportConfig(components=parse_components(components), opset=opset,
+                          ranges=ranges_from_options(batch, height, width, t5_tokens))
+    source = resolve_model(model)
+    ensure_writable_dir(out)
+    results = export_model(source, out, config, device=device, force=force)
+    emit({r.component: {"path": str(r.path), "skipped": r.skipped, "seconds": round(r.seconds, 2),
+                        "validation": {k: {m: v[m] for m in ("rel_l2", "max_abs")}
+                                       for k, v in (r.manifest.get("validation") or {}).get("outputs", {}).items()}}
+          for r in results})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the app; a user error prints one line and exits 2, a bug keeps its traceback (exit 1)."""
+    from sd35trt.cli import commands  # noqa: F401  (registers the remaining subcommands)
+
+    debug = os.environ.get("SD35TRT_DEBUG") == "1"
+    try:
+        app(args=argv, standalone_mode=False)
+    except Sd35TrtError as err:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: finished artifacts are kept, partial ones were discarded\n")
+        return 130
+    except (typer.Abort, typer.Exit) as exc:
+        return getattr(exc, "exit_code", 1) or 0
+    except Exception as exc:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show(file=sys.stderr)
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Exit):
+            return exc.exit_code
+        raise
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,59 @@
+"""User-facing errors.
+
+Every problem a user can fix (bad option, missing file, mismatched artifact) is an ``Sd35TrtError``: the CLI
+prints its one-line message and exits with code 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Sd35TrtError(Exception):
+    """A problem the user can fix. ``str(err)`` is one line: what is wrong, where, and what to do."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, *, path: str | Path | None = None, hint: str | None = None):
+        self.what = what
+        self.path = Path(path) if path is not None else None
+        self.hint = hint
+        parts = [what]
+        if path is not None:
+            parts.append(f"({path})")
+        message = " ".join(parts)
+        if hint:
+            message += f": {hint}"
+        super().__init__(message.replace("\n", " "))
+
+
+class InvalidInputError(Sd35TrtError):
+    """An option or argument is out of range or of the wrong kind."""
+
+
+class ModelLoadError(Sd35TrtError):
+    """A model id or directory cannot be loaded."""
+
+
+class ArtifactError(Sd35TrtError):
+    """An artifact (ONNX, manifest, engine, calibration state) is missing, corrupt or does not match."""
+
+
+class ExportValidationError(Sd35TrtError):
+    """An exported ONNX does not reproduce PyTorch within the component's tolerance."""
+
+
+class CalibrationError(Sd35TrtError):
+    """Calibration cannot run or produced unusable scales."""
+
+
+class BuildError(Sd35TrtError):
+    """An engine cannot be built for the requested target/backend."""
+
+
+class MissingDependencyError(Sd35TrtError):
+    """An optional dependency (TensorRT, TensorRT-RTX, ModelOpt, ...) is not installed."""
+
+
+class RuntimeUnavailableError(Sd35TrtError):
+    """The requested runner cannot execute on this host (no GPU, wrong compute capability, ...)."""

@@ -1,0 +1,59 @@
+"""Error metrics shared by export validation, the calibration report and ``compare``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from sd35trt.specs import Tolerance
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    rel_l2: float
+    max_abs: float
+    cosine: float
+    ref_absmax: float
+    nonfinite: int  # NaN/Inf count in the candidate
+    shape: tuple[int, ...]
+
+    def passes(self, tol: Tolerance) -> bool:
+        return (self.nonfinite == 0 and self.rel_l2 <= tol.rel_l2
+                and self.max_abs <= tol.scaled_max_abs(self.ref_absmax))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def __str__(self) -> str:
+        return (f"rel-L2 {self.rel_l2:.3e}, max-abs {self.max_abs:.3e}, cosine {self.cosine:.6f}"
+                + (f", {self.nonfinite} NaN/Inf" if self.nonfinite else ""))
+
+
+def error_stats(reference: Any, candidate: Any) -> ErrorStats:
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.shape != cand.shape:
+        raise ValueError(f"shape mismatch: reference {ref.shape} vs candidate {cand.shape}")
+    nonfinite = int(cand.size - np.isfinite(cand).sum())
+    if nonfinite:
+        return ErrorStats(math.inf, math.inf, 0.0, float(np.abs(ref).max(initial=0.0)), nonfinite, ref.shape)
+    diff = cand - ref
+    ref_norm = float(np.linalg.norm(ref))
+    rel_l2 = float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff))
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
+    cosine = float((ref * cand).sum() / denom) if denom > 0 else 1.0
+    return ErrorStats(rel_l2, float(np.abs(diff).max(initial=0.0)), cosine,
+                      float(np.abs(ref).max(initial=0.0)), 0, ref.shape)
+
+
+def psnr(reference: Any, candidate: Any, data_range: float = 2.0) -> float:
+    """PSNR in dB; images in [-1, 1] (VAE output) have ``data_range`` 2. Identical inputs give inf."""
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    mse = float(np.mean((ref - cand) ** 2))
+    if not math.isfinite(mse):
+        return -math.inf
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)

@@ -1,0 +1,117 @@
+"""ONNX helpers: one external-data file per model, onnxruntime sessions, Q/DQ clean-up."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35trt.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import onnx
+
+TWO_GB = 2**31 - 1
+DATA_SUFFIX = ".data"
+
+
+def consolidate_external_data(model_path: Path) -> None:
+    """Rewrite per-tensor external-data files (what the legacy exporter writes past 2 GB) into one file.
+
+    Streams tensor by tensor (the model proto is loaded without its weights), so peak memory is one
+    tensor rather than the whole model, then rewrites the small proto. A model without external data is
+    left alone.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, set_external_data
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    tensors = [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not tensors:
+        return
+    folder = model_path.parent
+    data_name = model_path.name + DATA_SUFFIX
+    if all(ExternalDataInfo(t).location == data_name for t in tensors):
+        return
+    tmp_data = folder / (data_name + ".partial")
+    old_files = set()
+    with open(tmp_data, "wb") as out:
+        for tensor in tensors:
+            info = ExternalDataInfo(tensor)
+            source = folder / info.location
+            with open(source, "rb") as handle:
+                if info.offset:
+                    handle.seek(info.offset)
+                blob = handle.read(info.length) if info.length else handle.read()
+            pad = (-out.tell()) % 64  # keep tensors 64-byte aligned for mmap-friendly loading
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            out.write(blob)
+            del tensor.external_data[:]
+            set_external_data(tensor, location=data_name, offset=offset, length=len(blob))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            old_files.add(source)
+    os.replace(tmp_data, folder / data_name)
+    onnx.save(model, str(model_path))
+    for old in old_files:
+        if old.name != data_name and old.exists():
+            old.unlink()
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save with weights in one external file when the proto would pass protobuf's 2 GB limit."""
+    import onnx
+
+    if model.ByteSize() > TWO_GB - (64 << 20):
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + DATA_SUFFIX, size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+def load_model(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model or fail with one line naming the file."""
+    import onnx
+
+    if not path.is_file():
+        raise ArtifactError("ONNX file not found", path=path, hint="run `sd35trt export` (or calibrate) first")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf DecodeError, missing external file, ... all mean 'corrupt'
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ArtifactError(f"cannot read ONNX model ({first})", path=path,
+                            hint="the file is truncated or corrupt; re-run the export") from None
+
+
+def has_float8(model_path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    f8 = {onnx.TensorProto.FLOAT8E4M3FN}
+    return any(t.data_type in f8 for t in model.graph.initializer) or any(
+        n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def ort_session(path: Path, *, providers: list[str] | None = None, threads: int | None = None):
+    """An onnxruntime session. FP8 Q/DQ graphs get optimisations disabled: ORT's fusions break on float8."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if has_float8(path):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+        raise ArtifactError(f"onnxruntime cannot load the model ({first})", path=path,
+                            hint="the ONNX is corrupt or was produced by another toolkit version; re-export it") from None
+
+
+def run_ort(session: Any, feeds: dict[str, Any]) -> dict[str, Any]:
+    names = [o.name for o in session.get_outputs()]
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = session.run(names, {k: v for k, v in feeds.items() if k in inputs})
+    return dict(zip(names, outputs))

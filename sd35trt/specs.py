@@ -1,0 +1,401 @@
+"""One ``ComponentSpec`` per exported network: the single place a name, an axis or a shape range lives.
+
+Export (input/output names, dynamic axes, dummy inputs), validation and comparison (tolerances), engine
+optimisation profiles (min/opt/max shapes) and the runtime (binding names, dtypes) all read these specs.
+Shape ranges are user-facing (batch, image height/width, T5 tokens) and turned into per-tensor shapes here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Callable
+
+from sd35trt.errors import InvalidInputError
+from sd35trt.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+PIXEL_STEP = 64  # engines are built for sizes in steps of 64 px, as SD3.5 is trained on
+MIN_PIXELS, MAX_PIXELS = 512, 1024
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    FP8 = "fp8"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when rel-L2 ≤ ``rel_l2`` and max-abs ≤ ``max_abs``·max(1, max|ref|) and nothing is NaN/Inf."""
+
+    rel_l2: float
+    max_abs: float
+
+    def scaled_max_abs(self, ref_absmax: float) -> float:
+        return self.max_abs * max(1.0, ref_absmax)
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not (self.min <= self.opt <= self.max):
+            raise InvalidInputError(f"range {self.min}:{self.opt}:{self.max} is not ordered min ≤ opt ≤ max",
+                                    hint="pass MIN:OPT:MAX with MIN ≤ OPT ≤ MAX")
+
+    @classmethod
+    def parse(cls, text: str, option: str) -> Range:
+        """Parse ``N`` or ``MIN:MAX`` or ``MIN:OPT:MAX`` (opt defaults to max)."""
+        try:
+            values = [int(v) for v in str(text).split(":")]
+        except ValueError:
+            raise InvalidInputError(f"{option} '{text}' is not N, MIN:MAX or MIN:OPT:MAX of integers",
+                                    hint=f"e.g. {option} 512:1024:1024") from None
+        if len(values) == 1:
+            return cls(values[0], values[0], values[0])
+        if len(values) == 2:
+            return cls(values[0], values[1], values[1])
+        if len(values) == 3:
+            return cls(*values)
+        raise InvalidInputError(f"{option} '{text}' has {len(values)} fields",
+                                hint=f"use N, MIN:MAX or MIN:OPT:MAX, e.g. {option} 512:1024:1024")
+
+    def scaled(self, factor: int) -> Range:
+        return Range(self.min * factor, self.opt * factor, self.max * factor)
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """What engines must accept: images per prompt (batch), pixel height/width, T5 tokens.
+
+    Text encoders and the transformer see twice the batch (classifier-free guidance runs the negative and
+    positive prompt in one call); the VAE sees the batch as is.
+    """
+
+    batch: Range = Range(1, 1, 4)
+    height: Range = Range(MIN_PIXELS, 1024, MAX_PIXELS)
+    width: Range = Range(MIN_PIXELS, 1024, MAX_PIXELS)
+    t5_tokens: Range = Range(T5_MAX_TOKENS, T5_MAX_TOKENS, T5_MAX_TOKENS)
+
+    def __post_init__(self):
+        if self.batch.min < 1 or self.batch.max > 16:
+            raise InvalidInputError(f"--batch {self.batch} is outside 1..16", hint="use e.g. --batch 1:1:4")
+        for option, rng in (("--height", self.height), ("--width", self.width)):
+            for value in (rng.min, rng.opt, rng.max):
+                check_pixels(value, option)
+        if self.t5_tokens.min < 1 or self.t5_tokens.max > T5_MAX_TOKENS:
+            raise InvalidInputError(f"--t5-tokens {self.t5_tokens} is outside 1..{T5_MAX_TOKENS}",
+                                    hint=f"SD3.5 uses up to {T5_MAX_TOKENS} T5 tokens")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"batch": str(self.batch), "height": str(self.height), "width": str(self.width),
+                "t5_tokens": str(self.t5_tokens)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> ShapeRanges:
+        return cls(**{k: Range.parse(v, f"--{k.replace('_', '-')}") for k, v in data.items()})
+
+    def contains(self, *, batch: int, height: int, width: int, t5_tokens: int = T5_MAX_TOKENS) -> list[str]:
+        """Reasons a concrete request falls outside these ranges (empty when it fits)."""
+        problems = []
+        for name, value, rng in (("batch", batch, self.batch), ("height", height, self.height),
+                                 ("width", width, self.width), ("T5 tokens", t5_tokens, self.t5_tokens)):
+            if not rng.min <= value <= rng.max:
+                problems.append(f"{name} {value} outside {rng.min}..{rng.max}")
+        return problems
+
+
+def check_pixels(value: int, option: str) -> None:
+    """Reject sizes SD3.5 can't take, suggesting the nearest valid one (diffusers' check_inputs does the same)."""
+    if value % 16 != 0:
+        nearest = max(MIN_PIXELS, min(MAX_PIXELS, round(value / PIXEL_STEP) * PIXEL_STEP))
+        raise InvalidInputError(f"{option} {value} is not divisible by 16",
+                                hint=f"SD3.5 needs multiples of 16 (VAE ×8, patch ×2); try {nearest}")
+    if not MIN_PIXELS // 2 <= value <= 2 * MAX_PIXELS:
+        raise InvalidInputError(f"{option} {value} is outside {MIN_PIXELS // 2}..{2 * MAX_PIXELS} px",
+                                hint=f"SD3.5 is trained for {MIN_PIXELS}..{MAX_PIXELS} px")
+
+
+# Axes that vary at run time; every other string in a TensorSpec shape is a width read off the model config.
+DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "height", "width", "t5_tokens", "text_tokens")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One ONNX input or output: name, dtype and symbolic shape (strings are dynamic axes)."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[str | int, ...]  # DYNAMIC_DIMS names, config width names, or fixed ints
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    pipeline_attr: str  # attribute of StableDiffusion3Pipeline holding the network
+    description: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrapper: Callable[[Any], torch.nn.Module]  # network -> module with exactly the ONNX signature
+    tolerances: dict[Precision, Tolerance] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: d for i, d in enumerate(t.shape) if d in DYNAMIC_DIMS}
+                for t in (*self.inputs, *self.outputs)}
+
+    def module(self, pipe: StableDiffusion3Pipeline) -> torch.nn.Module:
+        network = getattr(pipe, self.pipeline_attr)
+        if network is None:
+            raise InvalidInputError(f"component {self.name} was not loaded",
+                                    hint="build the pipeline with this component")
+        # eval() on the wrapper matters: torch.onnx.export restores the wrapper's training flag recursively
+        # afterwards, which would switch dropout on in the wrapped network (T5 has dropout 0.1).
+        return self.wrapper(network).eval()
+
+    # -- shapes ----------------------------------------------------------------------------------------
+
+    def dim_ranges(self, ranges: ShapeRanges, pipe_cfg: PipeDims) -> dict[str, Range]:
+        """min/opt/max of every symbolic dim of this component under ``ranges``."""
+        cfg_batch = ranges.batch.scaled(2)  # classifier-free guidance doubles the batch
+        lat = pipe_cfg.vae_scale
+        return {
+            "batch": ranges.batch if self.name == "vae_decoder" else cfg_batch,
+            "latent_height": Range(ranges.height.min // lat, ranges.height.opt // lat, ranges.height.max // lat),
+            "latent_width": Range(ranges.width.min // lat, ranges.width.opt // lat, ranges.width.max // lat),
+            "height": ranges.height,
+            "width": ranges.width,
+            "t5_tokens": ranges.t5_tokens,
+            "text_tokens": Range(CLIP_MAX_TOKENS + ranges.t5_tokens.min, CLIP_MAX_TOKENS + ranges.t5_tokens.opt,
+                                 CLIP_MAX_TOKENS + ranges.t5_tokens.max),
+        }
+
+    def concrete_dims(self, pipe_cfg: PipeDims, *, batch: int, height: int, width: int,
+                      t5_tokens: int = T5_MAX_TOKENS) -> dict[str, int]:
+        """Symbolic dims for one request (``batch`` = images; CFG doubling applied here)."""
+        lat = pipe_cfg.vae_scale
+        return {
+            "batch": batch if self.name == "vae_decoder" else 2 * batch,
+            "latent_height": height // lat, "latent_width": width // lat, "height": height, "width": width,
+            "t5_tokens": t5_tokens, "text_tokens": CLIP_MAX_TOKENS + t5_tokens,
+        }
+
+    def resolve(self, tensor: TensorSpec, dims: dict[str, int], pipe_cfg: PipeDims) -> tuple[int, ...]:
+        return tuple(dims[d] if d in DYNAMIC_DIMS else pipe_cfg.resolve(d) for d in tensor.shape)
+
+    def profile(self, ranges: ShapeRanges, pipe_cfg: PipeDims) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """Optimisation profile: input name -> (min, opt, max) shapes."""
+        dim_ranges = self.dim_ranges(ranges, pipe_cfg)
+        profile = {}
+        for tensor in self.inputs:
+            shapes = []
+            for which in ("min", "opt", "max"):
+                dims = {k: getattr(v, which) for k, v in dim_ranges.items()}
+                shapes.append(self.resolve(tensor, dims, pipe_cfg))
+            profile[tensor.name] = tuple(shapes)
+        return profile
+
+    def dummy_inputs(self, pipe_cfg: PipeDims, dims: dict[str, int], *, seed: int = 0) -> dict[str, Any]:
+        """Random inputs of the right dtype/range: token ids within the vocabulary, timesteps in [0, 1000]."""
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for tensor in self.inputs:
+            shape = self.resolve(tensor, dims, pipe_cfg)
+            if tensor.dtype == "int64":
+                high = pipe_cfg.vocab[self.name]
+                tensors[tensor.name] = torch.randint(0, high, shape, generator=generator, dtype=torch.int64)
+            elif tensor.name == "timestep":
+                tensors[tensor.name] = torch.rand(shape, generator=generator) * 1000.0
+            else:
+                tensors[tensor.name] = torch.randn(shape, generator=generator)
+        return tensors
+
+
+@dataclass(frozen=True)
+class PipeDims:
+    """Static widths read off the loaded pipeline (hidden sizes, channels, vocab sizes, VAE scale)."""
+
+    vae_scale: int
+    widths: dict[str, int]
+    vocab: dict[str, int]
+
+    def resolve(self, dim: int | str) -> int:
+        return dim if isinstance(dim, int) else self.widths[dim]
+
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusion3Pipeline) -> PipeDims:
+        from sd35trt.models import vae_scale_factor
+
+        widths: dict[str, int] = {}
+        # Dummy token ids stay inside what the tokenizer can emit (and the embedding table holds).
+        vocab = {key: min(enc.config.vocab_size, len(tok)) for key, enc, tok in (
+            ("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
+            ("t5", pipe.text_encoder_3, pipe.tokenizer_3)) if enc is not None}
+        if pipe.transformer is not None:
+            cfg = pipe.transformer.config
+            widths.update(joint_dim=cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
+                          latent_channels=cfg.in_channels)
+        else:
+            widths.update(latent_channels=pipe.vae.config.latent_channels)
+        for key, enc in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+            if enc is not None:
+                widths[f"{key}_hidden"] = enc.config.hidden_size
+                widths[f"{key}_proj"] = enc.config.projection_dim
+        if pipe.text_encoder_3 is not None:
+            widths["t5_hidden"] = pipe.text_encoder_3.config.d_model
+        return cls(vae_scale=vae_scale_factor(pipe), widths=widths, vocab=vocab)
+
+
+# --- wrappers: each gives a network exactly the ONNX signature of its spec ------------------------------
+
+
+def _clip_wrapper(encoder):
+    import torch
+
+    class ClipTextEncoder(torch.nn.Module):
+        """Pooled projection + penultimate hidden states: what SD3's ``_get_clip_prompt_embeds`` reads."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids):
+            out = self.encoder(input_ids, output_hidden_states=True)
+            return out[0], out.hidden_states[-2]
+
+    return ClipTextEncoder()
+
+
+def _t5_wrapper(encoder):
+    import torch
+
+    class T5TextEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids):
+            return self.encoder(input_ids)[0]
+
+    return T5TextEncoder()
+
+
+def _transformer_wrapper(transformer):
+    import torch
+
+    class MMDiT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+            return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=pooled_projections, timestep=timestep,
+                                    return_dict=False)[0]
+
+    return MMDiT()
+
+
+def _vae_decoder_wrapper(vae):
+    import torch
+
+    class VaeDecoder(torch.nn.Module):
+        """``vae.decode`` on already scaled/shifted latents (the loop applies scaling like diffusers does)."""
+
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent):
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    return VaeDecoder()
+
+
+_TEXT_TOL = {Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(2e-2, 0.1),
+             Precision.FP8: Tolerance(0.1, 1.0)}
+
+
+def _clip_spec(name: str, attr: str, key: str, description: str) -> ComponentSpec:
+    return ComponentSpec(
+        name=name, pipeline_attr=attr, description=description,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", CLIP_MAX_TOKENS)),),
+        outputs=(TensorSpec("text_embeds", "float32", ("batch", f"{key}_proj")),
+                 TensorSpec("hidden_states", "float32", ("batch", CLIP_MAX_TOKENS, f"{key}_hidden"))),
+        wrapper=_clip_wrapper, tolerances=_TEXT_TOL,
+    )
+
+
+SPECS: dict[str, ComponentSpec] = {
+    "transformer": ComponentSpec(
+        name="transformer", pipeline_attr="transformer", description="MMDiT denoiser (SD3Transformer2DModel)",
+        inputs=(
+            TensorSpec("hidden_states", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "text_tokens", "joint_dim")),
+            TensorSpec("pooled_projections", "float32", ("batch", "pooled_dim")),
+            TensorSpec("timestep", "float32", ("batch",)),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+        wrapper=_transformer_wrapper,
+        tolerances={Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(1e-2, 0.05),
+                    Precision.FP8: Tolerance(0.08, 0.5)},
+    ),
+    "clip_l": _clip_spec("clip_l", "text_encoder", "clip_l", "CLIP ViT-L/14 text encoder"),
+    "clip_g": _clip_spec("clip_g", "text_encoder_2", "clip_g", "OpenCLIP ViT-bigG/14 text encoder"),
+    "t5": ComponentSpec(
+        name="t5", pipeline_attr="text_encoder_3", description="T5-XXL v1.1 encoder",
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "t5_tokens")),),
+        outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "t5_tokens", "t5_hidden")),),
+        wrapper=_t5_wrapper, tolerances=_TEXT_TOL,
+    ),
+    "vae_decoder": ComponentSpec(
+        name="vae_decoder", pipeline_attr="vae", description="AutoencoderKL decoder (16 latent channels)",
+        inputs=(TensorSpec("latent", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+        outputs=(TensorSpec("images", "float32", ("batch", 3, "height", "width")),),
+        wrapper=_vae_decoder_wrapper,
+        # Convolutions sum differently in onnxruntime and torch: 1e-4 rel-L2 measured at ~9e-5, so 5e-4.
+        tolerances={Precision.FP32: Tolerance(5e-4, 2e-3), Precision.FP16: Tolerance(1e-2, 0.05),
+                    Precision.FP8: Tolerance(0.08, 0.5)},
+    ),
+}
+
+COMPONENTS = tuple(SPECS)
+
+
+def parse_components(text: str | None, allowed: tuple[str, ...] = COMPONENTS) -> tuple[str, ...]:
+    """``--components a,b`` → ordered tuple, rejecting unknown names with the list of valid ones."""
+    if text is None or text.strip() in ("", "all"):
+        return allowed
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        raise InvalidInputError(f"unknown component(s) {', '.join(unknown)} in --components",
+                                hint=f"choose from {','.join(COMPONENTS)}")
+    not_allowed = [n for n in names if n not in allowed]
+    if not_allowed:
+        raise InvalidInputError(f"component(s) {', '.join(not_allowed)} not supported here",
+                                hint=f"choose from {','.join(allowed)}")
+    return tuple(n for n in COMPONENTS if n in names)
+
+
+def with_ranges(ranges: ShapeRanges, **changes: Any) -> ShapeRanges:
+    return replace(ranges, **changes)
