@@ -16,45 +16,59 @@ DATA_SUFFIX = ".data"
 
 
 def consolidate_external_data(model_path: Path) -> None:
-    """Rewrite per-tensor external-data files (what the legacy exporter writes past 2 GB) into one file.
+    """Rewrite per-tensor external-data files (what the legacy exporter writes past 2 GB) into one file."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
-    Streams tensor by tensor (the model proto is loaded without its weights), so peak memory is one
-    tensor rather than the whole model, then rewrites the small proto. A model without external data is
-    left alone.
+    model = onnx.load(str(model_path), load_external_data=False)
+    external = [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external or all(ExternalDataInfo(t).location == model_path.name + DATA_SUFFIX for t in external):
+        return
+    save_streaming(model, model_path, source_dir=model_path.parent)
+
+
+def save_streaming(model: onnx.ModelProto, model_path: Path, *, source_dir: Path | None) -> None:
+    """Save ``model`` with every large tensor in one ``<name>.data`` file, streaming tensor by tensor.
+
+    Tensors may be inline (``raw_data``) or still external in ``source_dir`` (loaded with
+    ``load_external_data=False``): either way each is copied once into the new file, so peak memory is
+    one tensor plus what is already inline, never the whole model twice. Small models are saved inline.
     """
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, set_external_data
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    tensors = [t for t in _get_all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
-    if not tensors:
+    tensors = list(_get_all_tensors(model))
+    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
+    if not has_external and model.ByteSize() < TWO_GB - (64 << 20):
+        onnx.save(model, str(model_path))
         return
-    folder = model_path.parent
     data_name = model_path.name + DATA_SUFFIX
-    if all(ExternalDataInfo(t).location == data_name for t in tensors):
-        return
-    tmp_data = folder / (data_name + ".partial")
-    old_files = set()
-    with open(tmp_data, "wb") as out:
+    partial = model_path.parent / (data_name + ".partial")
+    stale: set[Path] = set()
+    with open(partial, "wb") as out:
         for tensor in tensors:
-            info = ExternalDataInfo(tensor)
-            source = folder / info.location
-            with open(source, "rb") as handle:
-                if info.offset:
-                    handle.seek(info.offset)
-                blob = handle.read(info.length) if info.length else handle.read()
-            pad = (-out.tell()) % 64  # keep tensors 64-byte aligned for mmap-friendly loading
-            out.write(b"\0" * pad)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(tensor)
+                source = (source_dir or model_path.parent) / info.location
+                with open(source, "rb") as handle:
+                    handle.seek(info.offset or 0)
+                    blob = handle.read(info.length) if info.length else handle.read()
+                stale.add(source)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                blob = tensor.raw_data
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            out.write(b"\0" * ((-out.tell()) % 64))  # 64-byte alignment for mmap-friendly loading
             offset = out.tell()
             out.write(blob)
             del tensor.external_data[:]
             set_external_data(tensor, location=data_name, offset=offset, length=len(blob))
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            old_files.add(source)
-    os.replace(tmp_data, folder / data_name)
+    os.replace(partial, model_path.parent / data_name)
     onnx.save(model, str(model_path))
-    for old in old_files:
-        if old.name != data_name and old.exists():
+    for old in stale:
+        if old.parent == model_path.parent and old.name != data_name and old.exists():
             old.unlink()
 
 

@@ -268,8 +268,18 @@ class PipeDims:
 # --- wrappers: each gives a network exactly the ONNX signature of its spec ------------------------------
 
 
+def _eager_attention(encoder):
+    """Text encoders trace with eager attention: the legacy exporter's SDPA symbolic mixes a float32 mask
+    into FP16 graphs (LayerNorm float/half type error in onnxruntime). Same math, float rounding aside."""
+    if getattr(encoder.config, "_attn_implementation", "eager") != "eager":
+        encoder.set_attn_implementation("eager")
+    return encoder
+
+
 def _clip_wrapper(encoder):
     import torch
+
+    encoder = _eager_attention(encoder)
 
     class ClipTextEncoder(torch.nn.Module):
         """Pooled projection + penultimate hidden states: what SD3's ``_get_clip_prompt_embeds`` reads."""
@@ -287,6 +297,8 @@ def _clip_wrapper(encoder):
 
 def _t5_wrapper(encoder):
     import torch
+
+    encoder = _eager_attention(encoder)
 
     class T5TextEncoder(torch.nn.Module):
         def __init__(self):

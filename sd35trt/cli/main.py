@@ -81,6 +81,45 @@ def export(
           for r in results})
 
 
+@app.command()
+def calibrate(
+    model: str = ModelOpt,
+    out: Path = typer.Option(Path("build"), "--out", "-o", help="work directory (the one export wrote to)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="UTF-8 file, one prompt per line [default: calibration/prompts.txt]"),
+    num_prompts: int = typer.Option(32, "--num-prompts", help="prompts used to calibrate"),
+    steps: int = typer.Option(8, "--steps", help="denoising steps per prompt"),
+    seed: int = typer.Option(0, "--seed", help="seed of the calibration loop"),
+    components: str = typer.Option("transformer", "--components", help="FP8 components: transformer[,clip_l,clip_g,t5]"),
+    config: Optional[Path] = typer.Option(None, "--config", help="FP8 recipe TOML [default: calibration/fp8.toml]"),
+    height: int = typer.Option(1024, "--height", help="calibration image height (px)"),
+    width: int = typer.Option(1024, "--width", help="calibration image width (px)"),
+    guidance: float = typer.Option(4.5, "--guidance", help="classifier-free guidance scale"),
+    calib_batch: int = typer.Option(4, "--calib-batch", help="prompts per pipeline call"),
+    holdout: int = typer.Option(2, "--holdout", help="held-out prompts for the report"),
+    device: str = DeviceOpt,
+    force: bool = typer.Option(False, "--force", help="recalibrate even when inputs are unchanged"),
+    json_out: bool = typer.Option(False, "--json", help="print the full report as JSON instead of a table"),
+) -> None:
+    """FP8 (E4M3) calibration with ModelOpt on real denoising traffic → FP8 Q/DQ ONNX + FP16 fallback ONNX."""
+    from sd35trt.artifacts import ensure_writable_dir
+    from sd35trt.calibrate import (CALIBRATABLE, DEFAULT_PROMPTS, DEFAULT_RECIPE, CalibrationConfig, calibrate_model,
+                                   format_report)
+    from sd35trt.models import resolve_model
+    from sd35trt.specs import parse_components
+
+    cfg = CalibrationConfig(
+        prompts_file=prompts or DEFAULT_PROMPTS, num_prompts=num_prompts, steps=steps, seed=seed,
+        components=parse_components(components, CALIBRATABLE), recipe_file=config or DEFAULT_RECIPE,
+        height=height, width=width, guidance=guidance, batch=calib_batch, holdout=holdout)
+    source = resolve_model(model)
+    ensure_writable_dir(out)
+    result = calibrate_model(source, out, cfg, device=device, force=force)
+    if json_out:
+        emit(result.report)
+    else:
+        sys.stdout.write(format_report(result.report) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the app; a user error prints one line and exits 2, a bug keeps its traceback (exit 1)."""
     from sd35trt.cli import commands  # noqa: F401  (registers the remaining subcommands)
