@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     debug = os.environ.get("SD35TRT_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
     except Sd35TrtError as err:
         if debug:
             raise
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Exit):
             return exc.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry() -> None:

@@ -1,0 +1,237 @@
+"""TensorRT and TensorRT-RTX backends behind one builder.
+
+Both expose the same Python API (Builder, OnnxParser, IBuilderConfig, ILogger); what differs is small and
+lives in the two ``Backend`` classes: which module to import, which compute capabilities it can target and
+how (RTX: ahead of time for a list of SMs without a GPU; TensorRT: the local GPU), and whether a timing
+cache exists (RTX's timing-cache calls are no-ops). Everything else (parsing, profiles, logging, per-layer
+precision) is shared in ``build_engine``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sd35trt import log
+from sd35trt.errors import BuildError, MissingDependencyError
+from sd35trt.targets import RTX_CCS, Backend, TargetInfo
+
+
+class TrtBackend:
+    kind: Backend
+    module_name: str
+    install_hint: str
+    has_timing_cache: bool
+
+    def __init__(self):
+        self._trt = None
+
+    @property
+    def trt(self) -> Any:
+        if self._trt is None:
+            try:
+                self._trt = importlib.import_module(self.module_name)
+            except ImportError as exc:
+                raise MissingDependencyError(f"{self.kind.value} backend is not installed ({exc.msg})",
+                                             hint=self.install_hint) from None
+        return self._trt
+
+    def available(self) -> bool:
+        try:
+            self.trt  # noqa: B018
+        except MissingDependencyError:
+            return False
+        return True
+
+    @property
+    def version(self) -> str:
+        return str(self.trt.__version__)
+
+    def buildable_ccs(self, target: TargetInfo) -> tuple[tuple[int, int], ...]:
+        raise NotImplementedError
+
+    def configure(self, config: Any, ccs: tuple[tuple[int, int], ...]) -> None:
+        raise NotImplementedError
+
+
+class TensorRTRTXBackend(TrtBackend):
+    kind = Backend.TENSORRT_RTX
+    module_name = "tensorrt_rtx_bindings"
+    install_hint = "pip install 'sd35trt[rtx]' (tensorrt-rtx-cu13-libs and -bindings 1.7.1.116)"
+    has_timing_cache = False  # "Timing cache operations are no-ops in TensorRT-RTX"
+
+    def buildable_ccs(self, target: TargetInfo) -> tuple[tuple[int, int], ...]:
+        ccs = tuple(cc for cc in target.compute_capabilities if cc in RTX_CCS)
+        if not ccs:
+            raise BuildError(
+                f"TensorRT-RTX cannot build for {target.target.value} ({', '.join(target.sm_names)})",
+                hint="use --backend tensorrt on a host with that GPU (pip install 'sd35trt[tensorrt]')")
+        skipped = [f"SM{a}{b}" for a, b in target.compute_capabilities if (a, b) not in ccs]
+        if skipped:
+            log.warn(f"TensorRT-RTX builds {target.target.value} for "
+                     f"{', '.join(f'SM{a}{b}' for a, b in ccs)} only; {', '.join(skipped)} needs --backend tensorrt")
+        return ccs
+
+    def configure(self, config: Any, ccs: tuple[tuple[int, int], ...]) -> None:
+        trt = self.trt
+        config.num_compute_capabilities = len(ccs)
+        for index, (major, minor) in enumerate(ccs):
+            config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{major}{minor}"), index)
+
+
+class TensorRTBackend(TrtBackend):
+    kind = Backend.TENSORRT
+    module_name = "tensorrt"
+    install_hint = ("pip install 'sd35trt[tensorrt]' on a host with an NVIDIA GPU of the target architecture "
+                    "(the tensorrt wheels come from NVIDIA's package index)")
+    has_timing_cache = True
+
+    def buildable_ccs(self, target: TargetInfo) -> tuple[tuple[int, int], ...]:
+        # Full TensorRT builds for the GPU it runs on; it cannot cross-compile to another architecture.
+        local = local_compute_capability()
+        if local is None:
+            raise BuildError(f"TensorRT needs a GPU of the target architecture to build {target.target.value} engines, "
+                             "and this host has none",
+                             hint=f"run the build on a {target.example_gpus} host, or use --backend tensorrt-rtx "
+                                  "for ada/ampere/turing/blackwell (SM120)")
+        if local not in target.compute_capabilities:
+            raise BuildError(f"this host's GPU is SM{local[0]}{local[1]}, target {target.target.value} needs "
+                             f"{', '.join(target.sm_names)}",
+                             hint=f"build on a {target.example_gpus} host, or pass --gpu auto for this GPU")
+        return (local,)
+
+    def configure(self, config: Any, ccs: tuple[tuple[int, int], ...]) -> None:
+        return None
+
+
+BACKENDS: dict[Backend, type[TrtBackend]] = {Backend.TENSORRT: TensorRTBackend, Backend.TENSORRT_RTX: TensorRTRTXBackend}
+
+
+def local_compute_capability() -> tuple[int, int] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(0))  # type: ignore[return-value]
+
+
+def choose_backend(requested: Backend, target: TargetInfo) -> TrtBackend:
+    """``auto``: TensorRT when it is installed and a GPU of the target is here; else TensorRT-RTX if it can."""
+    if requested is not Backend.AUTO:
+        backend = BACKENDS[requested]()
+        backend.trt  # noqa: B018  (fail early with the install hint)
+        return backend
+    trt_backend, rtx_backend = TensorRTBackend(), TensorRTRTXBackend()
+    local = local_compute_capability()
+    if trt_backend.available() and local in target.compute_capabilities:
+        return trt_backend
+    if any(cc in RTX_CCS for cc in target.compute_capabilities):
+        rtx_backend.trt  # noqa: B018
+        return rtx_backend
+    raise BuildError(
+        f"no backend here can build {target.target.value} ({', '.join(target.sm_names)}): TensorRT-RTX does not "
+        f"target it and full TensorRT {'is not installed' if not trt_backend.available() else 'needs that GPU here'}",
+        hint=f"run `make engines GPU={target.target.value}` on a {target.example_gpus} host with "
+             "pip install 'sd35trt[tensorrt]'")
+
+
+# --- the shared builder --------------------------------------------------------------------------------
+
+
+@dataclass
+class BuiltEngine:
+    plan: bytes
+    layers: list[dict[str, Any]]
+    warnings: list[str]
+    timing_cache: bytes | None
+
+
+def _make_logger(trt: Any):
+    class CapturingLogger(trt.ILogger):
+        """Keeps the per-layer report (VERBOSE, only with DETAILED profiling) and warnings/errors."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.layer_reports: list[str] = []
+            self.problems: list[str] = []
+
+        def log(self, severity, msg):  # noqa: A003 - TensorRT's interface
+            if "LayerType:" in msg:
+                self.layer_reports.append(msg)
+            elif severity <= trt.ILogger.Severity.WARNING:
+                self.problems.append(f"{severity.name}: {msg}")
+
+    return CapturingLogger()
+
+
+_LAYER = re.compile(r"Name: (?P<name>.*?), LayerType: (?P<type>[^,]+), Inputs: \[(?P<inputs>.*?)\], Constants: "
+                    r"\[(?P<consts>.*?)\], Outputs:")
+_DTYPE = re.compile(r"Datatype: (\w+)")
+
+
+def parse_layers(reports: list[str]) -> list[dict[str, Any]]:
+    """Per-layer type and input/constant dtypes from the builder's DETAILED layer report."""
+    layers = []
+    for report in reports:
+        for chunk in re.split(r"\nName: ", "\n" + report.split("Layers:", 1)[-1]):
+            match = _LAYER.search("Name: " + chunk.strip())
+            if not match:
+                continue
+            layers.append({"name": match["name"], "type": match["type"].strip(),
+                           "input_dtypes": _DTYPE.findall(match["inputs"]),
+                           "weight_dtypes": _DTYPE.findall(match["consts"])})
+    return layers
+
+
+def summarize_layers(layers: list[dict[str, Any]]) -> dict[str, int]:
+    gemms = [l for l in layers if l["type"] in ("gemm", "MatrixMultiply", "Gemm") or "gemm" in l["type"].lower()]
+    fp8 = [l for l in gemms if l["input_dtypes"][:1] == ["FP8"]]
+    half = [l for l in gemms if l["input_dtypes"][:1] in (["Half"], ["BFloat16"])]
+    return {"layers": len(layers), "gemm": len(gemms), "gemm_fp8": len(fp8), "gemm_fp16": len(half),
+            "gemm_other": len(gemms) - len(fp8) - len(half),
+            "fp8_tensors": sum(l["input_dtypes"].count("FP8") + l["weight_dtypes"].count("FP8") for l in layers)}
+
+
+def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
+                 ccs: tuple[tuple[int, int], ...], *, timing_cache: bytes | None = None,
+                 workspace_gib: float | None = None) -> BuiltEngine:
+    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine for ``ccs``."""
+    trt = backend.trt
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))[:400]
+        raise BuildError(f"{backend.kind.value} cannot parse the ONNX: {errors}", path=onnx_path,
+                         hint="re-export it; if it persists, report the manifest")
+    config = builder.create_builder_config()
+    opt_profile = builder.create_optimization_profile()
+    for name, (shape_min, shape_opt, shape_max) in profile.items():
+        opt_profile.set_shape(name, shape_min, shape_opt, shape_max)
+    config.add_optimization_profile(opt_profile)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    cache = None
+    if backend.has_timing_cache:
+        cache = config.create_timing_cache(timing_cache or b"")
+        config.set_timing_cache(cache, False)
+    backend.configure(config, ccs)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        detail = " | ".join(logger.problems[-3:])[:500] or "no message"
+        raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path,
+                         hint="check the target supports this precision (FP8 needs ada/hopper/blackwell)")
+    plan = bytes(serialized)
+    del serialized, network, parser, builder
+    return BuiltEngine(plan=plan, layers=parse_layers(logger.layer_reports), warnings=logger.problems[-20:],
+                       timing_cache=bytes(cache.serialize()) if cache is not None else None)

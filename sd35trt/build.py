@@ -1,0 +1,234 @@
+"""Build an engine bundle for one GPU target: ``engines/<model>/<target>-<backend>/``.
+
+The bundle holds ``<component>.plan`` per component, ``layers/<component>.txt`` (per-layer precision
+summary) and ``manifest.json`` (what built it, from which ONNX, for which GPUs, with every hash). The
+bundle is assembled in a temporary folder and swapped in at the end, so a failed or interrupted build
+leaves the previous bundle intact; engines whose inputs are unchanged are carried over, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd35trt import __version__, log
+from sd35trt.artifacts import atomic_dir, hash_json, read_json, sha256_file, verify_files, write_json_atomic
+from sd35trt.backends import TrtBackend, build_engine, choose_backend, local_compute_capability, summarize_layers
+from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
+from sd35trt.export import MANIFEST, VARIANT_DIRS
+from sd35trt.specs import COMPONENTS, Precision
+from sd35trt.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
+
+BUNDLE_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    target: GpuTarget = GpuTarget.ADA
+    backend: Backend = Backend.AUTO
+    components: tuple[str, ...] = COMPONENTS
+    precision: Precision | None = None  # None = the table in targets.plan_precisions decides
+    workspace_gib: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target.value, "backend": self.backend.value, "components": list(self.components),
+                "precision": self.precision.value if self.precision else "auto", "workspace_gib": self.workspace_gib}
+
+
+@dataclass
+class BundleResult:
+    folder: Path
+    manifest: dict[str, Any]
+    skipped: bool
+    rebuilt: list[str] = field(default_factory=list)
+
+
+def resolve_target(target: GpuTarget) -> TargetInfo:
+    if target is not GpuTarget.AUTO:
+        return TARGETS[target]
+    cc = local_compute_capability()
+    if cc is None:
+        raise InvalidInputError("--gpu auto needs a local CUDA GPU and none was found",
+                                hint="name the target: --gpu ada|hopper|blackwell|ampere|turing")
+    found = target_for_cc(cc)
+    if found is None:
+        raise InvalidInputError(f"local GPU SM{cc[0]}{cc[1]} is not a supported target",
+                                hint="supported: SM75, SM80, SM86, SM89, SM90, SM100, SM120")
+    return TargetInfo(found, (cc,), TARGETS[found].example_gpus)
+
+
+def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str, dict[Precision, dict[str, Any]]]:
+    """Manifests of every ONNX variant present under ``onnx_root`` (OUT of export/calibrate)."""
+    if not onnx_root.is_dir():
+        raise InvalidInputError("ONNX directory not found", path=onnx_root,
+                                hint="pass the --out of `sd35trt export`/`calibrate` as --onnx")
+    found: dict[str, dict[Precision, dict[str, Any]]] = {c: {} for c in components}
+    for precision, folder_name in VARIANT_DIRS.items():
+        for name in components:
+            folder = onnx_root / folder_name / name
+            if not (folder / "model.onnx").exists() and not (folder / MANIFEST).exists():
+                continue
+            manifest = read_json(folder / MANIFEST, f"{precision.value} ONNX manifest of {name}")
+            if manifest.get("component") != name or manifest.get("precision") != precision.value:
+                raise ArtifactError(f"manifest describes {manifest.get('component')}/{manifest.get('precision')}, "
+                                    f"expected {name}/{precision.value}", path=folder / MANIFEST,
+                                    hint="the folder was moved or edited; re-run export/calibrate")
+            found[name][precision] = manifest | {"_folder": str(folder)}
+    if not any(found.values()):
+        raise ArtifactError("no exported ONNX found", path=onnx_root,
+                            hint="run `sd35trt export` (and `calibrate` for FP8) with this --out first")
+    return found
+
+
+def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_manifest: dict[str, Any],
+                   workspace_gib: float | None) -> str:
+    return hash_json({"toolkit": __version__, "backend": backend.kind.value, "backend_version": backend.version,
+                      "ccs": ccs, "onnx_files": onnx_manifest["files"], "profile": onnx_manifest["profile"],
+                      "workspace_gib": workspace_gib})
+
+
+def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend) -> Path:
+    return engines_root / model_slug / f"{target.target.value}-{backend.kind.value}"
+
+
+def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, force: bool = False) -> BundleResult:
+    """``sd35trt build``: choose precisions and backend, verify the ONNX, build what changed, swap in."""
+    target = resolve_target(config.target)
+    variants = load_onnx_variants(onnx_root, config.components)
+    plan = plan_precisions(target, config.components, {c: set(v) for c, v in variants.items()}, config.precision)
+    backend = choose_backend(config.backend, target)
+    ccs = backend.buildable_ccs(target)
+    model = next(m for v in variants.values() for m in v.values())["model"]
+    slug = Path(model["id"]).name if model.get("path") else model["id"]
+    slug = "".join(c if c.isalnum() or c in "-._" else "_" for c in slug)
+    folder = bundle_folder(engines_root, slug, target, backend)
+
+    sources = {name: variants[name][choice.precision] for name, choice in plan.items()}
+    hashes = {name: component_hash(backend, ccs, sources[name], config.workspace_gib) for name in plan}
+    bundle_hash = hash_json({"components": hashes, "plan": {k: v.precision.value for k, v in plan.items()}})
+    previous = _read_previous(folder)
+    if not force and previous and previous.get("inputs_hash") == bundle_hash and _plans_intact(folder, previous):
+        log.info(f"bundle {folder} is up to date, skipped")
+        return BundleResult(folder, previous, skipped=True)
+
+    for name, source in sources.items():  # never build from an ONNX that doesn't match its manifest
+        verify_files(Path(source["_folder"]), source["files"], Path(source["_folder"]) / MANIFEST)
+
+    log.info(f"target {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}), backend "
+             f"{backend.kind.value} {backend.version}")
+    for name, choice in plan.items():
+        log.info(f"  {name}: {choice.precision.value} — {choice.reason}")
+    cache_path = engines_root / ".cache" / f"timing-{backend.kind.value}-{backend.version}-" \
+        f"{'_'.join(f'sm{a}{b}' for a, b in ccs)}.cache"
+    timing_cache = cache_path.read_bytes() if backend.has_timing_cache and cache_path.is_file() else None
+
+    start = time.perf_counter()
+    rebuilt, entries = [], {}
+    with atomic_dir(folder) as tmp:
+        (tmp / "layers").mkdir()
+        for name, choice in plan.items():
+            source = sources[name]
+            plan_name = f"{name}.plan"
+            old = (previous or {}).get("components", {}).get(name)
+            if not force and old and old.get("inputs_hash") == hashes[name] and _file_ok(folder / plan_name, old):
+                shutil.copy2(folder / plan_name, tmp / plan_name)
+                if (folder / "layers" / f"{name}.txt").is_file():
+                    shutil.copy2(folder / "layers" / f"{name}.txt", tmp / "layers" / f"{name}.txt")
+                entries[name] = old
+                log.info(f"  {name}: unchanged, reused")
+                continue
+            onnx_path = Path(source["_folder"]) / "model.onnx"
+            with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}") as timing:
+                built = build_engine(backend, onnx_path, source["profile"], ccs, timing_cache=timing_cache,
+                                     workspace_gib=config.workspace_gib)
+                (tmp / plan_name).write_bytes(built.plan)
+            if built.timing_cache:
+                timing_cache = built.timing_cache
+            summary = summarize_layers(built.layers)
+            if choice.precision is Precision.FP8 and summary["gemm_fp8"] == 0:
+                raise BuildError(f"{name}: FP8 requested but the engine has no FP8 GEMM", path=onnx_path,
+                                 hint="the Q/DQ placement was not fused; report this with layers/ and the ONNX manifest")
+            (tmp / "layers" / f"{name}.txt").write_text(format_layers(name, choice.precision, summary, built.layers))
+            entries[name] = {
+                "file": plan_name, "sha256": sha256_file(tmp / plan_name), "bytes": len(built.plan),
+                "precision": choice.precision.value, "weights_precision": source.get("weights_precision",
+                                                                                    choice.precision.value),
+                "reason": choice.reason, "inputs_hash": hashes[name],
+                "onnx": {"path": str(onnx_path), "files": source["files"], "inputs_hash": source["inputs_hash"],
+                         "calibration_hash": source.get("calibration_hash")},
+                "profile": source["profile"], "io": {"inputs": source["inputs"], "outputs": source["outputs"]},
+                "layers": summary, "build_seconds": round(timing["seconds"], 2), "warnings": built.warnings[-5:],
+            }
+            rebuilt.append(name)
+        manifest = {
+            "kind": "engine-bundle", "manifest_version": 1, "toolkit": __version__,
+            "model": model, "random_weights": model.get("random_weights", False),
+            "target": target.target.value, "compute_capabilities": [f"{a}.{b}" for a, b in ccs],
+            "backend": backend.kind.value, "backend_version": backend.version,
+            "runtime_requirement": f"{backend.module_name} {backend.version} on a GPU with compute capability "
+                                   f"{' or '.join(f'{a}.{b}' for a, b in ccs)}",
+            "timing_cache": str(cache_path) if backend.has_timing_cache else "not supported by this backend",
+            "config": config.to_dict(), "inputs_hash": bundle_hash, "components": entries,
+            "build_seconds": round(time.perf_counter() - start, 2), "host": platform.node(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json_atomic(tmp / BUNDLE_MANIFEST, manifest)
+    if timing_cache and backend.has_timing_cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_cache = cache_path.with_suffix(".tmp")
+        tmp_cache.write_bytes(timing_cache)
+        tmp_cache.replace(cache_path)
+    return BundleResult(folder, manifest, skipped=False, rebuilt=rebuilt)
+
+
+def _read_previous(folder: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(folder / BUNDLE_MANIFEST, "bundle manifest") if (folder / BUNDLE_MANIFEST).is_file() else None
+    except ArtifactError:
+        return None
+
+
+def _file_ok(path: Path, entry: dict[str, Any]) -> bool:
+    return path.is_file() and path.stat().st_size == entry.get("bytes")
+
+
+def _plans_intact(folder: Path, manifest: dict[str, Any]) -> bool:
+    """Cheap check for the skip decision (sizes); `bundle verify` does the full sha256 check."""
+    return all(_file_ok(folder / e["file"], e) for e in manifest.get("components", {}).values())
+
+
+def format_layers(name: str, precision: Precision, summary: dict[str, int], layers: list[dict[str, Any]]) -> str:
+    lines = [f"# {name}: built as {precision.value}",
+             f"# GEMM layers: {summary['gemm']} total, {summary['gemm_fp8']} FP8, {summary['gemm_fp16']} FP16, "
+             f"{summary['gemm_other']} other; {summary['layers']} layers in all", ""]
+    for layer in layers:
+        lines.append(f"{layer['type']:<16} in={','.join(layer['input_dtypes']) or '-':<20} "
+                     f"w={','.join(layer['weight_dtypes']) or '-':<24} {layer['name'][:160]}")
+    return "\n".join(lines) + "\n"
+
+
+# --- verification --------------------------------------------------------------------------------------
+
+
+def verify_bundle(folder: Path) -> dict[str, Any]:
+    """``sd35trt bundle verify``: the manifest is well-formed and every engine matches its sha256."""
+    manifest_path = folder / BUNDLE_MANIFEST
+    manifest = read_json(manifest_path, "bundle manifest")
+    if manifest.get("kind") != "engine-bundle":
+        raise ArtifactError("not an engine bundle manifest (kind is missing or wrong)", path=manifest_path,
+                            hint="point at engines/<model>/<target>-<backend>/")
+    components = manifest.get("components")
+    if not isinstance(components, dict) or not components:
+        raise ArtifactError("bundle manifest lists no components", path=manifest_path, hint="rebuild the bundle")
+    for name, entry in components.items():
+        for key in ("file", "sha256", "bytes", "precision"):
+            if key not in entry:
+                raise ArtifactError(f"bundle manifest entry for {name} lacks '{key}'", path=manifest_path,
+                                    hint="rebuild the bundle")
+    verify_files(folder, {e["file"]: {"sha256": e["sha256"], "bytes": e["bytes"]} for e in components.values()},
+                 manifest_path)
+    return manifest

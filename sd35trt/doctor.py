@@ -1,0 +1,94 @@
+"""``sd35trt doctor``: what this host can run, and which engines of a bundle fit it (and why not)."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from sd35trt.artifacts import read_json
+from sd35trt.backends import BACKENDS, local_compute_capability
+from sd35trt.build import BUNDLE_MANIFEST
+from sd35trt.errors import InvalidInputError
+
+
+def host_report() -> dict[str, Any]:
+    cc = local_compute_capability()
+    report: dict[str, Any] = {"gpu": None, "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None,
+                              "driver": None, "runtimes": {}}
+    if cc is not None:
+        import torch
+
+        report["gpu"] = torch.cuda.get_device_name(0)
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            if out.returncode == 0 and out.stdout.strip():
+                name, driver = [x.strip() for x in out.stdout.splitlines()[0].split(",", 1)]
+                report["gpu"] = report["gpu"] or name
+                report["driver"] = driver
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    for kind, cls in BACKENDS.items():
+        backend = cls()
+        try:
+            module = importlib.import_module(backend.module_name)
+            report["runtimes"][kind.value] = str(getattr(module, "__version__", "unknown"))
+        except ImportError:
+            report["runtimes"][kind.value] = None
+    return report
+
+
+def bundle_fit(manifest: dict[str, Any], host: dict[str, Any]) -> tuple[bool, str]:
+    """Can this bundle's engines run on this host? (False, why) names the first blocking reason."""
+    ccs = manifest.get("compute_capabilities", [])
+    backend, version = manifest.get("backend"), manifest.get("backend_version")
+    if host["compute_capability"] is None:
+        return False, "no CUDA GPU on this host"
+    if host["compute_capability"] not in ccs:
+        return False, f"built for compute capability {', '.join(ccs)}, this GPU is {host['compute_capability']}"
+    installed = host["runtimes"].get(backend)
+    if installed is None:
+        return False, f"runtime {backend} is not installed (need {version})"
+    if installed != version:
+        return False, f"built with {backend} {version}, installed {installed}: engines are tied to the exact version"
+    if backend == "tensorrt-rtx" and host["compute_capability"] == "9.0":
+        return False, "TensorRT-RTX does not run on compute capability 9.0 (Hopper)"
+    return True, "compatible"
+
+
+def diagnose(path: Path | None) -> dict[str, Any]:
+    host = host_report()
+    report: dict[str, Any] = {"host": host}
+    if path is None:
+        return report
+    if not path.is_dir():
+        raise InvalidInputError("bundle folder not found", path=path, hint="pass engines/<model>/<target>-<backend>/")
+    folders = [path] if (path / BUNDLE_MANIFEST).is_file() else sorted(
+        p for p in path.iterdir() if (p / BUNDLE_MANIFEST).is_file())
+    if not folders:
+        raise InvalidInputError("no bundle manifest found", path=path,
+                                hint="pass engines/<model>/<target>-<backend>/ or engines/<model>/")
+    siblings = sorted(p for p in folders[0].parent.iterdir() if (p / BUNDLE_MANIFEST).is_file())
+    bundles, runnable = {}, []
+    for folder in sorted(set(folders) | set(siblings)):
+        manifest = read_json(folder / BUNDLE_MANIFEST, "bundle manifest")
+        ok, why = bundle_fit(manifest, host)
+        bundles[str(folder)] = {
+            "target": manifest.get("target"), "compute_capabilities": manifest.get("compute_capabilities"),
+            "backend": f"{manifest.get('backend')} {manifest.get('backend_version')}", "runnable": ok, "why": why,
+            "engines": {n: e.get("precision") for n, e in manifest.get("components", {}).items()},
+        }
+        if ok:
+            runnable.append(str(folder))
+    report["bundles"] = bundles
+    report["runnable_bundles"] = runnable
+    if path in folders and str(path) not in runnable and runnable:
+        report["advice"] = f"{path} cannot run here; use {runnable[0]} instead"
+    elif not runnable:
+        report["advice"] = ("no engine of this bundle can run on this host; run the same loop on the bundle's ONNX: "
+                            "sd35trt generate --onnx <work dir> ...")
+    return report
