@@ -16,10 +16,12 @@ equality). Unchanged inputs skip the whole step without building a model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
 import platform
+import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -346,25 +348,9 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
         choice.pop("module", None)
 
     # 3. Calibrate every requested component in one pass of the real denoising loop.
-    import modelopt.torch.quantization as mtq
-
-    networks = torch.nn.ModuleDict({SPECS[c].pipeline_attr: getattr(pipe, SPECS[c].pipeline_attr)
-                                    for c in cfg.components})
-    for name in cfg.components:
-        recipe.check_patterns(name, [n for n, _ in getattr(pipe, SPECS[name].pipeline_attr).named_modules()])
     with log.step(f"calibrate {','.join(cfg.components)}: {cfg.num_prompts} prompts × {cfg.steps} steps "
                   f"at {cfg.height}×{cfg.width}") as calib_timing:
-        torch.manual_seed(cfg.seed)
-        mtq.quantize(networks, recipe.quant_cfg(cfg.components),
-                     lambda _m: run_pipeline(pipe, calib_prompts, cfg, seed=cfg.seed, steps=cfg.steps))
-    scales = collect_scales(networks)
-    bad = [k for k, v in scales.items() if not math.isfinite(v)]
-    if bad:
-        raise CalibrationError(f"calibration produced NaN/Inf scales for {len(bad)} quantizers (first: {bad[0]})",
-                               path=cfg.prompts_file, hint="the model diverges on these prompts; check weights or dtype")
-    if not scales:
-        raise CalibrationError("no quantizer was calibrated", path=cfg.recipe_file,
-                               hint="the recipe excludes every module; loosen its exclude lists")
+        networks, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts)
 
     # 4. End to end on held-out prompts: fake-quant FP8 pipeline vs FP32, same seeds.
     with log.step("FP8 (fake-quant) loop on held-out prompts"):
@@ -423,6 +409,31 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
     return CalibrationResult(False, calib_hash, report, folder, time.perf_counter() - start, exports + fp8_exports)
+
+
+def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[str]) -> tuple[Any, dict[str, float]]:
+    """Insert FP8 quantizers into the requested networks (in place) and calibrate them in one pass of the
+    pipeline's own loop over ``prompts``. Returns the ModuleDict of networks and their scales."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    networks = torch.nn.ModuleDict({SPECS[c].pipeline_attr: getattr(pipe, SPECS[c].pipeline_attr)
+                                    for c in cfg.components})
+    for name in cfg.components:
+        recipe.check_patterns(name, [n for n, _ in getattr(pipe, SPECS[name].pipeline_attr).named_modules()])
+    torch.manual_seed(cfg.seed)
+    with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints progress; stdout carries results only
+        mtq.quantize(networks, recipe.quant_cfg(cfg.components),
+                     lambda _m: run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=cfg.steps))
+    scales = collect_scales(networks)
+    bad = [k for k, v in scales.items() if not math.isfinite(v)]
+    if bad:
+        raise CalibrationError(f"calibration produced NaN/Inf scales for {len(bad)} quantizers (first: {bad[0]})",
+                               path=cfg.prompts_file, hint="the model diverges on these prompts; check weights or dtype")
+    if not scales:
+        raise CalibrationError("no quantizer was calibrated", path=cfg.recipe_file,
+                               hint="the recipe excludes every module; loosen its exclude lists")
+    return networks, scales
 
 
 def collect_scales(model: Any) -> dict[str, float]:

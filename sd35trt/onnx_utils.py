@@ -35,7 +35,7 @@ def save_streaming(model: onnx.ModelProto, model_path: Path, *, source_dir: Path
     one tensor plus what is already inline, never the whole model twice. Small models are saved inline.
     """
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, set_external_data
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
     tensors = list(_get_all_tensors(model))
     has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
@@ -63,7 +63,9 @@ def save_streaming(model: onnx.ModelProto, model_path: Path, *, source_dir: Path
             offset = out.tell()
             out.write(blob)
             del tensor.external_data[:]
-            set_external_data(tensor, location=data_name, offset=offset, length=len(blob))
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(blob)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
             tensor.data_location = onnx.TensorProto.EXTERNAL
     os.replace(partial, model_path.parent / data_name)
     onnx.save(model, str(model_path))

@@ -137,13 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (typer.Abort, typer.Exit) as exc:
         return getattr(exc, "exit_code", 1) or 0
-    except Exception as exc:  # click usage errors carry their own exit code and message
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show(file=sys.stderr)
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Exit):
+    except Exception as exc:
+        # Usage errors (bad option, missing argument) from typer's vendored click: print, exit 2.
+        if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show(file=sys.stderr)
+                return exc.exit_code
+            ctx = getattr(exc, "ctx", None)
+            where = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+            sys.stderr.write(f"error: {exc.format_message()}{where}\n".replace("\n", " ").rstrip() + "\n")
             return exc.exit_code
         raise
     return code if isinstance(code, int) else 0

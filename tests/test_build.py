@@ -1,0 +1,109 @@
+import json
+import shutil
+
+import pytest
+
+from sd35trt.build import BuildConfig, build_bundle, verify_bundle
+from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
+from sd35trt.specs import COMPONENTS, Precision
+from sd35trt.targets import TARGETS, Backend, GpuTarget, plan_precisions
+from tests.conftest import needs_rtx
+
+
+def test_precision_table_fp8_where_the_gpu_has_it_fp16_fallback_elsewhere():
+    have = {c: {Precision.FP32, Precision.FP16} for c in COMPONENTS}
+    have["transformer"].add(Precision.FP8)
+    ada = plan_precisions(TARGETS[GpuTarget.ADA], COMPONENTS, have)
+    assert ada["transformer"].precision is Precision.FP8
+    assert ada["vae_decoder"].precision is Precision.FP16 and ada["t5"].precision is Precision.FP16
+    for target in (GpuTarget.AMPERE, GpuTarget.TURING):
+        plan = plan_precisions(TARGETS[target], COMPONENTS, have)
+        assert plan["transformer"].precision is Precision.FP16
+        assert "no FP8 tensor cores" in plan["transformer"].reason
+    assert plan_precisions(TARGETS[GpuTarget.HOPPER], COMPONENTS, have)["transformer"].precision is Precision.FP8
+    with pytest.raises(InvalidInputError, match="no FP8 tensor cores"):
+        plan_precisions(TARGETS[GpuTarget.AMPERE], COMPONENTS, have, requested=Precision.FP8)
+
+
+@needs_rtx
+def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
+    out, _ = calibrated
+    result = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA))
+    folder = result.folder
+    assert folder == tmp_path / "tiny" / "ada-tensorrt-rtx"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["compute_capabilities"] == ["8.9"] and manifest["backend"] == "tensorrt-rtx"
+    assert set(manifest["components"]) == set(COMPONENTS)
+    transformer = manifest["components"]["transformer"]
+    assert transformer["precision"] == "fp8" and transformer["layers"]["gemm_fp8"] > 0
+    assert "FP8" in (folder / "layers" / "transformer.txt").read_text()
+    assert transformer["onnx"]["calibration_hash"]
+    assert verify_bundle(folder)["target"] == "ada"
+
+    again = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA))
+    assert again.skipped
+
+
+@needs_rtx
+def test_ampere_falls_back_to_fp16(calibrated, tmp_path):
+    out, _ = calibrated
+    result = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.AMPERE, components=("transformer",)))
+    entry = result.manifest["components"]["transformer"]
+    assert entry["precision"] == "fp16" and entry["layers"]["gemm_fp8"] == 0
+    assert result.manifest["compute_capabilities"] == ["8.0", "8.6"]
+
+
+@needs_rtx
+def test_tampered_onnx_is_refused_and_previous_bundle_kept(work_copy, tmp_path):
+    first = build_bundle(work_copy, tmp_path, BuildConfig(target=GpuTarget.ADA, components=("clip_l",)))
+    plan_bytes = (first.folder / "clip_l.plan").read_bytes()
+    onnx_path = work_copy / "onnx-fp16" / "clip_l" / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ArtifactError, match="sha256 differs"):
+        build_bundle(work_copy, tmp_path, BuildConfig(target=GpuTarget.ADA, components=("clip_l",)), force=True)
+    assert (first.folder / "clip_l.plan").read_bytes() == plan_bytes
+
+
+@needs_rtx
+def test_bundle_verify_detects_truncated_engine(calibrated, tmp_path):
+    out, _ = calibrated
+    result = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA, components=("clip_g",)))
+    plan = result.folder / "clip_g.plan"
+    plan.write_bytes(plan.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="truncated or replaced"):
+        verify_bundle(result.folder)
+
+
+def test_hopper_without_tensorrt_is_a_clear_error(calibrated, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("full TensorRT is installed here")
+    except ImportError:
+        pass
+    out, _ = calibrated
+    with pytest.raises(BuildError, match="no backend here can build hopper.*sd35trt\\[tensorrt\\]"):
+        build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.HOPPER))
+    with pytest.raises(Exception, match="tensorrt backend is not installed"):
+        build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA, backend=Backend.TENSORRT))
+
+
+def test_tensorrt_backend_builds_on_a_gpu_host(calibrated, tmp_path):
+    """Full TensorRT needs NVIDIA's index and a GPU of the target: not available on CPU CI or here."""
+    trt = pytest.importorskip("tensorrt", reason="full TensorRT is not installable here (PyPI ships a stub)")
+    from sd35trt.backends import local_compute_capability
+
+    if local_compute_capability() is None:
+        pytest.skip("full TensorRT builds for the local GPU and this host has none")
+    out, _ = calibrated
+    result = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.AUTO, backend=Backend.TENSORRT,
+                                                     components=("transformer",)))
+    assert result.manifest["backend_version"] == trt.__version__
+
+
+def test_missing_onnx_dir(tmp_path):
+    with pytest.raises(InvalidInputError, match="ONNX directory not found"):
+        build_bundle(tmp_path / "nothing", tmp_path, BuildConfig())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="no exported ONNX"):
+        build_bundle(tmp_path / "empty", tmp_path, BuildConfig())

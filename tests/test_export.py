@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+
+from sd35trt.artifacts import sha256_file
+from sd35trt.errors import ExportValidationError, InvalidInputError
+from sd35trt.export import ExportConfig, export_model
+from sd35trt.specs import COMPONENTS, SPECS
+
+
+def test_all_five_components_export_and_validate_at_another_shape(exported):
+    out, results = exported
+    assert [r.component for r in results] == list(COMPONENTS)
+    summary = json.loads((out / "onnx" / "export.json").read_text())
+    assert set(summary["components"]) == set(COMPONENTS)
+    for r in results:
+        manifest = r.manifest
+        folder = out / "onnx" / r.component
+        assert (folder / "model.onnx").is_file() and (folder / "manifest.json").is_file()
+        for rel, entry in manifest["files"].items():
+            assert sha256_file(folder / rel) == entry["sha256"]
+        val = manifest["validation"]
+        assert val["dims"] != manifest["trace_dims"], "validated at the trace shape proves nothing"
+        for name, stats in val["outputs"].items():
+            assert stats["passed"] and stats["nonfinite"] == 0, (r.component, name)
+            assert stats["rel_l2"] <= 5e-4
+        assert [t["name"] for t in manifest["inputs"]] == SPECS[r.component].input_names
+        assert manifest["versions"]["torch"] and manifest["model"]["random_weights"] is True
+        assert manifest["opset"] == 19 and manifest["export_seconds"] > 0
+        assert manifest["dynamic_axes"] == SPECS[r.component].dynamic_axes()
+
+
+def test_onnx_runs_at_the_largest_profile_shape(exported):
+    """Dynamic axes really are dynamic: onnxruntime at max batch and 1024 px (trace was 512 px, batch 1)."""
+    from sd35trt.onnx_utils import ort_session, run_ort
+    from sd35trt.specs import PipeDims
+
+    out, results = exported
+    manifest = next(r.manifest for r in results if r.component == "transformer")
+    session = ort_session(out / "onnx" / "transformer" / "model.onnx")
+    shapes = {k: v[2] for k, v in manifest["profile"].items()}
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    result = run_ort(session, feeds)
+    assert result["noise_pred"].shape == tuple(shapes["hidden_states"])
+    assert np.isfinite(result["noise_pred"]).all()
+
+
+def test_rerun_with_unchanged_inputs_skips(exported, tiny_source):
+    out, _ = exported
+    before = {c: (out / "onnx" / c / "model.onnx").stat().st_mtime_ns for c in COMPONENTS}
+    results = export_model(tiny_source, out, ExportConfig(), device="cpu")
+    assert all(r.skipped for r in results)
+    assert before == {c: (out / "onnx" / c / "model.onnx").stat().st_mtime_ns for c in COMPONENTS}
+
+
+def test_failed_validation_leaves_previous_export_intact(tmp_path, tiny_source, monkeypatch):
+    import sd35trt.export as export_mod
+
+    cfg = ExportConfig(components=("clip_l",))
+    export_model(tiny_source, tmp_path, cfg, device="cpu")
+    onnx_path = tmp_path / "onnx" / "clip_l" / "model.onnx"
+    good = onnx_path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise ExportValidationError("clip_l fp32 ONNX differs from PyTorch: text_embeds rel-L2 1.0")
+
+    monkeypatch.setattr(export_mod, "validate_onnx", broken)
+    with pytest.raises(ExportValidationError):
+        export_model(tiny_source, tmp_path, cfg, device="cpu", force=True)
+    assert onnx_path.read_bytes() == good
+    assert not list((tmp_path / "onnx").glob(".clip_l.tmp-*")), "no half-written temp folder is left"
+
+
+def test_opset_range_is_checked_before_work():
+    with pytest.raises(InvalidInputError, match="--opset 12"):
+        ExportConfig(opset=12)
+
+
+def test_consolidate_external_data_makes_one_data_file(tmp_path, exported):
+    """What the legacy exporter writes past 2 GB (a file per tensor) is merged into one model.onnx.data."""
+    import onnx
+
+    from sd35trt.onnx_utils import consolidate_external_data, ort_session, run_ort
+
+    out, _ = exported
+    model = onnx.load(str(out / "onnx" / "clip_l" / "model.onnx"))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    per_tensor = [p for p in tmp_path.iterdir() if p.name != "model.onnx"]
+    assert len(per_tensor) > 10
+    consolidate_external_data(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    ids = np.arange(2 * 77, dtype=np.int64).reshape(2, 77) % 500
+    a = run_ort(ort_session(out / "onnx" / "clip_l" / "model.onnx"), {"input_ids": ids})
+    b = run_ort(ort_session(path), {"input_ids": ids})
+    assert np.array_equal(a["hidden_states"], b["hidden_states"])

@@ -1,0 +1,55 @@
+import pytest
+
+from sd35trt.errors import InvalidInputError
+from sd35trt.specs import COMPONENTS, SPECS, PipeDims, Range, ShapeRanges, check_pixels, parse_components
+
+
+def test_range_parse_forms():
+    assert Range.parse("512", "--height") == Range(512, 512, 512)
+    assert Range.parse("512:1024", "--height") == Range(512, 1024, 1024)
+    assert Range.parse("512:768:1024", "--height") == Range(512, 768, 1024)
+    with pytest.raises(InvalidInputError, match="not N, MIN:MAX"):
+        Range.parse("big", "--height")
+    with pytest.raises(InvalidInputError, match="not ordered"):
+        Range.parse("1024:512", "--height")
+    with pytest.raises(InvalidInputError, match="4 fields"):
+        Range.parse("1:2:3:4", "--batch")
+
+
+def test_pixel_checks_suggest_a_valid_size():
+    check_pixels(576, "--height")
+    with pytest.raises(InvalidInputError, match="try 1024"):
+        check_pixels(1000, "--height")
+    with pytest.raises(InvalidInputError, match="outside"):
+        check_pixels(4096, "--width")
+    with pytest.raises(InvalidInputError, match="divisible by 16"):
+        ShapeRanges(height=Range(500, 512, 1024))
+
+
+def test_parse_components():
+    assert parse_components(None) == COMPONENTS
+    assert parse_components("vae_decoder,transformer") == ("transformer", "vae_decoder")
+    with pytest.raises(InvalidInputError, match="unknown component"):
+        parse_components("transformer,unet")
+
+
+def test_profiles_derive_from_vae_scale_and_cfg_doubling():
+    dims = PipeDims(vae_scale=8, widths={"latent_channels": 16, "joint_dim": 4096, "pooled_dim": 2048,
+                                         "clip_l_hidden": 768, "clip_l_proj": 768, "t5_hidden": 4096}, vocab={})
+    ranges = ShapeRanges()  # batch 1..4, 512..1024 px, 256 T5 tokens
+    transformer = SPECS["transformer"].profile(ranges, dims)
+    assert transformer["hidden_states"] == ((2, 16, 64, 64), (2, 16, 128, 128), (8, 16, 128, 128))
+    assert transformer["encoder_hidden_states"][2] == (8, 77 + 256, 4096)
+    assert SPECS["vae_decoder"].profile(ranges, dims)["latent"][2] == (4, 16, 128, 128)  # no CFG doubling
+    assert SPECS["clip_l"].profile(ranges, dims)["input_ids"] == ((2, 77), (2, 77), (8, 77))
+    assert SPECS["t5"].dynamic_axes()["input_ids"] == {0: "batch", 1: "t5_tokens"}
+
+
+def test_every_spec_has_tolerances_for_every_precision_it_can_be_built_in():
+    from sd35trt.specs import Precision
+    from sd35trt.targets import PRECISION_PREFERENCE
+
+    for name, spec in SPECS.items():
+        for precision in PRECISION_PREFERENCE[name]:
+            assert precision in spec.tolerances, (name, precision)
+        assert Precision.FP32 in spec.tolerances
