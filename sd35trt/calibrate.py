@@ -151,6 +151,10 @@ class CalibrationConfig:
     batch: int = 4  # prompts per pipeline call
     holdout: int = 2  # held-out prompts for the report (never used to calibrate)
     report_steps: int = 0  # denoising steps for the held-out report; 0 = same as --steps
+    dtype: str = "auto"  # pipeline dtype while calibrating: auto = fp32 on CPU, fp16 on CUDA
+    fp16: bool = True  # also write the FP16 fallback ONNX of every component
+    onnx_report: bool = True  # run the FP8/FP16 ONNX in onnxruntime on held-out traffic for the report
+    validate: bool = True  # validate the FP8 ONNX against the fake-quant module (export validation)
 
     def __post_init__(self):
         from sd35trt.specs import check_pixels
@@ -167,6 +171,8 @@ class CalibrationConfig:
             raise InvalidInputError(f"--guidance {self.guidance} must be a finite number ≥ 0", hint="e.g. --guidance 4.5")
         check_pixels(self.height, "--height")
         check_pixels(self.width, "--width")
+        if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
+            raise InvalidInputError(f"--dtype '{self.dtype}' is not auto, fp32, fp16 or bf16", hint="use --dtype auto")
         bad = [c for c in self.components if c not in CALIBRATABLE]
         if bad:
             raise InvalidInputError(f"cannot calibrate {', '.join(bad)} in FP8", hint=f"choose from {','.join(CALIBRATABLE)}")
@@ -253,6 +259,7 @@ def calibration_inputs_hash(source: ModelSource, cfg: CalibrationConfig, prompts
         "num_prompts": cfg.num_prompts, "steps": cfg.steps, "seed": cfg.seed, "components": list(cfg.components),
         "recipe": recipe.sha256, "height": cfg.height, "width": cfg.width, "guidance": cfg.guidance,
         "batch": cfg.batch, "holdout": cfg.holdout, "report_steps": cfg.report_steps, "toolkit": __version__,
+        "dtype": cfg.dtype, "fp16": cfg.fp16, "onnx_report": cfg.onnx_report,
         "export": export_cfg.to_dict(),
     })
 
@@ -270,7 +277,7 @@ def export_config_for(out: Path) -> ExportConfig:
 
 
 def _outputs_current(out: Path, source: ModelSource, export_cfg: ExportConfig, components: tuple[str, ...],
-                     calib_hash: str) -> bool:
+                     calib_hash: str, fp16: bool) -> bool:
     """True when every FP8/FP16 ONNX this calibration produces exists with matching inputs."""
     from sd35trt.specs import COMPONENTS
 
@@ -279,7 +286,7 @@ def _outputs_current(out: Path, source: ModelSource, export_cfg: ExportConfig, c
         h = export_inputs_hash(source, export_cfg, name, Precision.FP8, extra)
         if existing_if_current(variant_dir(out, Precision.FP8) / name, h) is None:
             return False
-    for name in COMPONENTS:
+    for name in COMPONENTS if fp16 else ():
         h = export_inputs_hash(source, export_cfg, name, Precision.FP16, extra)
         if existing_if_current(variant_dir(out, Precision.FP16) / name, h) is None:
             return False
@@ -303,7 +310,7 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
         except ArtifactError:
             manifest = {}
         if manifest.get("inputs_hash") == calib_hash and _outputs_current(out, source, export_cfg, cfg.components,
-                                                                           calib_hash):
+                                                                           calib_hash, cfg.fp16):
             log.info("calibration: inputs unchanged, skipped")
             report = read_json(folder / "calibration.json", "calibration report")
             return CalibrationResult(True, calib_hash, report, folder)
@@ -318,8 +325,12 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
     calib_prompts = prompts[: cfg.num_prompts]
     holdout_prompts = prompts[cfg.num_prompts: cfg.num_prompts + cfg.holdout]
     report_steps = cfg.report_steps or cfg.steps
-    with log.step(f"build {source.id} pipeline on {torch_device}"):
-        pipe = build_pipeline(source, device=torch_device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        cfg.dtype, torch.float16 if torch_device == "cuda" else torch.float32)
+    export_cfg = ExportConfig(components=export_cfg.components, opset=export_cfg.opset, ranges=export_cfg.ranges,
+                              validate=cfg.validate)
+    with log.step(f"build {source.id} pipeline on {torch_device} ({str(dtype).removeprefix('torch.')})"):
+        pipe = build_pipeline(source, device=torch_device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe_dims = PipeDims.from_pipeline(pipe)
 
@@ -334,18 +345,20 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
                       for name, calls in traffic.items()}
 
     # 2. FP16 fallback for every component; FP32 where FP16 overflows on real traffic.
-    fp16_choice = {}
-    for name in COMPONENTS:
-        fp16_choice[name] = _fp16_or_safe(pipe, name, traffic.get(name), references.get(name))
+    fp16_choice: dict[str, Any] = {}
+    exports: list[Any] = []
     extra = {"calibration_hash": calib_hash}
-    exports = export_variant(
-        pipe, source, out, export_cfg, Precision.FP16, extra_inputs=extra, force=force,
-        module_for=lambda spec: fp16_choice[spec.name]["module"],
-    )
-    for item in exports:
-        _annotate_fp16(item, fp16_choice[item.component])
-    for choice in fp16_choice.values():
-        choice.pop("module", None)
+    if cfg.fp16:
+        for name in COMPONENTS:
+            fp16_choice[name] = _fp16_or_safe(pipe, name, traffic.get(name), references.get(name))
+        exports = export_variant(
+            pipe, source, out, export_cfg, Precision.FP16, extra_inputs=extra, force=force,
+            module_for=lambda spec: fp16_choice[spec.name]["module"],
+        )
+        for item in exports:
+            _annotate_fp16(item, fp16_choice[item.component])
+        for choice in fp16_choice.values():
+            choice.pop("module", None)
 
     # 3. Calibrate every requested component in one pass of the real denoising loop.
     with log.step(f"calibrate {','.join(cfg.components)}: {cfg.num_prompts} prompts × {cfg.steps} steps "
@@ -368,36 +381,42 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
         write_json_atomic(tmp / "scales.json", {k: v.hex() for k, v in sorted(scales.items())})
         torch.save({k: v for k, v in networks.state_dict().items() if k.endswith("_amax")}, tmp / "amax.pt")
         state_files = file_entries(tmp)
+        fp8_start = time.perf_counter()
         fp8_exports = export_variant(
             pipe, source, out, ExportConfig(components=cfg.components, opset=export_cfg.opset,
                                             ranges=export_cfg.ranges, validate=export_cfg.validate),
             Precision.FP8, extra_inputs=extra, force=True, postprocess=_rewrite_and_count,
             module_for=lambda spec: _fp16_module(SPECS[spec.name].module(pipe)),
         )
+        fp8_seconds = time.perf_counter() - fp8_start
         # 6. Report: FP8 and FP16 ONNX in onnxruntime vs the FP32 outputs on held-out traffic.
         components_report = {}
-        for name in COMPONENTS[:4]:
+        for name in COMPONENTS[:4] if cfg.onnx_report else ():
             entry: dict[str, Any] = {"calls": len(traffic[name])}
             if name in cfg.components:
                 entry["fp8"] = _onnx_vs_reference(variant_dir(out, Precision.FP8) / name / "model.onnx",
                                                   traffic[name], references[name], SPECS[name])
-            entry["fp16"] = _onnx_vs_reference(variant_dir(out, Precision.FP16) / name / "model.onnx",
-                                               traffic[name], references[name], SPECS[name])
-            entry["fp16_export_precision"] = fp16_choice[name]["precision"]
+            if cfg.fp16:
+                entry["fp16"] = _onnx_vs_reference(variant_dir(out, Precision.FP16) / name / "model.onnx",
+                                                   traffic[name], references[name], SPECS[name])
+                entry["fp16_export_precision"] = fp16_choice[name]["precision"]
             components_report[name] = entry
         report = {
             "kind": "calibration-report", "toolkit": __version__, "model": source.describe(),
             "random_weights": source.random_weights, "inputs_hash": calib_hash,
+            "reference": f"the same pipeline before quantization ({str(dtype).removeprefix('torch.')} on {torch_device})",
             "config": {"prompts_file": str(cfg.prompts_file), "prompts_sha256": sha256_file(cfg.prompts_file),
                        "num_prompts": cfg.num_prompts, "steps": cfg.steps, "seed": cfg.seed,
                        "components": list(cfg.components), "recipe": str(cfg.recipe_file),
                        "recipe_sha256": recipe.sha256, "height": cfg.height, "width": cfg.width,
-                       "guidance": cfg.guidance, "batch": cfg.batch, "holdout": cfg.holdout},
+                       "guidance": cfg.guidance, "batch": cfg.batch, "holdout": cfg.holdout, "dtype": cfg.dtype,
+                       "fp16": cfg.fp16, "onnx_report": cfg.onnx_report, "validate": cfg.validate},
             "quantizers": {"enabled": len(scales), "scales_sha256": hash_json({k: v.hex() for k, v in scales.items()})},
             "fp16_fallback": fp16_choice,
             "components": components_report,
             "end_to_end": end_to_end,
             "timings": {"calibration_seconds": round(calib_timing["seconds"], 2),
+                        "fp8_export_seconds": round(fp8_seconds, 2),
                         "total_seconds": round(time.perf_counter() - start, 2)},
             "device": torch_device, "host": platform.node(),
             "versions": package_versions("torch", "diffusers", "nvidia-modelopt", "onnx", "onnxruntime"),

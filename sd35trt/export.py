@@ -278,12 +278,24 @@ def export_variant(
 
 
 def export_model(source: ModelSource, out: Path, config: ExportConfig, *, device: str = "auto",
-                 force: bool = False) -> list[ComponentExport]:
-    """``sd35trt export``: build the pipeline with just the needed networks and export them in FP32."""
+                 force: bool = False, precision: Precision = Precision.FP32) -> list[ComponentExport]:
+    """``sd35trt export``: build the pipeline with just the needed networks and export them.
+
+    FP32 by default; ``precision=FP16`` builds the networks directly in FP16 (no FP32 copy ever exists,
+    which is what keeps real-size exports lean) and writes the ``onnx-fp16`` variant with FP32 I/O.
+    """
+    import torch
+
     from sd35trt.models import build_pipeline
     from sd35trt.runtime_env import pick_device
 
+    if precision not in (Precision.FP32, Precision.FP16):
+        raise InvalidInputError(f"export --precision {precision.value} is not supported",
+                                hint="FP8 ONNX comes from `sd35trt calibrate`")
+    dtype = torch.float16 if precision is Precision.FP16 else torch.float32
     attrs = {SPECS[c].pipeline_attr for c in config.components}
-    with log.step(f"build {source.id} pipeline ({', '.join(config.components)})"):
-        pipe = build_pipeline(source, device=pick_device(device), components=attrs)
-    return export_variant(pipe, source, out, config, Precision.FP32, force=force)
+    torch_device = pick_device(device)
+    with log.step(f"build {source.id} pipeline ({', '.join(config.components)}) on {torch_device}"):
+        pipe = build_pipeline(source, device=torch_device, dtype=dtype, components=attrs)
+    module_for = (lambda spec: CastIO(spec.module(pipe), torch.float16)) if precision is Precision.FP16 else None
+    return export_variant(pipe, source, out, config, precision, force=force, module_for=module_for)

@@ -61,20 +61,25 @@ def export(
     width: str = typer.Option("512:1024:1024", "--width", help="pixel width range MIN:OPT:MAX (multiples of 16)"),
     batch: str = typer.Option("1:1:4", "--batch", help="images per prompt MIN:OPT:MAX"),
     t5_tokens: str = typer.Option("256", "--t5-tokens", help="T5 sequence length range"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (OUT/onnx) or fp16 (OUT/onnx-fp16: built in FP16, lean at real size)"),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="compare every output with PyTorch in onnxruntime"),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="re-export even when inputs are unchanged"),
 ) -> None:
-    """Export SD3.5 components to ONNX (FP32), each validated against PyTorch in onnxruntime."""
+    """Export SD3.5 components to ONNX, each validated against PyTorch in onnxruntime at another shape."""
     from sd35trt.artifacts import ensure_writable_dir
     from sd35trt.export import ExportConfig, export_model
     from sd35trt.models import resolve_model
-    from sd35trt.specs import parse_components
+    from sd35trt.errors import InvalidInputError
+    from sd35trt.specs import Precision, parse_components
 
+    if precision not in ("fp32", "fp16"):
+        raise InvalidInputError(f"--precision '{precision}' is not fp32 or fp16", hint="FP8 ONNX comes from `sd35trt calibrate`")
     config = ExportConfig(components=parse_components(components), opset=opset,
-                          ranges=ranges_from_options(batch, height, width, t5_tokens))
+                          ranges=ranges_from_options(batch, height, width, t5_tokens), validate=validate)
     source = resolve_model(model)
     ensure_writable_dir(out)
-    results = export_model(source, out, config, device=device, force=force)
+    results = export_model(source, out, config, device=device, force=force, precision=Precision(precision))
     emit({r.component: {"path": str(r.path), "skipped": r.skipped, "seconds": round(r.seconds, 2),
                         "validation": {k: {m: v[m] for m in ("rel_l2", "max_abs")}
                                        for k, v in (r.manifest.get("validation") or {}).get("outputs", {}).items()}}
@@ -96,6 +101,10 @@ def calibrate(
     guidance: float = typer.Option(4.5, "--guidance", help="classifier-free guidance scale"),
     calib_batch: int = typer.Option(4, "--calib-batch", help="prompts per pipeline call"),
     holdout: int = typer.Option(2, "--holdout", help="held-out prompts for the report"),
+    dtype: str = typer.Option("auto", "--dtype", help="pipeline dtype while calibrating: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16"),
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="also write the FP16 fallback ONNX of every component"),
+    onnx_report: bool = typer.Option(True, "--onnx-report/--no-onnx-report", help="score FP8/FP16 ONNX in onnxruntime on held-out traffic"),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="validate the FP8 ONNX against the fake-quant module"),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="recalibrate even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the full report as JSON instead of a table"),
@@ -110,7 +119,8 @@ def calibrate(
     cfg = CalibrationConfig(
         prompts_file=prompts or DEFAULT_PROMPTS, num_prompts=num_prompts, steps=steps, seed=seed,
         components=parse_components(components, CALIBRATABLE), recipe_file=config or DEFAULT_RECIPE,
-        height=height, width=width, guidance=guidance, batch=calib_batch, holdout=holdout)
+        height=height, width=width, guidance=guidance, batch=calib_batch, holdout=holdout, dtype=dtype, fp16=fp16,
+        onnx_report=onnx_report, validate=validate)
     source = resolve_model(model)
     ensure_writable_dir(out)
     result = calibrate_model(source, out, cfg, device=device, force=force)
