@@ -34,13 +34,15 @@ def _zero_point(name: str):
 
 def _constant_values(model) -> dict:
     """Outputs of Constant nodes (the scales ModelOpt's symbolic emits) as numpy arrays."""
+    import onnx
     from onnx import numpy_helper
 
     values = {}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for attr in node.attribute:
-                if attr.name == "value":
+                # Scales are inline scalars; large constants may live in external data and are not needed.
+                if attr.name == "value" and attr.t.data_location != onnx.TensorProto.EXTERNAL:
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
     return values
 
