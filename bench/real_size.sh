@@ -38,6 +38,11 @@ stage_build() {
   done
 }
 
+stage_proj_out() {
+  $M "$MODEL proj_out FP8 vs high precision (${PROMPTS}x${STEPS} @${SIZE})" -- $PY bench/proj_out.py --model "$MODEL" \
+    --out "$WORK/proj_out.json" --prompts "$PROMPTS" --steps "$STEPS" --size "$SIZE"
+}
+
 stage_torch() {
   $M "$MODEL torch transformer latency bf16 eager/compile + fake-quant numerics" -- \
     $PY bench/torch_anchor.py --model "$MODEL" --out "$WORK/torch_anchor.json"
@@ -48,6 +53,7 @@ case "$STAGE" in
   calibrate) stage_calibrate ;;
   build) stage_build ;;
   torch) stage_torch ;;
+  proj_out) stage_proj_out ;;
   all) stage_export; stage_calibrate; stage_build; stage_torch ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac
@@ -55,6 +61,6 @@ du -b "$WORK"/onnx-*/transformer/* "$WORK"/onnx-*/t5/* "$WORK"/engines-*/*/*/*.p
 if [ -n "${OUT:-}" ]; then  # one archive: the device returns at most 8 files
   mkdir -p "$OUT"
   (cd "$WORK" && tar czf "$OUT/$MODEL-$STAGE.tar.gz" --ignore-failed-read results.jsonl sizes.txt \
-     $(ls calibration/calibration.json torch_anchor.json onnx-*/*/manifest.json onnx-*/*/export.json \
+     $(ls calibration/calibration.json torch_anchor.json proj_out.json onnx-*/*/manifest.json onnx-*/*/export.json \
           engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt 2>/dev/null))
 fi

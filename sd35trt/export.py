@@ -255,7 +255,8 @@ def export_variant(
             results.append(ComponentExport(name, precision.value, folder / "model.onnx", True, 0.0, manifest))
             continue
         module = module_for(spec) if module_for else spec.module(pipe)
-        with log.step(f"export {name} ({precision.value}, opset {config.opset})") as timing, atomic_dir(folder) as tmp:
+        with log.step(f"export {name} ({precision.value}, opset {config.opset})") as timing, atomic_dir(folder) as tmp, \
+                spec.exporting(pipe, config.ranges, pipe_dims):
             record = export_component(module, spec, pipe_dims, tmp, opset=config.opset, ranges=config.ranges,
                                       precision=precision, validate=config.validate, postprocess=postprocess)
             manifest = {

@@ -7,6 +7,7 @@ Shape ranges are user-facing (batch, image height/width, T5 tokens) and turned i
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
@@ -148,6 +149,13 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     wrapper: Callable[[Any], torch.nn.Module]  # network -> module with exactly the ONNX signature
     tolerances: dict[Precision, Tolerance] = field(default_factory=dict)
+    # Exact, export-only rewrites of the network for the shape ranges being exported (see crop_pos_embed).
+    export_context: Callable[[Any, ShapeRanges, PipeDims], Any] | None = None
+
+    def exporting(self, pipe: StableDiffusion3Pipeline, ranges: ShapeRanges, pipe_dims: PipeDims):
+        if self.export_context is None:
+            return contextlib.nullcontext()
+        return self.export_context(getattr(pipe, self.pipeline_attr), ranges, pipe_dims)
 
     @property
     def input_names(self) -> list[str]:
@@ -311,6 +319,39 @@ def _t5_wrapper(encoder):
     return T5TextEncoder()
 
 
+@contextlib.contextmanager
+def crop_pos_embed(transformer, ranges: ShapeRanges, pipe_dims: PipeDims):
+    """Export the MMDiT with its position-embedding table cropped to the largest size the engine accepts.
+
+    SD3 keeps a ``pos_embed_max_size``² table (384² × 1536 values, 0.45 GB in FP16, for Medium) and crops
+    its centre at run time. An engine whose profile stops at 1024 px only ever reads the centre 64² window,
+    yet would carry the whole table as a constant. Cropping to that window (size kept of the same parity
+    as the original, so diffusers' centring arithmetic selects the same rows) is exact for every size in
+    the profile and shrinks the ONNX and both engines. The network is restored afterwards.
+    """
+    patch_embed = getattr(transformer, "pos_embed", None)
+    full = getattr(patch_embed, "pos_embed_max_size", None)
+    if not full or getattr(patch_embed, "pos_embed", None) is None:
+        yield
+        return
+    patch = patch_embed.patch_size
+    need = max(-(-ranges.height.max // (pipe_dims.vae_scale * patch)), -(-ranges.width.max // (pipe_dims.vae_scale * patch)))
+    size = need + (full - need) % 2
+    if size >= full:
+        yield
+        return
+    start = (full - size) // 2
+    table = patch_embed.pos_embed
+    cropped = table.reshape(1, full, full, -1)[:, start:start + size, start:start + size, :]
+    patch_embed.pos_embed = cropped.reshape(1, size * size, -1).contiguous()
+    patch_embed.pos_embed_max_size = size
+    try:
+        yield
+    finally:
+        patch_embed.pos_embed = table
+        patch_embed.pos_embed_max_size = full
+
+
 def _transformer_wrapper(transformer):
     import torch
 
@@ -370,6 +411,7 @@ SPECS: dict[str, ComponentSpec] = {
         wrapper=_transformer_wrapper,
         tolerances={Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(1e-2, 0.05),
                     Precision.FP8: Tolerance(0.08, 0.5)},
+        export_context=crop_pos_embed,
     ),
     "clip_l": _clip_spec("clip_l", "text_encoder", "clip_l", "CLIP ViT-L/14 text encoder"),
     "clip_g": _clip_spec("clip_g", "text_encoder_2", "clip_g", "OpenCLIP ViT-bigG/14 text encoder"),
