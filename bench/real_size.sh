@@ -51,4 +51,19 @@ stage_torch() {
 archive() {  # always, also after a failed step: the device returns at most 8 files, so one archive
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
-  
+  du -b "$WORK"/onnx-*/transformer/* "$WORK"/onnx-*/t5/* "$WORK"/engines-*/*/*/*.plan >> "$WORK/sizes.txt" 2>/dev/null || true
+  (cd "$WORK" && tar czf "$OUT/$MODEL-$STAGE.tar.gz" --ignore-failed-read results.jsonl sizes.txt \
+     $(ls calibration/calibration.json torch_anchor.json proj_out.json onnx-*/*/manifest.json onnx-*/*/export.json \
+          engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt 2>/dev/null)) || true
+}
+trap archive EXIT
+
+case "$STAGE" in
+  export) stage_export ;;
+  calibrate) stage_calibrate ;;
+  build) stage_build ;;
+  torch) stage_torch ;;
+  proj_out) stage_proj_out ;;
+  all) stage_export; stage_calibrate; stage_build; stage_torch ;;
+  *) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
