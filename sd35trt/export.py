@@ -159,6 +159,7 @@ def export_component(
         "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
         "dynamic_axes": spec.dynamic_axes(),
+        "ranges": ranges.to_dict(),
         "profile": {k: [list(s) for s in v] for k, v in spec.profile(ranges, pipe_dims).items()},
         "trace_dims": trace_dims,
         "export_seconds": round(export_seconds, 3),

@@ -61,3 +61,123 @@ def doctor(bundle: Optional[Path] = typer.Argument(None, help="a bundle folder, 
     emit(report)
     if bundle is not None and not report.get("runnable_bundles"):
         raise typer.Exit(code=3)
+
+
+def _check_model_matches(source, manifest_model: dict, where: Path) -> None:
+    from sd35trt.errors import ArtifactError
+
+    if manifest_model.get("fingerprint") != source.fingerprint():
+        raise ArtifactError(f"artifacts were built from model '{manifest_model.get('id')}', not '{source.id}' "
+                            "(fingerprints differ)", path=where, hint=f"pass --model {manifest_model.get('id')}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="text prompt"),
+    model: str = typer.Option("tiny", "--model", "-m", help="model whose tokenizers/scheduler to use (must match the artifacts)"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="run TensorRT / TensorRT-RTX engines of this bundle"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="run onnxruntime on this work dir's ONNX"),
+    torch_: bool = typer.Option(False, "--torch", help="run the PyTorch modules"),
+    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
+    negative_prompt: str = typer.Option("", "--negative-prompt", "-n"),
+    steps: int = typer.Option(28, "--steps"),
+    guidance: float = typer.Option(4.5, "--guidance"),
+    seed: int = typer.Option(0, "--seed"),
+    height: int = typer.Option(1024, "--height"),
+    width: int = typer.Option(1024, "--width"),
+    batch: int = typer.Option(1, "--batch"),
+    out: Path = typer.Option(Path("image.png"), "--out", "-o", help="PNG path (batch > 1: NAME-<i>.png)"),
+    device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
+    json_out: bool = typer.Option(False, "--json", help="print timings and paths as JSON"),
+) -> None:
+    """Prompt → PNG: CLIP-L/G + T5 → MMDiT loop (CFG, flow matching) → VAE, on engines, ONNX or torch."""
+    from sd35trt.errors import InvalidInputError
+    from sd35trt.models import build_pipeline, resolve_model
+    from sd35trt.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runners import ranges_of_bundle, runners_from_bundle, runners_from_onnx, runners_from_torch
+
+    chosen = [name for name, value in (("--bundle", bundle), ("--onnx", onnx), ("--torch", torch_)) if value]
+    if len(chosen) != 1:
+        raise InvalidInputError("choose exactly one of --bundle, --onnx, --torch",
+                                hint="e.g. --onnx build/tiny (onnxruntime) or --torch")
+    if out.suffix.lower() != ".png":
+        raise InvalidInputError("--out must end in .png", path=out, hint="e.g. --out image.png")
+    from sd35trt.artifacts import ensure_writable_dir
+
+    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    request = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                              seed=seed, height=height, width=width, batch=batch)
+    source = resolve_model(model)
+    if bundle is not None:
+        runners, manifest = runners_from_bundle(bundle)
+        _check_model_matches(source, manifest["model"], bundle)
+        ranges = ranges_of_bundle(manifest)
+        pipe = build_pipeline(source, components=set())
+    elif onnx is not None:
+        runners, ranges = runners_from_onnx(onnx, precision)
+        from sd35trt.artifacts import read_json
+
+        first = next(iter(runners.values()))
+        _check_model_matches(source, read_json(first.path.parent / "manifest.json", "ONNX manifest")["model"], onnx)
+        pipe = build_pipeline(source, components=set())
+    else:
+        from sd35trt.runtime_env import pick_device
+
+        pipe = build_pipeline(source, device=pick_device(device))
+        runners, ranges = runners_from_torch(pipe), None
+    result = Sd35Loop(pipe, runners, ranges)(request)
+    paths = []
+    for i, image in enumerate(result.pil):
+        path = out if len(result.pil) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        image.save(tmp)
+        tmp.replace(path)
+        paths.append(str(path))
+    info = {"images": paths, "timings": result.timings, "runners": {k: r.describe() for k, r in runners.items()},
+            "request": request.__dict__}
+    if json_out:
+        emit(info)
+    else:
+        typer.echo("\n".join(paths))
+
+
+@app.command()
+def compare(
+    model: str = typer.Option("tiny", "--model", "-m"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="work dir with onnx/, onnx-fp16/, onnx-fp8/"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="compare an engine bundle (needs its GPU)"),
+    variants: str = typer.Option("fp32,fp16,fp8", "--variants", help="precision variants to compare"),
+    components: Optional[str] = typer.Option(None, "--components"),
+    prompts: int = typer.Option(2, "--prompts", help="K prompts of real pipeline traffic (held-out end of calibration/prompts.txt)"),
+    steps: int = typer.Option(4, "--steps"),
+    height: int = typer.Option(512, "--height"),
+    width: int = typer.Option(512, "--width"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("compare"), "--out", "-o", help="folder for compare.json and compare.png"),
+) -> None:
+    """Per-component (polygraphy) and end-to-end comparison against PyTorch/diffusers; exit 1 on a failed tolerance."""
+    from sd35trt.artifacts import ensure_writable_dir
+    from sd35trt.calibrate import DEFAULT_PROMPTS, read_prompts
+    from sd35trt.compare import CompareConfig, format_compare, run_compare
+    from sd35trt.errors import InvalidInputError
+    from sd35trt.models import resolve_model
+    from sd35trt.specs import parse_components
+
+    if (onnx is None) == (bundle is None):
+        raise InvalidInputError("choose exactly one of --onnx and --bundle", hint="e.g. --onnx build/tiny")
+    if bundle is not None:
+        from sd35trt.runners import runners_from_bundle
+
+        runners_from_bundle(bundle)  # refuses with the reason and the --onnx to use instead
+        raise InvalidInputError("engine comparison needs the runners above on a GPU host; not implemented for "
+                                "CPU-only hosts", hint="use --onnx with the bundle's work dir")
+    cfg = CompareConfig(variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+                        components=parse_components(components), prompts=prompts, steps=steps, height=height,
+                        width=width, seed=seed)
+    texts = read_prompts(DEFAULT_PROMPTS, prompts)[-prompts:]
+    ensure_writable_dir(out)
+    report = run_compare(resolve_model(model), onnx, out, cfg, texts)
+    typer.echo(format_compare(report.data))
+    typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
+    if not report:
+        raise typer.Exit(code=1)

@@ -10,6 +10,11 @@ from typing import Any, Optional
 
 import typer
 
+# Library notices (transformers/diffusers print some at import) would break "one line on stderr per error".
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 from sd35trt import __version__
 from sd35trt.errors import Sd35TrtError
 
