@@ -332,7 +332,8 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
     with log.step(f"build {source.id} pipeline on {torch_device} ({str(dtype).removeprefix('torch.')})"):
         pipe = build_pipeline(source, device=torch_device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    pipe_dims = PipeDims.from_pipeline(pipe)
+    for name in cfg.components:  # a recipe typo must fail before minutes of work, not after
+        recipe.check_patterns(name, [n for n, _ in getattr(pipe, SPECS[name].pipeline_attr).named_modules()])
 
     # 1. FP32 reference on held-out prompts: inputs of every network, their outputs, final latents/images.
     with log.step(f"FP32 reference on {len(holdout_prompts)} held-out prompts × {report_steps} steps"):

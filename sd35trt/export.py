@@ -269,6 +269,8 @@ def export_variant(
             }
             write_json_atomic(tmp / MANIFEST, manifest)
         results.append(ComponentExport(name, precision.value, folder / "model.onnx", False, timing["seconds"], manifest))
+    if all(r.skipped for r in results) and (root / "export.json").is_file():
+        return results  # nothing changed: leave every byte as it was
     write_json_atomic(root / "export.json", {
         "kind": "onnx-export", "toolkit": __version__, "precision": precision.value, "model": source.describe(),
         "config": config.to_dict(),
