@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sd35trt import __version__, log
-from sd35trt.artifacts import atomic_dir, hash_json, read_json, sha256_file, verify_files, write_json_atomic
+from sd35trt.artifacts import atomic_dir, hash_json, recover_interrupted, read_json, sha256_file, verify_files, write_json_atomic
 from sd35trt.backends import TrtBackend, build_engine, choose_backend, local_compute_capability, summarize_layers
 from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.export import MANIFEST, VARIANT_DIRS
@@ -110,6 +110,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     sources = {name: variants[name][choice.precision] for name, choice in plan.items()}
     hashes = {name: component_hash(backend, ccs, sources[name], config.workspace_gib) for name in plan}
     bundle_hash = hash_json({"components": hashes, "plan": {k: v.precision.value for k, v in plan.items()}})
+    recover_interrupted(folder)
     previous = _read_previous(folder)
     if not force and previous and previous.get("inputs_hash") == bundle_hash and _plans_intact(folder, previous):
         log.info(f"bundle {folder} is up to date, skipped")

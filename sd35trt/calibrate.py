@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt import __version__, log
-from sd35trt.artifacts import (atomic_dir, file_entries, hash_json, package_versions, read_json, sha256_file,
-                               write_json_atomic)
+from sd35trt.artifacts import (atomic_dir, file_entries, hash_json, package_versions, read_json, recover_interrupted,
+                               sha256_file, write_json_atomic)
 from sd35trt.errors import ArtifactError, CalibrationError, InvalidInputError
 from sd35trt.export import ExportConfig, existing_if_current, export_inputs_hash, export_variant, variant_dir
 from sd35trt.metrics import error_stats, psnr
@@ -303,6 +303,7 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
     export_cfg = export_config_for(out)
     calib_hash = calibration_inputs_hash(source, cfg, prompts, recipe, export_cfg)
     folder = out / "calibration"
+    recover_interrupted(folder)
     manifest_path = folder / "manifest.json"
     if not force and manifest_path.is_file():
         try:

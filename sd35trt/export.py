@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sd35trt import __version__, log
-from sd35trt.artifacts import atomic_dir, file_entries, hash_json, package_versions, read_json, write_json_atomic
+from sd35trt.artifacts import atomic_dir, file_entries, recover_interrupted, hash_json, package_versions, read_json, write_json_atomic
 from sd35trt.errors import ArtifactError, ExportValidationError, InvalidInputError
 from sd35trt.metrics import error_stats
 from sd35trt.models import ModelSource
@@ -250,6 +250,7 @@ def export_variant(
     for name in config.components:
         spec = SPECS[name]
         folder = root / name
+        recover_interrupted(folder)  # a killed earlier run may have left a temp folder or a backup
         inputs_hash = export_inputs_hash(source, config, name, precision, extra_inputs)
         if not force and (manifest := existing_if_current(folder, inputs_hash)) is not None:
             log.info(f"  {name} {precision.value}: unchanged, skipped")

@@ -147,11 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"error: {err}\n")
         return err.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: finished artifacts are kept, partial ones were discarded\n")
-        return 130
-    except (typer.Abort, typer.Exit) as exc:
-        return getattr(exc, "exit_code", 1) or 0
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    except typer.Exit as exc:
+        return exc.exit_code or 0
     except Exception as exc:
         # Usage errors (bad option, missing argument) from typer's vendored click: print, exit 2.
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
@@ -163,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"error: {exc.format_message()}{where}\n".replace("\n", " ").rstrip() + "\n")
             return exc.exit_code
         raise
+    if code == 130:  # typer turns Ctrl-C into exit code 130; temp folders were already removed on the way out
+        sys.stderr.write("interrupted: finished artifacts are kept, partial ones were discarded\n")
     return code if isinstance(code, int) else 0
 
 

@@ -1,0 +1,114 @@
+"""Kill real export / calibrate / build processes mid-step: previous artifacts stay byte-for-byte intact,
+no half file appears under a final name, and the re-run completes, reusing what was finished."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CALIB, REPO, needs_rtx
+from tests.test_bad_inputs import tree_digest
+
+CALIB_ARGS = ["--num-prompts", str(CALIB["num_prompts"]), "--steps", str(CALIB["steps"]), "--height", "512",
+              "--width", "512", "--calib-batch", str(CALIB["batch"]), "--holdout", str(CALIB["holdout"])]
+
+
+def cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "sd35trt", *map(str, args)]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def kill_when(argv: list[str], ready, sig=signal.SIGKILL, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """Start ``argv``; as soon as ``ready()`` is true, send ``sig``. Fails if the process ends first."""
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended (rc {proc.returncode}) before the kill point: {err[-2000:]}")
+        if ready():
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=120)
+            return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("kill point never reached")
+
+
+def temp_dirs(parent: Path, name: str) -> list[Path]:
+    return list(parent.glob(f".{name}.tmp-*"))
+
+
+def finals_only(root: Path) -> dict[str, str]:
+    """Digest of every file that is not inside a temp folder (what consumers see)."""
+    return {k: v for k, v in tree_digest(root).items() if ".tmp-" not in k and "/." not in "/" + k}
+
+
+def test_export_killed_mid_write_keeps_previous_and_resumes(work_copy):
+    before = finals_only(work_copy / "onnx")
+    onnx = work_copy / "onnx"
+    result = kill_when(cli("export", "--out", work_copy, "--components", "clip_l,vae_decoder", "--force"),
+                       lambda: any((d / "model.onnx").exists() for d in temp_dirs(onnx, "vae_decoder")))
+    assert result.returncode == -signal.SIGKILL
+    after = finals_only(onnx)
+    assert after["vae_decoder/model.onnx"] == before["vae_decoder/model.onnx"], "previous ONNX untouched"
+    assert set(after) == set(before), "no half file under a final name"
+    resumed = subprocess.run(cli("export", "--out", work_copy), env=env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "unchanged, skipped" in resumed.stderr
+    assert not temp_dirs(onnx, "vae_decoder"), "the re-run removed the killed run's temp folder"
+    assert finals_only(onnx)["vae_decoder/model.onnx"] == before["vae_decoder/model.onnx"]
+
+
+def test_export_sigint_cleans_up(work_copy):
+    onnx = work_copy / "onnx"
+    before = finals_only(onnx)
+    result = kill_when(cli("export", "--out", work_copy, "--components", "vae_decoder", "--force"),
+                       lambda: any((d / "model.onnx").exists() for d in temp_dirs(onnx, "vae_decoder")),
+                       sig=signal.SIGINT)
+    assert result.returncode == 130 and "interrupted" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not temp_dirs(onnx, "vae_decoder") and finals_only(onnx) == before
+
+
+def test_calibrate_killed_keeps_previous_state_and_resumes(work_copy):
+    before = finals_only(work_copy)
+    result = kill_when(cli("calibrate", "--out", work_copy, *CALIB_ARGS, "--force"),
+                       lambda: bool(temp_dirs(work_copy / "onnx-fp8", "transformer")))
+    assert result.returncode == -signal.SIGKILL
+    after = finals_only(work_copy)
+    for key in ("calibration/scales.json", "calibration/manifest.json", "onnx-fp8/transformer/model.onnx"):
+        assert after[key] == before[key], key
+    resumed = subprocess.run(cli("calibrate", "--out", work_copy, *CALIB_ARGS), env=env(), capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert finals_only(work_copy)["calibration/scales.json"] == before["calibration/scales.json"]
+
+
+@needs_rtx
+def test_build_killed_keeps_previous_bundle_and_resumes(work_copy, tmp_path):
+    engines = tmp_path / "engines"
+    first = subprocess.run(cli("build", "--onnx", work_copy, "--out", engines), env=env(), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    bundle_parent = engines / "tiny"
+    before = finals_only(engines)
+    result = kill_when(cli("build", "--onnx", work_copy, "--out", engines, "--force"),
+                       lambda: any(list(d.glob("*.plan")) for d in temp_dirs(bundle_parent, "ada-tensorrt-rtx")))
+    assert result.returncode == -signal.SIGKILL
+    assert finals_only(engines) == before
+    resumed = subprocess.run(cli("build", "--onnx", work_copy, "--out", engines), env=env(), capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0 and "up to date" in resumed.stderr
+    assert not temp_dirs(bundle_parent, "ada-tensorrt-rtx")
+    verify = subprocess.run(cli("bundle", "verify", bundle_parent / "ada-tensorrt-rtx"), env=env(),
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
