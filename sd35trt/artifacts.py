@@ -19,9 +19,6 @@ from typing import Any, Iterator
 
 from sd35trt.errors import ArtifactError, InvalidInputError
 
-MANIFEST_VERSION = 1
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -121,15 +118,10 @@ def recover_interrupted(final: Path) -> None:
     backup = final.parent / f".{final.name}.old"
     if backup.exists() and not final.exists():
         os.replace(backup, final)
+    # Commands on one output folder are not meant to run concurrently: a temp folder found at start is an
+    # earlier, interrupted run's.
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        if _owner_gone(stale):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _owner_gone(_tmp: Path) -> bool:
-    # Commands on one output folder are not meant to run concurrently; a temp folder found at start is
-    # an earlier interrupted run's.
-    return True
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:

@@ -116,7 +116,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
         log.info(f"bundle {folder} is up to date, skipped")
         return BundleResult(folder, previous, skipped=True)
 
-    for name, source in sources.items():  # never build from an ONNX that doesn't match its manifest
+    for source in sources.values():  # never build from an ONNX that doesn't match its manifest
         verify_files(Path(source["_folder"]), source["files"], Path(source["_folder"]) / MANIFEST)
 
     log.info(f"target {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}), backend "

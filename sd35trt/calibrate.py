@@ -35,10 +35,10 @@ from sd35trt.errors import ArtifactError, CalibrationError, InvalidInputError
 from sd35trt.export import ExportConfig, existing_if_current, export_inputs_hash, export_variant, variant_dir
 from sd35trt.metrics import error_stats, psnr
 from sd35trt.models import ModelSource
-from sd35trt.specs import SPECS, PipeDims, Precision
+from sd35trt.specs import SPECS, Precision
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 CALIBRATABLE = ("transformer", "clip_l", "clip_g", "t5")
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "calibration" / "prompts.txt"

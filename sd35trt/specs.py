@@ -8,7 +8,7 @@ Shape ranges are user-facing (batch, image height/width, T5 tokens) and turned i
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -449,7 +449,3 @@ def parse_components(text: str | None, allowed: tuple[str, ...] = COMPONENTS) ->
         raise InvalidInputError(f"component(s) {', '.join(not_allowed)} not supported here",
                                 hint=f"choose from {','.join(allowed)}")
     return tuple(n for n in COMPONENTS if n in names)
-
-
-def with_ranges(ranges: ShapeRanges, **changes: Any) -> ShapeRanges:
-    return replace(ranges, **changes)

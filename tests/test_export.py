@@ -34,7 +34,6 @@ def test_all_five_components_export_and_validate_at_another_shape(exported):
 def test_onnx_runs_at_the_largest_profile_shape(exported):
     """Dynamic axes really are dynamic: onnxruntime at max batch and 1024 px (trace was 512 px, batch 1)."""
     from sd35trt.onnx_utils import ort_session, run_ort
-    from sd35trt.specs import PipeDims
 
     out, results = exported
     manifest = next(r.manifest for r in results if r.component == "transformer")

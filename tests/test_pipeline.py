@@ -101,3 +101,17 @@ def test_onnx_runner_refuses_modified_files(work_copy):
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(ArtifactError, match="differs from manifest"):
         runners_from_onnx(work_copy, "fp32", components=("t5",))
+
+
+def test_bench_command_on_onnx_runners(capsys, exported):
+    import json
+
+    from sd35trt.cli.main import main
+
+    out, _ = exported
+    code = main(["bench", "--onnx", str(out), "--precision", "fp32", "--steps", "3", "--loop-steps", "2",
+                 "--images", "1", "--height", "512", "--width", "512"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["transformer_step_ms"]["timed_steps"] == 3 and result["transformer_step_ms"]["median"] > 0
+    assert result["images_per_s"] > 0 and result["runners"]["transformer"]["kind"] == "onnxruntime"

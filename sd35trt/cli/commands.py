@@ -71,6 +71,38 @@ def _check_model_matches(source, manifest_model: dict, where: Path) -> None:
                             "(fingerprints differ)", path=where, hint=f"pass --model {manifest_model.get('id')}")
 
 
+def _one_source(bundle, onnx, torch_) -> None:
+    from sd35trt.errors import InvalidInputError
+
+    chosen = [name for name, value in (("--bundle", bundle), ("--onnx", onnx), ("--torch", torch_)) if value]
+    if len(chosen) != 1:
+        raise InvalidInputError("choose exactly one of --bundle, --onnx, --torch",
+                                hint="e.g. --onnx build/tiny (onnxruntime) or --torch")
+
+
+def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precision: str, device: str):
+    """The denoising loop over the runners the options name, after checking artifacts match the model."""
+    from sd35trt.artifacts import read_json
+    from sd35trt.models import build_pipeline, resolve_model
+    from sd35trt.pipeline import Sd35Loop
+    from sd35trt.runners import ranges_of_bundle, runners_from_bundle, runners_from_onnx, runners_from_torch
+
+    source = resolve_model(model)
+    if bundle is not None:
+        runners, manifest = runners_from_bundle(bundle)
+        _check_model_matches(source, manifest["model"], bundle)
+        return Sd35Loop(build_pipeline(source, components=set()), runners, ranges_of_bundle(manifest))
+    if onnx is not None:
+        runners, ranges = runners_from_onnx(onnx, precision)
+        first = next(iter(runners.values()))
+        _check_model_matches(source, read_json(first.path.parent / "manifest.json", "ONNX manifest")["model"], onnx)
+        return Sd35Loop(build_pipeline(source, components=set()), runners, ranges)
+    from sd35trt.runtime_env import pick_device
+
+    pipe = build_pipeline(source, device=pick_device(device))
+    return Sd35Loop(pipe, runners_from_torch(pipe))
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="text prompt"),
@@ -92,14 +124,9 @@ def generate(
 ) -> None:
     """Prompt → PNG: CLIP-L/G + T5 → MMDiT loop (CFG, flow matching) → VAE, on engines, ONNX or torch."""
     from sd35trt.errors import InvalidInputError
-    from sd35trt.models import build_pipeline, resolve_model
-    from sd35trt.pipeline import GenerateRequest, Sd35Loop
-    from sd35trt.runners import ranges_of_bundle, runners_from_bundle, runners_from_onnx, runners_from_torch
+    from sd35trt.pipeline import GenerateRequest
 
-    chosen = [name for name, value in (("--bundle", bundle), ("--onnx", onnx), ("--torch", torch_)) if value]
-    if len(chosen) != 1:
-        raise InvalidInputError("choose exactly one of --bundle, --onnx, --torch",
-                                hint="e.g. --onnx build/tiny (onnxruntime) or --torch")
+    _one_source(bundle, onnx, torch_)
     if out.suffix.lower() != ".png":
         raise InvalidInputError("--out must end in .png", path=out, hint="e.g. --out image.png")
     from sd35trt.artifacts import ensure_writable_dir
@@ -107,25 +134,7 @@ def generate(
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
     request = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                               seed=seed, height=height, width=width, batch=batch)
-    source = resolve_model(model)
-    if bundle is not None:
-        runners, manifest = runners_from_bundle(bundle)
-        _check_model_matches(source, manifest["model"], bundle)
-        ranges = ranges_of_bundle(manifest)
-        pipe = build_pipeline(source, components=set())
-    elif onnx is not None:
-        runners, ranges = runners_from_onnx(onnx, precision)
-        from sd35trt.artifacts import read_json
-
-        first = next(iter(runners.values()))
-        _check_model_matches(source, read_json(first.path.parent / "manifest.json", "ONNX manifest")["model"], onnx)
-        pipe = build_pipeline(source, components=set())
-    else:
-        from sd35trt.runtime_env import pick_device
-
-        pipe = build_pipeline(source, device=pick_device(device))
-        runners, ranges = runners_from_torch(pipe), None
-    result = Sd35Loop(pipe, runners, ranges)(request)
+    result = _make_loop(model, bundle, onnx, precision, device)(request)
     paths = []
     for i, image in enumerate(result.pil):
         path = out if len(result.pil) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -133,8 +142,7 @@ def generate(
         image.save(tmp)
         tmp.replace(path)
         paths.append(str(path))
-    info = {"images": paths, "timings": result.timings, "runners": {k: r.describe() for k, r in runners.items()},
-            "request": request.__dict__}
+    info = {"images": paths, "timings": result.timings, "request": request.__dict__}
     if json_out:
         emit(info)
     else:
@@ -181,3 +189,33 @@ def compare(
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
     if not report:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("tiny", "--model", "-m"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="time the engines of this bundle (on its GPU)"),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="time onnxruntime on this work dir's ONNX"),
+    torch_: bool = typer.Option(False, "--torch", help="time the PyTorch modules"),
+    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
+    steps: int = typer.Option(20, "--steps", help="timed transformer steps (after warm-up)"),
+    loop_steps: int = typer.Option(28, "--loop-steps", help="denoising steps of each end-to-end image"),
+    images: int = typer.Option(2, "--images", help="end-to-end images timed"),
+    height: int = typer.Option(1024, "--height"),
+    width: int = typer.Option(1024, "--width"),
+    batch: int = typer.Option(1, "--batch"),
+    device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
+) -> None:
+    """Latency: transformer step (median of --steps after warm-up), end to end per image, images/s, GPU memory."""
+    from sd35trt.bench import bench_loop
+    from sd35trt.errors import InvalidInputError
+    from sd35trt.pipeline import GenerateRequest
+
+    _one_source(bundle, onnx, torch_)
+    if steps < 1 or images < 1:
+        raise InvalidInputError("--steps and --images must be ≥ 1", hint="e.g. --steps 20 --images 2")
+    request = GenerateRequest(prompt="a lighthouse on a basalt cliff at golden hour, 35mm film photograph",
+                              steps=loop_steps, height=height, width=width, batch=batch)
+    loop = _make_loop(model, bundle, onnx, precision, device)
+    request.check(loop.ranges)
+    emit(bench_loop(loop, request, steps=steps, images=images))

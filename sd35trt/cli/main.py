@@ -32,7 +32,7 @@ ModelOpt = typer.Option("tiny", "--model", "-m", help="tiny | sd3.5-medium | sd3
 DeviceOpt = typer.Option("auto", "--device", help="torch device for export/calibration: auto, cpu or cuda")
 
 
-def emit(result: Any, as_json: bool = True) -> None:
+def emit(result: Any) -> None:
     """Results go to stdout (JSON), logs to stderr."""
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
 
