@@ -111,6 +111,11 @@ BACKENDS: dict[Backend, type[TrtBackend]] = {Backend.TENSORRT: TensorRTBackend, 
 
 
 def local_compute_capability() -> tuple[int, int] | None:
+    import os
+    import shutil
+
+    if not os.path.exists("/dev/nvidiactl") and not shutil.which("nvidia-smi"):
+        return None  # no NVIDIA driver here: answer without importing torch (seconds on a CPU box)
     try:
         import torch
     except ImportError:

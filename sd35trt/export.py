@@ -244,7 +244,7 @@ def export_variant(
     the pipeline's own network in the dtype it is loaded in. A component whose inputs hash is unchanged
     is skipped. Each component is swapped in atomically with its manifest; ``export.json`` summarises.
     """
-    pipe_dims = PipeDims.from_pipeline(pipe)
+    pipe_dims = PipeDims.from_pipeline(pipe) if pipe is not None else None  # None: every component is current
     root = variant_dir(out, precision)
     results = []
     for name in config.components:
@@ -289,14 +289,24 @@ def export_model(source: ModelSource, out: Path, config: ExportConfig, *, device
     FP32 by default; ``precision=FP16`` builds the networks directly in FP16 (no FP32 copy ever exists,
     which is what keeps real-size exports lean) and writes the ``onnx-fp16`` variant with FP32 I/O.
     """
+    from sd35trt.runtime_env import DEVICES
+
+    if device not in DEVICES:
+        raise InvalidInputError(f"--device '{device}' is not one of {', '.join(DEVICES)}", hint="use auto, cpu or cuda")
+    if precision not in (Precision.FP32, Precision.FP16):
+        raise InvalidInputError(f"export --precision {precision.value} is not supported",
+                                hint="FP8 ONNX comes from `sd35trt calibrate`")
+    if not force and all(existing_if_current(variant_dir(out, precision) / c,
+                                             export_inputs_hash(source, config, c, precision)) is not None
+                         for c in config.components):
+        # Nothing to do: answer from the manifests without building any model.
+        return export_variant(None, source, out, config, precision)
+
     import torch
 
     from sd35trt.models import build_pipeline
     from sd35trt.runtime_env import pick_device
 
-    if precision not in (Precision.FP32, Precision.FP16):
-        raise InvalidInputError(f"export --precision {precision.value} is not supported",
-                                hint="FP8 ONNX comes from `sd35trt calibrate`")
     dtype = torch.float16 if precision is Precision.FP16 else torch.float32
     attrs = {SPECS[c].pipeline_attr for c in config.components}
     torch_device = pick_device(device)
