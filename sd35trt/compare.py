@@ -61,17 +61,17 @@ class CompareReport:
         return self.passed
 
 
-def _torch_poly_runner(spec, pipe):
-    """A polygraphy runner over the PyTorch module (CPU-friendly; polygraphy's PytRunner is CUDA-only)."""
+def _poly_runner(runner: Any, name: str):
+    """Any ComponentRunner as a polygraphy runner: PyTorch (polygraphy's PytRunner is CUDA-only and breaks
+    on CPU) and TensorRT/RTX engines (our EngineRunner keeps the bundle's own buffers and CUDA graphs)."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
-    from sd35trt.runners import TorchRunner
+    spec = runner.spec
 
-    class TorchComponentRunner(BaseRunner):
+    class ComponentPolyRunner(BaseRunner):
         def __init__(self):
-            super().__init__(name=f"torch-fp32:{spec.name}")
-            self.inner = TorchRunner(spec, pipe)
+            super().__init__(name=name)
 
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
@@ -84,11 +84,11 @@ def _torch_poly_runner(spec, pipe):
             import torch
 
             start = time.perf_counter()
-            out = self.inner(**{k: torch.from_numpy(np.asarray(v)) for k, v in feed_dict.items()})
+            out = runner(**{k: torch.from_numpy(np.asarray(v)) for k, v in feed_dict.items()})
             self.inference_time = time.perf_counter() - start  # polygraphy sums these per runner
             return OrderedDict((k, v.cpu().numpy()) for k, v in out.items())
 
-    return TorchComponentRunner()
+    return ComponentPolyRunner()
 
 
 def _ort_poly_runner(path: Path, name: str):
@@ -130,14 +130,18 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
         feeds = [{k: v.numpy() for k, v in call.items()} for call in traffic.get(name, [])]
         if not feeds:
             continue
-        poly_runners = [_torch_poly_runner(spec, pipe)]
+        from sd35trt.runners import OrtRunner, TorchRunner
+
+        poly_runners = [_poly_runner(TorchRunner(spec, pipe), f"torch-fp32:{name}")]
         precisions = {}
         for variant, runners in runners_by_variant.items():
             runner = runners.get(name)
-            if runner is None or not hasattr(runner, "path"):
+            if runner is None:
                 continue
-            poly_runners.append(_ort_poly_runner(runner.path, f"{variant}:{name}"))
-            precisions[f"{variant}:{name}"] = Precision(runner.precision)
+            label = f"{variant}:{name}"
+            poly_runners.append(_ort_poly_runner(runner.path, label) if isinstance(runner, OrtRunner)
+                                else _poly_runner(runner, label))
+            precisions[label] = Precision(runner.precision)
         with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"):
             run_results = Comparator.run(poly_runners, data_loader=feeds)
         reference_name = poly_runners[0].name
@@ -228,15 +232,12 @@ def save_grid(path: Path, images: dict[str, list], e2e: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def run_compare(source: ModelSource, onnx_root: Path, out: Path, cfg: CompareConfig,
-                prompts: list[str]) -> CompareReport:
+def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: list[str],
+                runners_by_variant: dict[str, dict[str, Any]], ranges: Any, candidate_label: str) -> CompareReport:
+    """Compare ``runners_by_variant`` (ONNX variants, or one engine bundle) with diffusers/PyTorch FP32."""
     from sd35trt.artifacts import write_json_atomic
     from sd35trt.models import build_pipeline
-    from sd35trt.runners import runners_from_onnx
 
-    runners_by_variant, ranges = {}, None
-    for variant in cfg.variants:
-        runners_by_variant[variant], ranges = runners_from_onnx(onnx_root, variant)
     pipe = build_pipeline(source, device="cpu")
     pipe.set_progress_bar_config(disable=True)
     for spec in SPECS.values():  # text encoders run with the exported (eager) attention on both sides
@@ -248,18 +249,28 @@ def run_compare(source: ModelSource, onnx_root: Path, out: Path, cfg: CompareCon
     with log.step("end to end: sd35trt loop vs diffusers"):
         e2e, e2e_failures, images = compare_end_to_end(pipe, runners_by_variant, prompts, ref_latents, cfg, ranges)
     failures += e2e_failures
+    kinds = {r.kind for runners in runners_by_variant.values() for r in runners.values()}
     data = {
         "kind": "compare", "toolkit": __version__, "model": source.describe(), "random_weights": source.random_weights,
-        "onnx": str(onnx_root), "config": cfg.__dict__ | {"variants": list(cfg.variants), "components": list(cfg.components)},
+        "candidate": candidate_label,
+        "config": cfg.__dict__ | {"variants": list(runners_by_variant), "components": list(cfg.components)},
         "reference": "diffusers StableDiffusion3Pipeline, FP32, CPU", "components": per_component, "end_to_end": e2e,
         "passed": not failures, "failures": failures, "seconds": round(time.perf_counter() - start, 1),
-        "host": platform.node(), "executed": "onnxruntime (CPU) on the ONNX the engines are built from; "
-                                            "no TensorRT engine was executed",
+        "host": platform.node(), "executed_with": sorted(kinds),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "compare.json", data)
     save_grid(out / "compare.png", images, e2e)
     return CompareReport(data, not failures, failures)
+
+
+def onnx_variants(onnx_root: Path, variants: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], Any]:
+    from sd35trt.runners import runners_from_onnx
+
+    runners_by_variant, ranges = {}, None
+    for variant in variants:
+        runners_by_variant[variant], ranges = runners_from_onnx(onnx_root, variant)
+    return runners_by_variant, ranges
 
 
 def format_compare(data: dict[str, Any]) -> str:

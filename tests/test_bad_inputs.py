@@ -299,6 +299,10 @@ def test_generate_bundle_on_host_without_gpu(capsys, calibrated, tmp_path):
     bundle = tmp_path / "tiny" / "ada-tensorrt-rtx"
     code, err = run_cli(capsys, ["generate", "--bundle", bundle, "--prompt", "x", "--out", tmp_path / "x.png"])
     assert_user_error(code, err, "run the same loop on the bundle's ONNX instead: --onnx")
+    code, err = run_cli(capsys, ["compare", "--bundle", bundle, "--out", tmp_path / "cmp"])
+    assert_user_error(code, err, "cannot run on this host")
+    code, err = run_cli(capsys, ["bench", "--bundle", bundle])
+    assert_user_error(code, err, "cannot run on this host")
 
 
 COMPARE_CASES = [

@@ -113,3 +113,26 @@ def test_unchanged_calibration_is_skipped(calibrated, tiny_source):
     prompts = read_prompts(changed.prompts_file, 6)
     recipe = Recipe.load(changed.recipe_file)
     assert calibration_inputs_hash(tiny_source, changed, prompts, recipe, export_config_for(out)) != first.inputs_hash
+
+
+def test_fp16_overflow_keeps_fp32_and_says_why():
+    """T5's feed-forward outputs overflow FP16 with real weights; simulate it and check the fallback."""
+    import torch
+
+    from sd35trt.calibrate import TrafficRecorder, _fp16_or_safe, _run_module, run_pipeline
+    from sd35trt.models import build_pipeline, resolve_model
+    from sd35trt.specs import SPECS
+
+    pipe = build_pipeline(resolve_model("tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    cfg = CalibrationConfig(**{**CALIB, "steps": 1})
+    recorder = TrafficRecorder(pipe, ("t5", "clip_l"))
+    run_pipeline(pipe, ["a cat", "a dog"], cfg, seed=0, steps=1)
+    recorder.close()
+    with torch.no_grad():  # activations past FP16's 65504 in the last feed-forward (T5 then clamps them)
+        pipe.text_encoder_3.encoder.block[-1].layer[-1].DenseReluDense.wo.weight.mul_(1e5)
+    refs = {n: [_run_module(SPECS[n].module(pipe), SPECS[n], c) for c in recorder.calls[n]] for n in ("t5", "clip_l")}
+    assert all(torch.isfinite(torch.from_numpy(r[0])).all() for r in refs["t5"])
+    t5 = _fp16_or_safe(pipe, "t5", recorder.calls["t5"], refs["t5"])
+    assert t5["precision"] == "fp32" and "FP16 on held-out traffic" in t5["reason"]
+    assert _fp16_or_safe(pipe, "clip_l", recorder.calls["clip_l"], refs["clip_l"])["precision"] == "fp16"

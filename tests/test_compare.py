@@ -1,13 +1,14 @@
 import json
 
-from sd35trt.compare import CompareConfig, run_compare
+from sd35trt.compare import CompareConfig, onnx_variants, run_compare
 
 
 def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path):
     """The issue's bar: FP32 ONNX loop vs diffusers ≥ 60 dB; FP16 and FP8 reported and within their bars."""
     out, _ = calibrated
     cfg = CompareConfig(prompts=1, steps=3, components=("transformer", "clip_l", "vae_decoder"))
-    report = run_compare(tiny_source, out, tmp_path, cfg, ["a koi pond in autumn, watercolor"])
+    runners, ranges = onnx_variants(out, cfg.variants)
+    report = run_compare(tiny_source, tmp_path, cfg, ["a koi pond in autumn, watercolor"], runners, ranges, str(out))
     assert report, report.failures
     data = json.loads((tmp_path / "compare.json").read_text())
     assert data["end_to_end"]["fp32"]["min_image_psnr_db"] >= 60
@@ -17,6 +18,7 @@ def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path)
     assert set(transformer) == {"fp32", "fp16", "fp8"}
     assert transformer["fp8"]["outputs"]["noise_pred"]["rel_l2_max"] <= 0.05
     assert transformer["fp32"]["polygraphy_mean_error_passed"]
+    assert data["executed_with"] == ["onnxruntime"]
     assert data["components"]["clip_l"]["fp8"]["precision"] == "fp16"  # not calibrated: FP16, as engines do
     from PIL import Image
 
@@ -30,6 +32,7 @@ def test_compare_fails_loudly_when_a_tolerance_breaks(calibrated, tiny_source, t
 
     monkeypatch.setitem(compare_mod.E2E_MIN_PSNR_DB, Precision.FP16, 1000.0)
     out, _ = calibrated
-    report = run_compare(tiny_source, out, tmp_path, CompareConfig(variants=("fp16",), prompts=1, steps=2,
-                                                                  components=("clip_g",)), ["a cat"])
+    cfg = CompareConfig(variants=("fp16",), prompts=1, steps=2, components=("clip_g",))
+    runners, ranges = onnx_variants(out, cfg.variants)
+    report = run_compare(tiny_source, tmp_path, cfg, ["a cat"], runners, ranges, str(out))
     assert not report and "end-to-end fp16" in report.failures[0]

@@ -166,25 +166,29 @@ def compare(
     """Per-component (polygraphy) and end-to-end comparison against PyTorch/diffusers; exit 1 on a failed tolerance."""
     from sd35trt.artifacts import ensure_writable_dir
     from sd35trt.calibrate import DEFAULT_PROMPTS, read_prompts
-    from sd35trt.compare import CompareConfig, format_compare, run_compare
+    from sd35trt.compare import CompareConfig, format_compare, onnx_variants, run_compare
     from sd35trt.errors import InvalidInputError
     from sd35trt.models import resolve_model
     from sd35trt.specs import parse_components
 
     if (onnx is None) == (bundle is None):
         raise InvalidInputError("choose exactly one of --onnx and --bundle", hint="e.g. --onnx build/tiny")
-    if bundle is not None:
-        from sd35trt.runners import runners_from_bundle
-
-        runners_from_bundle(bundle)  # refuses with the reason and the --onnx to use instead
-        raise InvalidInputError("engine comparison needs the runners above on a GPU host; not implemented for "
-                                "CPU-only hosts", hint="use --onnx with the bundle's work dir")
     cfg = CompareConfig(variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
                         components=parse_components(components), prompts=prompts, steps=steps, height=height,
                         width=width, seed=seed)
+    source = resolve_model(model)
+    if bundle is not None:
+        from sd35trt.runners import ranges_of_bundle, runners_from_bundle
+
+        runners, manifest = runners_from_bundle(bundle)  # refuses with the reason and the --onnx to use instead
+        _check_model_matches(source, manifest["model"], bundle)
+        by_variant, ranges, label = {"engine": runners}, ranges_of_bundle(manifest), str(bundle)
+    else:
+        by_variant, ranges = onnx_variants(onnx, cfg.variants)
+        label = str(onnx)
     texts = read_prompts(DEFAULT_PROMPTS, prompts)[-prompts:]
     ensure_writable_dir(out)
-    report = run_compare(resolve_model(model), onnx, out, cfg, texts)
+    report = run_compare(source, out, cfg, texts, by_variant, ranges, label)
     typer.echo(format_compare(report.data))
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
     if not report:
