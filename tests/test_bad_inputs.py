@@ -355,3 +355,25 @@ def test_build_output_inside_its_input_dir(capsys, work_copy):
     assert run_cli(capsys, ["build", "--onnx", work_copy, "--out", work_copy, "--components", "clip_l"])[0] == 0
     after = {k: v for k, v in tree_digest(work_copy).items() if k.startswith("onnx")}
     assert after == before and (work_copy / "tiny" / "ada-tensorrt-rtx" / "clip_l.plan").is_file()
+
+
+@needs_rtx
+def test_disk_full_during_build_keeps_previous_bundle(capsys, calibrated, tmp_path, monkeypatch):
+    import errno
+
+    out, _ = calibrated
+    engines = tmp_path / "engines"
+    assert run_cli(capsys, ["build", "--onnx", out, "--out", engines, "--components", "clip_l"])[0] == 0
+    before = tree_digest(engines)
+    real_write = Path.write_bytes
+
+    def full_disk(self, data):
+        if self.suffix == ".plan":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    code, err = run_cli(capsys, ["build", "--onnx", out, "--out", engines, "--components", "clip_l", "--force"])
+    assert_user_error(code, err, "no space left on device")
+    assert tree_digest(engines) == before
+    assert not list((engines / "tiny").glob(".*tmp-*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -149,6 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except (KeyboardInterrupt, typer.Abort):
         code = 130
+    except OSError as exc:
+        # Environment problems the user fixes (the step's temp folder was already removed on the way out).
+        hints = {errno.ENOSPC: "free disk space or choose another --out",
+                 errno.EDQUOT: "free disk space or choose another --out",
+                 errno.EROFS: "choose a writable --out"}
+        if exc.errno not in hints or debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        sys.stderr.write(f"error: {exc.strerror or exc}{where}: {hints[exc.errno]}\n")
+        return 2
     except typer.Exit as exc:
         return exc.exit_code or 0
     except Exception as exc:
