@@ -161,7 +161,8 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
                 "reason": choice.reason, "inputs_hash": hashes[name],
                 "onnx": {"path": str(onnx_path), "files": source["files"], "inputs_hash": source["inputs_hash"],
                          "calibration_hash": source.get("calibration_hash")},
-                "profile": source["profile"], "io": {"inputs": source["inputs"], "outputs": source["outputs"]},
+                "profile": source["profile"], "ranges": source.get("ranges"),
+                "io": {"inputs": source["inputs"], "outputs": source["outputs"]},
                 "layers": summary, "build_seconds": round(timing["seconds"], 2), "warnings": built.warnings[-5:],
             }
             rebuilt.append(name)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sd35trt.artifacts import read_json
 from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
 from sd35trt.export import MANIFEST, VARIANT_DIRS
-from sd35trt.specs import COMPONENTS, SPECS, ComponentSpec, Precision, Range, ShapeRanges
+from sd35trt.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
 
 if TYPE_CHECKING:
     import torch
@@ -127,9 +127,10 @@ class EngineRunner(ComponentRunner):
         torch = self._torch
         outputs = {}
         for name in self.spec.input_names:
-            tensor = inputs[name].to("cuda").contiguous()
-            if tensor.is_floating_point():
-                tensor = tensor.float()
+            # Own copies: a captured CUDA graph keeps reading these addresses, so they must not alias the
+            # caller's tensors.
+            tensor = inputs[name].to("cuda", torch.float32 if inputs[name].is_floating_point() else None,
+                                     copy=True).contiguous()
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
             self._static[name] = tensor
@@ -233,9 +234,9 @@ def runners_from_bundle(folder: Path) -> tuple[dict[str, ComponentRunner], dict[
 
 
 def ranges_of_bundle(manifest: dict[str, Any]) -> ShapeRanges:
-    """Shape ranges an engine bundle accepts, read back from the transformer/VAE profiles."""
-    vae = manifest["components"].get("vae_decoder", {}).get("profile", {}).get("latent")
-    if not vae:
-        return ShapeRanges()
-    (b0, _, h0, w0), (b1, _, h1, w1), (b2, _, h2, w2) = vae
-    return ShapeRanges(batch=Range(b0, b1, b2), height=Range(h0 * 8, h1 * 8, h2 * 8), width=Range(w0 * 8, w1 * 8, w2 * 8))
+    """Shape ranges every engine of a bundle accepts: the exported ranges recorded per component."""
+    recorded = [e.get("ranges") for e in manifest["components"].values()]
+    if not recorded or any(r is None for r in recorded) or any(r != recorded[0] for r in recorded):
+        raise ArtifactError("bundle manifest lacks consistent shape ranges for its engines",
+                            hint="rebuild the bundle from one export (sd35trt build --force)")
+    return ShapeRanges.from_dict(recorded[0])

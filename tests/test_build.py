@@ -38,6 +38,10 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
     assert "FP8" in (folder / "layers" / "transformer.txt").read_text()
     assert transformer["onnx"]["calibration_hash"]
     assert verify_bundle(folder)["target"] == "ada"
+    from sd35trt.runners import ranges_of_bundle
+    from sd35trt.specs import ShapeRanges
+
+    assert ranges_of_bundle(manifest) == ShapeRanges()  # the exported ranges travel with the engines
 
     again = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA))
     assert again.skipped
