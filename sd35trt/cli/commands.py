@@ -7,13 +7,14 @@ from typing import Optional
 
 import typer
 
+from sd35trt.build import BuildConfig
 from sd35trt.cli.main import app, bundle_app, emit
 
 
 @app.command()
 def build(
-    gpu: str = typer.Option("ada", "--gpu", help="target: hopper | ada | blackwell | ampere | turing | auto"),
-    backend: str = typer.Option("auto", "--backend", help="auto | tensorrt | tensorrt-rtx"),
+    gpu: str = typer.Option(BuildConfig.target.value, "--gpu", help="target: hopper | ada | blackwell | ampere | turing | auto"),
+    backend: str = typer.Option(BuildConfig.backend.value, "--backend", help="auto | tensorrt | tensorrt-rtx"),
     onnx: Path = typer.Option(Path("build/tiny"), "--onnx", help="the --out of export/calibrate"),
     out: Path = typer.Option(Path("engines"), "--out", "-o", help="engines root; bundle goes to OUT/<model>/<target>-<backend>/"),
     components: Optional[str] = typer.Option(None, "--components", help="subset of transformer,clip_l,clip_g,t5,vae_decoder"),

@@ -17,7 +17,9 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sd35trt import __version__
+from sd35trt.calibrate import CalibrationConfig as Calib  # defaults live in the configs; the CLI reads them
 from sd35trt.errors import Sd35TrtError
+from sd35trt.export import DEFAULT_OPSET
 
 app = typer.Typer(
     name="sd35trt",
@@ -62,7 +64,7 @@ def export(
     model: str = ModelOpt,
     out: Path = typer.Option(Path("build"), "--out", "-o", help="output directory; ONNX goes to OUT/onnx/<component>/"),
     components: Optional[str] = typer.Option(None, "--components", help="comma-separated subset of transformer,clip_l,clip_g,t5,vae_decoder"),
-    opset: int = typer.Option(19, "--opset", help="ONNX opset (17-21)"),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (17-21)"),
     height: str = typer.Option("512:1024:1024", "--height", help="pixel height range MIN:OPT:MAX (multiples of 16)"),
     width: str = typer.Option("512:1024:1024", "--width", help="pixel width range MIN:OPT:MAX (multiples of 16)"),
     batch: str = typer.Option("1:1:4", "--batch", help="images per prompt MIN:OPT:MAX"),
@@ -97,17 +99,17 @@ def calibrate(
     model: str = ModelOpt,
     out: Path = typer.Option(Path("build"), "--out", "-o", help="work directory (the one export wrote to)"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="UTF-8 file, one prompt per line [default: calibration/prompts.txt]"),
-    num_prompts: int = typer.Option(32, "--num-prompts", help="prompts used to calibrate"),
-    steps: int = typer.Option(8, "--steps", help="denoising steps per prompt"),
-    seed: int = typer.Option(0, "--seed", help="seed of the calibration loop"),
-    components: str = typer.Option("transformer", "--components", help="FP8 components: transformer[,clip_l,clip_g,t5]"),
+    num_prompts: int = typer.Option(Calib.num_prompts, "--num-prompts", help="prompts used to calibrate"),
+    steps: int = typer.Option(Calib.steps, "--steps", help="denoising steps per prompt"),
+    seed: int = typer.Option(Calib.seed, "--seed", help="seed of the calibration loop"),
+    components: str = typer.Option(",".join(Calib.components), "--components", help="FP8 components: transformer[,clip_l,clip_g,t5]"),
     config: Optional[Path] = typer.Option(None, "--config", help="FP8 recipe TOML [default: calibration/fp8.toml]"),
-    height: int = typer.Option(1024, "--height", help="calibration image height (px)"),
-    width: int = typer.Option(1024, "--width", help="calibration image width (px)"),
-    guidance: float = typer.Option(4.5, "--guidance", help="classifier-free guidance scale"),
-    calib_batch: int = typer.Option(4, "--calib-batch", help="prompts per pipeline call"),
-    holdout: int = typer.Option(2, "--holdout", help="held-out prompts for the report"),
-    dtype: str = typer.Option("auto", "--dtype", help="pipeline dtype while calibrating: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16"),
+    height: int = typer.Option(Calib.height, "--height", help="calibration image height (px)"),
+    width: int = typer.Option(Calib.width, "--width", help="calibration image width (px)"),
+    guidance: float = typer.Option(Calib.guidance, "--guidance", help="classifier-free guidance scale"),
+    calib_batch: int = typer.Option(Calib.batch, "--calib-batch", help="prompts per pipeline call"),
+    holdout: int = typer.Option(Calib.holdout, "--holdout", help="held-out prompts for the report"),
+    dtype: str = typer.Option(Calib.dtype, "--dtype", help="pipeline dtype while calibrating: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16"),
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="also write the FP16 fallback ONNX of every component"),
     onnx_report: bool = typer.Option(True, "--onnx-report/--no-onnx-report", help="score FP8/FP16 ONNX in onnxruntime on held-out traffic"),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="validate the FP8 ONNX against the fake-quant module"),
