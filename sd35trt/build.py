@@ -20,6 +20,7 @@ from sd35trt.artifacts import atomic_dir, hash_json, recover_interrupted, read_j
 from sd35trt.backends import TrtBackend, build_engine, choose_backend, local_compute_capability, summarize_layers
 from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.export import MANIFEST, VARIANT_DIRS
+from sd35trt.models import model_slug
 from sd35trt.specs import COMPONENTS, Precision
 from sd35trt.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
 
@@ -103,9 +104,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     backend = choose_backend(config.backend, target)
     ccs = backend.buildable_ccs(target)
     model = next(m for v in variants.values() for m in v.values())["model"]
-    slug = Path(model["id"]).name if model.get("path") else model["id"]
-    slug = "".join(c if c.isalnum() or c in "-._" else "_" for c in slug)
-    folder = bundle_folder(engines_root, slug, target, backend)
+    folder = bundle_folder(engines_root, model_slug(model), target, backend)
 
     sources = {name: variants[name][choice.precision] for name, choice in plan.items()}
     hashes = {name: component_hash(backend, ccs, sources[name], config.workspace_gib) for name in plan}

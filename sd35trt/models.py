@@ -158,9 +158,7 @@ class ModelSource:
 
     @property
     def slug(self) -> str:
-        """A file-system-safe name for engine bundle folders."""
-        name = self.preset.name if self.preset else self.path.name  # type: ignore[union-attr]
-        return "".join(c if c.isalnum() or c in "-._" else "_" for c in name) or "model"
+        return model_slug({"id": self.id, "path": str(self.path) if self.path else None})
 
     def fingerprint(self) -> str:
         """sha256 over everything that decides the weights: preset config + seed, or the directory's files.
@@ -190,6 +188,12 @@ class ModelSource:
             "fingerprint": self.fingerprint(),
             **({"config": self.preset.to_dict()} if self.preset else {"path": str(self.path)}),
         }
+
+
+def model_slug(described: dict[str, Any]) -> str:
+    """A file-system-safe folder name for a model, from ``ModelSource.describe()`` (as manifests store it)."""
+    name = Path(described["path"]).name if described.get("path") else described["id"]
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name) or "model"
 
 
 def resolve_model(model: str) -> ModelSource:

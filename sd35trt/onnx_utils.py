@@ -74,31 +74,6 @@ def save_streaming(model: onnx.ModelProto, model_path: Path, *, source_dir: Path
             old.unlink()
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save with weights in one external file when the proto would pass protobuf's 2 GB limit."""
-    import onnx
-
-    if model.ByteSize() > TWO_GB - (64 << 20):
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + DATA_SUFFIX, size_threshold=1024)
-    else:
-        onnx.save(model, str(path))
-
-
-def load_model(path: Path, *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model or fail with one line naming the file."""
-    import onnx
-
-    if not path.is_file():
-        raise ArtifactError("ONNX file not found", path=path, hint="run `sd35trt export` (or calibrate) first")
-    try:
-        return onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as exc:  # protobuf DecodeError, missing external file, ... all mean 'corrupt'
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ArtifactError(f"cannot read ONNX model ({first})", path=path,
-                            hint="the file is truncated or corrupt; re-run the export") from None
-
-
 def has_float8(model_path: Path) -> bool:
     import onnx
 
