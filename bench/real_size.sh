@@ -2,7 +2,8 @@
 # Real-size SD3.5 benchmark on the GPU machine, as resumable stages of < 10 minutes each.
 # Intermediate files stay in $WORK (/tmp by default) so stages can run as consecutive commands.
 #
-#   bash bench/real_size.sh STAGE [MODEL]      STAGE: export | calibrate | build | torch | all
+#   bash bench/real_size.sh STAGE [MODEL]
+#   STAGE: export | calibrate | build | torch | proj_out | ort_export | ort_gpu | all
 #   MODEL: sd3.5-medium (default) | sd3.5-large | tiny (a dry run on any CPU machine)
 #
 # Results: $RESULTS (JSON lines, one per measured command) plus each step's own manifest/report, copied
@@ -43,6 +44,19 @@ stage_proj_out() {
     --out "$WORK/proj_out.json" --prompts "$PROMPTS" --steps "$STEPS" --size "$SIZE"
 }
 
+stage_ort_export() {  # all five components in FP16, validated (on onnxruntime-gpu's CUDA EP when staged)
+  for c in transformer clip_l clip_g vae_decoder t5; do  # no --force: a re-run resumes after the finished ones
+    $M "$MODEL export $c fp16 (validated, --provider ${PROVIDER:-auto})" -- $CLI export --model "$MODEL" \
+      --out "$WORK" --components "$c" --precision fp16 --provider "${PROVIDER:-auto}"
+  done
+}
+
+stage_ort_gpu() {  # the peer without TensorRT: the sd35trt loop on the FP16 ONNX through onnxruntime-gpu
+  $M "$MODEL sd35trt loop on FP16 ONNX, onnxruntime CUDA EP, ${SIZE}² ${LOOP_STEPS:-28} steps" -- sh -c \
+    "$CLI bench --model '$MODEL' --onnx '$WORK' --precision fp16 --provider cuda --height $SIZE --width $SIZE \
+       --steps 20 --loop-steps ${LOOP_STEPS:-28} --images 2 > '$WORK/ort_gpu_bench.json'"
+}
+
 stage_torch() {
   $M "$MODEL torch transformer latency bf16 eager/compile + fake-quant numerics" -- \
     $PY bench/torch_anchor.py --model "$MODEL" --out "$WORK/torch_anchor.json"
@@ -53,7 +67,7 @@ archive() {  # always, also after a failed step: the device returns at most 8 fi
   mkdir -p "$OUT"
   du -b "$WORK"/onnx-*/transformer/* "$WORK"/onnx-*/t5/* "$WORK"/engines-*/*/*/*.plan >> "$WORK/sizes.txt" 2>/dev/null || true
   (cd "$WORK" && tar czf "$OUT/$MODEL-$STAGE.tar.gz" --ignore-failed-read results.jsonl sizes.txt \
-     $(ls calibration/calibration.json torch_anchor.json proj_out.json onnx-*/*/manifest.json onnx-*/*/export.json \
+     $(ls calibration/calibration.json torch_anchor.json proj_out.json ort_gpu_bench.json onnx-*/*/manifest.json onnx-*/*/export.json \
           engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt 2>/dev/null)) || true
 }
 trap archive EXIT
@@ -64,6 +78,8 @@ case "$STAGE" in
   build) stage_build ;;
   torch) stage_torch ;;
   proj_out) stage_proj_out ;;
+  ort_export) stage_ort_export ;;
+  ort_gpu) stage_ort_gpu ;;
   all) stage_export; stage_calibrate; stage_build; stage_torch ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

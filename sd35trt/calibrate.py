@@ -535,7 +535,7 @@ def _onnx_vs_reference(path: Path, calls: list, refs: list, spec: Any) -> dict[s
 
     if not calls:
         return {"calls": 0}
-    session = ort_session(path)
+    session = ort_session(path, provider="auto")
     per_call = []
     for call, ref in zip(calls, refs):
         outs = run_ort(session, {k: v.numpy() for k, v in call.items()})

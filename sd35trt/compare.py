@@ -91,12 +91,12 @@ def _poly_runner(runner: Any, name: str):
     return ComponentPolyRunner()
 
 
-def _ort_poly_runner(path: Path, name: str):
+def _ort_poly_runner(path: Path, name: str, provider: str):
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from sd35trt.onnx_utils import ort_session
 
-    return OnnxrtRunner(lambda: ort_session(path), name=name)
+    return OnnxrtRunner(lambda: ort_session(path, provider=provider), name=name)
 
 
 def record_traffic(pipe: Any, prompts: list[str], cfg: CompareConfig) -> tuple[dict[str, list], Any]:
@@ -139,7 +139,7 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
             if runner is None:
                 continue
             label = f"{variant}:{name}"
-            poly_runners.append(_ort_poly_runner(runner.path, label) if isinstance(runner, OrtRunner)
+            poly_runners.append(_ort_poly_runner(runner.path, label, runner.provider) if isinstance(runner, OrtRunner)
                                 else _poly_runner(runner, label))
             precisions[label] = Precision(runner.precision)
         with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"):
@@ -264,12 +264,13 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
     return CompareReport(data, not failures, failures)
 
 
-def onnx_variants(onnx_root: Path, variants: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], Any]:
+def onnx_variants(onnx_root: Path, variants: tuple[str, ...],
+                  provider: str = "cpu") -> tuple[dict[str, dict[str, Any]], Any]:
     from sd35trt.runners import runners_from_onnx
 
     runners_by_variant, ranges = {}, None
     for variant in variants:
-        runners_by_variant[variant], ranges = runners_from_onnx(onnx_root, variant)
+        runners_by_variant[variant], ranges = runners_from_onnx(onnx_root, variant, provider=provider)
     return runners_by_variant, ranges
 
 

@@ -21,6 +21,7 @@ from sd35trt import __version__, log
 from sd35trt.artifacts import atomic_dir, file_entries, recover_interrupted, hash_json, package_versions, read_json, write_json_atomic
 from sd35trt.errors import ArtifactError, ExportValidationError, InvalidInputError
 from sd35trt.metrics import error_stats
+from sd35trt.onnx_utils import PROVIDERS
 from sd35trt.models import ModelSource
 from sd35trt.specs import COMPONENTS, SPECS, ComponentSpec, PipeDims, Precision, ShapeRanges
 
@@ -40,11 +41,15 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     ranges: ShapeRanges = field(default_factory=ShapeRanges)
     validate: bool = True
+    provider: str = "auto"  # onnxruntime execution provider for validation; not part of the artifact
 
     def __post_init__(self):
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise InvalidInputError(f"--opset {self.opset} is not supported",
                                     hint=f"use an opset between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})")
+        if self.provider not in PROVIDERS:
+            raise InvalidInputError(f"--provider '{self.provider}' is not one of {', '.join(PROVIDERS)}",
+                                    hint="use auto, cpu or cuda")
         unknown = [c for c in self.components if c not in SPECS]
         if unknown:
             raise InvalidInputError(f"unknown component(s) {', '.join(unknown)}", hint=f"choose from {','.join(COMPONENTS)}")
@@ -123,6 +128,7 @@ def export_component(
     ranges: ShapeRanges,
     precision: Precision,
     validate: bool = True,
+    provider: str = "auto",
     postprocess: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Export ``module`` (already wrapped to the spec's signature) into ``dest``/model.onnx and validate it.
@@ -165,16 +171,19 @@ def export_component(
         "export_seconds": round(export_seconds, 3),
     }
     if validate:
-        record["validation"] = validate_onnx(module, spec, pipe_dims, onnx_path, check_dims, precision)
+        record["validation"] = validate_onnx(module, spec, pipe_dims, onnx_path, check_dims, precision, provider)
     return record
 
 
 def validate_onnx(module: torch.nn.Module, spec: ComponentSpec, pipe_dims: PipeDims, onnx_path: Path,
-                  dims: dict[str, int], precision: Precision) -> dict[str, Any]:
-    """Run torch and onnxruntime on the same inputs; check every output; raise with all failures at once."""
+                  dims: dict[str, int], precision: Precision, provider: str = "auto") -> dict[str, Any]:
+    """Run torch and onnxruntime on the same inputs; check every output; raise with all failures at once.
+
+    ``auto`` validates on onnxruntime's CUDA execution provider when onnxruntime-gpu and a GPU are present:
+    at SD3.5 size an FP16 graph on the CPU provider costs ~3× its weight bytes of host memory."""
     import torch
 
-    from sd35trt.onnx_utils import ort_session, run_ort
+    from sd35trt.onnx_utils import ort_session, run_ort, session_provider
 
     device = next(module.parameters()).device
     inputs = spec.dummy_inputs(pipe_dims, dims, seed=2)
@@ -182,7 +191,8 @@ def validate_onnx(module: torch.nn.Module, spec: ComponentSpec, pipe_dims: PipeD
     with torch.no_grad():
         expected = module(*[inputs[n].to(device) for n in spec.input_names])
     expected = expected if isinstance(expected, tuple) else (expected,)
-    session = ort_session(onnx_path)
+    session = ort_session(onnx_path, provider=provider)
+    used = session_provider(session)
     actual = run_ort(session, {k: v.numpy() for k, v in inputs.items()})
     del session
     tol = spec.tolerances[precision]
@@ -197,7 +207,7 @@ def validate_onnx(module: torch.nn.Module, spec: ComponentSpec, pipe_dims: PipeD
         raise ExportValidationError(
             f"{spec.name} {precision.value} ONNX differs from PyTorch at dims {dims}: " + "; ".join(failures),
             path=onnx_path, hint="report this with the manifest; try another --opset")
-    return {"dims": dims, "outputs": results, "tolerance": {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs},
+    return {"dims": dims, "provider": used, "outputs": results, "tolerance": {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs},
             "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -260,7 +270,8 @@ def export_variant(
         with log.step(f"export {name} ({precision.value}, opset {config.opset})") as timing, atomic_dir(folder) as tmp, \
                 spec.exporting(pipe, config.ranges, pipe_dims):
             record = export_component(module, spec, pipe_dims, tmp, opset=config.opset, ranges=config.ranges,
-                                      precision=precision, validate=config.validate, postprocess=postprocess)
+                                      precision=precision, validate=config.validate, provider=config.provider,
+                                      postprocess=postprocess)
             manifest = {
                 "kind": "onnx", "toolkit": __version__, "inputs_hash": inputs_hash,
                 "model": source.describe(), **record, **(extra_inputs or {}),

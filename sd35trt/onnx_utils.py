@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.errors import ArtifactError
+from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
 
 if TYPE_CHECKING:
     import onnx
@@ -84,19 +84,53 @@ def has_float8(model_path: Path) -> bool:
 
 
 LEAN_BYTES = 1 << 30
+PROVIDERS = ("auto", "cpu", "cuda")
+_EP = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
-def ort_session(path: Path, *, providers: list[str] | None = None, threads: int | None = None):
-    """An onnxruntime session.
+def _cuda_ep_usable() -> str | None:
+    """None when onnxruntime's CUDA execution provider can run here, else why not (one phrase)."""
+    import torch  # first: loads the CUDA 13 / cuDNN libraries onnxruntime-gpu links against
 
-    Graph optimisations are disabled for FP8 Q/DQ graphs (ORT's fusions break on float8); for models with
-    more than 1 GiB of external weights, constant folding is: on CPU, ORT runs FP16 nodes through inserted Casts, and its
-    constant folding would materialise an FP32 copy of every FP16 weight (measured: 16 GiB peak RSS for
-    the 4.9 GB SD3.5-Medium FP16 transformer), so constant folding is switched off for them and each
-    Cast runs per inference instead.
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"this onnxruntime {ort.__version__} has no CUDA execution provider (it is not onnxruntime-gpu)"
+    return None
+
+
+def resolve_provider(provider: str, path: Path | None = None) -> str:
+    """``cpu`` or ``cuda`` for an onnxruntime session. ``auto``: CUDA when onnxruntime-gpu and a GPU are
+    present and the graph has no float8 tensors (onnxruntime runs FP8 Q/DQ graphs on CPU only), else CPU;
+    an explicit ``cuda`` that cannot run is a user error."""
+    if provider not in PROVIDERS:
+        raise InvalidInputError(f"--provider '{provider}' is not one of {', '.join(PROVIDERS)}",
+                                hint="use auto, cpu or cuda")
+    if provider == "cpu":
+        return "cpu"
+    why = _cuda_ep_usable()
+    if provider == "cuda" and why:
+        raise InvalidInputError(f"--provider cuda cannot run: {why}",
+                                hint="install onnxruntime-gpu on a CUDA host, or use --provider cpu")
+    if provider == "auto" and (why or (path is not None and has_float8(path))):
+        return "cpu"
+    return "cuda"
+
+
+def ort_session(path: Path, *, provider: str = "cpu", threads: int | None = None):
+    """An onnxruntime session on ``provider`` (see ``resolve_provider``).
+
+    Graph optimisations are disabled for FP8 Q/DQ graphs (ORT's fusions break on float8). On CPU, for
+    models with more than 1 GiB of external weights, constant folding is too: ORT runs FP16 nodes through
+    inserted Casts there, and its constant folding would materialise an FP32 copy of every FP16 weight
+    (measured: 16 GiB peak RSS for the 4.9 GB SD3.5-Medium FP16 transformer), so each Cast runs per
+    inference instead. On CUDA the FP16 nodes run natively and the weights live in GPU memory.
     """
     import onnxruntime as ort
 
+    device = resolve_provider(provider, path)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -105,17 +139,26 @@ def ort_session(path: Path, *, providers: list[str] | None = None, threads: int 
     disabled = []
     if has_float8(path):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    elif data.is_file() and data.stat().st_size > LEAN_BYTES:
+    elif device == "cpu" and data.is_file() and data.stat().st_size > LEAN_BYTES:
         # Not ORT_DISABLE_ALL: ORT then fails to type its own inserted FP16 casts (seen at SD3.5-Medium size).
         disabled = ["ConstantFolding"]
         options.enable_cpu_mem_arena = False
     try:
-        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"],
-                                    disabled_optimizers=disabled or None)
+        session = ort.InferenceSession(str(path), options, providers=_EP[device], disabled_optimizers=disabled or None)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
         raise ArtifactError(f"onnxruntime cannot load the model ({first})", path=path,
                             hint="the ONNX is corrupt or was produced by another toolkit version; re-export it") from None
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime falls back to CPU silently when the CUDA/cuDNN libraries fail to load.
+        raise RuntimeUnavailableError("onnxruntime could not start its CUDA execution provider", path=path,
+                                      hint="its CUDA 13 / cuDNN 9 libraries were not found; import torch (cu13x) "
+                                           "in the same environment or use --provider cpu")
+    return session
+
+
+def session_provider(session: Any) -> str:
+    return "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
 
 def run_ort(session: Any, feeds: dict[str, Any]) -> dict[str, Any]:

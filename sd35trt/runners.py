@@ -70,12 +70,13 @@ class TorchRunner(ComponentRunner):
 class OrtRunner(ComponentRunner):
     kind = "onnxruntime"
 
-    def __init__(self, spec: ComponentSpec, onnx_path: Path, precision: str, providers: list[str] | None = None):
-        from sd35trt.onnx_utils import ort_session
+    def __init__(self, spec: ComponentSpec, onnx_path: Path, precision: str, provider: str = "cpu"):
+        from sd35trt.onnx_utils import ort_session, session_provider
 
         super().__init__(spec, precision)
         self.path = onnx_path
-        self.session = ort_session(onnx_path, providers=providers)
+        self.session = ort_session(onnx_path, provider=provider)
+        self.provider = session_provider(self.session)
 
     def __call__(self, **inputs):
         import torch
@@ -86,7 +87,7 @@ class OrtRunner(ComponentRunner):
         return {k: torch.from_numpy(v) for k, v in run_ort(self.session, feeds).items()}
 
     def describe(self):
-        return super().describe() | {"onnx": str(self.path)}
+        return super().describe() | {"onnx": str(self.path), "provider": self.provider}
 
 
 class EngineRunner(ComponentRunner):
@@ -179,10 +180,11 @@ def _variant_manifest(root: Path, precision: Precision, name: str) -> dict[str, 
 
 
 def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str, ...] = COMPONENTS,
-                      providers: list[str] | None = None) -> tuple[dict[str, ComponentRunner], ShapeRanges]:
+                      provider: str = "cpu") -> tuple[dict[str, ComponentRunner], ShapeRanges]:
     """onnxruntime runners on a work dir's ONNX. ``auto``: FP8 where calibrated, else FP16, else FP32 (the
     precisions an FP8 engine bundle uses); ``fp32``/``fp16``/``fp8`` pick that variant (FP8 falls back to
-    FP16 for components that were not calibrated, as engines do). Files are checked against manifests."""
+    FP16 for components that were not calibrated, as engines do). Files are checked against manifests.
+    ``provider``: onnxruntime execution provider per session (``onnx_utils.resolve_provider``)."""
     from sd35trt.artifacts import verify_files
 
     if not root.is_dir():
@@ -199,7 +201,7 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
                 continue
             folder = root / VARIANT_DIRS[candidate] / name
             verify_files(folder, manifest["files"], folder / MANIFEST)
-            runners[name] = OrtRunner(SPECS[name], folder / "model.onnx", candidate.value, providers)
+            runners[name] = OrtRunner(SPECS[name], folder / "model.onnx", candidate.value, provider)
             ranges = ranges or _ranges_from_profile(manifest)
             break
         else:

@@ -71,6 +71,7 @@ EXPORT_CASES = [
     (["--t5-tokens", "300"], "--t5-tokens"),
     (["--precision", "fp8"], "fp32 or fp16"),
     (["--device", "tpu"], "--device 'tpu'"),
+    (["--provider", "tensorrt"], "--provider 'tensorrt'"),
     (["--no-such-option"], "no such option"),
 ]
 
@@ -89,6 +90,24 @@ def test_export_cuda_without_gpu(capsys, tmp_path):
         pytest.skip("this host has a GPU")
     code, err = run_cli(capsys, ["export", "--out", tmp_path, "--device", "cuda", "--components", "clip_l"])
     assert_user_error(code, err, "sees no CUDA GPU")
+
+
+def test_provider_cuda_without_cuda_ep(capsys, calibrated, tmp_path):
+    """--provider cuda needs onnxruntime-gpu and a GPU: refused before any export or session, in one line."""
+    from sd35trt.onnx_utils import _cuda_ep_usable
+
+    why = _cuda_ep_usable()
+    if why is None:
+        pytest.skip("onnxruntime's CUDA execution provider runs on this host")
+    code, err = run_cli(capsys, ["export", "--out", tmp_path / "o", "--provider", "cuda", "--components", "clip_l"])
+    assert_user_error(code, err, "--provider cuda cannot run")
+    assert not (tmp_path / "o" / "onnx").exists()
+    out, _ = calibrated
+    for command in (["generate", "--prompt", "x", "--out", tmp_path / "x.png"], ["bench"],
+                    ["compare", "--out", tmp_path / "cmp"]):
+        code, err = run_cli(capsys, [*command, "--onnx", out, "--provider", "cuda"])
+        assert_user_error(code, err, why)
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "cmp" / "compare.json").exists()
 
 
 def test_export_model_paths(capsys, tmp_path, prompts_dir):

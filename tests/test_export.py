@@ -22,6 +22,7 @@ def test_all_five_components_export_and_validate_at_another_shape(exported):
             assert sha256_file(folder / rel) == entry["sha256"]
         val = manifest["validation"]
         assert val["dims"] != manifest["trace_dims"], "validated at the trace shape proves nothing"
+        assert val["provider"] in ("cpu", "cuda")
         for name, stats in val["outputs"].items():
             assert stats["passed"] and stats["nonfinite"] == 0, (r.component, name)
             assert stats["rel_l2"] <= 5e-4

@@ -115,3 +115,8 @@ def test_bench_command_on_onnx_runners(capsys, exported):
     assert code == 0
     assert result["transformer_step_ms"]["timed_steps"] == 3 and result["transformer_step_ms"]["median"] > 0
     assert result["images_per_s"] > 0 and result["runners"]["transformer"]["kind"] == "onnxruntime"
+    from sd35trt.onnx_utils import _cuda_ep_usable
+
+    # --provider auto (the default) runs on CUDA exactly when onnxruntime-gpu sees a GPU.
+    expected = "cpu" if _cuda_ep_usable() else "cuda"
+    assert {r["provider"] for r in result["runners"].values()} == {expected}

@@ -81,7 +81,8 @@ def _one_source(bundle, onnx, torch_) -> None:
                                 hint="e.g. --onnx build/tiny (onnxruntime) or --torch")
 
 
-def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precision: str, device: str):
+def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precision: str, device: str,
+               provider: str = "auto"):
     """The denoising loop over the runners the options name, after checking artifacts match the model."""
     from sd35trt.artifacts import read_json
     from sd35trt.models import build_pipeline, resolve_model
@@ -94,7 +95,7 @@ def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precisi
         _check_model_matches(source, manifest["model"], bundle)
         return Sd35Loop(build_pipeline(source, components=set()), runners, ranges_of_bundle(manifest))
     if onnx is not None:
-        runners, ranges = runners_from_onnx(onnx, precision)
+        runners, ranges = runners_from_onnx(onnx, precision, provider=provider)
         first = next(iter(runners.values()))
         _check_model_matches(source, read_json(first.path.parent / "manifest.json", "ONNX manifest")["model"], onnx)
         return Sd35Loop(build_pipeline(source, components=set()), runners, ranges)
@@ -112,6 +113,7 @@ def generate(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="run onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="run the PyTorch modules"),
     precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
+    provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     negative_prompt: str = typer.Option("", "--negative-prompt", "-n"),
     steps: int = typer.Option(28, "--steps"),
     guidance: float = typer.Option(4.5, "--guidance"),
@@ -135,7 +137,7 @@ def generate(
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
     request = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                               seed=seed, height=height, width=width, batch=batch)
-    result = _make_loop(model, bundle, onnx, precision, device)(request)
+    result = _make_loop(model, bundle, onnx, precision, device, provider)(request)
     paths = []
     for i, image in enumerate(result.pil):
         path = out if len(result.pil) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -157,6 +159,7 @@ def compare(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="compare an engine bundle (needs its GPU)"),
     variants: str = typer.Option("fp32,fp16,fp8", "--variants", help="precision variants to compare"),
     components: Optional[str] = typer.Option(None, "--components"),
+    provider: str = typer.Option("auto", "--provider", help="onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     prompts: int = typer.Option(2, "--prompts", help="K prompts of real pipeline traffic (held-out end of calibration/prompts.txt)"),
     steps: int = typer.Option(4, "--steps"),
     height: int = typer.Option(512, "--height"),
@@ -185,7 +188,7 @@ def compare(
         _check_model_matches(source, manifest["model"], bundle)
         by_variant, ranges, label = {"engine": runners}, ranges_of_bundle(manifest), str(bundle)
     else:
-        by_variant, ranges = onnx_variants(onnx, cfg.variants)
+        by_variant, ranges = onnx_variants(onnx, cfg.variants, provider)
         label = str(onnx)
     texts = read_prompts(DEFAULT_PROMPTS, prompts)[-prompts:]
     ensure_writable_dir(out)
@@ -203,6 +206,7 @@ def bench(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="time onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="time the PyTorch modules"),
     precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
+    provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     steps: int = typer.Option(20, "--steps", help="timed transformer steps (after warm-up)"),
     loop_steps: int = typer.Option(28, "--loop-steps", help="denoising steps of each end-to-end image"),
     images: int = typer.Option(2, "--images", help="end-to-end images timed"),
@@ -221,6 +225,6 @@ def bench(
         raise InvalidInputError("--steps and --images must be ≥ 1", hint="e.g. --steps 20 --images 2")
     request = GenerateRequest(prompt="a lighthouse on a basalt cliff at golden hour, 35mm film photograph",
                               steps=loop_steps, height=height, width=width, batch=batch)
-    loop = _make_loop(model, bundle, onnx, precision, device)
+    loop = _make_loop(model, bundle, onnx, precision, device, provider)
     request.check(loop.ranges)
     emit(bench_loop(loop, request, steps=steps, images=images))

@@ -71,6 +71,7 @@ def export(
     t5_tokens: str = typer.Option("256", "--t5-tokens", help="T5 sequence length range"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (OUT/onnx) or fp16 (OUT/onnx-fp16: built in FP16, lean at real size)"),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="compare every output with PyTorch in onnxruntime"),
+    provider: str = typer.Option("auto", "--provider", help="onnxruntime for validation: auto (CUDA when onnxruntime-gpu sees a GPU) | cpu | cuda"),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="re-export even when inputs are unchanged"),
 ) -> None:
@@ -83,8 +84,13 @@ def export(
 
     if precision not in ("fp32", "fp16"):
         raise InvalidInputError(f"--precision '{precision}' is not fp32 or fp16", hint="FP8 ONNX comes from `sd35trt calibrate`")
+    from sd35trt.onnx_utils import resolve_provider
+
+    if validate:
+        resolve_provider(provider)  # an explicit --provider cuda that cannot run fails before any export
     config = ExportConfig(components=parse_components(components), opset=opset,
-                          ranges=ranges_from_options(batch, height, width, t5_tokens), validate=validate)
+                          ranges=ranges_from_options(batch, height, width, t5_tokens), validate=validate,
+                          provider=provider)
     source = resolve_model(model)
     ensure_writable_dir(out)
     results = export_model(source, out, config, device=device, force=force, precision=Precision(precision))
