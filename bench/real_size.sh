@@ -3,7 +3,7 @@
 # Intermediate files stay in $WORK (/tmp by default) so stages can run as consecutive commands.
 #
 #   bash bench/real_size.sh STAGE [MODEL]
-#   STAGE: export | calibrate | build | torch | proj_out | ort_export | ort_gpu | all
+#   STAGE: export | calibrate | build | torch | proj_out | ort_export | ort_gpu | torch_loop | all
 #   MODEL: sd3.5-medium (default) | sd3.5-large | tiny (a dry run on any CPU machine)
 #
 # Results: $RESULTS (JSON lines, one per measured command) plus each step's own manifest/report, copied
@@ -57,6 +57,12 @@ stage_ort_gpu() {  # the peer without TensorRT: the sd35trt loop on the FP16 ONN
        --steps 20 --loop-steps ${LOOP_STEPS:-28} --images 2 > '$WORK/ort_gpu_bench.json'"
 }
 
+stage_torch_loop() {  # the same loop on diffusers' torch modules (BF16 on the GPU), end to end
+  $M "$MODEL sd35trt loop on torch modules, bf16 cuda, ${SIZE}² ${LOOP_STEPS:-28} steps" -- sh -c \
+    "$CLI bench --model '$MODEL' --torch --device cuda --dtype bf16 --height $SIZE --width $SIZE \
+       --steps 20 --loop-steps ${LOOP_STEPS:-28} --images 2 > '$WORK/torch_loop_bench.json'"
+}
+
 stage_torch() {
   $M "$MODEL torch transformer latency bf16 eager/compile + fake-quant numerics" -- \
     $PY bench/torch_anchor.py --model "$MODEL" --out "$WORK/torch_anchor.json"
@@ -67,7 +73,7 @@ archive() {  # always, also after a failed step: the device returns at most 8 fi
   mkdir -p "$OUT"
   du -b "$WORK"/onnx-*/transformer/* "$WORK"/onnx-*/t5/* "$WORK"/engines-*/*/*/*.plan >> "$WORK/sizes.txt" 2>/dev/null || true
   (cd "$WORK" && tar czf "$OUT/$MODEL-$STAGE.tar.gz" --ignore-failed-read results.jsonl sizes.txt \
-     $(ls calibration/calibration.json torch_anchor.json proj_out.json ort_gpu_bench.json onnx-*/*/manifest.json onnx-*/*/export.json \
+     $(ls calibration/calibration.json torch_anchor.json proj_out.json ort_gpu_bench.json torch_loop_bench.json onnx-*/*/manifest.json onnx-*/*/export.json \
           engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt 2>/dev/null)) || true
 }
 trap archive EXIT
@@ -80,6 +86,7 @@ case "$STAGE" in
   proj_out) stage_proj_out ;;
   ort_export) stage_ort_export ;;
   ort_gpu) stage_ort_gpu ;;
+  torch_loop) stage_torch_loop ;;
   all) stage_export; stage_calibrate; stage_build; stage_torch ;;
   *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

@@ -35,6 +35,7 @@ from sd35trt.errors import ArtifactError, CalibrationError, InvalidInputError
 from sd35trt.export import ExportConfig, existing_if_current, export_inputs_hash, export_variant, variant_dir
 from sd35trt.metrics import error_stats, psnr
 from sd35trt.models import ModelSource
+from sd35trt.runtime_env import DTYPES
 from sd35trt.specs import SPECS, Precision
 
 if TYPE_CHECKING:
@@ -171,8 +172,8 @@ class CalibrationConfig:
             raise InvalidInputError(f"--guidance {self.guidance} must be a finite number ≥ 0", hint="e.g. --guidance 4.5")
         check_pixels(self.height, "--height")
         check_pixels(self.width, "--width")
-        if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
-            raise InvalidInputError(f"--dtype '{self.dtype}' is not auto, fp32, fp16 or bf16", hint="use --dtype auto")
+        if self.dtype not in DTYPES:
+            raise InvalidInputError(f"--dtype '{self.dtype}' is not one of {', '.join(DTYPES)}", hint="use --dtype auto")
         bad = [c for c in self.components if c not in CALIBRATABLE]
         if bad:
             raise InvalidInputError(f"cannot calibrate {', '.join(bad)} in FP8", hint=f"choose from {','.join(CALIBRATABLE)}")
@@ -319,15 +320,14 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
     import torch
 
     from sd35trt.models import build_pipeline
-    from sd35trt.runtime_env import pick_device
+    from sd35trt.runtime_env import pick_device, pick_dtype
 
     start = time.perf_counter()
     torch_device = pick_device(device)
     calib_prompts = prompts[: cfg.num_prompts]
     holdout_prompts = prompts[cfg.num_prompts: cfg.num_prompts + cfg.holdout]
     report_steps = cfg.report_steps or cfg.steps
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        cfg.dtype, torch.float16 if torch_device == "cuda" else torch.float32)
+    dtype = pick_dtype(cfg.dtype, torch_device, on_gpu="fp16")  # FP16: the precision the FP8 ONNX is exported in
     export_cfg = ExportConfig(components=export_cfg.components, opset=export_cfg.opset, ranges=export_cfg.ranges,
                               validate=cfg.validate)
     with log.step(f"build {source.id} pipeline on {torch_device} ({str(dtype).removeprefix('torch.')})"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sd35trt.errors import InvalidInputError
 
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def pick_device(device: str) -> str:
@@ -19,3 +20,13 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if has_cuda else "cpu"
     return device
+
+
+def pick_dtype(dtype: str, device: str, *, on_gpu: str):
+    """The torch dtype for ``dtype`` on ``device``; ``auto`` is FP32 on CPU and ``on_gpu`` on CUDA."""
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}", hint="use --dtype auto")
+    import torch
+
+    name = on_gpu if dtype == "auto" and device.startswith("cuda") else "fp32" if dtype == "auto" else dtype
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]

@@ -283,6 +283,7 @@ GENERATE_CASES = [
     ([], "exactly one of"),
     (["--torch", "--out", "image.jpg"], "must end in .png"),
     (["--onnx", "/nonexistent/dir"], "ONNX directory not found"),
+    (["--torch", "--dtype", "int8"], "--dtype 'int8'"),
 ]
 
 

@@ -82,7 +82,7 @@ def _one_source(bundle, onnx, torch_) -> None:
 
 
 def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precision: str, device: str,
-               provider: str = "auto"):
+               provider: str = "auto", dtype: str = "auto"):
     """The denoising loop over the runners the options name, after checking artifacts match the model."""
     from sd35trt.artifacts import read_json
     from sd35trt.models import build_pipeline, resolve_model
@@ -99,9 +99,10 @@ def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precisi
         first = next(iter(runners.values()))
         _check_model_matches(source, read_json(first.path.parent / "manifest.json", "ONNX manifest")["model"], onnx)
         return Sd35Loop(build_pipeline(source, components=set()), runners, ranges)
-    from sd35trt.runtime_env import pick_device
+    from sd35trt.runtime_env import pick_device, pick_dtype
 
-    pipe = build_pipeline(source, device=pick_device(device))
+    torch_device = pick_device(device)
+    pipe = build_pipeline(source, device=torch_device, dtype=pick_dtype(dtype, torch_device, on_gpu="bf16"))
     return Sd35Loop(pipe, runners_from_torch(pipe))
 
 
@@ -123,6 +124,7 @@ def generate(
     batch: int = typer.Option(1, "--batch"),
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="PNG path (batch > 1: NAME-<i>.png)"),
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
     json_out: bool = typer.Option(False, "--json", help="print timings and paths as JSON"),
 ) -> None:
     """Prompt → PNG: CLIP-L/G + T5 → MMDiT loop (CFG, flow matching) → VAE, on engines, ONNX or torch."""
@@ -137,7 +139,7 @@ def generate(
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
     request = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                               seed=seed, height=height, width=width, batch=batch)
-    result = _make_loop(model, bundle, onnx, precision, device, provider)(request)
+    result = _make_loop(model, bundle, onnx, precision, device, provider, dtype)(request)
     paths = []
     for i, image in enumerate(result.pil):
         path = out if len(result.pil) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -214,6 +216,7 @@ def bench(
     width: int = typer.Option(1024, "--width"),
     batch: int = typer.Option(1, "--batch"),
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
 ) -> None:
     """Latency: transformer step (median of --steps after warm-up), end to end per image, images/s, GPU memory."""
     from sd35trt.bench import bench_loop
@@ -225,6 +228,6 @@ def bench(
         raise InvalidInputError("--steps and --images must be ≥ 1", hint="e.g. --steps 20 --images 2")
     request = GenerateRequest(prompt="a lighthouse on a basalt cliff at golden hour, 35mm film photograph",
                               steps=loop_steps, height=height, width=width, batch=batch)
-    loop = _make_loop(model, bundle, onnx, precision, device, provider)
+    loop = _make_loop(model, bundle, onnx, precision, device, provider, dtype)
     request.check(loop.ranges)
     emit(bench_loop(loop, request, steps=steps, images=images))
