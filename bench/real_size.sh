@@ -3,7 +3,7 @@
 # Intermediate files stay in $WORK (/tmp by default) so stages can run as consecutive commands.
 #
 #   bash bench/real_size.sh STAGE [MODEL]
-#   STAGE: export | calibrate | build | torch | proj_out | ort_export | ort_gpu | torch_loop | all
+#   STAGE: export | calibrate | build | torch | proj_out | ort_export | components | ort_gpu | torch_loop | all
 #   MODEL: sd3.5-medium (default) | sd3.5-large | tiny (a dry run on any CPU machine)
 #
 # Results: $RESULTS (JSON lines, one per measured command) plus each step's own manifest/report, copied
@@ -51,6 +51,15 @@ stage_ort_export() {  # all five components in FP16, validated (on onnxruntime-g
   done
 }
 
+stage_components() {  # CLIP-L, CLIP-G, VAE decoder, T5-XXL: FP16 ONNX and SM89 FP16 engines, one command each
+  for c in ${COMPONENTS:-clip_l clip_g vae_decoder t5}; do  # COMPONENTS="t5": one per call when time is short
+    $M "$MODEL export $c fp16" -- $CLI export --model "$MODEL" --out "$WORK" --components "$c" --precision fp16 \
+      ${VALIDATE:---no-validate}
+    $M "$MODEL build $c fp16 SM89 tensorrt-rtx" -- $CLI build --gpu ada --backend tensorrt-rtx --onnx "$WORK" \
+      --out "$WORK/engines-fp16-$c" --components "$c" --precision fp16
+  done
+}
+
 stage_ort_gpu() {  # the peer without TensorRT: the sd35trt loop on the FP16 ONNX through onnxruntime-gpu
   $M "$MODEL sd35trt loop on FP16 ONNX, onnxruntime CUDA EP, ${SIZE}² ${LOOP_STEPS:-28} steps" -- sh -c \
     "$CLI bench --model '$MODEL' --onnx '$WORK' --precision fp16 --provider cuda --height $SIZE --width $SIZE \
@@ -71,7 +80,7 @@ stage_torch() {
 archive() {  # always, also after a failed step: the device returns at most 8 files, so one archive
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
-  du -b "$WORK"/onnx-*/transformer/* "$WORK"/onnx-*/t5/* "$WORK"/engines-*/*/*/*.plan >> "$WORK/sizes.txt" 2>/dev/null || true
+  du -b "$WORK"/onnx-*/*/* "$WORK"/engines-*/*/*/*.plan >> "$WORK/sizes.txt" 2>/dev/null || true
   (cd "$WORK" && tar czf "$OUT/$MODEL-$STAGE.tar.gz" --ignore-failed-read results.jsonl sizes.txt \
      $(ls calibration/calibration.json torch_anchor.json proj_out.json ort_gpu_bench.json torch_loop_bench.json onnx-*/*/manifest.json onnx-*/*/export.json \
           engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt 2>/dev/null)) || true
@@ -85,6 +94,7 @@ case "$STAGE" in
   torch) stage_torch ;;
   proj_out) stage_proj_out ;;
   ort_export) stage_ort_export ;;
+  components) stage_components ;;
   ort_gpu) stage_ort_gpu ;;
   torch_loop) stage_torch_loop ;;
   all) stage_export; stage_calibrate; stage_build; stage_torch ;;
