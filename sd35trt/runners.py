@@ -145,26 +145,35 @@ class EngineRunner(ComponentRunner):
     def __call__(self, **inputs):
         torch = self._torch
         key = tuple(tuple(inputs[n].shape) for n in self.spec.input_names)
+        action = graph_action(self._graph_key, key, self._graph is not None)
         with torch.cuda.stream(self.stream):
-            if self._graph is not None and key == self._graph_key:
+            if action == "replay":
                 for name in self.spec.input_names:  # same shapes: copy into the captured buffers and replay
                     self._static[name].copy_(inputs[name].to("cuda"))
                 self._graph.replay()
                 outputs = self._graph_outputs
             else:
-                outputs = self._bind(inputs)
+                self._graph, self._graph_key = (None, key) if action == "run" else (self._graph, key)
+                outputs = self._bind(inputs)  # new buffers: a graph captured on the old ones is dropped above
                 if not self.context.execute_async_v3(self.stream.cuda_stream):
                     raise RuntimeUnavailableError(f"{self.spec.name} engine execution failed",
                                                   hint="run `sd35trt doctor` on this bundle")
-                if self._graph_key != key:  # second call at a shape: capture it once
-                    self._graph_key = key
-                elif self._graph is None:
+                if action == "capture":
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, stream=self.stream):
                         self.context.execute_async_v3(self.stream.cuda_stream)
                     self._graph, self._graph_outputs = graph, outputs
         self.stream.synchronize()
         return {k: v.clone() for k, v in outputs.items()}
+
+
+def graph_action(graph_key: tuple | None, key: tuple, has_graph: bool) -> str:
+    """CUDA-graph policy of ``EngineRunner`` per call: ``run`` (first call at a shape, or a new shape: plain
+    execution, any graph captured at another shape is dropped since its buffers are rebound), ``capture``
+    (second call at the same shape), ``replay`` (later calls at that shape)."""
+    if key != graph_key:
+        return "run"
+    return "replay" if has_graph else "capture"
 
 
 # --- building runner sets ---------------------------------------------------------------------------------

@@ -96,6 +96,19 @@ def test_engine_runner_executes_on_a_matching_gpu():
     pytest.skip("engine execution test needs a bundle built for this GPU; run `sd35trt generate --bundle` there")
 
 
+def test_engine_runner_cuda_graph_policy_follows_shape_changes():
+    """A graph captured at one shape is never replayed at another (its input buffers are rebound)."""
+    from sd35trt.runners import graph_action
+
+    a, b = ((2, 16, 128, 128),), ((2, 16, 64, 64),)
+    key, graph, actions = None, False, []
+    for shape in (a, a, a, a, b, b, b, a, a):
+        action = graph_action(key, shape, graph)
+        actions.append(action)
+        key, graph = shape, {"run": False, "capture": True, "replay": graph}[action]
+    assert actions == ["run", "capture", "replay", "replay", "run", "capture", "replay", "run", "capture"]
+
+
 def test_onnx_runner_refuses_modified_files(work_copy):
     path = work_copy / "onnx" / "t5" / "model.onnx"
     path.write_bytes(path.read_bytes() + b"\0")
