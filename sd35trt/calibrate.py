@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sd35trt import __version__, log
 from sd35trt.artifacts import (atomic_dir, file_entries, hash_json, package_versions, read_json, recover_interrupted,
                                sha256_file, write_json_atomic)
-from sd35trt.errors import ArtifactError, CalibrationError, InvalidInputError
+from sd35trt.errors import ArtifactError, CalibrationError, InvalidInputError, check_choice
 from sd35trt.export import ExportConfig, existing_if_current, export_inputs_hash, export_variant, variant_dir
 from sd35trt.metrics import error_stats, psnr
 from sd35trt.models import ModelSource
@@ -172,8 +172,7 @@ class CalibrationConfig:
             raise InvalidInputError(f"--guidance {self.guidance} must be a finite number ≥ 0", hint="e.g. --guidance 4.5")
         check_pixels(self.height, "--height")
         check_pixels(self.width, "--width")
-        if self.dtype not in DTYPES:
-            raise InvalidInputError(f"--dtype '{self.dtype}' is not one of {', '.join(DTYPES)}", hint="use --dtype auto")
+        check_choice("--dtype", self.dtype, DTYPES)
         bad = [c for c in self.components if c not in CALIBRATABLE]
         if bad:
             raise InvalidInputError(f"cannot calibrate {', '.join(bad)} in FP8", hint=f"choose from {','.join(CALIBRATABLE)}")

@@ -31,6 +31,13 @@ class InvalidInputError(Sd35TrtError):
     """An option or argument is out of range or of the wrong kind."""
 
 
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``, else the one-line error every enumerated option gives."""
+    if value not in choices:
+        raise InvalidInputError(f"{option} '{value}' is not one of {', '.join(choices)}", hint=f"e.g. {option} {choices[0]}")
+    return value
+
+
 class ModelLoadError(Sd35TrtError):
     """A model id or directory cannot be loaded."""
 

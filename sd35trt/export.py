@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sd35trt import __version__, log
 from sd35trt.artifacts import atomic_dir, file_entries, recover_interrupted, hash_json, package_versions, read_json, write_json_atomic
-from sd35trt.errors import ArtifactError, ExportValidationError, InvalidInputError
+from sd35trt.errors import ArtifactError, ExportValidationError, InvalidInputError, check_choice
 from sd35trt.metrics import error_stats
 from sd35trt.onnx_utils import PROVIDERS
 from sd35trt.models import ModelSource
@@ -47,9 +47,7 @@ class ExportConfig:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise InvalidInputError(f"--opset {self.opset} is not supported",
                                     hint=f"use an opset between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})")
-        if self.provider not in PROVIDERS:
-            raise InvalidInputError(f"--provider '{self.provider}' is not one of {', '.join(PROVIDERS)}",
-                                    hint="use auto, cpu or cuda")
+        check_choice("--provider", self.provider, PROVIDERS)
         unknown = [c for c in self.components if c not in SPECS]
         if unknown:
             raise InvalidInputError(f"unknown component(s) {', '.join(unknown)}", hint=f"choose from {','.join(COMPONENTS)}")
@@ -302,8 +300,7 @@ def export_model(source: ModelSource, out: Path, config: ExportConfig, *, device
     """
     from sd35trt.runtime_env import DEVICES
 
-    if device not in DEVICES:
-        raise InvalidInputError(f"--device '{device}' is not one of {', '.join(DEVICES)}", hint="use auto, cpu or cuda")
+    check_choice("--device", device, DEVICES)
     if precision not in (Precision.FP32, Precision.FP16):
         raise InvalidInputError(f"export --precision {precision.value} is not supported",
                                 hint="FP8 ONNX comes from `sd35trt calibrate`")

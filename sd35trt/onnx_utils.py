@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
+from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, check_choice
 
 if TYPE_CHECKING:
     import onnx
@@ -105,10 +105,7 @@ def resolve_provider(provider: str, path: Path | None = None) -> str:
     """``cpu`` or ``cuda`` for an onnxruntime session. ``auto``: CUDA when onnxruntime-gpu and a GPU are
     present and the graph has no float8 tensors (onnxruntime runs FP8 Q/DQ graphs on CPU only), else CPU;
     an explicit ``cuda`` that cannot run is a user error."""
-    if provider not in PROVIDERS:
-        raise InvalidInputError(f"--provider '{provider}' is not one of {', '.join(PROVIDERS)}",
-                                hint="use auto, cpu or cuda")
-    if provider == "cpu":
+    if check_choice("--provider", provider, PROVIDERS) == "cpu":
         return "cpu"
     why = _cuda_ep_usable()
     if provider == "cuda" and why:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.artifacts import read_json
-from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
+from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, check_choice
 from sd35trt.export import MANIFEST, VARIANT_DIRS
 from sd35trt.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
 
@@ -200,8 +200,7 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
         raise InvalidInputError("ONNX directory not found", path=root, hint="pass the --out of export/calibrate")
     order = {"auto": (Precision.FP8, Precision.FP16, Precision.FP32), "fp8": (Precision.FP8, Precision.FP16),
              "fp16": (Precision.FP16,), "fp32": (Precision.FP32,)}
-    if precision not in order:
-        raise InvalidInputError(f"--precision '{precision}' is not auto, fp32, fp16 or fp8", hint="use --precision auto")
+    check_choice("--precision", precision, tuple(order))
     runners, ranges = {}, None
     for name in components:
         for candidate in order[precision]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sd35trt.errors import InvalidInputError
+from sd35trt.errors import InvalidInputError, check_choice
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -10,8 +10,7 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 def pick_device(device: str) -> str:
     """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is a user error."""
-    if device not in DEVICES:
-        raise InvalidInputError(f"--device '{device}' is not one of {', '.join(DEVICES)}", hint="use auto, cpu or cuda")
+    check_choice("--device", device, DEVICES)
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -24,8 +23,7 @@ def pick_device(device: str) -> str:
 
 def pick_dtype(dtype: str, device: str, *, on_gpu: str):
     """The torch dtype for ``dtype`` on ``device``; ``auto`` is FP32 on CPU and ``on_gpu`` on CUDA."""
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}", hint="use --dtype auto")
+    check_choice("--dtype", dtype, DTYPES)
     import torch
 
     name = on_gpu if dtype == "auto" and device.startswith("cuda") else "fp32" if dtype == "auto" else dtype

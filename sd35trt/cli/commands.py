@@ -25,12 +25,11 @@ def build(
     """Build one engine bundle for a GPU target (FP8 where the GPU has it, FP16 fallback where not)."""
     from sd35trt.artifacts import ensure_writable_dir
     from sd35trt.build import BuildConfig, build_bundle
-    from sd35trt.errors import InvalidInputError
+    from sd35trt.errors import check_choice
     from sd35trt.specs import Precision, parse_components
     from sd35trt.targets import parse_backend, parse_target
 
-    if precision not in ("auto", *(p.value for p in Precision)):
-        raise InvalidInputError(f"--precision '{precision}' is not one of auto, fp8, fp16, fp32", hint="use --precision auto")
+    check_choice("--precision", precision, ("auto", *(p.value for p in Precision)))
     config = BuildConfig(target=parse_target(gpu), backend=parse_backend(backend), components=parse_components(components),
                          precision=None if precision == "auto" else Precision(precision), workspace_gib=workspace_gib)
     ensure_writable_dir(out)
