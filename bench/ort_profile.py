@@ -13,10 +13,9 @@ import json
 import time
 from pathlib import Path
 
-import torch  # noqa: F401  (loads the CUDA 13 libraries onnxruntime-gpu links against)
-import onnxruntime as ort
-
 import numpy as np
+import torch  # first: loads the CUDA 13 libraries onnxruntime-gpu links against
+import onnxruntime as ort
 
 
 def main() -> None:
@@ -63,7 +62,8 @@ def main() -> None:
     total = sum(per_op.values())
     result = {
         "model": args.model, "random_weights": True, "onnx": str(path), "onnxruntime": ort.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU run)", "providers": session.get_providers(), "size": args.size, "batch": 2, "session_load_s": round(load_s, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU run)",
+        "providers": session.get_providers(), "size": args.size, "batch": 2, "session_load_s": round(load_s, 1),
         "step_ms_wall": [round(w, 1) for w in wall],
         "kernel_ms_per_step_by_provider": {k: round(v / runs / 1000, 2) for k, v in per_provider.items()},
         "kernel_ms_per_step_by_op": {k: round(v / runs / 1000, 2) for k, v in per_op.most_common(15)},

@@ -60,16 +60,18 @@ stage_components() {  # CLIP-L, CLIP-G, VAE decoder, T5-XXL: FP16 ONNX and SM89 
   done
 }
 
-stage_ort_gpu() {  # the peer without TensorRT: the sd35trt loop on the FP16 ONNX through onnxruntime-gpu
-  $M "$MODEL sd35trt loop on FP16 ONNX, onnxruntime CUDA EP, ${SIZE}² ${LOOP_STEPS:-28} steps" -- sh -c \
-    "$CLI bench --model '$MODEL' --onnx '$WORK' --precision fp16 --provider cuda --height $SIZE --width $SIZE \
-       --steps 20 --loop-steps ${LOOP_STEPS:-28} --images 2 > '$WORK/ort_gpu_bench.json'"
+loop_bench() {  # FILE LABEL RUNNER-OPTIONS...: the whole sd35trt loop timed by `sd35trt bench`, JSON into $WORK/FILE
+  local file=$1 label=$2; shift 2
+  $M "$MODEL sd35trt loop on $label, ${SIZE}² ${LOOP_STEPS:-28} steps" -- $CLI bench --model "$MODEL" "$@" \
+    --height "$SIZE" --width "$SIZE" --steps 20 --loop-steps "${LOOP_STEPS:-28}" --images 2 > "$WORK/$file"
 }
 
-stage_torch_loop() {  # the same loop on diffusers' torch modules (BF16 on the GPU), end to end
-  $M "$MODEL sd35trt loop on torch modules, bf16 cuda, ${SIZE}² ${LOOP_STEPS:-28} steps" -- sh -c \
-    "$CLI bench --model '$MODEL' --torch --device cuda --dtype bf16 --height $SIZE --width $SIZE \
-       --steps 20 --loop-steps ${LOOP_STEPS:-28} --images 2 > '$WORK/torch_loop_bench.json'"
+stage_ort_gpu() {  # the peer without TensorRT: the loop on the FP16 ONNX through onnxruntime-gpu
+  loop_bench ort_gpu_bench.json "FP16 ONNX, onnxruntime CUDA EP" --onnx "$WORK" --precision fp16 --provider cuda
+}
+
+stage_torch_loop() {  # the same loop on diffusers' torch modules (BF16 on the GPU)
+  loop_bench torch_loop_bench.json "torch modules, bf16 cuda" --torch --device cuda --dtype bf16
 }
 
 stage_torch() {

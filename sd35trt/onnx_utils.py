@@ -101,9 +101,9 @@ def _cuda_ep_usable() -> str | None:
     return None
 
 
-def resolve_provider(provider: str, path: Path | None = None) -> str:
+def resolve_provider(provider: str, *, float8: bool = False) -> str:
     """``cpu`` or ``cuda`` for an onnxruntime session. ``auto``: CUDA when onnxruntime-gpu and a GPU are
-    present and the graph has no float8 tensors (onnxruntime runs FP8 Q/DQ graphs on CPU only), else CPU;
+    present and the graph has no float8 tensors (``float8``; such Q/DQ graphs stay on CPU), else CPU;
     an explicit ``cuda`` that cannot run is a user error."""
     if check_choice("--provider", provider, PROVIDERS) == "cpu":
         return "cpu"
@@ -111,7 +111,7 @@ def resolve_provider(provider: str, path: Path | None = None) -> str:
     if provider == "cuda" and why:
         raise InvalidInputError(f"--provider cuda cannot run: {why}",
                                 hint="install onnxruntime-gpu on a CUDA host, or use --provider cpu")
-    if provider == "auto" and (why or (path is not None and has_float8(path))):
+    if provider == "auto" and (why or float8):
         return "cpu"
     return "cuda"
 
@@ -127,14 +127,15 @@ def ort_session(path: Path, *, provider: str = "cpu", threads: int | None = None
     """
     import onnxruntime as ort
 
-    device = resolve_provider(provider, path)
+    float8 = has_float8(path)
+    device = resolve_provider(provider, float8=float8)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     data = path.with_name(path.name + DATA_SUFFIX)
     disabled = []
-    if has_float8(path):
+    if float8:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     elif device == "cpu" and data.is_file() and data.stat().st_size > LEAN_BYTES:
         # Not ORT_DISABLE_ALL: ORT then fails to type its own inserted FP16 casts (seen at SD3.5-Medium size).
@@ -146,7 +147,7 @@ def ort_session(path: Path, *, provider: str = "cpu", threads: int | None = None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
         raise ArtifactError(f"onnxruntime cannot load the model ({first})", path=path,
                             hint="the ONNX is corrupt or was produced by another toolkit version; re-export it") from None
-    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+    if device == "cuda" and session_provider(session) != "cuda":
         # onnxruntime falls back to CPU silently when the CUDA/cuDNN libraries fail to load.
         raise RuntimeUnavailableError("onnxruntime could not start its CUDA execution provider", path=path,
                                       hint="its CUDA 13 / cuDNN 9 libraries were not found; import torch (cu13x) "

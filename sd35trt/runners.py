@@ -153,8 +153,9 @@ class EngineRunner(ComponentRunner):
                 self._graph.replay()
                 outputs = self._graph_outputs
             else:
-                self._graph, self._graph_key = (None, key) if action == "run" else (self._graph, key)
-                outputs = self._bind(inputs)  # new buffers: a graph captured on the old ones is dropped above
+                if action == "run":  # new shape: _bind rebinds buffers, so a graph captured on the old ones goes
+                    self._graph, self._graph_key = None, key
+                outputs = self._bind(inputs)
                 if not self.context.execute_async_v3(self.stream.cuda_stream):
                     raise RuntimeUnavailableError(f"{self.spec.name} engine execution failed",
                                                   hint="run `sd35trt doctor` on this bundle")
