@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 from sd35trt.errors import BuildError, InvalidInputError
 from sd35trt.specs import Precision
+
+E = TypeVar("E", bound=Enum)
 
 
 class GpuTarget(str, Enum):
@@ -67,20 +70,20 @@ PRECISION_PREFERENCE: dict[str, tuple[Precision, ...]] = {
 }
 
 
-def parse_target(name: str) -> GpuTarget:
+def _parse(kind: type[E], name: str, what: str) -> E:
     try:
-        return GpuTarget(name.lower())
+        return kind(name.lower())
     except ValueError:
-        raise InvalidInputError(f"unknown GPU target '{name}'",
-                                hint=f"choose one of {', '.join(t.value for t in GpuTarget)}") from None
+        raise InvalidInputError(f"unknown {what} '{name}'",
+                                hint=f"choose one of {', '.join(m.value for m in kind)}") from None
+
+
+def parse_target(name: str) -> GpuTarget:
+    return _parse(GpuTarget, name, "GPU target")
 
 
 def parse_backend(name: str) -> Backend:
-    try:
-        return Backend(name.lower())
-    except ValueError:
-        raise InvalidInputError(f"unknown backend '{name}'",
-                                hint=f"choose one of {', '.join(b.value for b in Backend)}") from None
+    return _parse(Backend, name, "backend")
 
 
 def target_for_cc(cc: tuple[int, int]) -> GpuTarget | None:
