@@ -1,11 +1,18 @@
 # sd35trt: `make engines GPU=ada` builds the tiny default end to end; `make test` runs the suite.
 # Everything runs inside .venv, created and filled from requirements.lock on first use.
+# SYSTEM_PYTHON=1 uses the current python3 and its packages instead (a GPU host with its own CUDA stack).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
+ifeq ($(SYSTEM_PYTHON),1)
+PY := $(PYTHON)
+CLI := $(PYTHON) -m sd35trt
+STAMP :=
+else
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/sd35trt
 STAMP := $(VENV)/.installed
+endif
 
 GPU ?= ada
 MODEL ?= tiny
@@ -13,38 +20,42 @@ BACKEND ?= auto
 WORK ?= build/$(MODEL)
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
-NUM_PROMPTS ?= 8
-STEPS ?= 4
+# Calibration size (sd35trt.calibrate.calibration_size says why): tiny 8 x 4, real SD3.5 32 prompts x 20 steps.
+NUM_PROMPTS ?= $(if $(filter tiny,$(MODEL)),8,32)
+STEPS ?= $(if $(filter tiny,$(MODEL)),4,20)
 
-.PHONY: install engines export calibrate build test lock clean help
+.PHONY: install engines export calibrate build test lint lock clean help
 
 help:
-	@echo "make engines GPU=ada [MODEL=tiny]   export -> calibrate -> build one engine bundle (steps skip when unchanged)"
+	@echo "make engines GPU=ada [MODEL=tiny]   calibrate -> export -> build one engine bundle (steps skip when unchanged)"
 	@echo "make test                           run the test suite (CPU, tiny preset)"
 	@echo "make install                        create $(VENV) with the pinned stack (requirements.lock)"
 
-$(STAMP): requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-install: $(STAMP)
+install: $(VENV)/.installed
 
-export: $(STAMP)
-	$(CLI) export --model $(MODEL) --out $(WORK)
-
-calibrate: export
+calibrate: $(STAMP)
 	$(CLI) calibrate --model $(MODEL) --out $(WORK) --prompts $(PROMPTS) --num-prompts $(NUM_PROMPTS) --steps $(STEPS)
 
-build: calibrate
+export: calibrate
+	$(CLI) export --model $(MODEL) --out $(WORK)
+
+build: export
 	$(CLI) build --gpu $(GPU) --backend $(BACKEND) --onnx $(WORK) --out $(ENGINES)
 
 engines: build
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check sd35trt tests bench
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu//' > requirements.lock.new && mv requirements.lock.new requirements.lock

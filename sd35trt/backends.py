@@ -193,13 +193,28 @@ def parse_layers(reports: list[str]) -> list[dict[str, Any]]:
     return layers
 
 
-def summarize_layers(layers: list[dict[str, Any]]) -> dict[str, int]:
+def island_scope(module: str) -> str:
+    """A module path as it appears in ONNX node (and so TensorRT layer) names: ``encoder.block.23`` →
+    ``/encoder/block.23/`` (the legacy exporter joins module names with '/', keeping ``list.index``)."""
+    parts: list[str] = []
+    for part in module.split("."):
+        if part.isdigit() and parts:
+            parts[-1] += f".{part}"
+        else:
+            parts.append(part)
+    return "/" + "/".join(parts) + "/"
+
+
+def summarize_layers(layers: list[dict[str, Any]], islands: list[str] | None = None) -> dict[str, int]:
     gemms = [l for l in layers if l["type"] in ("gemm", "MatrixMultiply", "Gemm") or "gemm" in l["type"].lower()]
     fp8 = [l for l in gemms if l["input_dtypes"][:1] == ["FP8"]]
     half = [l for l in gemms if l["input_dtypes"][:1] in (["Half"], ["BFloat16"])]
+    scopes = [island_scope(m) for m in islands or []]
+    inside = [l for l in gemms if any(s in l["name"] for s in scopes)]
     return {"layers": len(layers), "gemm": len(gemms), "gemm_fp8": len(fp8), "gemm_fp16": len(half),
             "gemm_other": len(gemms) - len(fp8) - len(half),
-            "fp8_tensors": sum(l["input_dtypes"].count("FP8") + l["weight_dtypes"].count("FP8") for l in layers)}
+            "fp8_tensors": sum(l["input_dtypes"].count("FP8") + l["weight_dtypes"].count("FP8") for l in layers),
+            "island_gemm": len(inside), "island_gemm_fp32": sum(l["input_dtypes"][:1] == ["Float"] for l in inside)}
 
 
 def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],

@@ -148,16 +148,21 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
                 (tmp / plan_name).write_bytes(built.plan)
             if built.timing_cache:
                 timing_cache = built.timing_cache
-            summary = summarize_layers(built.layers)
+            islands = source.get("fp32_islands", [])
+            summary = summarize_layers(built.layers, [i["module"] for i in islands])
             if choice.precision is Precision.FP8 and summary["gemm_fp8"] == 0:
                 raise BuildError(f"{name}: FP8 requested but the engine has no FP8 GEMM", path=onnx_path,
                                  hint="the Q/DQ placement was not fused; report this with layers/ and the ONNX manifest")
-            (tmp / "layers" / f"{name}.txt").write_text(format_layers(name, choice.precision, summary, built.layers))
+            if islands and summary["island_gemm"] and summary["island_gemm_fp32"] < summary["island_gemm"]:
+                log.warn(f"{name}: {summary['island_gemm'] - summary['island_gemm_fp32']} GEMM(s) of its FP32 islands "
+                         "did not run in FP32 in the engine (see layers/)")
+            (tmp / "layers" / f"{name}.txt").write_text(
+                format_layers(name, choice.precision, summary, built.layers, islands))
             entries[name] = {
                 "file": plan_name, "sha256": sha256_file(tmp / plan_name), "bytes": len(built.plan),
                 "precision": choice.precision.value, "weights_precision": source.get("weights_precision",
                                                                                     choice.precision.value),
-                "reason": choice.reason, "inputs_hash": hashes[name],
+                "reason": choice.reason, "inputs_hash": hashes[name], "fp32_islands": islands,
                 "onnx": {"path": str(onnx_path), "files": source["files"], "inputs_hash": source["inputs_hash"],
                          "calibration_hash": source.get("calibration_hash")},
                 "profile": source["profile"], "ranges": source.get("ranges"),
@@ -202,10 +207,16 @@ def _plans_intact(folder: Path, manifest: dict[str, Any]) -> bool:
     return all(_file_ok(folder / e["file"], e) for e in manifest.get("components", {}).values())
 
 
-def format_layers(name: str, precision: Precision, summary: dict[str, int], layers: list[dict[str, Any]]) -> str:
+def format_layers(name: str, precision: Precision, summary: dict[str, int], layers: list[dict[str, Any]],
+                  islands: list[dict[str, Any]] | None = None) -> str:
     lines = [f"# {name}: built as {precision.value}",
              f"# GEMM layers: {summary['gemm']} total, {summary['gemm_fp8']} FP8, {summary['gemm_fp16']} FP16, "
-             f"{summary['gemm_other']} other; {summary['layers']} layers in all", ""]
+             f"{summary['gemm_other']} other; {summary['layers']} layers in all"]
+    for island in islands or []:
+        lines.append(f"# FP32 island: {island['module']} (max |x| {island['max_abs']:.4g}; {island['why']})")
+    if islands:
+        lines.append(f"# GEMMs inside FP32 islands: {summary['island_gemm']}, of which FP32: {summary['island_gemm_fp32']}")
+    lines.append("")
     for layer in layers:
         lines.append(f"{layer['type']:<16} in={','.join(layer['input_dtypes']) or '-':<20} "
                      f"w={','.join(layer['weight_dtypes']) or '-':<24} {layer['name'][:160]}")

@@ -12,8 +12,10 @@ Results: ``compare.json``, a table, ``compare.png`` (reference vs candidates), a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from sd35trt import __version__, log
 from sd35trt.errors import InvalidInputError
 from sd35trt.metrics import error_stats, psnr
 from sd35trt.models import ModelSource
-from sd35trt.specs import COMPONENTS, SPECS, Precision
+from sd35trt.specs import COMPONENTS, SPECS, Precision, vae_input
 
 # Decoded-image PSNR an end-to-end variant must reach against diffusers FP32 (same seeds, random weights).
 E2E_MIN_PSNR_DB = {Precision.FP32: 60.0, Precision.FP16: 30.0, Precision.FP8: 25.0}
@@ -59,6 +61,25 @@ class CompareReport:
 
     def __bool__(self) -> bool:  # truthy when every tolerance held (polygraphy's convention)
         return self.passed
+
+
+VERBOSE = False  # `compare --verbose`: polygraphy's per-iteration log at INFO (always on stderr)
+
+
+@contextlib.contextmanager
+def polygraphy_quiet():
+    """Polygraphy prints its log with print() (stdout, which carries results only): send it to stderr, at
+    WARNING unless --verbose, without colour codes."""
+    from polygraphy.logger import G_LOGGER
+
+    old = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.INFO if VERBOSE else G_LOGGER.WARNING
+    G_LOGGER.colors = False
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        G_LOGGER.module_severity = old
 
 
 def _poly_runner(runner: Any, name: str):
@@ -115,7 +136,7 @@ def record_traffic(pipe: Any, prompts: list[str], cfg: CompareConfig) -> tuple[d
     recorder.close()
     vae = pipe.vae
     traffic = dict(recorder.calls)
-    traffic["vae_decoder"] = [{"latent": lat / vae.config.scaling_factor + vae.config.shift_factor} for lat in latents]
+    traffic["vae_decoder"] = [{"latent": vae_input(lat, vae.config)} for lat in latents]
     return traffic, latents
 
 
@@ -142,7 +163,7 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
             poly_runners.append(_ort_poly_runner(runner.path, label, runner.provider) if isinstance(runner, OrtRunner)
                                 else _poly_runner(runner, label))
             precisions[label] = Precision(runner.precision)
-        with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"):
+        with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"), polygraphy_quiet():
             run_results = Comparator.run(poly_runners, data_loader=feeds)
         reference_name = poly_runners[0].name
         reference = dict(run_results)[reference_name]
@@ -165,8 +186,9 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
             sub = type(run_results)()
             sub.append((reference_name, reference))
             sub.append((runner_name, candidate))
-            accuracy = Comparator.compare_accuracy(
-                sub, compare_func=CompareFunc.simple(atol=tol.max_abs, rtol=tol.rel_l2, check_error_stat="mean"))
+            with polygraphy_quiet():
+                accuracy = Comparator.compare_accuracy(
+                    sub, compare_func=CompareFunc.simple(atol=tol.max_abs, rtol=tol.rel_l2, check_error_stat="mean"))
             entry[runner_name.split(":")[0]] = {"precision": precision.value, "outputs": per_output,
                                                 "polygraphy_mean_error_passed": bool(accuracy)}
         results[name] = entry
@@ -181,8 +203,7 @@ def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
 
     vae = pipe.vae
     with torch.no_grad():
-        ref_images = [vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
-                      for lat in ref_latents]
+        ref_images = [vae.decode(vae_input(lat, vae.config), return_dict=False)[0] for lat in ref_latents]
     results, failures, images = {}, [], {"reference": ref_images}
     for variant, runners in runners_by_variant.items():
         loop = Sd35Loop(pipe, runners, ranges, batch_text=False)
@@ -211,21 +232,34 @@ def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
     return results, failures, images
 
 
+DIFF_GAIN = 8.0  # amplification of |candidate - reference| in compare.png's difference columns
+
+
 def save_grid(path: Path, images: dict[str, list], e2e: dict[str, Any]) -> None:
-    """compare.png: one row per prompt, reference first, each tile captioned with its PSNR."""
+    """compare.png: one row per prompt; the reference, then per variant its image and |variant − reference|
+    amplified ×8 (black = identical), each tile captioned."""
     from PIL import Image, ImageDraw
 
-    columns = list(images)
+    variants = [n for n in images if n != "reference"]
+    columns = ["reference"] + [c for v in variants for c in (v, f"{v}:diff")]
     rows = len(images["reference"])
     tile = 256
     grid = Image.new("RGB", (tile * len(columns), (tile + 20) * rows), "white")
     draw = ImageDraw.Draw(grid)
     for col, name in enumerate(columns):
-        for row, image in enumerate(images[name]):
-            array = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        for row in range(rows):
+            ref = images["reference"][row][0].float().clamp(-1, 1)
+            if name.endswith(":diff"):
+                variant = name[: -len(":diff")]
+                diff = (images[variant][row][0].float().clamp(-1, 1) - ref).abs() / 2 * DIFF_GAIN
+                array = (diff.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+                label = f"|{variant} - ref| x{DIFF_GAIN:g}"
+            else:
+                image = ref if name == "reference" else images[name][row][0].float().clamp(-1, 1)
+                array = ((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                label = "diffusers fp32 (reference)" if name == "reference" else \
+                    f"{name}: {e2e[name]['prompts'][row]['image_psnr_db']:.1f} dB"
             grid.paste(Image.fromarray(array).resize((tile, tile)), (col * tile, row * (tile + 20) + 20))
-            label = "diffusers fp32 (reference)" if name == "reference" else \
-                f"{name}: {e2e[name]['prompts'][row]['image_psnr_db']:.1f} dB"
             draw.text((col * tile + 4, row * (tile + 20) + 4), label, fill="black")
     tmp = path.with_suffix(".tmp.png")
     grid.save(tmp)
@@ -233,7 +267,8 @@ def save_grid(path: Path, images: dict[str, list], e2e: dict[str, Any]) -> None:
 
 
 def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: list[str],
-                runners_by_variant: dict[str, dict[str, Any]], ranges: Any, candidate_label: str) -> CompareReport:
+                runners_by_variant: dict[str, dict[str, Any]], ranges: Any, candidate_label: str,
+                missing: dict[str, str] | None = None) -> CompareReport:
     """Compare ``runners_by_variant`` (ONNX variants, or one engine bundle) with diffusers/PyTorch FP32."""
     from sd35trt.artifacts import write_json_atomic
     from sd35trt.models import build_pipeline
@@ -255,7 +290,8 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
         "candidate": candidate_label,
         "config": cfg.__dict__ | {"variants": list(runners_by_variant), "components": list(cfg.components)},
         "reference": "diffusers StableDiffusion3Pipeline, FP32, CPU", "components": per_component, "end_to_end": e2e,
-        "passed": not failures, "failures": failures, "seconds": round(time.perf_counter() - start, 1),
+        "passed": not failures, "failures": failures, "missing": missing or {},
+        "seconds": round(time.perf_counter() - start, 1),
         "host": platform.node(), "executed_with": sorted(kinds),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -265,13 +301,23 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
 
 
 def onnx_variants(onnx_root: Path, variants: tuple[str, ...],
-                  provider: str = "cpu") -> tuple[dict[str, dict[str, Any]], Any]:
+                  provider: str = "cpu") -> tuple[dict[str, dict[str, Any]], Any, dict[str, str]]:
+    """onnxruntime runners for every requested variant the work dir has; the others, with why, in ``missing``."""
+    from sd35trt.errors import ArtifactError
     from sd35trt.runners import runners_from_onnx
 
-    runners_by_variant, ranges = {}, None
+    runners_by_variant, ranges, missing = {}, None, {}
     for variant in variants:
-        runners_by_variant[variant], ranges = runners_from_onnx(onnx_root, variant, provider=provider)
-    return runners_by_variant, ranges
+        try:
+            runners_by_variant[variant], ranges = runners_from_onnx(onnx_root, variant, provider=provider)
+        except ArtifactError as err:
+            if "no " not in err.what:
+                raise
+            missing[variant] = err.what
+    if not runners_by_variant:
+        raise ArtifactError(f"nothing to compare: {'; '.join(missing.values())}", path=onnx_root,
+                            hint="run `sd35trt export` (and `calibrate` for FP8) with this --out first")
+    return runners_by_variant, ranges, missing
 
 
 def format_compare(data: dict[str, Any]) -> str:
@@ -285,5 +331,7 @@ def format_compare(data: dict[str, Any]) -> str:
         psnrs = ", ".join(f"{e['image_psnr_db']:.1f}" if math.isfinite(e["image_psnr_db"]) else "inf" for e in v["prompts"])
         lines.append(f"end to end {variant:<5} (transformer {v['transformer_precision']}): image PSNR {psnrs} dB "
                      f"(need ≥ {v['required_db']:g}) {'ok' if v['passed'] else 'FAILED'}")
+    for variant, why in data.get("missing", {}).items():
+        lines.append(f"not compared {variant}: {why}")
     lines.append("PASSED" if data["passed"] else "FAILED: " + "; ".join(data["failures"]))
     return "\n".join(lines)

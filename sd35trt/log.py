@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:
@@ -30,3 +30,15 @@ def step(message: str) -> Iterator[dict[str, float]]:
     finally:
         timing["seconds"] = time.perf_counter() - start
     console.print(f"  [green]✓[/green] {message} ({timing['seconds']:.1f} s)")
+
+
+@contextmanager
+def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar with ETA on stderr (transient); yields ``advance(n=1)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(f"  {label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
+    with bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n=1: bar.advance(task, n)

@@ -19,7 +19,7 @@ from sd35trt import log
 from sd35trt.errors import InvalidInputError
 from sd35trt.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS
 from sd35trt.runners import ComponentRunner
-from sd35trt.specs import ShapeRanges, check_pixels
+from sd35trt.specs import COMPONENTS, ShapeRanges, check_pixels, vae_input
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Sd35Loop:
 
         from sd35trt.models import vae_scale_factor
 
-        missing = [c for c in ("clip_l", "clip_g", "t5", "transformer", "vae_decoder") if c not in runners]
+        missing = [c for c in COMPONENTS if c not in runners]
         if missing:
             raise InvalidInputError(f"no runner for {', '.join(missing)}", hint="export/build every component")
         self.pipe = pipe
@@ -176,7 +176,7 @@ class Sd35Loop:
 
         # 6. decode (the pipeline's own scaling and post-processing)
         start = time.perf_counter()
-        scaled = latents / self.vae_config.scaling_factor + self.vae_config.shift_factor
+        scaled = vae_input(latents, self.vae_config)
         images = self.runners["vae_decoder"](latent=scaled)["images"].cpu()
         timings["vae_decoder_s"] = time.perf_counter() - start
         pil = self.image_processor.postprocess(images, output_type="pil")

@@ -28,3 +28,44 @@ def pick_dtype(dtype: str, device: str, *, on_gpu: str):
 
     name = on_gpu if dtype == "auto" and device.startswith("cuda") else "fp32" if dtype == "auto" else dtype
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def detect_device(device: str) -> str:
+    """``pick_device`` without importing torch when no NVIDIA driver is present (for skip decisions)."""
+    check_choice("--device", device, DEVICES)
+    if device != "auto":
+        return device
+    from sd35trt.backends import local_compute_capability
+
+    return "cuda" if local_compute_capability() is not None else "cpu"
+
+
+def compute_dtype_name(dtype: str, device: str) -> str:
+    """The compute dtype of calibration loops: ``auto`` is BF16 on CUDA (SD3.5's training precision, no
+    FP16 overflow) and FP32 on CPU; FP16 only when asked."""
+    check_choice("--dtype", dtype, DTYPES)
+    if dtype != "auto":
+        return dtype
+    return "bf16" if device.startswith("cuda") else "fp32"
+
+
+def strict_fp32() -> None:
+    """FP32 means FP32: no TF32 in matmuls or cuDNN convolutions (torch's cuDNN default is TF32, which put an
+    SD3.5-Medium "FP32" reference 1.9e-4 rel-L2 away from FP64, against 7.8e-7 without it)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def computing(device: str, dtype_name: str):
+    """Autocast to ``dtype_name`` on ``device`` (weights stay FP32); nothing for FP32."""
+    import contextlib
+
+    import torch
+
+    if dtype_name == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)

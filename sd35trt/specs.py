@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
 
 PIXEL_STEP = 64  # engines are built for sizes in steps of 64 px, as SD3.5 is trained on
-MIN_PIXELS, MAX_PIXELS = 512, 1024
+MIN_PIXELS, MAX_PIXELS = 512, 1536  # SD3's ~1 MP aspect buckets reach 1536 px per side (1536x640)
+OPT_PIXELS = 1024
 
 
 class Precision(str, Enum):
@@ -84,8 +85,8 @@ class ShapeRanges:
     """
 
     batch: Range = Range(1, 1, 4)
-    height: Range = Range(MIN_PIXELS, 1024, MAX_PIXELS)
-    width: Range = Range(MIN_PIXELS, 1024, MAX_PIXELS)
+    height: Range = Range(MIN_PIXELS, OPT_PIXELS, MAX_PIXELS)
+    width: Range = Range(MIN_PIXELS, OPT_PIXELS, MAX_PIXELS)
     t5_tokens: Range = Range(T5_MAX_TOKENS, T5_MAX_TOKENS, T5_MAX_TOKENS)
 
     def __post_init__(self):
@@ -124,7 +125,7 @@ def check_pixels(value: int, option: str) -> None:
                                 hint=f"SD3.5 needs multiples of 16 (VAE ×8, patch ×2); try {nearest}")
     if not MIN_PIXELS // 2 <= value <= 2 * MAX_PIXELS:
         raise InvalidInputError(f"{option} {value} is outside {MIN_PIXELS // 2}..{2 * MAX_PIXELS} px",
-                                hint=f"SD3.5 is trained for {MIN_PIXELS}..{MAX_PIXELS} px")
+                                hint=f"SD3.5 is trained for about 1 megapixel, {MIN_PIXELS}..{MAX_PIXELS} px per side")
 
 
 # Axes that vary at run time; every other string in a TensorSpec shape is a width read off the model config.
@@ -138,6 +139,7 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name
     shape: tuple[str | int, ...]  # DYNAMIC_DIMS names, config width names, or fixed ints
+    value_range: tuple[float, float] | None = None  # uniform dummy values (else standard normal)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,12 @@ class ComponentSpec:
     tolerances: dict[Precision, Tolerance] = field(default_factory=dict)
     # Exact, export-only rewrites of the network for the shape ranges being exported (see crop_pos_embed).
     export_context: Callable[[Any, ShapeRanges, PipeDims], Any] | None = None
+    calibratable: bool = False  # ModelOpt FP8 calibration applies (the VAE decoder stays FP16: conv-bound)
+    cfg_batch: bool = True  # sees the classifier-free-guidance batch (2x images); the VAE sees the images
+    # Modules that run as one FP32 island when an activation inside them leaves FP16 range (regexes over
+    # dotted module names; see numerics.plan_islands). SD3's joint block, as NVIDIA's demo upcasts it; T5's
+    # sub-layer, since TensorRT-RTX 1.7 crashes building an FP32 T5 attention inside an FP16 graph.
+    island_units: tuple[str, ...] = ()
 
     def exporting(self, pipe: StableDiffusion3Pipeline, ranges: ShapeRanges, pipe_dims: PipeDims):
         if self.export_context is None:
@@ -185,7 +193,7 @@ class ComponentSpec:
         cfg_batch = ranges.batch.scaled(2)  # classifier-free guidance doubles the batch
         lat = pipe_cfg.vae_scale
         return {
-            "batch": ranges.batch if self.name == "vae_decoder" else cfg_batch,
+            "batch": cfg_batch if self.cfg_batch else ranges.batch,
             "latent_height": Range(ranges.height.min // lat, ranges.height.opt // lat, ranges.height.max // lat),
             "latent_width": Range(ranges.width.min // lat, ranges.width.opt // lat, ranges.width.max // lat),
             "height": ranges.height,
@@ -200,7 +208,7 @@ class ComponentSpec:
         """Symbolic dims for one request (``batch`` = images; CFG doubling applied here)."""
         lat = pipe_cfg.vae_scale
         return {
-            "batch": batch if self.name == "vae_decoder" else 2 * batch,
+            "batch": 2 * batch if self.cfg_batch else batch,
             "latent_height": height // lat, "latent_width": width // lat, "height": height, "width": width,
             "t5_tokens": t5_tokens, "text_tokens": CLIP_MAX_TOKENS + t5_tokens,
         }
@@ -231,8 +239,9 @@ class ComponentSpec:
             if tensor.dtype == "int64":
                 high = pipe_cfg.vocab[self.name]
                 tensors[tensor.name] = torch.randint(0, high, shape, generator=generator, dtype=torch.int64)
-            elif tensor.name == "timestep":
-                tensors[tensor.name] = torch.rand(shape, generator=generator) * 1000.0
+            elif tensor.value_range is not None:
+                low, high = tensor.value_range
+                tensors[tensor.name] = low + torch.rand(shape, generator=generator) * (high - low)
             else:
                 tensors[tensor.name] = torch.randn(shape, generator=generator)
         return tensors
@@ -394,7 +403,8 @@ def _clip_spec(name: str, attr: str, key: str, description: str) -> ComponentSpe
         inputs=(TensorSpec("input_ids", "int64", ("batch", CLIP_MAX_TOKENS)),),
         outputs=(TensorSpec("text_embeds", "float32", ("batch", f"{key}_proj")),
                  TensorSpec("hidden_states", "float32", ("batch", CLIP_MAX_TOKENS, f"{key}_hidden"))),
-        wrapper=_clip_wrapper, tolerances=_TEXT_TOL,
+        wrapper=_clip_wrapper, tolerances=_TEXT_TOL, calibratable=True,
+        island_units=(r"text_model\.encoder\.layers\.\d+",),
     )
 
 
@@ -405,13 +415,13 @@ SPECS: dict[str, ComponentSpec] = {
             TensorSpec("hidden_states", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
             TensorSpec("encoder_hidden_states", "float32", ("batch", "text_tokens", "joint_dim")),
             TensorSpec("pooled_projections", "float32", ("batch", "pooled_dim")),
-            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("timestep", "float32", ("batch",), value_range=(0.0, 1000.0)),
         ),
         outputs=(TensorSpec("noise_pred", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
         wrapper=_transformer_wrapper,
         tolerances={Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(1e-2, 0.05),
                     Precision.FP8: Tolerance(0.08, 0.5)},
-        export_context=crop_pos_embed,
+        export_context=crop_pos_embed, calibratable=True, island_units=(r"transformer_blocks\.\d+",),
     ),
     "clip_l": _clip_spec("clip_l", "text_encoder", "clip_l", "CLIP ViT-L/14 text encoder"),
     "clip_g": _clip_spec("clip_g", "text_encoder_2", "clip_g", "OpenCLIP ViT-bigG/14 text encoder"),
@@ -419,13 +429,15 @@ SPECS: dict[str, ComponentSpec] = {
         name="t5", pipeline_attr="text_encoder_3", description="T5-XXL v1.1 encoder",
         inputs=(TensorSpec("input_ids", "int64", ("batch", "t5_tokens")),),
         outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "t5_tokens", "t5_hidden")),),
-        wrapper=_t5_wrapper, tolerances=_TEXT_TOL,
+        wrapper=_t5_wrapper, tolerances=_TEXT_TOL, calibratable=True,
+        island_units=(r"encoder\.block\.\d+\.layer\.\d+",),
     ),
     "vae_decoder": ComponentSpec(
         name="vae_decoder", pipeline_attr="vae", description="AutoencoderKL decoder (16 latent channels)",
         inputs=(TensorSpec("latent", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
         outputs=(TensorSpec("images", "float32", ("batch", 3, "height", "width")),),
-        wrapper=_vae_decoder_wrapper,
+        wrapper=_vae_decoder_wrapper, cfg_batch=False,
+        island_units=(r"decoder\.up_blocks\.\d+\.resnets\.\d+", r"decoder\.mid_block"),
         # Convolutions sum differently in onnxruntime and torch: 1e-4 rel-L2 measured at ~9e-5, so 5e-4.
         tolerances={Precision.FP32: Tolerance(5e-4, 2e-3), Precision.FP16: Tolerance(1e-2, 0.05),
                     Precision.FP8: Tolerance(0.08, 0.5)},
@@ -433,6 +445,12 @@ SPECS: dict[str, ComponentSpec] = {
 }
 
 COMPONENTS = tuple(SPECS)
+CALIBRATABLE = tuple(name for name, spec in SPECS.items() if spec.calibratable)
+
+
+def vae_input(latents: Any, vae_config: Any) -> Any:
+    """Final latents → what the VAE decoder network takes (SD3's un-scaling, as the pipeline does it)."""
+    return latents / vae_config.scaling_factor + vae_config.shift_factor
 
 
 def parse_components(text: str | None, allowed: tuple[str, ...] = COMPONENTS) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ def build(
     precision: str = typer.Option("auto", "--precision", help="auto (table per target) | fp8 | fp16 | fp32"),
     workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="builder workspace limit"),
     force: bool = typer.Option(False, "--force", help="rebuild even when inputs are unchanged"),
+    json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
     """Build one engine bundle for a GPU target (FP8 where the GPU has it, FP16 fallback where not)."""
     from sd35trt.artifacts import ensure_writable_dir
@@ -35,11 +36,21 @@ def build(
     ensure_writable_dir(out)
     result = build_bundle(onnx, out, config, force=force)
     m = result.manifest
-    emit({"bundle": str(result.folder), "skipped": result.skipped, "rebuilt": result.rebuilt,
-          "target": m["target"], "compute_capabilities": m["compute_capabilities"], "backend": m["backend"],
-          "components": {k: {"precision": v["precision"], "bytes": v["bytes"],
-                             "gemm_fp8": v["layers"]["gemm_fp8"], "gemm": v["layers"]["gemm"]}
-                         for k, v in m["components"].items()}})
+    rows = {k: {"precision": v["precision"], "bytes": v["bytes"], "gemm_fp8": v["layers"]["gemm_fp8"],
+                "gemm": v["layers"]["gemm"], "fp32_islands": [i["module"] for i in v.get("fp32_islands", [])],
+                "reused": k not in result.rebuilt} for k, v in m["components"].items()}
+    if json_out:
+        emit({"bundle": str(result.folder), "skipped": result.skipped, "rebuilt": result.rebuilt,
+              "target": m["target"], "compute_capabilities": m["compute_capabilities"], "backend": m["backend"],
+              "components": rows})
+        return
+    lines = [f"bundle {result.folder} ({m['target']}, SM {', '.join(m['compute_capabilities'])}, "
+             f"{m['backend']} {m['backend_version']}){' unchanged' if result.skipped else ''}",
+             f"{'component':<12} {'precision':<9} {'size':>10} {'FP8 GEMMs':>10}  islands"]
+    for name, row in rows.items():
+        lines.append(f"{name:<12} {row['precision']:<9} {row['bytes'] / 1e6:>8.1f}MB {row['gemm_fp8']:>4}/{row['gemm']:<5}  "
+                     f"{', '.join(row['fp32_islands']) or '-'}")
+    typer.echo("\n".join(lines))
 
 
 @bundle_app.command("verify")
@@ -64,11 +75,9 @@ def doctor(bundle: Optional[Path] = typer.Argument(None, help="a bundle folder, 
 
 
 def _check_model_matches(source, manifest_model: dict, where: Path) -> None:
-    from sd35trt.errors import ArtifactError
+    from sd35trt.manifests import require_model
 
-    if manifest_model.get("fingerprint") != source.fingerprint():
-        raise ArtifactError(f"artifacts were built from model '{manifest_model.get('id')}', not '{source.id}' "
-                            "(fingerprints differ)", path=where, hint=f"pass --model {manifest_model.get('id')}")
+    require_model(manifest_model, source.fingerprint(), source.id, where)
 
 
 def _one_source(bundle, onnx, torch_) -> None:
@@ -158,7 +167,7 @@ def compare(
     model: str = typer.Option("tiny", "--model", "-m"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="work dir with onnx/, onnx-fp16/, onnx-fp8/"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="compare an engine bundle (needs its GPU)"),
-    variants: str = typer.Option("fp32,fp16,fp8", "--variants", help="precision variants to compare"),
+    variants: str = typer.Option("fp32,fp16,fp8", "--variants", help="precision variants to compare (those the work dir has; the others are listed as missing)"),
     components: Optional[str] = typer.Option(None, "--components"),
     provider: str = typer.Option("auto", "--provider", help="onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     prompts: int = typer.Option(2, "--prompts", help="K prompts of real pipeline traffic (held-out end of calibration/prompts.txt)"),
@@ -167,10 +176,13 @@ def compare(
     width: int = typer.Option(512, "--width"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("compare"), "--out", "-o", help="folder for compare.json and compare.png"),
+    verbose: bool = typer.Option(False, "--verbose", help="polygraphy's per-iteration log (on stderr)"),
+    json_out: bool = typer.Option(False, "--json", help="print compare.json instead of the table"),
 ) -> None:
     """Per-component (polygraphy) and end-to-end comparison against PyTorch/diffusers; exit 1 on a failed tolerance."""
     from sd35trt.artifacts import ensure_writable_dir
     from sd35trt.calibrate import DEFAULT_PROMPTS, read_prompts
+    import sd35trt.compare as compare_mod
     from sd35trt.compare import CompareConfig, format_compare, onnx_variants, run_compare
     from sd35trt.errors import InvalidInputError
     from sd35trt.models import resolve_model
@@ -187,15 +199,19 @@ def compare(
 
         runners, manifest = runners_from_bundle(bundle)  # refuses with the reason and the --onnx to use instead
         _check_model_matches(source, manifest["model"], bundle)
-        by_variant, ranges, label = {"engine": runners}, ranges_of_bundle(manifest), str(bundle)
+        by_variant, ranges, label, missing = {"engine": runners}, ranges_of_bundle(manifest), str(bundle), {}
     else:
-        by_variant, ranges = onnx_variants(onnx, cfg.variants, provider)
+        by_variant, ranges, missing = onnx_variants(onnx, cfg.variants, provider)
         label = str(onnx)
+    compare_mod.VERBOSE = verbose
     texts = read_prompts(DEFAULT_PROMPTS, prompts)[-prompts:]
     ensure_writable_dir(out)
-    report = run_compare(source, out, cfg, texts, by_variant, ranges, label)
-    typer.echo(format_compare(report.data))
-    typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
+    report = run_compare(source, out, cfg, texts, by_variant, ranges, label, missing)
+    if json_out:
+        emit(report.data)
+    else:
+        typer.echo(format_compare(report.data))
+        typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
     if not report:
         raise typer.Exit(code=1)
 

@@ -20,6 +20,9 @@ from sd35trt import __version__
 from sd35trt.calibrate import CalibrationConfig as Calib  # defaults live in the configs; the CLI reads them
 from sd35trt.errors import Sd35TrtError
 from sd35trt.export import DEFAULT_OPSET
+from sd35trt.specs import ShapeRanges
+
+_RANGES = ShapeRanges()  # the CLI shows the library's default shape ranges
 
 app = typer.Typer(
     name="sd35trt",
@@ -62,30 +65,29 @@ def ranges_from_options(batch: str, height: str, width: str, t5_tokens: str):
 @app.command()
 def export(
     model: str = ModelOpt,
-    out: Path = typer.Option(Path("build"), "--out", "-o", help="output directory; ONNX goes to OUT/onnx/<component>/"),
+    out: Path = typer.Option(Path("build"), "--out", "-o", help="work directory: OUT/onnx-fp16/, OUT/onnx-fp8/, OUT/onnx/ per component"),
     components: Optional[str] = typer.Option(None, "--components", help="comma-separated subset of transformer,clip_l,clip_g,t5,vae_decoder"),
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (17-21)"),
-    height: str = typer.Option("512:1024:1024", "--height", help="pixel height range MIN:OPT:MAX (multiples of 16)"),
-    width: str = typer.Option("512:1024:1024", "--width", help="pixel width range MIN:OPT:MAX (multiples of 16)"),
-    batch: str = typer.Option("1:1:4", "--batch", help="images per prompt MIN:OPT:MAX"),
-    t5_tokens: str = typer.Option("256", "--t5-tokens", help="T5 sequence length range"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (OUT/onnx) or fp16 (OUT/onnx-fp16: built in FP16, lean at real size)"),
-    validate: bool = typer.Option(True, "--validate/--no-validate", help="compare every output with PyTorch in onnxruntime"),
+    height: str = typer.Option(str(_RANGES.height), "--height", help="pixel height range MIN:OPT:MAX (multiples of 16)"),
+    width: str = typer.Option(str(_RANGES.width), "--width", help="pixel width range MIN:OPT:MAX (multiples of 16)"),
+    batch: str = typer.Option(str(_RANGES.batch), "--batch", help="images per prompt MIN:OPT:MAX"),
+    t5_tokens: str = typer.Option(str(_RANGES.t5_tokens.max), "--t5-tokens", help="T5 sequence length range"),
+    precision: str = typer.Option("auto", "--precision", help="auto (what engines use: FP16 for every component, FP8 for the calibrated ones) | fp16 | fp8 | fp32, comma-separated"),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="compare every output with PyTorch in onnxruntime (and on calibrate's held-out traffic)"),
     provider: str = typer.Option("auto", "--provider", help="onnxruntime for validation: auto (CUDA when onnxruntime-gpu sees a GPU) | cpu | cuda"),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="re-export even when inputs are unchanged"),
+    json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
-    """Export SD3.5 components to ONNX, each validated against PyTorch in onnxruntime at another shape."""
+    """ONNX for the engines: FP16 (FP32 islands where the census needs them) and FP8 from calibrate, each
+    validated against PyTorch in onnxruntime at another shape and on held-out traffic."""
     from sd35trt.artifacts import ensure_writable_dir
-    from sd35trt.export import ExportConfig, export_model
+    from sd35trt.export import ExportConfig, export_model, plan_variants
     from sd35trt.models import resolve_model
-    from sd35trt.errors import InvalidInputError
-    from sd35trt.specs import Precision, parse_components
-
-    if precision not in ("fp32", "fp16"):
-        raise InvalidInputError(f"--precision '{precision}' is not fp32 or fp16", hint="FP8 ONNX comes from `sd35trt calibrate`")
     from sd35trt.onnx_utils import resolve_provider
+    from sd35trt.specs import parse_components
 
+    plan_variants(precision, (), None, {})  # a bad --precision fails before any work
     if validate:
         resolve_provider(provider)  # an explicit --provider cuda that cannot run fails before any export
     config = ExportConfig(components=parse_components(components), opset=opset,
@@ -93,20 +95,36 @@ def export(
                           provider=provider)
     source = resolve_model(model)
     ensure_writable_dir(out)
-    results = export_model(source, out, config, device=device, force=force, precision=Precision(precision))
-    emit({r.component: {"path": str(r.path), "skipped": r.skipped, "seconds": round(r.seconds, 2),
-                        "validation": {k: {m: v[m] for m in ("rel_l2", "max_abs")}
-                                       for k, v in (r.manifest.get("validation") or {}).get("outputs", {}).items()}}
-          for r in results})
+    results = export_model(source, out, config, device=device, force=force, precision=precision)
+    rows = {f"{r.component}/{r.precision}": {
+        "path": str(r.path), "skipped": r.skipped, "seconds": round(r.seconds, 2),
+        "weights": r.manifest.get("weights_precision", r.precision),
+        "fp32_islands": [i["module"] for i in r.manifest.get("fp32_islands", [])],
+        "validation": {k: {m: v[m] for m in ("rel_l2", "max_abs")}
+                       for k, v in (r.manifest.get("validation") or {}).get("outputs", {}).items()},
+        "traffic_check": {k: v["rel_l2_max"] for k, v in (r.manifest.get("traffic_check") or {}).items()
+                          if isinstance(v, dict) and "rel_l2_max" in v}} for r in results}
+    if json_out:
+        emit(rows)
+        return
+    lines = [f"{'component':<12} {'variant':<7} {'weights':<7} {'status':<8} {'check rel-L2':>12} {'traffic':>9}  islands"]
+    for key, row in rows.items():
+        name, variant = key.split("/")
+        check = max((v["rel_l2"] for v in row["validation"].values()), default=None)
+        traffic = max(row["traffic_check"].values(), default=None)
+        lines.append(f"{name:<12} {variant:<7} {row['weights']:<7} {'skipped' if row['skipped'] else 'exported':<8} "
+                     f"{'-' if check is None else f'{check:.2e}':>12} {'-' if traffic is None else f'{traffic:.2e}':>9}  "
+                     f"{', '.join(row['fp32_islands']) or '-'}")
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 @app.command()
 def calibrate(
     model: str = ModelOpt,
-    out: Path = typer.Option(Path("build"), "--out", "-o", help="work directory (the one export wrote to)"),
+    out: Path = typer.Option(Path("build"), "--out", "-o", help="work directory; the state goes to OUT/calibration/"),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="UTF-8 file, one prompt per line [default: calibration/prompts.txt]"),
-    num_prompts: int = typer.Option(Calib.num_prompts, "--num-prompts", help="prompts used to calibrate"),
-    steps: int = typer.Option(Calib.steps, "--steps", help="denoising steps per prompt"),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="prompts used to calibrate [default: 8 for tiny, 32 for real models]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps per prompt [default: 4 for tiny, 20 for real models]"),
     seed: int = typer.Option(Calib.seed, "--seed", help="seed of the calibration loop"),
     components: str = typer.Option(",".join(Calib.components), "--components", help="FP8 components: transformer[,clip_l,clip_g,t5]"),
     config: Optional[Path] = typer.Option(None, "--config", help="FP8 recipe TOML [default: calibration/fp8.toml]"),
@@ -115,27 +133,26 @@ def calibrate(
     guidance: float = typer.Option(Calib.guidance, "--guidance", help="classifier-free guidance scale"),
     calib_batch: int = typer.Option(Calib.batch, "--calib-batch", help="prompts per pipeline call"),
     holdout: int = typer.Option(Calib.holdout, "--holdout", help="held-out prompts for the report"),
-    dtype: str = typer.Option(Calib.dtype, "--dtype", help="pipeline dtype while calibrating: auto (fp32 on CPU, fp16 on CUDA), fp32, fp16, bf16"),
-    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="also write the FP16 fallback ONNX of every component"),
-    onnx_report: bool = typer.Option(True, "--onnx-report/--no-onnx-report", help="score FP8/FP16 ONNX in onnxruntime on held-out traffic"),
-    validate: bool = typer.Option(True, "--validate/--no-validate", help="validate the FP8 ONNX against the fake-quant module"),
+    dtype: str = typer.Option(Calib.dtype, "--dtype", help="compute dtype of the loops (weights stay FP32): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="recalibrate even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the full report as JSON instead of a table"),
 ) -> None:
-    """FP8 (E4M3) calibration with ModelOpt on real denoising traffic → FP8 Q/DQ ONNX + FP16 fallback ONNX."""
+    """FP8 (E4M3) calibration with ModelOpt on real denoising traffic, an activation census and FP32 islands
+    (state in OUT/calibration/; `sd35trt export` builds the FP8/FP16 ONNX from it)."""
     from sd35trt.artifacts import ensure_writable_dir
-    from sd35trt.calibrate import (CALIBRATABLE, DEFAULT_PROMPTS, DEFAULT_RECIPE, CalibrationConfig, calibrate_model,
-                                   format_report)
+    from sd35trt.calibrate import DEFAULT_PROMPTS, CalibrationConfig, calibrate_model, calibration_size, format_report
     from sd35trt.models import resolve_model
-    from sd35trt.specs import parse_components
+    from sd35trt.recipe import DEFAULT_RECIPE
+    from sd35trt.specs import CALIBRATABLE, parse_components
 
-    cfg = CalibrationConfig(
-        prompts_file=prompts or DEFAULT_PROMPTS, num_prompts=num_prompts, steps=steps, seed=seed,
-        components=parse_components(components, CALIBRATABLE), recipe_file=config or DEFAULT_RECIPE,
-        height=height, width=width, guidance=guidance, batch=calib_batch, holdout=holdout, dtype=dtype, fp16=fp16,
-        onnx_report=onnx_report, validate=validate)
     source = resolve_model(model)
+    default_prompts, default_steps = calibration_size(source)
+    cfg = CalibrationConfig(
+        prompts_file=prompts or DEFAULT_PROMPTS, num_prompts=default_prompts if num_prompts is None else num_prompts,
+        steps=default_steps if steps is None else steps, seed=seed, components=parse_components(components, CALIBRATABLE),
+        recipe_file=config or DEFAULT_RECIPE, height=height, width=width, guidance=guidance, batch=calib_batch,
+        holdout=holdout, dtype=dtype)
     ensure_writable_dir(out)
     result = calibrate_model(source, out, cfg, device=device, force=force)
     if json_out:

@@ -1,0 +1,133 @@
+"""The work-dir layout and the typed artifacts in it, in one place.
+
+``W/calibration/`` is written by ``calibrate`` alone and ``W/onnx*/<component>/`` by ``export`` alone; each
+folder carries a ``manifest.json`` with the hash of its inputs. Consumers read these through the classes
+here, never by raw keys, and ``load_current`` is the one "is this artifact still current?" check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd35trt.artifacts import read_json, verify_files
+from sd35trt.errors import ArtifactError
+from sd35trt.numerics import Island
+from sd35trt.specs import Precision
+
+MANIFEST = "manifest.json"
+VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8"}
+CALIBRATION_LAYOUT = 2  # bump when the calibration folder's files change meaning
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """``--out`` of calibrate/export, ``--onnx`` of build/compare/generate."""
+
+    root: Path
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration"
+
+    def variant(self, precision: Precision) -> Path:
+        return self.root / VARIANT_DIRS[precision]
+
+    def onnx_folder(self, precision: Precision, component: str) -> Path:
+        return self.variant(precision) / component
+
+    def onnx_path(self, precision: Precision, component: str) -> Path:
+        return self.onnx_folder(precision, component) / "model.onnx"
+
+    @staticmethod
+    def of_onnx(onnx_path: Path) -> WorkDir:
+        """The work dir an ``onnx*/<component>/model.onnx`` lives in."""
+        return WorkDir(onnx_path.parent.parent.parent)
+
+
+def load_current(folder: Path, inputs_hash: str, what: str) -> dict[str, Any] | None:
+    """The manifest of a finished artifact whose inputs hash matches and whose files are all there with
+    their recorded sizes (a cheap check; consumers that build from the bytes run ``verify_files``)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path, what)
+    except ArtifactError:
+        return None
+    if manifest.get("inputs_hash") != inputs_hash:
+        return None
+    files = manifest.get("files", {})
+    if any(not (folder / rel).is_file() or (folder / rel).stat().st_size != e["bytes"] for rel, e in files.items()):
+        return None
+    return manifest
+
+
+def require_model(described: dict[str, Any], fingerprint: str, model_id: str, where: Path) -> None:
+    """Refuse artifacts built from another model than ``--model`` names."""
+    if described.get("fingerprint") != fingerprint:
+        raise ArtifactError(f"artifacts were built from model '{described.get('id')}', not '{model_id}' "
+                            "(fingerprints differ)", path=where, hint=f"pass --model {described.get('id')}")
+
+
+@dataclass(frozen=True)
+class Fp16Decision:
+    """How a component's FP16 variant is built: FP16 with its FP32 islands, or whole FP32 (last resort)."""
+
+    precision: str  # "fp16" | "fp32"
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"precision": self.precision, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class CalibrationManifest:
+    """``W/calibration/manifest.json``: what calibrate decided, for export to build from."""
+
+    inputs_hash: str
+    model: dict[str, Any]
+    components: tuple[str, ...]  # calibrated to FP8
+    islands: dict[str, list[Island]]  # every component, empty lists included
+    fp16: dict[str, Fp16Decision]
+    files: dict[str, dict[str, Any]]
+    reference: str
+    margin: float
+    layout: int = CALIBRATION_LAYOUT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "calibration", "layout": self.layout, "inputs_hash": self.inputs_hash, "model": self.model,
+                "components": list(self.components), "reference": self.reference, "margin": self.margin,
+                "fp32_islands": {c: [i.to_dict() for i in v] for c, v in self.islands.items()},
+                "fp16": {c: d.to_dict() for c, d in self.fp16.items()}, "files": self.files, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path) -> CalibrationManifest:
+        if data.get("kind") != "calibration" or data.get("layout") != CALIBRATION_LAYOUT:
+            raise ArtifactError("calibration state is of an older sd35trt layout", path=path,
+                                hint="re-run `sd35trt calibrate --force` with this --out")
+        try:
+            return cls(
+                inputs_hash=data["inputs_hash"], model=data["model"], components=tuple(data["components"]),
+                islands={c: [Island.from_dict(i) for i in v] for c, v in data["fp32_islands"].items()},
+                fp16={c: Fp16Decision(d["precision"], d["reason"]) for c, d in data["fp16"].items()},
+                files=data["files"], reference=data["reference"], margin=float(data["margin"]),
+                extra={k: v for k, v in data.items() if k not in {
+                    "kind", "layout", "inputs_hash", "model", "components", "reference", "margin", "fp32_islands",
+                    "fp16", "files"}})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"calibration manifest is malformed ({exc.__class__.__name__}: {exc})", path=path,
+                                hint="re-run `sd35trt calibrate --force` with this --out") from None
+
+
+def load_calibration(work: WorkDir, *, verify: bool = True) -> CalibrationManifest | None:
+    """The calibration state of a work dir, or None when there is none; files checked against the manifest."""
+    path = work.calibration / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = CalibrationManifest.from_dict(read_json(path, "calibration manifest"), path)
+    if verify:
+        verify_files(work.calibration, manifest.files, path)
+    return manifest
