@@ -3,7 +3,8 @@
 # Intermediate files stay in $WORK (/tmp by default) so stages can run as consecutive commands.
 #
 #   bash bench/real_size.sh STAGE [MODEL]
-#   STAGE: export | calibrate | build | torch | proj_out | ort_export | components | ort_gpu | torch_loop | all
+#   STAGE: make_engines | make_calibrate | make_export | make_build (the Makefile's own steps, as a user runs them)
+#          | export | calibrate | build | torch | proj_out | ort_export | components | ort_gpu | torch_loop | all
 #   MODEL: sd3.5-medium (default) | sd3.5-large | tiny (a dry run on any CPU machine)
 #
 # Results: $RESULTS (JSON lines, one per measured command) plus each step's own manifest/report, copied
@@ -27,9 +28,27 @@ stage_export() {
 }
 
 stage_calibrate() {
-  $M "$MODEL calibrate transformer ${PROMPTS}x${STEPS} @${SIZE} + FP8 ONNX export" -- $CLI calibrate \
+  $M "$MODEL calibrate transformer ${PROMPTS}x${STEPS} @${SIZE}" -- $CLI calibrate \
     --model "$MODEL" --out "$WORK" --num-prompts "$PROMPTS" --steps "$STEPS" --height "$SIZE" --width "$SIZE" \
-    --components transformer --no-fp16 --no-onnx-report ${VALIDATE:---no-validate} --force --json
+    --components transformer --force --json
+  $M "$MODEL export transformer fp8" -- $CLI export --model "$MODEL" --out "$WORK" --components transformer \
+    --precision fp8 ${VALIDATE:---no-validate}
+}
+
+stage_make() {  # STEP: one target of `make engines`, exactly as the Makefile runs it (its prerequisites skip when
+  # done, so a step cut off by the 10-minute limit resumes on the next call). SYSTEM_PYTHON=1: the GPU machine's
+  # own torch/CUDA stack plus the staged wheels instead of a fresh .venv (it has no package index).
+  local step=$1
+  $M "make engines $MODEL: $step" -- make "$step" MODEL="$MODEL" GPU="${GPU:-ada}" WORK="$WORK" \
+    ENGINES="$WORK/engines" SYSTEM_PYTHON=1 PYTHON="$PY"
+  $PY - "$WORK" "$RESULTS" "$MODEL" "$step" <<'PYEOF'
+import json, subprocess, sys, time
+work, results, model, step = sys.argv[1:]
+used = int(subprocess.run(["du", "-sb", work], capture_output=True, text=True).stdout.split()[0])
+with open(results, "a") as f:
+    f.write(json.dumps({"label": f"make engines {model}: {step} (disk used after)", "disk_used_gb": round(used / 1e9, 2),
+                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+PYEOF
 }
 
 stage_build() {
@@ -82,14 +101,20 @@ stage_torch() {
 archive() {  # always, also after a failed step: the device returns at most 8 files, so one archive
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
-  du -b "$WORK"/onnx-*/*/* "$WORK"/engines-*/*/*/*.plan >> "$WORK/sizes.txt" 2>/dev/null || true
+  du -b "$WORK"/onnx-*/*/* "$WORK"/engines-*/*/*/*.plan "$WORK"/engines/*/*/*.plan "$WORK"/calibration/* \
+    >> "$WORK/sizes.txt" 2>/dev/null || true
   (cd "$WORK" && tar czf "$OUT/$MODEL-$STAGE.tar.gz" --ignore-failed-read results.jsonl sizes.txt \
-     $(ls calibration/calibration.json torch_anchor.json proj_out.json ort_gpu_bench.json torch_loop_bench.json onnx-*/*/manifest.json onnx-*/*/export.json \
+     $(ls calibration/calibration.json calibration/census.json calibration/manifest.json engines/*/*/manifest.json \
+          engines/*/*/layers/*.txt torch_anchor.json proj_out.json ort_gpu_bench.json torch_loop_bench.json onnx-*/*/manifest.json onnx-*/*/export.json \
           engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt 2>/dev/null)) || true
 }
 trap archive EXIT
 
 case "$STAGE" in
+  make_calibrate) stage_make calibrate ;;
+  make_export) stage_make export ;;
+  make_build) stage_make build ;;
+  make_engines) stage_make calibrate; stage_make export; stage_make build ;;
   export) stage_export ;;
   calibrate) stage_calibrate ;;
   build) stage_build ;;

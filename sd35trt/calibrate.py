@@ -44,7 +44,7 @@ from sd35trt.specs import CALIBRATABLE, COMPONENTS, SPECS, Precision, vae_input
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "calibration" / "prompts.txt"
 # Held-out calls kept per component for the reference, the FP16/FP8 checks and export's traffic check
 # (evenly spread over the denoising steps); at SD3.5 size a transformer call is ~30 MB of inputs.
-TRAFFIC_CALLS = {"transformer": 4, "clip_l": 4, "clip_g": 4, "t5": 4, "vae_decoder": 2}
+TRAFFIC_CALLS = {"transformer": 2, "clip_l": 4, "clip_g": 4, "t5": 4, "vae_decoder": 2}
 
 
 def calibration_size(source: ModelSource) -> tuple[int, int]:
