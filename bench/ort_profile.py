@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch  # first: loads the CUDA 13 libraries onnxruntime-gpu links against
 import onnxruntime as ort
+import torch  # first: loads the CUDA 13 libraries onnxruntime-gpu links against
 
 
 def main() -> None:

@@ -17,8 +17,16 @@ from pathlib import Path
 
 import torch
 
-from sd35trt.calibrate import (DEFAULT_PROMPTS, DEFAULT_RECIPE, CalibrationConfig, Recipe, TrafficRecorder,
-                               calibrate_networks, read_prompts, run_pipeline)
+from sd35trt.calibrate import (
+    DEFAULT_PROMPTS,
+    DEFAULT_RECIPE,
+    CalibrationConfig,
+    Recipe,
+    TrafficRecorder,
+    calibrate_networks,
+    read_prompts,
+    run_pipeline,
+)
 from sd35trt.metrics import error_stats, psnr
 from sd35trt.models import build_pipeline, resolve_model
 from sd35trt.specs import SPECS

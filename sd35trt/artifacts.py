@@ -14,10 +14,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sd35trt.errors import ArtifactError, InvalidInputError
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -16,10 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from sd35trt import __version__, log
-from sd35trt.artifacts import atomic_dir, hash_json, recover_interrupted, read_json, sha256_file, verify_files, write_json_atomic
+from sd35trt.artifacts import (
+    atomic_dir,
+    hash_json,
+    read_json,
+    recover_interrupted,
+    sha256_file,
+    verify_files,
+    write_json_atomic,
+)
 from sd35trt.backends import TrtBackend, build_engine, choose_backend, local_compute_capability, summarize_layers
 from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
-from sd35trt.export import MANIFEST, VARIANT_DIRS
+from sd35trt.manifests import MANIFEST, VARIANT_DIRS
 from sd35trt.models import model_slug
 from sd35trt.specs import COMPONENTS, Precision
 from sd35trt.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc

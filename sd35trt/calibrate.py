@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from sd35trt import __version__, log
-from sd35trt.artifacts import atomic_dir, file_entries, hash_json, package_versions, recover_interrupted, sha256_file, write_json_atomic
+from sd35trt.artifacts import (
+    atomic_dir,
+    file_entries,
+    hash_json,
+    package_versions,
+    recover_interrupted,
+    sha256_file,
+    write_json_atomic,
+)
 from sd35trt.errors import CalibrationError, InvalidInputError, check_choice
 from sd35trt.manifests import CalibrationManifest, Fp16Decision, WorkDir, load_current
 from sd35trt.metrics import error_stats, psnr

@@ -309,11 +309,16 @@ def onnx_variants(onnx_root: Path, variants: tuple[str, ...],
     runners_by_variant, ranges, missing = {}, None, {}
     for variant in variants:
         try:
-            runners_by_variant[variant], ranges = runners_from_onnx(onnx_root, variant, provider=provider)
+            runners, found_ranges = runners_from_onnx(onnx_root, variant, provider=provider)
         except ArtifactError as err:
             if "no " not in err.what:
                 raise
             missing[variant] = err.what
+            continue
+        if variant == "fp8" and not any(r.precision == "fp8" for r in runners.values()):
+            missing[variant] = "no fp8 ONNX for any component (run `sd35trt calibrate`, then `sd35trt export`)"
+            continue
+        runners_by_variant[variant], ranges = runners, found_ranges
     if not runners_by_variant:
         raise ArtifactError(f"nothing to compare: {'; '.join(missing.values())}", path=onnx_root,
                             hint="run `sd35trt export` (and `calibrate` for FP8) with this --out first")

@@ -22,14 +22,15 @@ import platform
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sd35trt import __version__, log
 from sd35trt.artifacts import atomic_dir, file_entries, hash_json, package_versions, recover_interrupted, write_json_atomic
 from sd35trt.errors import ExportValidationError, InvalidInputError, check_choice
-from sd35trt.manifests import MANIFEST, VARIANT_DIRS, CalibrationManifest, WorkDir, load_calibration, load_current
+from sd35trt.manifests import MANIFEST, CalibrationManifest, WorkDir, load_calibration, load_current
 from sd35trt.metrics import error_stats
 from sd35trt.models import ModelSource
 from sd35trt.numerics import Island, fp32_islands, hottest_module, plan_islands
@@ -312,7 +313,8 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
                   recipe_islands: dict[str, list[Island]]) -> list[VariantPlan]:
     """Which variants ``--precision`` asks for, with the islands and weights each is built with.
 
-    ``auto`` (what engines use): FP16 for every component and FP8 for the calibrated ones. FP16 takes the
+    ``auto`` (what engines use): FP16 for every component and FP8 for the calibrated ones (``fp8`` alone:
+    the calibrated ones, an error when none of ``components`` is calibrated). FP16 takes the
     calibration's islands and its FP16/FP32 decision; without a calibration, the recipe's known sites."""
     names = [v.strip() for v in requested.split(",") if v.strip()]
     for name in names:
@@ -337,10 +339,10 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
                 "fp32_islands": [i.to_dict() for i in islands], "weights_precision": weights,
                 "islands_from": source}))
     if Precision.FP8 in wanted:
-        absent = [c for c in components if c not in calibrated]
-        if "auto" not in names and absent:
-            raise InvalidInputError(f"no FP8 calibration for {', '.join(absent)} in this work dir",
-                                    hint=f"run `sd35trt calibrate --components {','.join(absent)}` with this --out first")
+        if "auto" not in names and components and not calibrated & set(components):
+            raise InvalidInputError(f"no FP8 calibration for {', '.join(components)} in this work dir",
+                                    hint=f"run `sd35trt calibrate --components {','.join(c for c in components if SPECS[c].calibratable) or 'transformer'}` "
+                                         "with this --out first")
         for c in components:
             if c in calibrated and calibration is not None:
                 islands = tuple(calibration.islands.get(c, []))

@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 FP16_MAX = 65504.0
 DEFAULT_MARGIN = 2.0**14

@@ -8,10 +8,11 @@ census value above it makes its block an FP32 island (``sd35trt.numerics``).
 from __future__ import annotations
 
 import fnmatch
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from sd35trt.artifacts import sha256_file
 from sd35trt.errors import CalibrationError, InvalidInputError

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.artifacts import read_json
 from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, check_choice
-from sd35trt.export import MANIFEST, VARIANT_DIRS
+from sd35trt.manifests import MANIFEST, VARIANT_DIRS
 from sd35trt.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
 
 if TYPE_CHECKING:

@@ -8,9 +8,10 @@ Shape ranges are user-facing (batch, image height/width, T5 tokens) and turned i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sd35trt.errors import InvalidInputError
 from sd35trt.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS

@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny export + calibration per session (the expensive part), reused by every test."""
+"""Shared fixtures: one tiny calibration + export per session (the expensive part), reused by every test."""
 
 from __future__ import annotations
 
@@ -34,23 +34,29 @@ def tiny_source():
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory, tiny_source):
-    """FP32 export of all five tiny components (validated)."""
+def chain(tmp_path_factory, tiny_source):
+    """`make engines`' chain on the tiny model: calibrate (small), then export every variant (FP32 too)."""
+    from sd35trt.calibrate import CalibrationConfig, calibrate_model
     from sd35trt.export import ExportConfig, export_model
 
     out = tmp_path_factory.mktemp("work")
-    results = export_model(tiny_source, out, ExportConfig(), device="cpu")
-    return out, results
+    calibration = calibrate_model(tiny_source, out, CalibrationConfig(**CALIB), device="cpu")
+    exports = export_model(tiny_source, out, ExportConfig(), device="cpu", precision="fp32,fp16,fp8")
+    return out, calibration, exports
 
 
 @pytest.fixture(scope="session")
-def calibrated(exported, tiny_source):
-    """FP8 + FP16 ONNX from a real (small) calibration on top of the FP32 export."""
-    from sd35trt.calibrate import CalibrationConfig, calibrate_model
+def exported(chain):
+    """The work dir and its FP32 export results (all five components, validated)."""
+    out, _, exports = chain
+    return out, [r for r in exports if r.precision == "fp32"]
 
-    out, _ = exported
-    result = calibrate_model(tiny_source, out, CalibrationConfig(**CALIB), device="cpu")
-    return out, result
+
+@pytest.fixture(scope="session")
+def calibrated(chain):
+    """The work dir (calibration state + FP32/FP16/FP8 ONNX) and the calibration result."""
+    out, calibration, _ = chain
+    return out, calibration
 
 
 @pytest.fixture()

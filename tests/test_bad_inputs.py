@@ -69,7 +69,8 @@ EXPORT_CASES = [
     (["--opset", "9"], "--opset 9"),
     (["--opset", "abc"], "--opset"),
     (["--t5-tokens", "300"], "--t5-tokens"),
-    (["--precision", "fp8"], "fp32 or fp16"),
+    (["--precision", "fp64"], "--precision 'fp64'"),
+    (["--precision", "fp8"], "no FP8 calibration"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--provider", "tensorrt"], "--provider 'tensorrt'"),
     (["--no-such-option"], "no such option"),
@@ -358,7 +359,7 @@ def test_debug_env_shows_tracebacks(monkeypatch):
 def test_paths_with_spaces_symlinks_and_relative(capsys, tmp_path, monkeypatch):
     spaced = tmp_path / "dir with spaces" / "out"
     assert run_cli(capsys, ["export", "--out", spaced, "--components", "clip_l"])[0] == 0
-    assert (spaced / "onnx" / "clip_l" / "model.onnx").is_file()
+    assert (spaced / "onnx-fp16" / "clip_l" / "model.onnx").is_file()
     link = tmp_path / "link"
     link.symlink_to(spaced, target_is_directory=True)
     before = tree_digest(spaced)

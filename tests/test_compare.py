@@ -7,7 +7,8 @@ def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path)
     """The issue's bar: FP32 ONNX loop vs diffusers ≥ 60 dB; FP16 and FP8 reported and within their bars."""
     out, _ = calibrated
     cfg = CompareConfig(prompts=1, steps=3, components=("transformer", "clip_l", "vae_decoder"))
-    runners, ranges = onnx_variants(out, cfg.variants)
+    runners, ranges, missing = onnx_variants(out, cfg.variants)
+    assert missing == {}
     report = run_compare(tiny_source, tmp_path, cfg, ["a koi pond in autumn, watercolor"], runners, ranges, str(out))
     assert report, report.failures
     data = json.loads((tmp_path / "compare.json").read_text())
@@ -23,7 +24,7 @@ def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path)
     from PIL import Image
 
     grid = Image.open(tmp_path / "compare.png")
-    assert grid.size == (256 * 4, 276)
+    assert grid.size == (256 * 7, 276), "reference, then each variant with its amplified difference"
 
 
 def test_compare_fails_loudly_when_a_tolerance_breaks(calibrated, tiny_source, tmp_path, monkeypatch):
@@ -33,6 +34,27 @@ def test_compare_fails_loudly_when_a_tolerance_breaks(calibrated, tiny_source, t
     monkeypatch.setitem(compare_mod.E2E_MIN_PSNR_DB, Precision.FP16, 1000.0)
     out, _ = calibrated
     cfg = CompareConfig(variants=("fp16",), prompts=1, steps=2, components=("clip_g",))
-    runners, ranges = onnx_variants(out, cfg.variants)
+    runners, ranges, _ = onnx_variants(out, cfg.variants)
     report = run_compare(tiny_source, tmp_path, cfg, ["a cat"], runners, ranges, str(out))
     assert not report and "end-to-end fp16" in report.failures[0]
+
+
+def test_compare_compares_what_exists_and_lists_what_is_missing(capsys, calibrated, tmp_path):
+    """Right after an FP16-only export there is no FP32/FP8: compare runs FP16 and says what it skipped;
+    stdout carries the table only (polygraphy's log goes to stderr)."""
+    import shutil
+
+    from sd35trt.cli.main import main
+
+    out, _ = calibrated
+    work = tmp_path / "work"
+    shutil.copytree(out / "onnx-fp16", work / "onnx-fp16")
+    code = main(["compare", "--onnx", str(work), "--out", str(tmp_path / "cmp"), "--prompts", "1", "--steps", "2",
+                 "--components", "clip_l"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert "not compared fp32: no fp32 ONNX for transformer" in captured.out
+    assert "not compared fp8: no fp8 ONNX for any component" in captured.out
+    assert "[I]" not in captured.out and "polygraphy" not in captured.out.lower()
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert set(data["missing"]) == {"fp32", "fp8"} and set(data["end_to_end"]) == {"fp16"}

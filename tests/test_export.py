@@ -50,7 +50,7 @@ def test_onnx_runs_at_the_largest_profile_shape(exported):
 def test_rerun_with_unchanged_inputs_skips(exported, tiny_source):
     out, _ = exported
     before = {c: (out / "onnx" / c / "model.onnx").stat().st_mtime_ns for c in COMPONENTS}
-    results = export_model(tiny_source, out, ExportConfig(), device="cpu")
+    results = export_model(tiny_source, out, ExportConfig(), device="cpu", precision="fp32")
     assert all(r.skipped for r in results)
     assert before == {c: (out / "onnx" / c / "model.onnx").stat().st_mtime_ns for c in COMPONENTS}
 
@@ -59,7 +59,7 @@ def test_failed_validation_leaves_previous_export_intact(tmp_path, tiny_source, 
     import sd35trt.export as export_mod
 
     cfg = ExportConfig(components=("clip_l",))
-    export_model(tiny_source, tmp_path, cfg, device="cpu")
+    export_model(tiny_source, tmp_path, cfg, device="cpu", precision="fp32")
     onnx_path = tmp_path / "onnx" / "clip_l" / "model.onnx"
     good = onnx_path.read_bytes()
 
@@ -68,7 +68,7 @@ def test_failed_validation_leaves_previous_export_intact(tmp_path, tiny_source, 
 
     monkeypatch.setattr(export_mod, "validate_onnx", broken)
     with pytest.raises(ExportValidationError):
-        export_model(tiny_source, tmp_path, cfg, device="cpu", force=True)
+        export_model(tiny_source, tmp_path, cfg, device="cpu", force=True, precision="fp32")
     assert onnx_path.read_bytes() == good
     assert not list((tmp_path / "onnx").glob(".clip_l.tmp-*")), "no half-written temp folder is left"
 

@@ -56,13 +56,15 @@ def finals_only(root: Path) -> dict[str, str]:
 def test_export_killed_mid_write_keeps_previous_and_resumes(work_copy):
     before = finals_only(work_copy / "onnx")
     onnx = work_copy / "onnx"
-    result = kill_when(cli("export", "--out", work_copy, "--components", "clip_l,vae_decoder", "--force"),
+    result = kill_when(cli("export", "--out", work_copy, "--components", "clip_l,vae_decoder", "--precision", "fp32",
+                           "--force"),
                        lambda: any((d / "model.onnx").exists() for d in temp_dirs(onnx, "vae_decoder")))
     assert result.returncode == -signal.SIGKILL
     after = finals_only(onnx)
     assert after["vae_decoder/model.onnx"] == before["vae_decoder/model.onnx"], "previous ONNX untouched"
     assert set(after) == set(before), "no half file under a final name"
-    resumed = subprocess.run(cli("export", "--out", work_copy), env=env(), capture_output=True, text=True)
+    resumed = subprocess.run(cli("export", "--out", work_copy, "--precision", "fp32"), env=env(), capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "unchanged, skipped" in resumed.stderr
     assert not temp_dirs(onnx, "vae_decoder"), "the re-run removed the killed run's temp folder"
@@ -72,7 +74,7 @@ def test_export_killed_mid_write_keeps_previous_and_resumes(work_copy):
 def test_export_sigint_cleans_up(work_copy):
     onnx = work_copy / "onnx"
     before = finals_only(onnx)
-    result = kill_when(cli("export", "--out", work_copy, "--components", "vae_decoder", "--force"),
+    result = kill_when(cli("export", "--out", work_copy, "--components", "vae_decoder", "--precision", "fp32", "--force"),
                        lambda: any((d / "model.onnx").exists() for d in temp_dirs(onnx, "vae_decoder")),
                        sig=signal.SIGINT)
     assert result.returncode == 130 and "interrupted" in result.stderr
@@ -83,10 +85,11 @@ def test_export_sigint_cleans_up(work_copy):
 def test_calibrate_killed_keeps_previous_state_and_resumes(work_copy):
     before = finals_only(work_copy)
     result = kill_when(cli("calibrate", "--out", work_copy, *CALIB_ARGS, "--force"),
-                       lambda: bool(temp_dirs(work_copy / "onnx-fp8", "transformer")))
+                       lambda: any((d / "quant_state.pt").exists() for d in temp_dirs(work_copy, "calibration")))
     assert result.returncode == -signal.SIGKILL
     after = finals_only(work_copy)
-    for key in ("calibration/scales.json", "calibration/manifest.json", "onnx-fp8/transformer/model.onnx"):
+    for key in ("calibration/scales.json", "calibration/manifest.json", "calibration/quant_state.pt",
+                "onnx-fp8/transformer/model.onnx"):
         assert after[key] == before[key], key
     resumed = subprocess.run(cli("calibrate", "--out", work_copy, *CALIB_ARGS), env=env(), capture_output=True,
                              text=True)

@@ -36,11 +36,11 @@ def test_parse_components():
 def test_profiles_derive_from_vae_scale_and_cfg_doubling():
     dims = PipeDims(vae_scale=8, widths={"latent_channels": 16, "joint_dim": 4096, "pooled_dim": 2048,
                                          "clip_l_hidden": 768, "clip_l_proj": 768, "t5_hidden": 4096}, vocab={})
-    ranges = ShapeRanges()  # batch 1..4, 512..1024 px, 256 T5 tokens
+    ranges = ShapeRanges()  # batch 1..4, 512..1536 px (opt 1024), 256 T5 tokens
     transformer = SPECS["transformer"].profile(ranges, dims)
-    assert transformer["hidden_states"] == ((2, 16, 64, 64), (2, 16, 128, 128), (8, 16, 128, 128))
+    assert transformer["hidden_states"] == ((2, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192))
     assert transformer["encoder_hidden_states"][2] == (8, 77 + 256, 4096)
-    assert SPECS["vae_decoder"].profile(ranges, dims)["latent"][2] == (4, 16, 128, 128)  # no CFG doubling
+    assert SPECS["vae_decoder"].profile(ranges, dims)["latent"][2] == (4, 16, 192, 192)  # no CFG doubling
     assert SPECS["clip_l"].profile(ranges, dims)["input_ids"] == ((2, 77), (2, 77), (8, 77))
     assert SPECS["t5"].dynamic_axes()["input_ids"] == {0: "batch", 1: "t5_tokens"}
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from sd35trt.build import BuildConfig
-from sd35trt.cli.main import app, bundle_app, emit
+from sd35trt.cli.app import app, bundle_app, emit
 
 
 @app.command()
@@ -180,9 +180,9 @@ def compare(
     json_out: bool = typer.Option(False, "--json", help="print compare.json instead of the table"),
 ) -> None:
     """Per-component (polygraphy) and end-to-end comparison against PyTorch/diffusers; exit 1 on a failed tolerance."""
+    import sd35trt.compare as compare_mod
     from sd35trt.artifacts import ensure_writable_dir
     from sd35trt.calibrate import DEFAULT_PROMPTS, read_prompts
-    import sd35trt.compare as compare_mod
     from sd35trt.compare import CompareConfig, format_compare, onnx_variants, run_compare
     from sd35trt.errors import InvalidInputError
     from sd35trt.models import resolve_model

@@ -1,13 +1,13 @@
-"""``sd35trt`` entry point: wires subcommands and maps user errors to one line + exit code 2."""
+"""``sd35trt`` entry point: the export and calibrate commands, the other commands' registration
+(``sd35trt.cli.commands``), and the mapping of user errors to one line + exit code 2."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
@@ -16,50 +16,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sd35trt import __version__
-from sd35trt.calibrate import CalibrationConfig as Calib  # defaults live in the configs; the CLI reads them
-from sd35trt.errors import Sd35TrtError
-from sd35trt.export import DEFAULT_OPSET
-from sd35trt.specs import ShapeRanges
+from sd35trt.calibrate import CalibrationConfig as Calib  # noqa: E402  (defaults live in the configs)
+from sd35trt.cli import commands  # noqa: E402, F401  (registers build, bundle, doctor, generate, compare, bench)
+from sd35trt.cli.app import DeviceOpt, ModelOpt, app, emit, ranges_from_options  # noqa: E402
+from sd35trt.errors import Sd35TrtError  # noqa: E402
+from sd35trt.export import DEFAULT_OPSET  # noqa: E402
+from sd35trt.specs import ShapeRanges  # noqa: E402
 
 _RANGES = ShapeRanges()  # the CLI shows the library's default shape ranges
-
-app = typer.Typer(
-    name="sd35trt",
-    help="Stable Diffusion 3.5 → validated ONNX → FP8/FP16 TensorRT engines, with manifests and comparisons.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-bundle_app = typer.Typer(help="Inspect and verify engine bundles.", no_args_is_help=True)
-app.add_typer(bundle_app, name="bundle")
-
-ModelOpt = typer.Option("tiny", "--model", "-m", help="tiny | sd3.5-medium | sd3.5-large (random weights) | path to a local diffusers SD3.5 directory")
-DeviceOpt = typer.Option("auto", "--device", help="torch device for export/calibration: auto, cpu or cuda")
-
-
-def emit(result: Any) -> None:
-    """Results go to stdout (JSON), logs to stderr."""
-    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-
-
-def version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"sd35trt {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
-                                      help="Print the version and exit.")) -> None:
-    """Set SD35TRT_DEBUG=1 to see tracebacks for user errors too."""
-
-
-def ranges_from_options(batch: str, height: str, width: str, t5_tokens: str):
-    from sd35trt.specs import Range, ShapeRanges
-
-    return ShapeRanges(batch=Range.parse(batch, "--batch"), height=Range.parse(height, "--height"),
-                       width=Range.parse(width, "--width"), t5_tokens=Range.parse(t5_tokens, "--t5-tokens"))
 
 
 @app.command()
@@ -163,8 +127,6 @@ def calibrate(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the app; a user error prints one line and exits 2, a bug keeps its traceback (exit 1)."""
-    from sd35trt.cli import commands  # noqa: F401  (registers the remaining subcommands)
-
     debug = os.environ.get("SD35TRT_DEBUG") == "1"
     try:
         code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
