@@ -20,9 +20,11 @@ BACKEND ?= auto
 WORK ?= build/$(MODEL)
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
-# Calibration size (sd35trt.calibrate.calibration_size says why): tiny 8 x 4, real SD3.5 32 prompts x 20 steps.
+# Calibration size (sd35trt.calibrate.calibration_size says why): tiny 8 x 4 at 512 px, real SD3.5 32 prompts
+# x 20 steps at 1024 px.
 NUM_PROMPTS ?= $(if $(filter tiny,$(MODEL)),8,32)
 STEPS ?= $(if $(filter tiny,$(MODEL)),4,20)
+SIZE ?= $(if $(filter tiny,$(MODEL)),512,1024)
 
 .PHONY: install engines export calibrate build test lint lock clean help
 
@@ -41,7 +43,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 install: $(VENV)/.installed
 
 calibrate: $(STAMP)
-	$(CLI) calibrate --model $(MODEL) --out $(WORK) --prompts $(PROMPTS) --num-prompts $(NUM_PROMPTS) --steps $(STEPS)
+	$(CLI) calibrate --model $(MODEL) --out $(WORK) --prompts $(PROMPTS) --num-prompts $(NUM_PROMPTS) --steps $(STEPS) \
+	  --height $(SIZE) --width $(SIZE)
 
 export: calibrate
 	$(CLI) export --model $(MODEL) --out $(WORK)

@@ -11,7 +11,7 @@ M="$PY bench/measure.py $RESULTS"
 CLI="$PY -m sd35trt"
 # The same three commands as `make engines GPU=ada` (Makefile: calibrate, export, build).
 run_all() {
-  $M "tiny calibrate ($1)" -- $CLI calibrate --model tiny --out "$WORK/build" --num-prompts 8 --steps 4
+  $M "tiny calibrate ($1)" -- $CLI calibrate --model tiny --out "$WORK/build" --num-prompts 8 --steps 4 --height 512 --width 512
   $M "tiny export ($1)" -- $CLI export --model tiny --out "$WORK/build"
   $M "tiny build ada ($1)" -- $CLI build --gpu ada --onnx "$WORK/build" --out "$WORK/engines"
 }

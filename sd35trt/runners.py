@@ -90,17 +90,50 @@ class OrtRunner(ComponentRunner):
         return super().describe() | {"onnx": str(self.path), "provider": self.provider}
 
 
+# TensorRT ``DataType`` member name → torch dtype name: every I/O type an SD3.5 engine can have.
+ENGINE_IO_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+                    "BOOL": "bool"}
+
+
+def io_dtype(trt_dtype: Any, tensor: str, component: str) -> str:
+    """The torch dtype name an engine I/O tensor needs; a type sd35trt cannot feed is refused by name."""
+    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    if name not in ENGINE_IO_DTYPES:
+        raise ArtifactError(f"{component} engine tensor '{tensor}' has data type {name}, which sd35trt cannot feed",
+                            hint=f"rebuild the bundle with this sd35trt (engine I/O is one of {', '.join(ENGINE_IO_DTYPES)})")
+    return ENGINE_IO_DTYPES[name]
+
+
+def graph_policy(backend: str, requested: bool) -> str:
+    """How ``EngineRunner`` uses CUDA graphs: ``off`` unless asked (``--cuda-graph``); TensorRT-RTX then uses its
+    runtime's own ``cuda_graph_strategy`` (a manual capture needs engines built with REQUIRE_USER_ALLOCATION and
+    would freeze its dynamic-shape fallback kernels); TensorRT gets a guarded capture (``capture``)."""
+    if not requested:
+        return "off"
+    return "runtime" if backend == "tensorrt-rtx" else "capture"
+
+
+def profile_problem(tensor: str, shape: tuple[int, ...], profile: list[Any]) -> str | None:
+    """Why ``shape`` is outside an engine input's optimisation profile ``[min, opt, max]`` (None when inside)."""
+    low, high = tuple(profile[0]), tuple(profile[-1])
+    if len(shape) != len(low) or any(s < a or s > b for s, a, b in zip(shape, low, high)):
+        return f"input {tensor} shape {tuple(shape)} is outside the engine's profile {low}..{high}"
+    return None
+
+
 class EngineRunner(ComponentRunner):
-    """A TensorRT or TensorRT-RTX engine with CUDA buffers from torch; CUDA graph when shapes repeat.
+    """A TensorRT or TensorRT-RTX engine on the caller's CUDA stream, I/O dtypes read from the engine.
 
     Needs a GPU of the engine's compute capability and the exact runtime version that built it
-    (``doctor`` checks both). Written against the TensorRT 10 / TensorRT-RTX 1.x Python API; it cannot
-    execute on machines without such a GPU, where ``runners_from_bundle`` refuses with a clear message.
+    (``doctor`` checks both). Written against the TensorRT 11 / TensorRT-RTX 1.7 Python API (type stubs in
+    ../shared/typings); it cannot execute on machines without such a GPU, where ``runners_from_bundle``
+    refuses with a clear message. Every TensorRT call's result is checked and named.
     """
 
     kind = "engine"
 
-    def __init__(self, spec: ComponentSpec, plan_path: Path, precision: str, module_name: str):
+    def __init__(self, spec: ComponentSpec, plan_path: Path, precision: str, module_name: str, backend: str,
+                 *, cuda_graph: bool = False):
         import importlib
 
         import torch
@@ -114,10 +147,22 @@ class EngineRunner(ComponentRunner):
         if self.engine is None:
             raise ArtifactError("engine cannot be deserialized (truncated, or built for another GPU/runtime)",
                                 path=plan_path, hint="run `sd35trt doctor` on this bundle")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
+        self.graphs = graph_policy(backend, cuda_graph)
+        if self.graphs == "runtime":
+            config = self.engine.create_runtime_config()
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeUnavailableError(f"{spec.name}: TensorRT could not create an execution context", path=plan_path,
+                                          hint="the GPU may be out of memory; run `sd35trt doctor` on this bundle")
+        names = (*spec.input_names, *spec.output_names)
+        self.dtypes = {n: getattr(torch, io_dtype(self.engine.get_tensor_dtype(n), n, spec.name)) for n in names}
+        self.profiles = {n: self.engine.get_tensor_profile_shape(n, 0) for n in spec.input_names}
         self._graph: Any = None
         self._graph_key: tuple | None = None
+        self._graph_outputs: dict[str, Any] = {}
         self._static: dict[str, Any] = {}
 
     @property
@@ -126,52 +171,75 @@ class EngineRunner(ComponentRunner):
 
     def _bind(self, inputs):
         torch = self._torch
-        outputs = {}
         for name in self.spec.input_names:
-            # Own copies: a captured CUDA graph keeps reading these addresses, so they must not alias the
-            # caller's tensors.
-            tensor = inputs[name].to("cuda", torch.float32 if inputs[name].is_floating_point() else None,
-                                     copy=True).contiguous()
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            # Own copies in the engine's dtype: a captured CUDA graph keeps reading these addresses.
+            tensor = inputs[name].to("cuda", self.dtypes[name], copy=True).contiguous()
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                why = profile_problem(name, tuple(tensor.shape), self.profiles[name]) or \
+                    f"input {name} shape {tuple(tensor.shape)} was refused"
+                raise InvalidInputError(f"{self.spec.name} engine: {why}",
+                                        hint="request a size inside the bundle's shape ranges (see its manifest)")
+            self._address(name, tensor)
             self._static[name] = tensor
+        outputs = {}
         for name in self.spec.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=torch.float32, device="cuda")
-            self.context.set_tensor_address(name, out.data_ptr())
-            outputs[name] = out
+            if any(d < 0 for d in shape):
+                raise RuntimeUnavailableError(f"{self.spec.name} engine: output {name} shape {shape} is unresolved",
+                                              hint="an input shape was not accepted; run `sd35trt doctor`")
+            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
+            self._address(name, outputs[name])
         return outputs
+
+    def _address(self, name: str, tensor: Any) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise RuntimeUnavailableError(f"{self.spec.name} engine: TensorRT refused the buffer of {name}",
+                                          hint="run `sd35trt doctor` on this bundle")
+
+    def _execute(self, stream: Any) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeUnavailableError(f"{self.spec.name} engine execution failed",
+                                          hint="run `sd35trt doctor` on this bundle")
 
     def __call__(self, **inputs):
         torch = self._torch
+        stream = torch.cuda.current_stream()  # the caller's: its input writes and our reads stay ordered
         key = tuple(tuple(inputs[n].shape) for n in self.spec.input_names)
-        action = graph_action(self._graph_key, key, self._graph is not None)
-        with torch.cuda.stream(self.stream):
-            if action == "replay":
-                for name in self.spec.input_names:  # same shapes: copy into the captured buffers and replay
-                    self._static[name].copy_(inputs[name].to("cuda"))
-                self._graph.replay()
-                outputs = self._graph_outputs
-            else:
-                if action == "run":  # new shape: _bind rebinds buffers, so a graph captured on the old ones goes
-                    self._graph, self._graph_key = None, key
-                outputs = self._bind(inputs)
-                if not self.context.execute_async_v3(self.stream.cuda_stream):
-                    raise RuntimeUnavailableError(f"{self.spec.name} engine execution failed",
-                                                  hint="run `sd35trt doctor` on this bundle")
-                if action == "capture":
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, stream=self.stream):
-                        self.context.execute_async_v3(self.stream.cuda_stream)
-                    self._graph, self._graph_outputs = graph, outputs
-        self.stream.synchronize()
-        return {k: v.clone() for k, v in outputs.items()}
+        action = graph_action(self._graph_key, key, self._graph is not None) if self.graphs == "capture" else "run"
+        if action == "replay":
+            for name in self.spec.input_names:  # same shapes: copy into the captured buffers and replay
+                self._static[name].copy_(inputs[name].to("cuda", self.dtypes[name]))
+            self._graph.replay()
+            outputs = self._graph_outputs
+        else:
+            if action == "run":  # new shape: _bind rebinds buffers, so a graph captured on the old ones goes
+                self._graph, self._graph_key = None, key
+            outputs = self._bind(inputs)
+            self._execute(stream)
+            if action == "capture":
+                self._capture(outputs)
+        return {k: v.to(torch.float32, copy=True) for k, v in outputs.items()}
+
+    def _capture(self, outputs: dict[str, Any]) -> None:
+        """Capture one execution; on any failure fall back to plain execution for good, with one warning."""
+        torch = self._torch
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+                    raise RuntimeError("execute_async_v3 returned False while capturing")
+            self._graph, self._graph_outputs = graph, outputs
+        except Exception as exc:  # noqa: BLE001 - any capture failure means "no graphs here", not a failed run
+            from sd35trt import log
+
+            log.warn(f"{self.spec.name}: CUDA graph capture failed ({str(exc)[:120]}); running without CUDA graphs")
+            self.graphs, self._graph = "off", None
 
 
 def graph_action(graph_key: tuple | None, key: tuple, has_graph: bool) -> str:
-    """CUDA-graph policy of ``EngineRunner`` per call: ``run`` (first call at a shape, or a new shape: plain
-    execution, any graph captured at another shape is dropped since its buffers are rebound), ``capture``
-    (second call at the same shape), ``replay`` (later calls at that shape)."""
+    """CUDA-graph capture policy of ``EngineRunner`` (``capture`` mode) per call: ``run`` (first call at a shape,
+    or a new shape: plain execution, any graph captured at another shape is dropped since its buffers are
+    rebound), ``capture`` (second call at the same shape), ``replay`` (later calls at that shape)."""
     if key != graph_key:
         return "run"
     return "replay" if has_graph else "capture"
@@ -225,7 +293,7 @@ def _ranges_from_profile(manifest: dict[str, Any]) -> ShapeRanges | None:
     return ShapeRanges.from_dict(ranges) if ranges else None
 
 
-def runners_from_bundle(folder: Path) -> tuple[dict[str, ComponentRunner], dict[str, Any]]:
+def runners_from_bundle(folder: Path, *, cuda_graph: bool = False) -> tuple[dict[str, ComponentRunner], dict[str, Any]]:
     """Engine runners for a bundle, after checking it fits this host (GPU, compute capability, runtime)."""
     from sd35trt.build import verify_bundle
     from sd35trt.doctor import bundle_fit, host_report
@@ -233,13 +301,19 @@ def runners_from_bundle(folder: Path) -> tuple[dict[str, ComponentRunner], dict[
     manifest = verify_bundle(folder)
     ok, why = bundle_fit(manifest, host_report())
     if not ok:
-        onnx_dirs = sorted({str(Path(e["onnx"]["path"]).parent.parent.parent) for e in manifest["components"].values()})
+        from sd35trt.manifests import WorkDir
+
+        onnx_dirs = sorted({str(WorkDir.of_onnx(Path(e["onnx"]["path"])).root) for e in manifest["components"].values()})
         raise RuntimeUnavailableError(
             f"the engines of this bundle cannot run on this host: {why}", path=folder,
             hint=f"run the same loop on the bundle's ONNX instead: --onnx {onnx_dirs[0] if onnx_dirs else '<work dir>'} "
                  f"(or run on a GPU with compute capability {', '.join(manifest['compute_capabilities'])})")
-    module = "tensorrt_rtx_bindings" if manifest["backend"] == "tensorrt-rtx" else "tensorrt"
-    runners = {name: EngineRunner(SPECS[name], folder / e["file"], e["precision"], module)
+    from sd35trt.backends import BACKENDS
+    from sd35trt.targets import Backend
+
+    backend = manifest["backend"]
+    module = BACKENDS[Backend(backend)].module_name
+    runners = {name: EngineRunner(SPECS[name], folder / e["file"], e["precision"], module, backend, cuda_graph=cuda_graph)
                for name, e in manifest["components"].items()}
     return runners, manifest
 

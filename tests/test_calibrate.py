@@ -125,10 +125,11 @@ def test_calibration_size_per_model_matches_the_makefile():
     from sd35trt.calibrate import calibration_size
     from sd35trt.models import resolve_model
 
-    for model, expected in (("tiny", (8, 4)), ("sd3.5-medium", (32, 20)), ("sd3.5-large", (32, 20))):
+    for model, expected in (("tiny", (8, 4, 512)), ("sd3.5-medium", (32, 20, 1024)), ("sd3.5-large", (32, 20, 1024))):
         assert calibration_size(resolve_model(model)) == expected
         dry = subprocess.run(["make", "-n", "engines", f"MODEL={model}", "GPU=ada", "SYSTEM_PYTHON=1"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
-        assert f"--num-prompts {expected[0]} --steps {expected[1]}" in dry, dry
+        assert f"--num-prompts {expected[0]} --steps {expected[1]} --height {expected[2]} --width {expected[2]}" in \
+            " ".join(dry.replace("\\\n", " ").split()), dry
         order = [line.split()[3] for line in dry.splitlines() if " -m sd35trt " in line]
         assert order == ["calibrate", "export", "build"]

@@ -87,14 +87,49 @@ def test_bundle_cannot_run_without_gpu_and_points_to_onnx(calibrated, tmp_path):
         runners_from_bundle(bundle)
 
 
-def test_engine_runner_executes_on_a_matching_gpu():
-    """Executing engines needs a GPU of the engine's architecture with its runtime: not here (see docs)."""
-    from sd35trt.backends import local_compute_capability
+@pytest.mark.gpu
+def test_engine_runner_executes_on_a_matching_gpu(calibrated, tmp_path):
+    """Build the tiny bundle for this host's GPU with whichever backend can, and generate through its engines."""
+    from sd35trt.backends import choose_backend, local_compute_capability
+    from sd35trt.build import resolve_target
+    from sd35trt.errors import Sd35TrtError
+    from sd35trt.targets import Backend, GpuTarget
 
     if local_compute_capability() is None:
-        pytest.skip("no CUDA GPU on this host: engines cannot be executed here (CI has none; the GPU machine is "
-                    "CC 9.0, which TensorRT-RTX refuses, and full TensorRT cannot be installed there)")
-    pytest.skip("engine execution test needs a bundle built for this GPU; run `sd35trt generate --bundle` there")
+        pytest.skip("no CUDA GPU on this host: engines cannot be executed here (CI has none)")
+    try:
+        choose_backend(Backend.AUTO, resolve_target(GpuTarget.AUTO))
+    except Sd35TrtError as err:  # e.g. the GPU machine here: CC 9.0, which TensorRT-RTX refuses, and no TensorRT
+        pytest.skip(f"no installed backend builds engines for this GPU: {err}")
+    from sd35trt.cli.main import main
+
+    out, _ = calibrated
+    assert main(["build", "--gpu", "auto", "--onnx", str(out), "--out", str(tmp_path / "engines")]) == 0
+    bundle = next((tmp_path / "engines" / "tiny").iterdir())
+    image = tmp_path / "x.png"
+    assert main(["generate", "--bundle", str(bundle), "--prompt", "a cat", "--steps", "2", "--height", "512",
+                 "--width", "512", "--out", str(image)]) == 0
+    assert image.stat().st_size > 0
+
+
+def test_engine_io_dtypes_and_profiles_against_the_real_bindings():
+    """The runner's pure policies, checked against TensorRT-RTX's own enums (the runtime cannot run here)."""
+    from sd35trt.errors import ArtifactError
+    from sd35trt.runners import graph_policy, io_dtype, profile_problem
+
+    trt = pytest.importorskip("tensorrt_rtx_bindings")
+    assert io_dtype(trt.DataType.FLOAT, "x", "t") == "float32" and io_dtype(trt.DataType.HALF, "x", "t") == "float16"
+    assert io_dtype(trt.DataType.BF16, "x", "t") == "bfloat16" and io_dtype(trt.DataType.INT64, "ids", "t") == "int64"
+    assert io_dtype(trt.DataType.INT32, "x", "t") == "int32" and io_dtype(trt.DataType.BOOL, "m", "t") == "bool"
+    with pytest.raises(ArtifactError, match="tensor 'q' has data type FP8"):
+        io_dtype(trt.DataType.FP8, "q", "transformer")
+    assert graph_policy("tensorrt-rtx", False) == graph_policy("tensorrt", False) == "off"
+    assert graph_policy("tensorrt-rtx", True) == "runtime" and graph_policy("tensorrt", True) == "capture"
+    assert hasattr(trt.CudaGraphStrategy, "WHOLE_GRAPH_CAPTURE")
+    profile = [(2, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192)]
+    assert profile_problem("hidden_states", (2, 16, 128, 96), profile) is None
+    assert profile_problem("hidden_states", (2, 16, 256, 128), profile) == \
+        "input hidden_states shape (2, 16, 256, 128) is outside the engine's profile (2, 16, 64, 64)..(8, 16, 192, 192)"
 
 
 def test_engine_runner_cuda_graph_policy_follows_shape_changes():

@@ -90,7 +90,7 @@ def _one_source(bundle, onnx, torch_) -> None:
 
 
 def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precision: str, device: str,
-               provider: str = "auto", dtype: str = "auto"):
+               provider: str = "auto", dtype: str = "auto", cuda_graph: bool = False):
     """The denoising loop over the runners the options name, after checking artifacts match the model."""
     from sd35trt.artifacts import read_json
     from sd35trt.models import build_pipeline, resolve_model
@@ -99,7 +99,7 @@ def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precisi
 
     source = resolve_model(model)
     if bundle is not None:
-        runners, manifest = runners_from_bundle(bundle)
+        runners, manifest = runners_from_bundle(bundle, cuda_graph=cuda_graph)
         _check_model_matches(source, manifest["model"], bundle)
         return Sd35Loop(build_pipeline(source, components=set()), runners, ranges_of_bundle(manifest))
     if onnx is not None:
@@ -133,6 +133,7 @@ def generate(
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="PNG path (batch > 1: NAME-<i>.png)"),
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --bundle: CUDA graphs (TensorRT-RTX: its runtime strategy; TensorRT: a guarded capture)"),
     json_out: bool = typer.Option(False, "--json", help="print timings and paths as JSON"),
 ) -> None:
     """Prompt → PNG: CLIP-L/G + T5 → MMDiT loop (CFG, flow matching) → VAE, on engines, ONNX or torch."""
@@ -147,7 +148,7 @@ def generate(
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
     request = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                               seed=seed, height=height, width=width, batch=batch)
-    result = _make_loop(model, bundle, onnx, precision, device, provider, dtype)(request)
+    result = _make_loop(model, bundle, onnx, precision, device, provider, dtype, cuda_graph)(request)
     paths = []
     for i, image in enumerate(result.pil):
         path = out if len(result.pil) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -232,6 +233,7 @@ def bench(
     batch: int = typer.Option(1, "--batch"),
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --bundle: CUDA graphs (TensorRT-RTX: its runtime strategy; TensorRT: a guarded capture)"),
 ) -> None:
     """Latency: transformer step (median of --steps after warm-up), end to end per image, images/s, GPU memory."""
     from sd35trt.bench import bench_loop
@@ -243,6 +245,6 @@ def bench(
         raise InvalidInputError("--steps and --images must be ≥ 1", hint="e.g. --steps 20 --images 2")
     request = GenerateRequest(prompt="a lighthouse on a basalt cliff at golden hour, 35mm film photograph",
                               steps=loop_steps, height=height, width=width, batch=batch)
-    loop = _make_loop(model, bundle, onnx, precision, device, provider, dtype)
+    loop = _make_loop(model, bundle, onnx, precision, device, provider, dtype, cuda_graph)
     request.check(loop.ranges)
     emit(bench_loop(loop, request, steps=steps, images=images))

@@ -92,8 +92,8 @@ def calibrate(
     seed: int = typer.Option(Calib.seed, "--seed", help="seed of the calibration loop"),
     components: str = typer.Option(",".join(Calib.components), "--components", help="FP8 components: transformer[,clip_l,clip_g,t5]"),
     config: Optional[Path] = typer.Option(None, "--config", help="FP8 recipe TOML [default: calibration/fp8.toml]"),
-    height: int = typer.Option(Calib.height, "--height", help="calibration image height (px)"),
-    width: int = typer.Option(Calib.width, "--width", help="calibration image width (px)"),
+    height: Optional[int] = typer.Option(None, "--height", help="calibration image height (px) [default: 512 for tiny, 1024 for real models]"),
+    width: Optional[int] = typer.Option(None, "--width", help="calibration image width (px) [default: as --height's]"),
     guidance: float = typer.Option(Calib.guidance, "--guidance", help="classifier-free guidance scale"),
     calib_batch: int = typer.Option(Calib.batch, "--calib-batch", help="prompts per pipeline call"),
     holdout: int = typer.Option(Calib.holdout, "--holdout", help="held-out prompts for the report"),
@@ -111,11 +111,12 @@ def calibrate(
     from sd35trt.specs import CALIBRATABLE, parse_components
 
     source = resolve_model(model)
-    default_prompts, default_steps = calibration_size(source)
+    default_prompts, default_steps, default_size = calibration_size(source)
     cfg = CalibrationConfig(
         prompts_file=prompts or DEFAULT_PROMPTS, num_prompts=default_prompts if num_prompts is None else num_prompts,
         steps=default_steps if steps is None else steps, seed=seed, components=parse_components(components, CALIBRATABLE),
-        recipe_file=config or DEFAULT_RECIPE, height=height, width=width, guidance=guidance, batch=calib_batch,
+        recipe_file=config or DEFAULT_RECIPE, height=default_size if height is None else height,
+        width=default_size if width is None else width, guidance=guidance, batch=calib_batch,
         holdout=holdout, dtype=dtype)
     ensure_writable_dir(out)
     result = calibrate_model(source, out, cfg, device=device, force=force)
