@@ -27,7 +27,7 @@ from sd35trt.artifacts import (
 )
 from sd35trt.backends import TrtBackend, build_engine, choose_backend, local_compute_capability, summarize_layers
 from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
-from sd35trt.manifests import MANIFEST, VARIANT_DIRS
+from sd35trt.manifests import MANIFEST, VARIANT_DIRS, OnnxManifest, WorkDir
 from sd35trt.models import model_slug
 from sd35trt.specs import COMPONENTS, Precision
 from sd35trt.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
@@ -70,33 +70,29 @@ def resolve_target(target: GpuTarget) -> TargetInfo:
     return TargetInfo(found, (cc,), TARGETS[found].example_gpus)
 
 
-def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str, dict[Precision, dict[str, Any]]]:
-    """Manifests of every ONNX variant present under ``onnx_root`` (OUT of export/calibrate)."""
+def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str, dict[Precision, OnnxManifest]]:
+    """Manifests of every ONNX variant present under ``onnx_root`` (the --out of calibrate/export)."""
     if not onnx_root.is_dir():
         raise InvalidInputError("ONNX directory not found", path=onnx_root,
-                                hint="pass the --out of `sd35trt export`/`calibrate` as --onnx")
-    found: dict[str, dict[Precision, dict[str, Any]]] = {c: {} for c in components}
-    for precision, folder_name in VARIANT_DIRS.items():
+                                hint="pass the --out of `sd35trt export` as --onnx")
+    work = WorkDir(onnx_root)
+    found: dict[str, dict[Precision, OnnxManifest]] = {c: {} for c in components}
+    for precision in VARIANT_DIRS:
         for name in components:
-            folder = onnx_root / folder_name / name
+            folder = work.onnx_folder(precision, name)
             if not (folder / "model.onnx").exists() and not (folder / MANIFEST).exists():
                 continue
-            manifest = read_json(folder / MANIFEST, f"{precision.value} ONNX manifest of {name}")
-            if manifest.get("component") != name or manifest.get("precision") != precision.value:
-                raise ArtifactError(f"manifest describes {manifest.get('component')}/{manifest.get('precision')}, "
-                                    f"expected {name}/{precision.value}", path=folder / MANIFEST,
-                                    hint="the folder was moved or edited; re-run export/calibrate")
-            found[name][precision] = manifest | {"_folder": str(folder)}
+            found[name][precision] = OnnxManifest.load(folder, name, precision)
     if not any(found.values()):
         raise ArtifactError("no exported ONNX found", path=onnx_root,
                             hint="run `sd35trt export` (and `calibrate` for FP8) with this --out first")
     return found
 
 
-def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_manifest: dict[str, Any],
+def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_manifest: OnnxManifest,
                    workspace_gib: float | None) -> str:
     return hash_json({"toolkit": __version__, "backend": backend.kind.value, "backend_version": backend.version,
-                      "ccs": ccs, "onnx_files": onnx_manifest["files"], "profile": onnx_manifest["profile"],
+                      "ccs": ccs, "onnx_files": onnx_manifest.files, "profile": onnx_manifest.profile,
                       "workspace_gib": workspace_gib})
 
 
@@ -111,7 +107,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     plan = plan_precisions(target, config.components, {c: set(v) for c, v in variants.items()}, config.precision)
     backend = choose_backend(config.backend, target)
     ccs = backend.buildable_ccs(target)
-    model = next(m for v in variants.values() for m in v.values())["model"]
+    model = next(m for v in variants.values() for m in v.values()).model
     folder = bundle_folder(engines_root, model_slug(model), target, backend)
 
     sources = {name: variants[name][choice.precision] for name, choice in plan.items()}
@@ -124,7 +120,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
         return BundleResult(folder, previous, skipped=True)
 
     for source in sources.values():  # never build from an ONNX that doesn't match its manifest
-        verify_files(Path(source["_folder"]), source["files"], Path(source["_folder"]) / MANIFEST)
+        source.verify()
 
     log.info(f"target {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}), backend "
              f"{backend.kind.value} {backend.version}")
@@ -149,14 +145,14 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
                 entries[name] = old
                 log.info(f"  {name}: unchanged, reused")
                 continue
-            onnx_path = Path(source["_folder"]) / "model.onnx"
+            onnx_path = source.onnx_path
             with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}") as timing:
-                built = build_engine(backend, onnx_path, source["profile"], ccs, timing_cache=timing_cache,
+                built = build_engine(backend, onnx_path, source.profile, ccs, timing_cache=timing_cache,
                                      workspace_gib=config.workspace_gib)
                 (tmp / plan_name).write_bytes(built.plan)
             if built.timing_cache:
                 timing_cache = built.timing_cache
-            islands = source.get("fp32_islands", [])
+            islands = source.fp32_islands
             summary = summarize_layers(built.layers, [i["module"] for i in islands])
             if choice.precision is Precision.FP8 and summary["gemm_fp8"] == 0:
                 raise BuildError(f"{name}: FP8 requested but the engine has no FP8 GEMM", path=onnx_path,
@@ -168,13 +164,12 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
                 format_layers(name, choice.precision, summary, built.layers, islands))
             entries[name] = {
                 "file": plan_name, "sha256": sha256_file(tmp / plan_name), "bytes": len(built.plan),
-                "precision": choice.precision.value, "weights_precision": source.get("weights_precision",
-                                                                                    choice.precision.value),
+                "precision": choice.precision.value, "weights_precision": source.weights_precision,
                 "reason": choice.reason, "inputs_hash": hashes[name], "fp32_islands": islands,
-                "onnx": {"path": str(onnx_path), "files": source["files"], "inputs_hash": source["inputs_hash"],
-                         "calibration_hash": source.get("calibration_hash")},
-                "profile": source["profile"], "ranges": source.get("ranges"),
-                "io": {"inputs": source["inputs"], "outputs": source["outputs"]},
+                "onnx": {"path": str(onnx_path), "files": source.files, "inputs_hash": source.inputs_hash,
+                         "calibration_hash": source.calibration_hash},
+                "profile": source.profile, "ranges": source.ranges,
+                "io": {"inputs": source.inputs, "outputs": source.outputs},
                 "layers": summary, "build_seconds": round(timing["seconds"], 2), "warnings": built.warnings[-5:],
             }
             rebuilt.append(name)

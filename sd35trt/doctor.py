@@ -55,8 +55,12 @@ def bundle_fit(manifest: dict[str, Any], host: dict[str, Any]) -> tuple[bool, st
         return False, f"runtime {backend} is not installed (need {version})"
     if installed != version:
         return False, f"built with {backend} {version}, installed {installed}: engines are tied to the exact version"
-    if backend == "tensorrt-rtx" and host["compute_capability"] == "9.0":
-        return False, "TensorRT-RTX does not run on compute capability 9.0 (Hopper)"
+    from sd35trt.targets import RTX_CCS
+
+    major, minor = (int(v) for v in host["compute_capability"].split("."))
+    if backend == "tensorrt-rtx" and (major, minor) not in RTX_CCS:
+        return False, (f"TensorRT-RTX does not run on compute capability {major}.{minor} (it supports "
+                       f"{', '.join(f'{a}.{b}' for a, b in RTX_CCS)})")
     return True, "compatible"
 
 

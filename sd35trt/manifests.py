@@ -43,7 +43,7 @@ class WorkDir:
     @staticmethod
     def of_onnx(onnx_path: Path) -> WorkDir:
         """The work dir an ``onnx*/<component>/model.onnx`` lives in."""
-        return WorkDir(onnx_path.parent.parent.parent)
+        return WorkDir(onnx_path.parents[2])
 
 
 def load_current(folder: Path, inputs_hash: str, what: str) -> dict[str, Any] | None:
@@ -131,3 +131,58 @@ def load_calibration(work: WorkDir, *, verify: bool = True) -> CalibrationManife
     if verify:
         verify_files(work.calibration, manifest.files, path)
     return manifest
+
+
+@dataclass(frozen=True)
+class OnnxManifest:
+    """``W/onnx*/<component>/manifest.json``: one exported ONNX variant, as build and the runners read it."""
+
+    folder: Path
+    component: str
+    precision: Precision
+    model: dict[str, Any]
+    inputs_hash: str
+    files: dict[str, dict[str, Any]]
+    profile: dict[str, list[list[int]]]
+    ranges: dict[str, str] | None
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    weights_precision: str
+    fp32_islands: list[dict[str, Any]]
+    calibration_hash: str | None
+    data: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # everything else, as written
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / "model.onnx"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.data, "component": self.component, "precision": self.precision.value, "model": self.model,
+                "inputs_hash": self.inputs_hash, "files": self.files, "profile": self.profile, "ranges": self.ranges,
+                "inputs": self.inputs, "outputs": self.outputs, "weights_precision": self.weights_precision,
+                "fp32_islands": self.fp32_islands, "calibration_hash": self.calibration_hash}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], folder: Path) -> OnnxManifest:
+        try:
+            return cls(folder=folder, component=data["component"], precision=Precision(data["precision"]),
+                       model=data["model"], inputs_hash=data["inputs_hash"], files=data["files"],
+                       profile=data["profile"], ranges=data.get("ranges"), inputs=data["inputs"],
+                       outputs=data["outputs"], weights_precision=data.get("weights_precision", data["precision"]),
+                       fp32_islands=data.get("fp32_islands", []), calibration_hash=data.get("calibration_hash"),
+                       data=data)
+        except (KeyError, ValueError) as exc:
+            raise ArtifactError(f"ONNX manifest is malformed or of an older layout ({exc.__class__.__name__}: {exc})",
+                                path=folder / MANIFEST, hint="re-run `sd35trt export --force` with this --out") from None
+
+    @classmethod
+    def load(cls, folder: Path, component: str, precision: Precision) -> OnnxManifest:
+        manifest = cls.from_dict(read_json(folder / MANIFEST, f"{precision.value} ONNX manifest of {component}"), folder)
+        if manifest.component != component or manifest.precision is not precision:
+            raise ArtifactError(f"manifest describes {manifest.component}/{manifest.precision.value}, "
+                                f"expected {component}/{precision.value}", path=folder / MANIFEST,
+                                hint="the folder was moved or edited; re-run export")
+        return manifest
+
+    def verify(self) -> None:
+        verify_files(self.folder, self.files, self.folder / MANIFEST)

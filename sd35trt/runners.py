@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.artifacts import read_json
 from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, check_choice
-from sd35trt.manifests import MANIFEST, VARIANT_DIRS
+from sd35trt.manifests import MANIFEST
 from sd35trt.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
 
 if TYPE_CHECKING:
@@ -252,18 +251,13 @@ def runners_from_torch(pipe: Any, components: tuple[str, ...] = COMPONENTS) -> d
     return {name: TorchRunner(SPECS[name], pipe) for name in components}
 
 
-def _variant_manifest(root: Path, precision: Precision, name: str) -> dict[str, Any] | None:
-    path = root / VARIANT_DIRS[precision] / name / MANIFEST
-    return read_json(path, f"{precision.value} ONNX manifest of {name}") if path.is_file() else None
-
-
 def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str, ...] = COMPONENTS,
                       provider: str = "cpu") -> tuple[dict[str, ComponentRunner], ShapeRanges]:
     """onnxruntime runners on a work dir's ONNX. ``auto``: FP8 where calibrated, else FP16, else FP32 (the
     precisions an FP8 engine bundle uses); ``fp32``/``fp16``/``fp8`` pick that variant (FP8 falls back to
     FP16 for components that were not calibrated, as engines do). Files are checked against manifests.
     ``provider``: onnxruntime execution provider per session (``onnx_utils.resolve_provider``)."""
-    from sd35trt.artifacts import verify_files
+    from sd35trt.manifests import OnnxManifest, WorkDir
 
     if not root.is_dir():
         raise InvalidInputError("ONNX directory not found", path=root, hint="pass the --out of export/calibrate")
@@ -271,26 +265,21 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
              "fp16": (Precision.FP16,), "fp32": (Precision.FP32,)}
     check_choice("--precision", precision, tuple(order))
     runners, ranges = {}, None
+    work = WorkDir(root)
     for name in components:
         for candidate in order[precision]:
-            manifest = _variant_manifest(root, candidate, name)
-            if manifest is None:
+            folder = work.onnx_folder(candidate, name)
+            if not (folder / MANIFEST).is_file():
                 continue
-            folder = root / VARIANT_DIRS[candidate] / name
-            verify_files(folder, manifest["files"], folder / MANIFEST)
-            runners[name] = OrtRunner(SPECS[name], folder / "model.onnx", candidate.value, provider)
-            ranges = ranges or _ranges_from_profile(manifest)
+            manifest = OnnxManifest.load(folder, name, candidate)
+            manifest.verify()
+            runners[name] = OrtRunner(SPECS[name], manifest.onnx_path, candidate.value, provider)
+            ranges = ranges or (ShapeRanges.from_dict(manifest.ranges) if manifest.ranges else None)
             break
         else:
             raise ArtifactError(f"no {'/'.join(p.value for p in order[precision])} ONNX for {name}", path=root,
                                 hint="run `sd35trt export` (FP32) and `sd35trt calibrate` (FP16/FP8) first")
     return runners, ranges or ShapeRanges()
-
-
-def _ranges_from_profile(manifest: dict[str, Any]) -> ShapeRanges | None:
-    """The exported shape ranges, recorded in every ONNX manifest's export config."""
-    ranges = manifest.get("ranges")
-    return ShapeRanges.from_dict(ranges) if ranges else None
 
 
 def runners_from_bundle(folder: Path, *, cuda_graph: bool = False) -> tuple[dict[str, ComponentRunner], dict[str, Any]]:

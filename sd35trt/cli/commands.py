@@ -1,4 +1,5 @@
-"""Subcommands beyond export/calibrate: build, bundle verify, doctor (generate/compare live in their modules)."""
+"""Subcommands beyond calibrate/export (``main.py``): build, bundle verify, doctor, generate, compare, bench.
+Each is a few lines over library calls; the library does the work."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import typer
 
 from sd35trt.build import BuildConfig
 from sd35trt.cli.app import app, bundle_app, emit
+from sd35trt.pipeline import GenerateRequest
+
+_REQ = GenerateRequest(prompt="")  # generate's defaults are the request's own
 
 
 @app.command()
@@ -123,13 +127,13 @@ def generate(
     torch_: bool = typer.Option(False, "--torch", help="run the PyTorch modules"),
     precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
-    negative_prompt: str = typer.Option("", "--negative-prompt", "-n"),
-    steps: int = typer.Option(28, "--steps"),
-    guidance: float = typer.Option(4.5, "--guidance"),
-    seed: int = typer.Option(0, "--seed"),
-    height: int = typer.Option(1024, "--height"),
-    width: int = typer.Option(1024, "--width"),
-    batch: int = typer.Option(1, "--batch"),
+    negative_prompt: str = typer.Option(_REQ.negative_prompt, "--negative-prompt", "-n"),
+    steps: int = typer.Option(_REQ.steps, "--steps"),
+    guidance: float = typer.Option(_REQ.guidance, "--guidance"),
+    seed: int = typer.Option(_REQ.seed, "--seed"),
+    height: int = typer.Option(_REQ.height, "--height"),
+    width: int = typer.Option(_REQ.width, "--width"),
+    batch: int = typer.Option(_REQ.batch, "--batch"),
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="PNG path (batch > 1: NAME-<i>.png)"),
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
@@ -236,8 +240,8 @@ def bench(
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --bundle: CUDA graphs (TensorRT-RTX: its runtime strategy; TensorRT: a guarded capture)"),
 ) -> None:
     """Latency: transformer step (median of --steps after warm-up), end to end per image, images/s, GPU memory."""
-    from sd35trt.bench import bench_loop
     from sd35trt.errors import InvalidInputError
+    from sd35trt.latency import bench_loop
     from sd35trt.pipeline import GenerateRequest
 
     _one_source(bundle, onnx, torch_)
