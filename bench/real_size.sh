@@ -82,7 +82,7 @@ stage_components() {  # CLIP-L, CLIP-G, VAE decoder, T5-XXL: FP16 ONNX and SM89 
 loop_bench() {  # FILE LABEL RUNNER-OPTIONS...: the whole sd35trt loop timed by `sd35trt bench`, JSON into $WORK/FILE
   local file=$1 label=$2; shift 2
   $M "$MODEL sd35trt loop on $label, ${SIZE}² ${LOOP_STEPS:-28} steps" -- $CLI bench --model "$MODEL" "$@" \
-    --height "$SIZE" --width "$SIZE" --steps 20 --loop-steps "${LOOP_STEPS:-28}" --images 2 > "$WORK/$file"
+    --height "$SIZE" --width "$SIZE" --steps 20 --loop-steps "${LOOP_STEPS:-28}" --images 2 --json > "$WORK/$file"
 }
 
 stage_ort_gpu() {  # the peer without TensorRT: the loop on the FP16 ONNX through onnxruntime-gpu

@@ -27,6 +27,7 @@ from sd35trt.artifacts import (
 )
 from sd35trt.backends import TrtBackend, build_engine, choose_backend, local_compute_capability, summarize_layers
 from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
+from sd35trt.export import check_disk
 from sd35trt.manifests import MANIFEST, VARIANT_DIRS, OnnxManifest, WorkDir
 from sd35trt.models import model_slug
 from sd35trt.specs import COMPONENTS, Precision
@@ -146,6 +147,8 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
                 log.info(f"  {name}: unchanged, reused")
                 continue
             onnx_path = source.onnx_path
+            # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
+            check_disk(tmp, int(sum(e["bytes"] for e in source.files.values()) * 1.1), f"the {name} engine")
             with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}") as timing:
                 built = build_engine(backend, onnx_path, source.profile, ccs, timing_cache=timing_cache,
                                      workspace_gib=config.workspace_gib)

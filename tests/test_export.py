@@ -96,3 +96,35 @@ def test_consolidate_external_data_makes_one_data_file(tmp_path, exported):
     a = run_ort(ort_session(out / "onnx" / "clip_l" / "model.onnx"), {"input_ids": ids})
     b = run_ort(ort_session(path), {"input_ids": ids})
     assert np.array_equal(a["hidden_states"], b["hidden_states"])
+
+
+def test_the_fp32_reference_has_tf32_off():
+    """On CUDA torch's cuDNN convolutions default to TF32: an "FP32 reference" must switch it off."""
+    import torch
+
+    from sd35trt.runtime_env import strict_fp32
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    strict_fp32()
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_not_enough_disk_is_one_line_before_any_write(capsys, work_copy, tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from tests.test_bad_inputs import assert_user_error, run_cli, tree_digest
+
+    before = tree_digest(work_copy)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**12, 10**12, 10**5))
+    code, err = run_cli(capsys, ["export", "--out", work_copy, "--components", "clip_l", "--force"])
+    assert_user_error(code, err, "not enough disk for clip_l fp16 ONNX")
+    from tests.conftest import rtx_available
+
+    if rtx_available():
+        code, err = run_cli(capsys, ["build", "--onnx", work_copy, "--out", tmp_path / "engines", "--components", "t5"])
+        assert_user_error(code, err, "not enough disk for the t5 engine")
+        assert not list((tmp_path / "engines").rglob("*.plan"))
+    assert tree_digest(work_copy) == before

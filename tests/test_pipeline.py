@@ -158,8 +158,12 @@ def test_bench_command_on_onnx_runners(capsys, exported):
     from sd35trt.cli.main import main
 
     out, _ = exported
-    code = main(["bench", "--onnx", str(out), "--precision", "fp32", "--steps", "3", "--loop-steps", "2",
-                 "--images", "1", "--height", "512", "--width", "512"])
+    args = ["bench", "--onnx", str(out), "--precision", "fp32", "--steps", "3", "--loop-steps", "2", "--images", "1",
+            "--height", "512", "--width", "512"]
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert "transformer step (2 × 512×512): median" in summary and "images/s" in summary
+    code = main([*args, "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0
     assert result["transformer_step_ms"]["timed_steps"] == 3 and result["transformer_step_ms"]["median"] > 0

@@ -238,6 +238,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --bundle: CUDA graphs (TensorRT-RTX: its runtime strategy; TensorRT: a guarded capture)"),
+    json_out: bool = typer.Option(False, "--json", help="print the full result as JSON instead of a summary"),
 ) -> None:
     """Latency: transformer step (median of --steps after warm-up), end to end per image, images/s, GPU memory."""
     from sd35trt.errors import InvalidInputError
@@ -251,4 +252,17 @@ def bench(
                               steps=loop_steps, height=height, width=width, batch=batch)
     loop = _make_loop(model, bundle, onnx, precision, device, provider, dtype, cuda_graph)
     request.check(loop.ranges)
-    emit(bench_loop(loop, request, steps=steps, images=images))
+    result = bench_loop(loop, request, steps=steps, images=images)
+    if json_out:
+        emit(result)
+        return
+    step, e2e = result["transformer_step_ms"], result["end_to_end_s"]
+    runners = ", ".join(f"{k} {v['kind']} {v['precision']}" for k, v in result["runners"].items())
+    lines = [f"runners: {runners}",
+             f"transformer step ({step['batch_with_cfg']} × {height}×{width}): median {step['median']:.1f} ms "
+             f"(min {step['min']:.1f}, {step['timed_steps']} timed, {step['timer']})",
+             f"end to end ({loop_steps} steps): {e2e['median']:.2f} s / image, {result['images_per_s']:.3f} images/s"]
+    if "peak_gpu_gib" in result:
+        lines.append(f"GPU memory: torch peak {result['peak_gpu_gib']['torch_allocator_peak']:.1f} GiB, "
+                     f"device used at end {result['peak_gpu_gib']['device_used_at_end']:.1f} GiB")
+    typer.echo("\n".join(lines))
