@@ -19,21 +19,17 @@ from sd35trt import __version__, log
 from sd35trt.artifacts import (
     atomic_dir,
     hash_json,
-    read_json,
     recover_interrupted,
     sha256_file,
-    verify_files,
     write_json_atomic,
 )
 from sd35trt.backends import TrtBackend, build_engine, choose_backend, local_compute_capability, summarize_layers
 from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.export import check_disk
-from sd35trt.manifests import MANIFEST, VARIANT_DIRS, OnnxManifest, WorkDir
+from sd35trt.manifests import BUNDLE_MANIFEST, MANIFEST, VARIANT_DIRS, BundleManifest, EngineEntry, OnnxManifest, WorkDir
 from sd35trt.models import model_slug
 from sd35trt.specs import COMPONENTS, Precision
 from sd35trt.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
-
-BUNDLE_MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -52,7 +48,7 @@ class BuildConfig:
 @dataclass
 class BundleResult:
     folder: Path
-    manifest: dict[str, Any]
+    manifest: BundleManifest
     skipped: bool
     rebuilt: list[str] = field(default_factory=list)
 
@@ -116,7 +112,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     bundle_hash = hash_json({"components": hashes, "plan": {k: v.precision.value for k, v in plan.items()}})
     recover_interrupted(folder)
     previous = _read_previous(folder)
-    if not force and previous and previous.get("inputs_hash") == bundle_hash and _plans_intact(folder, previous):
+    if not force and previous and previous.inputs_hash == bundle_hash and previous.intact():
         log.info(f"bundle {folder} is up to date, skipped")
         return BundleResult(folder, previous, skipped=True)
 
@@ -138,12 +134,12 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
         for name, choice in plan.items():
             source = sources[name]
             plan_name = f"{name}.plan"
-            old = (previous or {}).get("components", {}).get(name)
-            if not force and old and old.get("inputs_hash") == hashes[name] and _file_ok(folder / plan_name, old):
+            old = previous.components.get(name) if previous else None
+            if not force and old and old.data.get("inputs_hash") == hashes[name] and _file_ok(folder / plan_name, old):
                 shutil.copy2(folder / plan_name, tmp / plan_name)
                 if (folder / "layers" / f"{name}.txt").is_file():
                     shutil.copy2(folder / "layers" / f"{name}.txt", tmp / "layers" / f"{name}.txt")
-                entries[name] = old
+                entries[name] = old.data
                 log.info(f"  {name}: unchanged, reused")
                 continue
             onnx_path = source.onnx_path
@@ -194,23 +190,18 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
         tmp_cache = cache_path.with_suffix(".tmp")
         tmp_cache.write_bytes(timing_cache)
         tmp_cache.replace(cache_path)
-    return BundleResult(folder, manifest, skipped=False, rebuilt=rebuilt)
+    return BundleResult(folder, BundleManifest.from_dict(manifest, folder), skipped=False, rebuilt=rebuilt)
 
 
-def _read_previous(folder: Path) -> dict[str, Any] | None:
+def _read_previous(folder: Path) -> BundleManifest | None:
     try:
-        return read_json(folder / BUNDLE_MANIFEST, "bundle manifest") if (folder / BUNDLE_MANIFEST).is_file() else None
+        return BundleManifest.load(folder) if (folder / BUNDLE_MANIFEST).is_file() else None
     except ArtifactError:
         return None
 
 
-def _file_ok(path: Path, entry: dict[str, Any]) -> bool:
-    return path.is_file() and path.stat().st_size == entry.get("bytes")
-
-
-def _plans_intact(folder: Path, manifest: dict[str, Any]) -> bool:
-    """Cheap check for the skip decision (sizes); `bundle verify` does the full sha256 check."""
-    return all(_file_ok(folder / e["file"], e) for e in manifest.get("components", {}).values())
+def _file_ok(path: Path, entry: EngineEntry) -> bool:
+    return path.is_file() and path.stat().st_size == entry.bytes
 
 
 def format_layers(name: str, precision: Precision, summary: dict[str, int], layers: list[dict[str, Any]],
@@ -232,21 +223,8 @@ def format_layers(name: str, precision: Precision, summary: dict[str, int], laye
 # --- verification --------------------------------------------------------------------------------------
 
 
-def verify_bundle(folder: Path) -> dict[str, Any]:
+def verify_bundle(folder: Path) -> BundleManifest:
     """``sd35trt bundle verify``: the manifest is well-formed and every engine matches its sha256."""
-    manifest_path = folder / BUNDLE_MANIFEST
-    manifest = read_json(manifest_path, "bundle manifest")
-    if manifest.get("kind") != "engine-bundle":
-        raise ArtifactError("not an engine bundle manifest (kind is missing or wrong)", path=manifest_path,
-                            hint="point at engines/<model>/<target>-<backend>/")
-    components = manifest.get("components")
-    if not isinstance(components, dict) or not components:
-        raise ArtifactError("bundle manifest lists no components", path=manifest_path, hint="rebuild the bundle")
-    for name, entry in components.items():
-        for key in ("file", "sha256", "bytes", "precision"):
-            if key not in entry:
-                raise ArtifactError(f"bundle manifest entry for {name} lacks '{key}'", path=manifest_path,
-                                    hint="rebuild the bundle")
-    verify_files(folder, {e["file"]: {"sha256": e["sha256"], "bytes": e["bytes"]} for e in components.values()},
-                 manifest_path)
+    manifest = BundleManifest.load(folder)
+    manifest.verify()
     return manifest

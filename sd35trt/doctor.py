@@ -8,10 +8,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sd35trt.artifacts import read_json
 from sd35trt.backends import BACKENDS, local_compute_capability
-from sd35trt.build import BUNDLE_MANIFEST
 from sd35trt.errors import InvalidInputError
+from sd35trt.manifests import BUNDLE_MANIFEST, BundleManifest
 
 
 def host_report() -> dict[str, Any]:
@@ -42,10 +41,10 @@ def host_report() -> dict[str, Any]:
     return report
 
 
-def bundle_fit(manifest: dict[str, Any], host: dict[str, Any]) -> tuple[bool, str]:
+def bundle_fit(manifest: BundleManifest, host: dict[str, Any]) -> tuple[bool, str]:
     """Can this bundle's engines run on this host? (False, why) names the first blocking reason."""
-    ccs = manifest.get("compute_capabilities", [])
-    backend, version = manifest.get("backend"), manifest.get("backend_version")
+    ccs = manifest.compute_capabilities
+    backend, version = manifest.backend, manifest.backend_version
     if host["compute_capability"] is None:
         return False, "no CUDA GPU on this host"
     if host["compute_capability"] not in ccs:
@@ -79,12 +78,12 @@ def diagnose(path: Path | None) -> dict[str, Any]:
     siblings = sorted(p for p in folders[0].parent.iterdir() if (p / BUNDLE_MANIFEST).is_file())
     bundles, runnable = {}, []
     for folder in sorted(set(folders) | set(siblings)):
-        manifest = read_json(folder / BUNDLE_MANIFEST, "bundle manifest")
+        manifest = BundleManifest.load(folder)
         ok, why = bundle_fit(manifest, host)
         bundles[str(folder)] = {
-            "target": manifest.get("target"), "compute_capabilities": manifest.get("compute_capabilities"),
-            "backend": f"{manifest.get('backend')} {manifest.get('backend_version')}", "runnable": ok, "why": why,
-            "engines": {n: e.get("precision") for n, e in manifest.get("components", {}).items()},
+            "target": manifest.target, "compute_capabilities": manifest.compute_capabilities,
+            "backend": f"{manifest.backend} {manifest.backend_version}", "runnable": ok, "why": why,
+            "engines": {n: e.precision for n, e in manifest.components.items()},
         }
         if ok:
             runnable.append(str(folder))

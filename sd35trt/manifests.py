@@ -186,3 +186,93 @@ class OnnxManifest:
 
     def verify(self) -> None:
         verify_files(self.folder, self.files, self.folder / MANIFEST)
+
+
+BUNDLE_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One engine of a bundle: its file, hash, precision and what built it (``data``: the whole entry)."""
+
+    name: str
+    file: str
+    sha256: str
+    bytes: int
+    precision: str
+    data: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def layers(self) -> dict[str, int]:
+        return self.data.get("layers", {})
+
+    @property
+    def fp32_islands(self) -> list[dict[str, Any]]:
+        return self.data.get("fp32_islands", [])
+
+    @property
+    def ranges(self) -> dict[str, str] | None:
+        return self.data.get("ranges")
+
+    @property
+    def work_dir(self) -> WorkDir | None:
+        path = self.data.get("onnx", {}).get("path")
+        return WorkDir.of_onnx(Path(path)) if path else None
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """``engines/<model>/<target>-<backend>/manifest.json``: what a deploy host needs to know about a bundle."""
+
+    folder: Path
+    target: str
+    compute_capabilities: list[str]
+    backend: str
+    backend_version: str
+    model: dict[str, Any]
+    inputs_hash: str
+    components: dict[str, EngineEntry]
+    data: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.data, "kind": "engine-bundle", "target": self.target,
+                "compute_capabilities": self.compute_capabilities, "backend": self.backend,
+                "backend_version": self.backend_version, "model": self.model, "inputs_hash": self.inputs_hash,
+                "components": {n: e.data for n, e in self.components.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], folder: Path) -> BundleManifest:
+        path = folder / BUNDLE_MANIFEST
+        if data.get("kind") != "engine-bundle":
+            raise ArtifactError("not an engine bundle manifest (kind is missing or wrong)", path=path,
+                                hint="point at engines/<model>/<target>-<backend>/")
+        components = data.get("components")
+        if not isinstance(components, dict) or not components:
+            raise ArtifactError("bundle manifest lists no components", path=path, hint="rebuild the bundle")
+        entries = {}
+        for name, entry in components.items():
+            for key in ("file", "sha256", "bytes", "precision"):
+                if key not in entry:
+                    raise ArtifactError(f"bundle manifest entry for {name} lacks '{key}'", path=path,
+                                        hint="rebuild the bundle")
+            entries[name] = EngineEntry(name, entry["file"], entry["sha256"], entry["bytes"], entry["precision"], entry)
+        try:
+            return cls(folder=folder, target=data["target"], compute_capabilities=list(data["compute_capabilities"]),
+                       backend=data["backend"], backend_version=data["backend_version"], model=data["model"],
+                       inputs_hash=data["inputs_hash"], components=entries, data=data)
+        except KeyError as exc:
+            raise ArtifactError(f"bundle manifest lacks '{exc.args[0]}'", path=path, hint="rebuild the bundle") from None
+
+    @classmethod
+    def load(cls, folder: Path) -> BundleManifest:
+        return cls.from_dict(read_json(folder / BUNDLE_MANIFEST, "bundle manifest"), folder)
+
+    def verify(self) -> None:
+        """Every engine is there with its recorded size and sha256."""
+        verify_files(self.folder, {e.file: {"sha256": e.sha256, "bytes": e.bytes} for e in self.components.values()},
+                     self.folder / BUNDLE_MANIFEST)
+
+    def intact(self) -> bool:
+        """The cheap check for skip decisions (sizes only)."""
+        return all((self.folder / e.file).is_file() and (self.folder / e.file).stat().st_size == e.bytes
+                   for e in self.components.values())

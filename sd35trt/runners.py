@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, check_choice
-from sd35trt.manifests import MANIFEST
+from sd35trt.manifests import MANIFEST, BundleManifest
 from sd35trt.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
 
 if TYPE_CHECKING:
@@ -282,34 +282,30 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
     return runners, ranges or ShapeRanges()
 
 
-def runners_from_bundle(folder: Path, *, cuda_graph: bool = False) -> tuple[dict[str, ComponentRunner], dict[str, Any]]:
+def runners_from_bundle(folder: Path, *, cuda_graph: bool = False) -> tuple[dict[str, ComponentRunner], BundleManifest]:
     """Engine runners for a bundle, after checking it fits this host (GPU, compute capability, runtime)."""
+    from sd35trt.backends import BACKENDS
     from sd35trt.build import verify_bundle
     from sd35trt.doctor import bundle_fit, host_report
+    from sd35trt.targets import Backend
 
     manifest = verify_bundle(folder)
     ok, why = bundle_fit(manifest, host_report())
     if not ok:
-        from sd35trt.manifests import WorkDir
-
-        onnx_dirs = sorted({str(WorkDir.of_onnx(Path(e["onnx"]["path"])).root) for e in manifest["components"].values()})
+        work_dirs = sorted({str(e.work_dir.root) for e in manifest.components.values() if e.work_dir})
         raise RuntimeUnavailableError(
             f"the engines of this bundle cannot run on this host: {why}", path=folder,
-            hint=f"run the same loop on the bundle's ONNX instead: --onnx {onnx_dirs[0] if onnx_dirs else '<work dir>'} "
-                 f"(or run on a GPU with compute capability {', '.join(manifest['compute_capabilities'])})")
-    from sd35trt.backends import BACKENDS
-    from sd35trt.targets import Backend
-
-    backend = manifest["backend"]
-    module = BACKENDS[Backend(backend)].module_name
-    runners = {name: EngineRunner(SPECS[name], folder / e["file"], e["precision"], module, backend, cuda_graph=cuda_graph)
-               for name, e in manifest["components"].items()}
+            hint=f"run the same loop on the bundle's ONNX instead: --onnx {work_dirs[0] if work_dirs else '<work dir>'} "
+                 f"(or run on a GPU with compute capability {', '.join(manifest.compute_capabilities)})")
+    module = BACKENDS[Backend(manifest.backend)].module_name
+    runners = {name: EngineRunner(SPECS[name], folder / e.file, e.precision, module, manifest.backend,
+                                  cuda_graph=cuda_graph) for name, e in manifest.components.items()}
     return runners, manifest
 
 
-def ranges_of_bundle(manifest: dict[str, Any]) -> ShapeRanges:
+def ranges_of_bundle(manifest: BundleManifest) -> ShapeRanges:
     """Shape ranges every engine of a bundle accepts: the exported ranges recorded per component."""
-    recorded = [e.get("ranges") for e in manifest["components"].values()]
+    recorded = [e.ranges for e in manifest.components.values()]
     if not recorded or any(r is None for r in recorded) or any(r != recorded[0] for r in recorded):
         raise ArtifactError("bundle manifest lacks consistent shape ranges for its engines",
                             hint="rebuild the bundle from one export (sd35trt build --force)")

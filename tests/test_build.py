@@ -37,11 +37,14 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
     assert transformer["precision"] == "fp8" and transformer["layers"]["gemm_fp8"] > 0
     assert "FP8" in (folder / "layers" / "transformer.txt").read_text()
     assert transformer["onnx"]["calibration_hash"]
-    assert verify_bundle(folder)["target"] == "ada"
+    assert verify_bundle(folder).target == "ada"
     from sd35trt.runners import ranges_of_bundle
     from sd35trt.specs import ShapeRanges
 
-    assert ranges_of_bundle(manifest) == ShapeRanges()  # the exported ranges travel with the engines
+    assert ranges_of_bundle(result.manifest) == ShapeRanges()  # the exported ranges travel with the engines
+    from sd35trt.manifests import BundleManifest
+
+    assert BundleManifest.from_dict(result.manifest.to_dict(), folder) == result.manifest  # round trip
 
     again = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA))
     assert again.skipped
@@ -51,9 +54,9 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
 def test_ampere_falls_back_to_fp16(calibrated, tmp_path):
     out, _ = calibrated
     result = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.AMPERE, components=("transformer",)))
-    entry = result.manifest["components"]["transformer"]
+    entry = result.manifest.components["transformer"].data
     assert entry["precision"] == "fp16" and entry["layers"]["gemm_fp8"] == 0
-    assert result.manifest["compute_capabilities"] == ["8.0", "8.6"]
+    assert result.manifest.compute_capabilities == ["8.0", "8.6"]
 
 
 @needs_rtx
@@ -101,7 +104,7 @@ def test_tensorrt_backend_builds_on_a_gpu_host(calibrated, tmp_path):
     out, _ = calibrated
     result = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.AUTO, backend=Backend.TENSORRT,
                                                      components=("transformer",)))
-    assert result.manifest["backend_version"] == trt.__version__
+    assert result.manifest.backend_version == trt.__version__
 
 
 def test_missing_onnx_dir(tmp_path):

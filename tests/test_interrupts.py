@@ -28,17 +28,23 @@ def env() -> dict[str, str]:
 
 
 def kill_when(argv: list[str], ready, sig=signal.SIGKILL, timeout: float = 240.0) -> subprocess.CompletedProcess:
-    """Start ``argv``; as soon as ``ready()`` is true, send ``sig``. Fails if the process ends first."""
+    """Start ``argv``; as soon as ``ready(stderr_so_far)`` is true, send ``sig``. Fails if the process ends first."""
+    import threading
+
     proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"process ended (rc {proc.returncode}) before the kill point: {err[-2000:]}")
-        if ready():
+            reader.join(5)
+            pytest.fail(f"process ended (rc {proc.returncode}) before the kill point: {''.join(err_lines)[-2000:]}")
+        if ready("".join(err_lines)):
             proc.send_signal(sig)
-            out, err = proc.communicate(timeout=120)
-            return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+            proc.wait(timeout=120)
+            reader.join(10)
+            return subprocess.CompletedProcess(argv, proc.returncode, proc.stdout.read(), "".join(err_lines))
         time.sleep(0.05)
     proc.kill()
     pytest.fail("kill point never reached")
@@ -58,7 +64,7 @@ def test_export_killed_mid_write_keeps_previous_and_resumes(work_copy):
     onnx = work_copy / "onnx"
     result = kill_when(cli("export", "--out", work_copy, "--components", "clip_l,vae_decoder", "--precision", "fp32",
                            "--force"),
-                       lambda: any((d / "model.onnx").exists() for d in temp_dirs(onnx, "vae_decoder")))
+                       lambda _err: any((d / "model.onnx").exists() for d in temp_dirs(onnx, "vae_decoder")))
     assert result.returncode == -signal.SIGKILL
     after = finals_only(onnx)
     assert after["vae_decoder/model.onnx"] == before["vae_decoder/model.onnx"], "previous ONNX untouched"
@@ -75,7 +81,7 @@ def test_export_sigint_cleans_up(work_copy):
     onnx = work_copy / "onnx"
     before = finals_only(onnx)
     result = kill_when(cli("export", "--out", work_copy, "--components", "vae_decoder", "--precision", "fp32", "--force"),
-                       lambda: any((d / "model.onnx").exists() for d in temp_dirs(onnx, "vae_decoder")),
+                       lambda err: "→ export vae_decoder" in err and bool(temp_dirs(onnx, "vae_decoder")),
                        sig=signal.SIGINT)
     assert result.returncode == 130 and "interrupted" in result.stderr
     assert "Traceback" not in result.stderr
@@ -85,7 +91,7 @@ def test_export_sigint_cleans_up(work_copy):
 def test_calibrate_killed_keeps_previous_state_and_resumes(work_copy):
     before = finals_only(work_copy)
     result = kill_when(cli("calibrate", "--out", work_copy, *CALIB_ARGS, "--force"),
-                       lambda: any((d / "quant_state.pt").exists() for d in temp_dirs(work_copy, "calibration")))
+                       lambda err: "→ calibrate transformer" in err)  # mid-calibration: the long part
     assert result.returncode == -signal.SIGKILL
     after = finals_only(work_copy)
     for key in ("calibration/scales.json", "calibration/manifest.json", "calibration/quant_state.pt",
@@ -105,7 +111,7 @@ def test_build_killed_keeps_previous_bundle_and_resumes(work_copy, tmp_path):
     bundle_parent = engines / "tiny"
     before = finals_only(engines)
     result = kill_when(cli("build", "--onnx", work_copy, "--out", engines, "--force"),
-                       lambda: any(list(d.glob("*.plan")) for d in temp_dirs(bundle_parent, "ada-tensorrt-rtx")))
+                       lambda _err: any(list(d.glob("*.plan")) for d in temp_dirs(bundle_parent, "ada-tensorrt-rtx")))
     assert result.returncode == -signal.SIGKILL
     assert finals_only(engines) == before
     resumed = subprocess.run(cli("build", "--onnx", work_copy, "--out", engines), env=env(), capture_output=True,

@@ -40,16 +40,16 @@ def build(
     ensure_writable_dir(out)
     result = build_bundle(onnx, out, config, force=force)
     m = result.manifest
-    rows = {k: {"precision": v["precision"], "bytes": v["bytes"], "gemm_fp8": v["layers"]["gemm_fp8"],
-                "gemm": v["layers"]["gemm"], "fp32_islands": [i["module"] for i in v.get("fp32_islands", [])],
-                "reused": k not in result.rebuilt} for k, v in m["components"].items()}
+    rows = {k: {"precision": e.precision, "bytes": e.bytes, "gemm_fp8": e.layers["gemm_fp8"], "gemm": e.layers["gemm"],
+                "fp32_islands": [i["module"] for i in e.fp32_islands], "reused": k not in result.rebuilt}
+            for k, e in m.components.items()}
     if json_out:
         emit({"bundle": str(result.folder), "skipped": result.skipped, "rebuilt": result.rebuilt,
-              "target": m["target"], "compute_capabilities": m["compute_capabilities"], "backend": m["backend"],
+              "target": m.target, "compute_capabilities": m.compute_capabilities, "backend": m.backend,
               "components": rows})
         return
-    lines = [f"bundle {result.folder} ({m['target']}, SM {', '.join(m['compute_capabilities'])}, "
-             f"{m['backend']} {m['backend_version']}){' unchanged' if result.skipped else ''}",
+    lines = [f"bundle {result.folder} ({m.target}, SM {', '.join(m.compute_capabilities)}, "
+             f"{m.backend} {m.backend_version}){' unchanged' if result.skipped else ''}",
              f"{'component':<12} {'precision':<9} {'size':>10} {'FP8 GEMMs':>10}  islands"]
     for name, row in rows.items():
         lines.append(f"{name:<12} {row['precision']:<9} {row['bytes'] / 1e6:>8.1f}MB {row['gemm_fp8']:>4}/{row['gemm']:<5}  "
@@ -63,8 +63,8 @@ def bundle_verify(folder: Path = typer.Argument(..., help="engines/<model>/<targ
     from sd35trt.build import verify_bundle
 
     manifest = verify_bundle(folder)
-    emit({"bundle": str(folder), "ok": True, "engines": len(manifest["components"]),
-          "target": manifest["target"], "backend": f"{manifest['backend']} {manifest['backend_version']}"})
+    emit({"bundle": str(folder), "ok": True, "engines": len(manifest.components),
+          "target": manifest.target, "backend": f"{manifest.backend} {manifest.backend_version}"})
 
 
 @app.command()
@@ -104,7 +104,7 @@ def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precisi
     source = resolve_model(model)
     if bundle is not None:
         runners, manifest = runners_from_bundle(bundle, cuda_graph=cuda_graph)
-        _check_model_matches(source, manifest["model"], bundle)
+        _check_model_matches(source, manifest.model, bundle)
         return Sd35Loop(build_pipeline(source, components=set()), runners, ranges_of_bundle(manifest))
     if onnx is not None:
         runners, ranges = runners_from_onnx(onnx, precision, provider=provider)
@@ -203,7 +203,7 @@ def compare(
         from sd35trt.runners import ranges_of_bundle, runners_from_bundle
 
         runners, manifest = runners_from_bundle(bundle)  # refuses with the reason and the --onnx to use instead
-        _check_model_matches(source, manifest["model"], bundle)
+        _check_model_matches(source, manifest.model, bundle)
         by_variant, ranges, label, missing = {"engine": runners}, ranges_of_bundle(manifest), str(bundle), {}
     else:
         by_variant, ranges, missing = onnx_variants(onnx, cfg.variants, provider)
