@@ -4,6 +4,7 @@
 #
 #   bash bench/real_size.sh STAGE [MODEL]
 #   STAGE: make_engines | make_calibrate | make_export | make_build (the Makefile's own steps, as a user runs them)
+#          | fp8_transformer (after make_calibrate: FP8 transformer ONNX + SM89 engine)
 #          | export | calibrate | build | torch | proj_out | ort_export | components | ort_gpu | torch_loop | all
 #   MODEL: sd3.5-medium (default) | sd3.5-large | tiny (a dry run on any CPU machine)
 #
@@ -33,6 +34,14 @@ stage_calibrate() {
     --components transformer --force --json
   $M "$MODEL export transformer fp8" -- $CLI export --model "$MODEL" --out "$WORK" --components transformer \
     --precision fp8 ${VALIDATE:---no-validate}
+}
+
+stage_fp8_transformer() {  # after make_calibrate: the FP8 transformer ONNX (unvalidated: the CPU-provider checks take
+  # minutes at Large size) and its SM89 engine, whose layers/transformer.txt shows the FP32 islands
+  $M "$MODEL export transformer fp8 (--no-validate)" -- $CLI export --model "$MODEL" --out "$WORK" \
+    --components transformer --precision fp8 --no-validate
+  $M "$MODEL build transformer fp8 SM89 tensorrt-rtx" -- $CLI build --gpu ada --backend tensorrt-rtx --onnx "$WORK" \
+    --out "$WORK/engines" --components transformer
 }
 
 stage_make() {  # STEP: one target of `make engines`, exactly as the Makefile runs it (its prerequisites skip when
@@ -115,6 +124,7 @@ case "$STAGE" in
   make_export) stage_make export ;;
   make_build) stage_make build ;;
   make_engines) stage_make calibrate; stage_make export; stage_make build ;;
+  fp8_transformer) stage_fp8_transformer ;;
   export) stage_export ;;
   calibrate) stage_calibrate ;;
   build) stage_build ;;
