@@ -31,7 +31,10 @@ def kill_when(argv: list[str], ready, sig=signal.SIGKILL, timeout: float = 240.0
     """Start ``argv``; as soon as ``ready(stderr_so_far)`` is true, send ``sig``. Fails if the process ends first."""
     import threading
 
-    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default disposition in the child, as in a user's terminal: a shell that started this test run in
+    # the background (no job control) leaves SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err_lines: list[str] = []
     reader = threading.Thread(target=lambda: err_lines.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
