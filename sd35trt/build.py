@@ -146,8 +146,9 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
             # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
             check_disk(tmp, int(sum(e["bytes"] for e in source.files.values()) * 1.1), f"the {name} engine")
             with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}") as timing:
-                built = build_engine(backend, onnx_path, source.profile, ccs, timing_cache=timing_cache,
-                                     workspace_gib=config.workspace_gib)
+                with log.working(f"{backend.kind.value} builder"):
+                    built = build_engine(backend, onnx_path, source.profile, ccs, timing_cache=timing_cache,
+                                         workspace_gib=config.workspace_gib)
                 (tmp / plan_name).write_bytes(built.plan)
             if built.timing_cache:
                 timing_cache = built.timing_cache

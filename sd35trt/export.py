@@ -166,7 +166,7 @@ def export_component(
     inputs = _to_device(spec.dummy_inputs(pipe_dims, trace_dims, seed=1), device)
     onnx_path = dest / "model.onnx"
     start = time.perf_counter()
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), log.working("tracing to ONNX"):
         # TracerWarnings flag Python branches on shapes; validation at another shape is what proves them safe.
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -266,10 +266,12 @@ def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision:
     from sd35trt.onnx_utils import run_ort
 
     per_call = []
-    for call, ref in zip(traffic.calls, traffic.reference):
-        outs = run_ort(session, {k: v.numpy() for k, v in call.items()})
-        per_call.append({n: error_stats(r.numpy() if hasattr(r, "numpy") else r, outs[n])
-                         for n, r in zip(spec.output_names, ref)})
+    with log.progress("held-out traffic check", len(traffic.calls)) as advance:
+        for call, ref in zip(traffic.calls, traffic.reference):
+            outs = run_ort(session, {k: v.numpy() for k, v in call.items()})
+            per_call.append({n: error_stats(r.numpy() if hasattr(r, "numpy") else r, outs[n])
+                             for n, r in zip(spec.output_names, ref)})
+            advance()
     summary = summarize(per_call, spec, precision)
     summary["calls"] = len(per_call)
     summary["reference"] = "FP32 network (TF32 off) on held-out pipeline traffic recorded by calibrate"

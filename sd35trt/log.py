@@ -42,3 +42,15 @@ def progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     with bar:
         task = bar.add_task(label, total=total)
         yield lambda n=1: bar.advance(task, n)
+
+
+@contextmanager
+def working(label: str) -> Iterator[None]:
+    """A spinner with elapsed time on stderr (transient) around one long native call (ONNX tracing, an engine
+    build) whose progress cannot be observed, so it has no ETA; loops use ``progress``, which has one."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    bar = Progress(SpinnerColumn(), TextColumn(f"  {label}"), TimeElapsedColumn(), console=console, transient=True)
+    with bar:
+        bar.add_task(label, total=None)
+        yield
