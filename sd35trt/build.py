@@ -82,7 +82,7 @@ def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str
             found[name][precision] = OnnxManifest.load(folder, name, precision)
     if not any(found.values()):
         raise ArtifactError("no exported ONNX found", path=onnx_root,
-                            hint="run `sd35trt export` (and `calibrate` for FP8) with this --out first")
+                            hint="run `sd35trt calibrate` then `sd35trt export` with this --out first")
     return found
 
 

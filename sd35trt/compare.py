@@ -321,7 +321,7 @@ def onnx_variants(onnx_root: Path, variants: tuple[str, ...],
         runners_by_variant[variant], ranges = runners, found_ranges
     if not runners_by_variant:
         raise ArtifactError(f"nothing to compare: {'; '.join(missing.values())}", path=onnx_root,
-                            hint="run `sd35trt export` (and `calibrate` for FP8) with this --out first")
+                            hint="run `sd35trt calibrate` then `sd35trt export` with this --out first (`--precision fp32` for FP32)")
     return runners_by_variant, ranges, missing
 
 

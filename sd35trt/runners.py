@@ -278,7 +278,7 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
             break
         else:
             raise ArtifactError(f"no {'/'.join(p.value for p in order[precision])} ONNX for {name}", path=root,
-                                hint="run `sd35trt export` (FP32) and `sd35trt calibrate` (FP16/FP8) first")
+                                hint="run `sd35trt calibrate` then `sd35trt export` (`--precision fp32` for FP32) with this --out first")
     return runners, ranges or ShapeRanges()
 
 

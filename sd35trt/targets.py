@@ -117,7 +117,7 @@ def plan_precisions(target: TargetInfo, components: tuple[str, ...], available: 
         if requested is not None:
             if requested not in have:
                 raise InvalidInputError(f"--precision {requested.value} requested but no {requested.value} ONNX for {name}",
-                                        hint="run `sd35trt calibrate` (FP8/FP16 ONNX) or `sd35trt export` (FP32) first")
+                                        hint="run `sd35trt calibrate` then `sd35trt export --precision <it>` first")
             plan[name] = PrecisionChoice(requested, f"--precision {requested.value}")
             continue
         for precision in PRECISION_PREFERENCE[name]:
@@ -128,7 +128,7 @@ def plan_precisions(target: TargetInfo, components: tuple[str, ...], available: 
                 break
         else:
             raise BuildError(f"no usable ONNX for {name} (have: {', '.join(sorted(p.value for p in have)) or 'none'})",
-                             hint="run `sd35trt export` and `sd35trt calibrate` for this model first")
+                             hint="run `sd35trt calibrate` then `sd35trt export` for this model first")
     return plan
 
 
