@@ -40,3 +40,35 @@ def test_calibration_state_of_an_older_layout_is_refused_in_one_line(capsys, wor
     code, err = run_cli(capsys, ["export", "--out", work_copy, "--components", "clip_l"])
     assert_user_error(code, err, "older sd35trt layout")
     assert "calibrate --force" in err
+
+
+def test_export_plans_follow_the_calibration(calibrated):
+    """What `export --precision auto` builds: FP16 everywhere (FP32 weights where calibrate chose the last
+    resort, with its islands otherwise), FP8 for the calibrated components only."""
+    from dataclasses import replace
+
+    from sd35trt.export import plan_variants
+    from sd35trt.manifests import Fp16Decision
+    from sd35trt.numerics import Island
+
+    out, _ = calibrated
+    manifest = load_calibration(WorkDir(out))
+    island = Island("transformer_blocks.1", 2e5, "census: test")
+    manifest = replace(manifest, islands={**manifest.islands, "transformer": [island]},
+                       fp16={**manifest.fp16, "t5": Fp16Decision("fp32", "last resort: test")})
+    plans = {(p.component, p.precision): p for p in plan_variants("auto", ("transformer", "t5", "vae_decoder"),
+                                                                    manifest, {})}
+    assert set(plans) == {("transformer", Precision.FP16), ("t5", Precision.FP16), ("vae_decoder", Precision.FP16),
+                          ("transformer", Precision.FP8)}
+    assert plans[("transformer", Precision.FP16)].islands == (island,)
+    assert plans[("transformer", Precision.FP8)].islands == (island,), "an island is FP32 in the FP8 graph too"
+    assert plans[("t5", Precision.FP16)].weights == "fp32" and plans[("t5", Precision.FP16)].islands == ()
+    assert plans[("vae_decoder", Precision.FP16)].weights == "fp16"
+
+
+def test_artifacts_of_another_model_are_refused(capsys, work_copy, tmp_path):
+    from tests.outliers import save_outlier_model
+
+    other = save_outlier_model(tmp_path / "other")
+    code, err = run_cli(capsys, ["export", "--model", other, "--out", work_copy, "--components", "clip_l"])
+    assert_user_error(code, err, "artifacts were built from model 'tiny'")
