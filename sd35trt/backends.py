@@ -150,7 +150,7 @@ def choose_backend(requested: Backend, target: TargetInfo) -> TrtBackend:
 
 @dataclass
 class BuiltEngine:
-    plan: bytes
+    plan_bytes: int  # the plan itself is on disk at the path the build was given
     layers: list[dict[str, Any]]
     warnings: list[str]
     timing_cache: bytes | None
@@ -218,9 +218,10 @@ def summarize_layers(layers: list[dict[str, Any]], islands: list[str] | None = N
 
 
 def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
-                 ccs: tuple[tuple[int, int], ...], *, timing_cache: bytes | None = None,
+                 ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
                  workspace_gib: float | None = None) -> BuiltEngine:
-    """Parse ``onnx_path`` into a strongly typed network and build a serialized engine for ``ccs``."""
+    """Parse ``onnx_path`` into a strongly typed network, build a serialized engine for ``ccs`` and write it to
+    ``plan_path`` straight from the builder's buffer (``IHostMemory`` has the buffer protocol: no copy)."""
     trt = backend.trt
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
@@ -251,7 +252,65 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         detail = " | ".join(logger.problems[-3:])[:500] or "no message"
         raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path,
                          hint="check the target supports this precision (FP8 needs ada/hopper/blackwell)")
-    plan = bytes(serialized)
-    del serialized, network, parser, builder
-    return BuiltEngine(plan=plan, layers=parse_layers(logger.layer_reports), warnings=logger.problems[-20:],
+    del network, parser, builder  # the builder's copy of the weights, before the plan is written
+    with open(plan_path, "wb") as handle:
+        handle.write(memoryview(serialized))
+    size = serialized.nbytes
+    del serialized
+    return BuiltEngine(plan_bytes=size, layers=parse_layers(logger.layer_reports), warnings=logger.problems[-20:],
                        timing_cache=bytes(cache.serialize()) if cache is not None else None)
+
+
+def _build_child(conn: Any, kind: str, args: tuple, kwargs: dict) -> None:
+    """In a spawned process: run ``build_engine`` and send back ("ok", BuiltEngine) or the error's parts."""
+    from sd35trt.errors import Sd35TrtError
+
+    try:
+        backend = BACKENDS[Backend(kind)]()
+        conn.send(("ok", build_engine(backend, *args, **kwargs)))
+    except Sd35TrtError as err:
+        conn.send(("error", (type(err).__name__, err.what, str(err.path) if err.path else None, err.hint)))
+    except OSError as err:
+        conn.send(("oserror", (err.errno, err.strerror, err.filename)))
+
+
+def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
+                          ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
+                          workspace_gib: float | None = None) -> BuiltEngine:
+    """``build_engine`` in a child process: a builder that crashes (TensorRT-RTX 1.7 segfaults on some graphs)
+    becomes one clear error instead of killing sd35trt, and the builder's memory is returned to the system
+    after every engine."""
+    import multiprocessing
+    import signal
+
+    from sd35trt import errors
+
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_build_child, daemon=True, args=(
+        send, backend.kind.value, (onnx_path, profile, ccs, plan_path),
+        {"timing_cache": timing_cache, "workspace_gib": workspace_gib}))
+    child.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # the child died without answering
+        result = None
+    except BaseException:
+        child.terminate()
+        child.join()
+        raise
+    child.join()
+    if result is None:
+        code = child.exitcode or 0
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        raise BuildError(f"{backend.kind.value} {backend.version} crashed ({how}) while building this ONNX",
+                         path=onnx_path, hint="a builder bug on this graph (an FP32 T5 attention inside FP16 is one); "
+                                              "report it with the ONNX manifest; the previous bundle is untouched")
+    status, payload = result
+    if status == "oserror":
+        raise OSError(*payload)
+    if status == "error":
+        kind, what, path, hint = payload
+        raise getattr(errors, kind, BuildError)(what, path=path, hint=hint)
+    return payload

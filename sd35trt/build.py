@@ -23,7 +23,7 @@ from sd35trt.artifacts import (
     sha256_file,
     write_json_atomic,
 )
-from sd35trt.backends import TrtBackend, build_engine, choose_backend, local_compute_capability, summarize_layers
+from sd35trt.backends import TrtBackend, build_engine_isolated, choose_backend, local_compute_capability, summarize_layers
 from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.export import check_disk
 from sd35trt.manifests import BUNDLE_MANIFEST, MANIFEST, VARIANT_DIRS, BundleManifest, EngineEntry, OnnxManifest, WorkDir
@@ -147,9 +147,8 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
             check_disk(tmp, int(sum(e["bytes"] for e in source.files.values()) * 1.1), f"the {name} engine")
             with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}") as timing:
                 with log.working(f"{backend.kind.value} builder"):
-                    built = build_engine(backend, onnx_path, source.profile, ccs, timing_cache=timing_cache,
-                                         workspace_gib=config.workspace_gib)
-                (tmp / plan_name).write_bytes(built.plan)
+                    built = build_engine_isolated(backend, onnx_path, source.profile, ccs, tmp / plan_name,
+                                                  timing_cache=timing_cache, workspace_gib=config.workspace_gib)
             if built.timing_cache:
                 timing_cache = built.timing_cache
             islands = source.fp32_islands
@@ -163,7 +162,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
             (tmp / "layers" / f"{name}.txt").write_text(
                 format_layers(name, choice.precision, summary, built.layers, islands))
             entries[name] = {
-                "file": plan_name, "sha256": sha256_file(tmp / plan_name), "bytes": len(built.plan),
+                "file": plan_name, "sha256": sha256_file(tmp / plan_name), "bytes": built.plan_bytes,
                 "precision": choice.precision.value, "weights_precision": source.weights_precision,
                 "reason": choice.reason, "inputs_hash": hashes[name], "fp32_islands": islands,
                 "onnx": {"path": str(onnx_path), "files": source.files, "inputs_hash": source.inputs_hash,

@@ -113,3 +113,29 @@ def test_missing_onnx_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ArtifactError, match="no exported ONNX"):
         build_bundle(tmp_path / "empty", tmp_path, BuildConfig())
+
+
+@needs_rtx
+def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
+    """TensorRT-RTX 1.7 segfaults (or fails in Myelin) building a T5 whose attention sub-layer runs in FP32
+    inside an FP16 graph. Builds run in a child process, so that is a BuildError here, never a dead sd35trt."""
+    import torch
+
+    from sd35trt.backends import TensorRTRTXBackend, build_engine_isolated
+    from sd35trt.export import CastIO, export_component
+    from sd35trt.models import build_pipeline, resolve_model
+    from sd35trt.numerics import Island, fp32_islands
+    from sd35trt.specs import SPECS, PipeDims, ShapeRanges
+
+    pipe = build_pipeline(resolve_model("tiny"), dtype=torch.float16, components={"text_encoder_3"})
+    spec = SPECS["t5"]
+    with fp32_islands(pipe.text_encoder_3, [Island("encoder.block.1.layer.0", 1.0, "test")], torch.float16):
+        record = export_component(CastIO(spec.module(pipe), torch.float16), spec, PipeDims.from_pipeline(pipe),
+                                  tmp_path, opset=19, ranges=ShapeRanges(), precision=Precision.FP16, validate=False)
+    try:
+        built = build_engine_isolated(TensorRTRTXBackend(), tmp_path / "model.onnx", record["profile"], ((8, 9),),
+                                      tmp_path / "t5.plan")
+    except BuildError as err:  # what 1.7.1.116 does; a fixed TensorRT-RTX may build it
+        assert "crashed (signal SIG" in str(err) or "engine build failed" in str(err), str(err)
+    else:
+        assert built.plan_bytes == (tmp_path / "t5.plan").stat().st_size

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         # Environment problems the user fixes (the step's temp folder was already removed on the way out).
         hints = {errno.ENOSPC: "free disk space or choose another --out",
                  errno.EDQUOT: "free disk space or choose another --out",
-                 errno.EROFS: "choose a writable --out"}
+                 errno.EROFS: "choose a writable --out",
+                 errno.EFBIG: "the file system or the process's file-size limit (ulimit -f) is too small; "
+                              "raise it or choose another --out"}
         if exc.errno not in hints or debug:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
