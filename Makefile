@@ -26,11 +26,12 @@ NUM_PROMPTS ?= $(if $(filter tiny,$(MODEL)),8,32)
 STEPS ?= $(if $(filter tiny,$(MODEL)),4,20)
 SIZE ?= $(if $(filter tiny,$(MODEL)),512,1024)
 
-.PHONY: install engines export calibrate build test lint lock clean help
+.PHONY: install engines export calibrate build test lint selftest lock clean help
 
 help:
 	@echo "make engines GPU=ada [MODEL=tiny]   calibrate -> export -> build one engine bundle (steps skip when unchanged)"
 	@echo "make test                           run the test suite (CPU, tiny preset)"
+	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"
 	@echo "make install                        create $(VENV) with the pinned stack (requirements.lock)"
 
 $(VENV)/.installed: requirements.lock pyproject.toml
@@ -56,6 +57,9 @@ engines: build
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+selftest: $(STAMP)
+	$(CLI) selftest --out build/selftest
 
 lint: $(STAMP)
 	$(PY) -m ruff check sd35trt tests bench

@@ -173,3 +173,31 @@ def test_bench_command_on_onnx_runners(capsys, exported):
     # --provider auto (the default) runs on CUDA exactly when onnxruntime-gpu sees a GPU.
     expected = "cpu" if _cuda_ep_usable() else "cuda"
     assert {r["provider"] for r in result["runners"].values()} == {expected}
+
+
+def test_selftest_without_gpu_is_one_line(capsys, tmp_path):
+    from tests.test_bad_inputs import assert_user_error, run_cli
+
+    code, err = run_cli(capsys, ["selftest", "--out", tmp_path / "st"])
+    assert_user_error(code, err, "selftest needs an NVIDIA GPU and this host has none")
+
+
+def test_selftest_stops_at_the_first_failure_with_its_reason(capsys, tmp_path, monkeypatch):
+    """A driver that reports an SM89 GPU torch cannot use: target passes (TensorRT-RTX builds SM89), calibrate
+    fails with the real reason, nothing after it runs, and the report says so (table, JSON, exit 1)."""
+    import json
+
+    import sd35trt.backends as backends
+    import sd35trt.build as build
+    from sd35trt.cli.main import main
+
+    for module in (backends, build):
+        monkeypatch.setattr(module, "local_compute_capability", lambda: (8, 9))
+    code = main(["selftest", "--out", str(tmp_path / "st")])
+    out = capsys.readouterr().out
+    assert code == 1
+    report = json.loads((tmp_path / "st" / "selftest.json").read_text())
+    assert [s["step"] for s in report["steps"]] == ["target", "calibrate"] and not report["passed"]
+    assert report["steps"][0]["passed"] and "ada (SM89), tensorrt-rtx" in report["steps"][0]["detail"]
+    assert "torch sees no CUDA GPU" in report["steps"][1]["detail"]
+    assert "calibrate  FAIL" in out and out.strip().endswith(f"wrote {tmp_path / 'st' / 'selftest.json'}")

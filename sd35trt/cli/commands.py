@@ -266,3 +266,21 @@ def bench(
         lines.append(f"GPU memory: torch peak {result['peak_gpu_gib']['torch_allocator_peak']:.1f} GiB, "
                      f"device used at end {result['peak_gpu_gib']['device_used_at_end']:.1f} GiB")
     typer.echo("\n".join(lines))
+
+
+@app.command()
+def selftest(out: Path = typer.Option(Path("selftest"), "--out", "-o", help="folder for selftest.json, the image, compare/"),
+             json_out: bool = typer.Option(False, "--json", help="print selftest.json instead of the table")) -> None:
+    """On a GPU host: tiny model → calibrate → export → engines for this GPU → generate → compare; PASS/FAIL per step."""
+    from sd35trt.artifacts import ensure_writable_dir
+    from sd35trt.selftest import run_selftest
+
+    ensure_writable_dir(out)
+    report = run_selftest(out)
+    if json_out:
+        emit(report.to_dict())
+    else:
+        typer.echo(report.table())
+        typer.echo(f"wrote {out / 'selftest.json'}")
+    if not report:
+        raise typer.Exit(code=1)
