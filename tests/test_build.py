@@ -139,3 +139,15 @@ def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
         assert "crashed (signal SIG" in str(err) or "engine build failed" in str(err), str(err)
     else:
         assert built.plan_bytes == (tmp_path / "t5.plan").stat().st_size
+
+
+def test_an_unreadable_layer_report_is_unknown_not_a_failed_build(tmp_path):
+    from sd35trt.backends import summarize_layers
+    from sd35trt.build import check_layer_report
+
+    unknown = summarize_layers([])
+    check_layer_report("transformer", Precision.FP8, unknown, tmp_path / "model.onnx")
+    assert unknown["report"] == "unknown"
+    no_fp8 = summarize_layers([{"name": "/t/MatMul", "type": "gemm", "input_dtypes": ["Half"], "weight_dtypes": []}])
+    with pytest.raises(BuildError, match="no FP8 GEMM"):
+        check_layer_report("transformer", Precision.FP8, no_fp8, tmp_path / "model.onnx")
