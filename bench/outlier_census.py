@@ -74,7 +74,7 @@ def main() -> None:
         "prompt": prompt, "steps": args.steps, "size": args.size,
         "islands_chosen_by_census": [i.to_dict() for i in islands],
         "census_top5": dict(list(table.items())[:5]),
-        "fp16_without_islands": {k: v for k, v in checks["without_islands"].items()} if "without_islands" in checks else None,
+        "fp16_without_islands": checks.get("without_islands"),
         "fp16_with_islands": checks["with_islands"], "fp16_decision": decision.to_dict(),
         "seconds": round(time.perf_counter() - start, 1),
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,

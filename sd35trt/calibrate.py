@@ -484,7 +484,7 @@ def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[
     module = CastIO(spec.wrapper(network).eval(), torch.float16)
     checks: dict[str, Any] = {}
     if islands:
-        checks["without_islands"] = summarize_passed(_check_calls(module, spec, calls, refs, Precision.FP16))
+        checks["without_islands"] = _check_calls(module, spec, calls, refs, Precision.FP16)
     with fp32_islands(network, islands, torch.float16):
         checks["with_islands"] = _check_calls(module, spec, calls, refs, Precision.FP16)
     if checks["with_islands"]["passed"]:
@@ -499,10 +499,6 @@ def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[
     log.warn(f"{name}: FP16 fails on held-out traffic even with its islands ({failing}: {what}{where}); "
              "its FP16 variant is built in FP32 (last resort)")
     return checks, Fp16Decision("fp32", f"last resort: FP16 with islands fails on held-out traffic ({failing}: {what}{where})")
-
-
-def summarize_passed(summary: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in summary.items() if k != "tolerance"}
 
 
 def format_report(report: dict[str, Any]) -> str:

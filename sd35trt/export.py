@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sd35trt import __version__, log
 from sd35trt.artifacts import atomic_dir, file_entries, hash_json, package_versions, recover_interrupted, write_json_atomic
 from sd35trt.errors import ExportValidationError, InvalidInputError, check_choice
-from sd35trt.manifests import MANIFEST, CalibrationManifest, WorkDir, load_calibration, load_current
+from sd35trt.manifests import MANIFEST, CalibrationManifest, WorkDir, load_calibration, load_current, require_model
 from sd35trt.metrics import error_stats
 from sd35trt.models import ModelSource
 from sd35trt.numerics import Island, fp32_islands, hottest_module, plan_islands
@@ -75,10 +75,6 @@ class ComponentExport:
     skipped: bool
     seconds: float
     manifest: dict[str, Any]
-
-
-def variant_dir(out: Path, precision: Precision) -> Path:
-    return WorkDir(out).variant(precision)
 
 
 def trace_and_check_dims(spec: ComponentSpec, ranges: ShapeRanges, pipe_dims: PipeDims) -> tuple[dict, dict]:
@@ -396,8 +392,6 @@ def export_model(source: ModelSource, out: Path, config: ExportConfig, *, device
     work = WorkDir(out)
     calibration = load_calibration(work)
     if calibration is not None:
-        from sd35trt.manifests import require_model
-
         require_model(calibration.model, source.fingerprint(), source.id, work.calibration)
     recipe = Recipe.load()
     recipe_islands = {c: [Island(p, 0.0, f"recipe: upcast '{p}' (known FP16 overflow site)") for p in recipe.upcast[c]]
