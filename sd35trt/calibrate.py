@@ -42,7 +42,7 @@ from sd35trt.artifacts import (
 )
 from sd35trt.errors import CalibrationError, InvalidInputError, check_choice
 from sd35trt.manifests import CalibrationManifest, Fp16Decision, WorkDir, load_current
-from sd35trt.metrics import error_stats, psnr
+from sd35trt.metrics import error_stats, psnr, summarize
 from sd35trt.models import ModelSource
 from sd35trt.numerics import ActivationCensus, Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.recipe import DEFAULT_RECIPE, Recipe
@@ -450,21 +450,7 @@ def _check_calls(module: Any, spec: Any, calls: list, refs: list, precision: Pre
     and whether every call is within the spec's ``precision`` tolerance."""
     per_call = [dict(zip(spec.output_names, (error_stats(r, o) for r, o in zip(ref, _run_module(module, spec, call)))))
                 for call, ref in zip(calls, refs)]
-    return summarize(per_call, spec, precision)
-
-
-def summarize(per_call: list[dict[str, Any]], spec: Any, precision: Precision) -> dict[str, Any]:
-    tol = spec.tolerances[precision]
-    summary: dict[str, Any] = {}
-    for n in spec.output_names:
-        stats = [c[n] for c in per_call]
-        rel = [s.rel_l2 for s in stats]
-        summary[n] = {"rel_l2_mean": sum(rel) / len(rel), "rel_l2_max": max(rel),
-                      "max_abs": max(s.max_abs for s in stats), "cosine_min": min(s.cosine for s in stats),
-                      "nonfinite": sum(s.nonfinite for s in stats), "passed": all(s.passes(tol) for s in stats)}
-    summary["passed"] = all(summary[n]["passed"] for n in spec.output_names)
-    summary["tolerance"] = {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs}
-    return summary
+    return summarize(per_call, spec.output_names, spec.tolerances[precision])
 
 
 def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[Island],

@@ -31,7 +31,7 @@ from sd35trt import __version__, log
 from sd35trt.artifacts import atomic_dir, file_entries, hash_json, package_versions, recover_interrupted, write_json_atomic
 from sd35trt.errors import ExportValidationError, InvalidInputError, check_choice
 from sd35trt.manifests import MANIFEST, CalibrationManifest, WorkDir, load_calibration, load_current, require_model
-from sd35trt.metrics import error_stats
+from sd35trt.metrics import error_stats, summarize
 from sd35trt.models import ModelSource
 from sd35trt.numerics import Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.onnx_utils import PROVIDERS
@@ -258,7 +258,6 @@ def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision:
     """The ONNX on held-out pipeline traffic vs the FP32 reference outputs, within the spec's tolerance for
     ``precision`` and finite; on failure one line names the module with the largest activation outside
     the FP32 islands (from the census), the likely cause."""
-    from sd35trt.calibrate import summarize
     from sd35trt.onnx_utils import run_ort
 
     per_call = []
@@ -268,7 +267,7 @@ def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision:
             per_call.append({n: error_stats(r.numpy() if hasattr(r, "numpy") else r, outs[n])
                              for n, r in zip(spec.output_names, ref)})
             advance()
-    summary = summarize(per_call, spec, precision)
+    summary = summarize(per_call, spec.output_names, spec.tolerances[precision])
     summary["calls"] = len(per_call)
     summary["reference"] = "FP32 network (TF32 off) on held-out pipeline traffic recorded by calibrate"
     if not summary["passed"]:

@@ -49,6 +49,23 @@ def error_stats(reference: Any, candidate: Any) -> ErrorStats:
                       float(np.abs(ref).max(initial=0.0)), 0, ref.shape)
 
 
+def aggregate(stats: list[ErrorStats], tol: Tolerance) -> dict[str, Any]:
+    """One output over several calls: rel-L2 mean/max, max-abs, worst cosine, NaN/Inf count, and whether every
+    call is within ``tol`` (what the calibration report, export's traffic check and compare record)."""
+    rel = [s.rel_l2 for s in stats]
+    return {"rel_l2_mean": sum(rel) / len(rel), "rel_l2_max": max(rel), "max_abs": max(s.max_abs for s in stats),
+            "cosine_min": min(s.cosine for s in stats), "nonfinite": sum(s.nonfinite for s in stats),
+            "passed": all(s.passes(tol) for s in stats)}
+
+
+def summarize(per_call: list[dict[str, ErrorStats]], output_names: list[str], tol: Tolerance) -> dict[str, Any]:
+    """``aggregate`` per output of per-call stats, plus the overall verdict and the tolerance used."""
+    summary: dict[str, Any] = {n: aggregate([c[n] for c in per_call], tol) for n in output_names}
+    summary["passed"] = all(summary[n]["passed"] for n in output_names)
+    summary["tolerance"] = {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs}
+    return summary
+
+
 def psnr(reference: Any, candidate: Any, data_range: float = 2.0) -> float:
     """PSNR in dB; images in [-1, 1] (VAE output) have ``data_range`` 2. Identical inputs give inf."""
     ref = np.asarray(reference, dtype=np.float64)
