@@ -115,13 +115,42 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder``'s lock for one step: two commands on one work directory (``make -j``, two targets'
+    ``make engines`` at once) take turns instead of removing each other's temp folders; the second then
+    finds the first's result and skips. An advisory ``flock``: released by the kernel when a process dies."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock"
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            from sd35trt import log
+
+            log.info(f"{what}: waiting for {holder}, which is writing {folder}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"sd35trt pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def recover_interrupted(final: Path) -> None:
     """Undo what an interrupted ``atomic_dir`` left: stale temp folders, or a backup with no final."""
     backup = final.parent / f".{final.name}.old"
     if backup.exists() and not final.exists():
         os.replace(backup, final)
-    # Commands on one output folder are not meant to run concurrently: a temp folder found at start is an
-    # earlier, interrupted run's.
+    # Writers of one folder hold its ``exclusive`` lock, so a temp folder found here is an interrupted run's.
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 

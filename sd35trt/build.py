@@ -8,6 +8,7 @@ leaves the previous bundle intact; engines whose inputs are unchanged are carrie
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from sd35trt import __version__, log
 from sd35trt.artifacts import (
     atomic_dir,
+    exclusive,
     hash_json,
     recover_interrupted,
     sha256_file,
@@ -106,7 +108,13 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     ccs = backend.buildable_ccs(target)
     model = next(m for v in variants.values() for m in v.values()).model
     folder = bundle_folder(engines_root, model_slug(model), target, backend)
+    with exclusive(folder, "build"):  # a second `make engines` for this target waits, then finds it up to date
+        return _build_into(folder, engines_root, config, target, backend, ccs, model, variants, plan, force)
 
+
+def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: TargetInfo, backend: TrtBackend,
+                ccs: tuple[tuple[int, int], ...], model: dict[str, Any], variants: dict[str, Any], plan: dict[str, Any],
+                force: bool) -> BundleResult:
     sources = {name: variants[name][choice.precision] for name, choice in plan.items()}
     hashes = {name: component_hash(backend, ccs, sources[name], config.workspace_gib) for name in plan}
     bundle_hash = hash_json({"components": hashes, "plan": {k: v.precision.value for k, v in plan.items()}})
@@ -185,7 +193,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
         write_json_atomic(tmp / BUNDLE_MANIFEST, manifest)
     if timing_cache and backend.has_timing_cache:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_cache = cache_path.with_suffix(".tmp")
+        tmp_cache = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
         tmp_cache.write_bytes(timing_cache)
         tmp_cache.replace(cache_path)
     return BundleResult(folder, BundleManifest.from_dict(manifest, folder), skipped=False, rebuilt=rebuilt)

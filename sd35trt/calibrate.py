@@ -47,7 +47,8 @@ from sd35trt.models import ModelSource
 from sd35trt.numerics import ActivationCensus, Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.runtime_env import DTYPES
-from sd35trt.specs import CALIBRATABLE, COMPONENTS, SPECS, Precision, vae_input
+from sd35trt.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
+from sd35trt.specs import CALIBRATABLE, COMPONENTS, SPECS, Precision, eager_text_attention, vae_input
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "calibration" / "prompts.txt"
 # Held-out calls kept per component for the reference, the FP16/FP8 checks and export's traffic check
@@ -178,13 +179,14 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
 
 
 def run_pipeline(pipe: Any, prompts: list[str], cfg: CalibrationConfig, *, seed: int, steps: int,
-                 label: str | None = None) -> Any:
-    """diffusers' own loop → latents (one call per chunk; generator seeded per chunk); a progress bar with
-    ETA over every denoising step when ``label`` is given."""
+                 label: str | None = None, shard: Shard = SINGLE) -> Any:
+    """diffusers' own loop → latents (one call per chunk of ``cfg.batch`` prompts, chunk ``i`` seeded
+    ``seed + i``; with shards only this shard's chunks, same seeds); a progress bar with ETA over every
+    denoising step when ``label`` is given."""
     import torch
 
     device = pipe._execution_device
-    chunks = _chunks(prompts, cfg.batch)
+    chunks = [(i, chunk) for i, chunk in enumerate(_chunks(prompts, cfg.batch)) if shard.owns(i)]
     latents = []
     with (log.progress(label, len(chunks) * steps) if label else contextlib.nullcontext()) as advance:
         def tick(_pipe, _i, _t, kwargs):
@@ -192,7 +194,7 @@ def run_pipeline(pipe: Any, prompts: list[str], cfg: CalibrationConfig, *, seed:
                 advance()
             return kwargs
 
-        for i, chunk in enumerate(chunks):
+        for i, chunk in chunks:
             generator = torch.Generator(device="cpu").manual_seed(seed + i)
             out = pipe(prompt=chunk, negative_prompt=[""] * len(chunk), num_inference_steps=steps,
                        guidance_scale=cfg.guidance, height=cfg.height, width=cfg.width, generator=generator,
@@ -231,26 +233,76 @@ def calibration_inputs_hash(source: ModelSource, cfg: CalibrationConfig, prompts
 
 
 def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, device: str = "auto",
-                    force: bool = False) -> CalibrationResult:
-    """``sd35trt calibrate``. Inputs are validated (prompts, recipe) before any model is built."""
-    from sd35trt.artifacts import read_json
-    from sd35trt.runtime_env import compute_dtype_name, detect_device
+                    force: bool = False, shards: int = 1) -> CalibrationResult | None:
+    """``sd35trt calibrate``. Inputs are validated (prompts, recipe, shards) before any model is built.
+
+    ``shards`` > 1 runs the calibration loop in that many spawned workers (``sd35trt.shards``); under torchrun
+    the launcher's processes are the workers. Returns None on a worker that is not rank 0."""
+    from sd35trt.artifacts import exclusive
+    from sd35trt.runtime_env import detect_device
 
     prompts = read_prompts(cfg.prompts_file, cfg.num_prompts + cfg.holdout)
     recipe = Recipe.load(cfg.recipe_file)
     target_device = detect_device(device)
+    launched = from_environment()
+    if launched is not None and shards not in (1, launched.world):
+        raise InvalidInputError(f"--shards {shards} differs from the launcher's {launched.world} processes",
+                                hint="leave --shards out under torchrun; its --nproc-per-node decides")
+    workers = launched.world if launched is not None else shards
+    check_shards(workers, len(_chunks(prompts[: cfg.num_prompts], cfg.batch)), target_device)
     calib_hash = calibration_inputs_hash(source, cfg, prompts, recipe, target_device)
-    work = WorkDir(out)
-    folder = work.calibration
-    recover_interrupted(folder)
-    if not force and load_current(folder, calib_hash, "calibration manifest") is not None:
-        log.info("calibration: inputs unchanged, skipped")
-        return CalibrationResult(True, calib_hash, read_json(folder / "calibration.json", "calibration report"), folder)
+    folder = WorkDir(out).calibration
+    if launched is not None:  # torchrun: rank 0 decides and writes, every rank calibrates its shard
+        with process_group(launched, target_device), \
+                (exclusive(folder, "calibrate") if launched.main else contextlib.nullcontext()):
+            done = share(launched, _current(folder, calib_hash, force) if launched.main else None)
+            if done is not None:
+                return done if launched.main else None
+            return _calibrate(source, folder, cfg, prompts, recipe, calib_hash, device, launched)
+    with exclusive(folder, "calibrate"):
+        done = _current(folder, calib_hash, force)
+        if done is not None:
+            return done
+        if workers == 1:
+            return _calibrate(source, folder, cfg, prompts, recipe, calib_hash, device, SINGLE)
+        start = time.perf_counter()
+        log.info(f"calibrate: {workers} workers ({'NCCL, one GPU each' if target_device == 'cuda' else 'gloo on CPU'}), "
+                 f"prompt batches shared round-robin")
+        run_workers(_calibrate_shard, workers, (source, folder, cfg, prompts, recipe, calib_hash, device))
+        from sd35trt.artifacts import read_json
 
+        return CalibrationResult(False, calib_hash, read_json(folder / "calibration.json", "calibration report"),
+                                 folder, time.perf_counter() - start)
+
+
+def _current(folder: Path, calib_hash: str, force: bool) -> CalibrationResult | None:
+    """The finished calibration with these inputs (the step is then skipped), or None."""
+    from sd35trt.artifacts import read_json
+
+    recover_interrupted(folder)
+    if force or load_current(folder, calib_hash, "calibration manifest") is None:
+        return None
+    log.info("calibration: inputs unchanged, skipped")
+    return CalibrationResult(True, calib_hash, read_json(folder / "calibration.json", "calibration report"), folder)
+
+
+def _calibrate_shard(shard: Shard, init_method: str, *args: Any) -> None:
+    """A spawned worker of ``calibrate --shards N``."""
+    source, folder, cfg, prompts, recipe, calib_hash, device = args
+    from sd35trt.runtime_env import detect_device
+
+    with process_group(shard, detect_device(device), init_method):
+        _calibrate(source, folder, cfg, prompts, recipe, calib_hash, device, shard)
+
+
+def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompts: list[str], recipe: Recipe,
+               calib_hash: str, device: str, shard: Shard) -> CalibrationResult | None:
+    """The step itself, on one worker (``shard``; SINGLE without sharding): every worker builds the pipeline
+    and calibrates its share of the prompts; rank 0 alone runs the reference, checks and writes."""
     import torch
 
     from sd35trt.models import build_pipeline
-    from sd35trt.runtime_env import computing, pick_device, strict_fp32
+    from sd35trt.runtime_env import compute_dtype_name, computing, pick_device, strict_fp32
 
     strict_fp32()
     start = time.perf_counter()
@@ -262,41 +314,34 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
     with log.step(f"build {source.id} pipeline on {torch_device} (FP32 weights, {compute} compute)"):
         pipe = build_pipeline(source, device=torch_device, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    networks = {name: getattr(pipe, SPECS[name].pipeline_attr) for name in COMPONENTS}
-    module_names = {name: [n for n, _ in net.named_modules()] for name, net in networks.items()}
+    eager_text_attention(pipe)
+    module_names = {name: [n for n, _ in getattr(pipe, SPECS[name].pipeline_attr).named_modules()]
+                    for name in COMPONENTS}
     for name in cfg.components:  # a recipe typo must fail before minutes of work, not after
         recipe.check_patterns(name, module_names[name])
 
-    # 1. Reference on held-out prompts: traffic, census, FP32 outputs per component.
-    with log.step(f"reference on {len(holdout_prompts)} held-out prompts × {report_steps} steps ({compute}), "
-                  "activation census"):
-        census = ActivationCensus(networks)
-        recorder = TrafficRecorder(pipe, CALIBRATABLE)
-        with computing(torch_device, compute):
-            ref_latents = run_pipeline(pipe, holdout_prompts, cfg, seed=cfg.seed + 10_000, steps=report_steps,
-                                       label="reference")
-            vae_latents, ref_images = decode_latents(pipe, ref_latents)
-        recorder.close()
-        census.close()
-        census_table = census.result()
-        traffic = {name: spread(calls, TRAFFIC_CALLS[name]) for name, calls in recorder.calls.items()}
-        traffic["vae_decoder"] = spread([{"latent": z[None]} for z in vae_latents], TRAFFIC_CALLS["vae_decoder"])
-    with log.step(f"FP32 reference outputs (TF32 off) on {sum(map(len, traffic.values()))} held-out calls"):
-        references = {name: [_run_module(SPECS[name].module(pipe), SPECS[name], call) for call in calls]
-                      for name, calls in traffic.items()}
-
-    # 2. FP32 islands: recipe sites present in this model ∪ census values past the margin.
-    islands = {name: plan_islands(census_table.get(name, {}), module_names[name], margin=recipe.margin,
-                                  upcast=recipe.upcast.get(name, ()), units=SPECS[name].island_units)
-               for name in COMPONENTS}
+    # 1. Reference on held-out prompts (rank 0): traffic, census, FP32 outputs per component.
+    # 2. FP32 islands: recipe sites present in this model ∪ census values past the margin; every shard leaves
+    #    the same modules unquantized.
+    held_out = _held_out_reference(pipe, cfg, holdout_prompts, report_steps, torch_device, compute) if shard.main else None
+    islands = share(shard, {name: plan_islands(held_out.census.get(name, {}), module_names[name], margin=recipe.margin,
+                                               upcast=recipe.upcast.get(name, ()), units=SPECS[name].island_units)
+                            for name in COMPONENTS} if held_out is not None else None)
     for name, found in islands.items():
         for island in found:
             log.warn(f"{name}: {island.module} runs as an FP32 island ({island.why})")
 
-    # 3. Calibrate every requested component in one pass of the real denoising loop (islands excluded).
+    # 3. Calibrate every requested component in one pass of the real denoising loop (islands excluded); with
+    #    shards, each runs its own prompt batches and ModelOpt all-reduces every amax with MAX.
+    share_note = f", {shard} of the batches" if shard.distributed else ""
     with log.step(f"calibrate {','.join(cfg.components)}: {cfg.num_prompts} prompts × {cfg.steps} steps "
-                  f"at {cfg.height}×{cfg.width} ({compute})") as calib_timing:
-        quantized, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts, islands, compute=compute)
+                  f"at {cfg.height}×{cfg.width} ({compute}{share_note})") as calib_timing:
+        quantized, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts, islands, compute=compute, shard=shard)
+    if not shard.main:
+        return None
+    assert held_out is not None
+    ref_latents, ref_images, census_table = held_out.latents, held_out.images, held_out.census
+    traffic, references = held_out.traffic, held_out.references
 
     # 4. FP8 (fake-quant) vs FP32 per component on held-out traffic, and end to end.
     fp8_checks = {name: _check_calls(SPECS[name].module(pipe), SPECS[name], traffic[name], references[name],
@@ -341,7 +386,7 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
                        "components": list(cfg.components), "recipe": str(cfg.recipe_file),
                        "recipe_sha256": recipe.sha256, "height": cfg.height, "width": cfg.width,
                        "guidance": cfg.guidance, "batch": cfg.batch, "holdout": cfg.holdout, "dtype": cfg.dtype,
-                       "compute_dtype": compute, "margin": recipe.margin},
+                       "compute_dtype": compute, "margin": recipe.margin, "shards": shard.world},
             "quantizers": {"enabled": len(scales), "scales_sha256": hash_json({k: v.hex() for k, v in scales.items()})},
             "fp32_islands": fp32_islands_report,
             "fp16": {name: {**decisions[name].to_dict(), **fp16_checks[name]} for name in COMPONENTS},
@@ -363,10 +408,44 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
     return CalibrationResult(False, calib_hash, report, folder, time.perf_counter() - start)
 
 
+@dataclass
+class HeldOut:
+    """The held-out reference run: latents and images, activation census, traffic and its FP32 outputs."""
+
+    latents: Any
+    images: Any
+    census: dict[str, Any]
+    traffic: dict[str, list[dict[str, Any]]]
+    references: dict[str, list[list[Any]]]
+
+
+def _held_out_reference(pipe: Any, cfg: CalibrationConfig, prompts: list[str], steps: int, device: str,
+                        compute: str) -> HeldOut:
+    from sd35trt.runtime_env import computing
+
+    networks = {name: getattr(pipe, SPECS[name].pipeline_attr) for name in COMPONENTS}
+    with log.step(f"reference on {len(prompts)} held-out prompts × {steps} steps ({compute}), activation census"):
+        census = ActivationCensus(networks)
+        recorder = TrafficRecorder(pipe, CALIBRATABLE)
+        with computing(device, compute):
+            latents = run_pipeline(pipe, prompts, cfg, seed=cfg.seed + 10_000, steps=steps, label="reference")
+            vae_latents, images = decode_latents(pipe, latents)
+        recorder.close()
+        census.close()
+        traffic = {name: spread(calls, TRAFFIC_CALLS[name]) for name, calls in recorder.calls.items()}
+        traffic["vae_decoder"] = spread([{"latent": z[None]} for z in vae_latents], TRAFFIC_CALLS["vae_decoder"])
+    with log.step(f"FP32 reference outputs (TF32 off) on {sum(map(len, traffic.values()))} held-out calls"):
+        references = {name: [_run_module(SPECS[name].module(pipe), SPECS[name], call) for call in calls]
+                      for name, calls in traffic.items()}
+    return HeldOut(latents, images, census.result(), traffic, references)
+
+
 def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[str],
-                       islands: dict[str, list[Island]] | None = None, *, compute: str = "fp32") -> tuple[Any, dict[str, float]]:
+                       islands: dict[str, list[Island]] | None = None, *, compute: str = "fp32",
+                       shard: Shard = SINGLE) -> tuple[Any, dict[str, float]]:
     """Insert FP8 quantizers into the requested networks (in place) and calibrate them in one pass of the
-    pipeline's own loop over ``prompts``. Returns the ModuleDict of networks and their scales."""
+    pipeline's own loop over ``prompts`` (this shard's batches of them; ModelOpt merges the shards' amax with
+    an all-reduce MAX). Returns the ModuleDict of networks and their scales, the same on every shard."""
     import modelopt.torch.quantization as mtq
     import torch
 
@@ -381,7 +460,7 @@ def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompt
 
     def forward_loop(_model):
         with computing(device, compute):
-            run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=cfg.steps, label="calibration")
+            run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=cfg.steps, label="calibration", shard=shard)
 
     with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints progress; stdout carries results only
         mtq.quantize(networks, recipe.quant_cfg(cfg.components, islands), forward_loop)
@@ -393,6 +472,10 @@ def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompt
     if not scales:
         raise CalibrationError("no quantizer was calibrated", path=cfg.recipe_file,
                                hint="the recipe excludes every module; loosen its exclude lists")
+    digests = gather(shard, hash_json({k: v.hex() for k, v in sorted(scales.items())}))
+    if len(set(digests)) > 1:  # ModelOpt's sync only warns when a collective fails; a partial merge is wrong
+        raise CalibrationError(f"the {shard.world} shards hold different scales after ModelOpt's amax all-reduce",
+                               hint="check the workers' warnings above; re-run with --shards 1")
     return networks, scales
 
 

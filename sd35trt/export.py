@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt import __version__, log
-from sd35trt.artifacts import atomic_dir, file_entries, hash_json, package_versions, recover_interrupted, write_json_atomic
+from sd35trt.artifacts import (
+    atomic_dir,
+    exclusive,
+    file_entries,
+    hash_json,
+    package_versions,
+    recover_interrupted,
+    write_json_atomic,
+)
 from sd35trt.errors import ExportValidationError, InvalidInputError, check_choice
 from sd35trt.manifests import MANIFEST, CalibrationManifest, WorkDir, load_calibration, load_current, require_model
 from sd35trt.metrics import error_stats, summarize
@@ -384,11 +392,18 @@ def export_model(source: ModelSource, out: Path, config: ExportConfig, *, device
                  force: bool = False, precision: str = "auto") -> list[ComponentExport]:
     """``sd35trt export``: the ONNX variants ``precision`` names (see ``plan_variants``), one pipeline per
     variant with just the needed networks, built directly in the variant's dtype (lean at real size)."""
-    from sd35trt.recipe import Recipe
     from sd35trt.runtime_env import DEVICES
 
     check_choice("--device", device, DEVICES)
     work = WorkDir(out)
+    with exclusive(work.root / "onnx", "export"):  # concurrent `make engines` on one work dir take turns
+        return _export_locked(source, work, config, device, force, precision)
+
+
+def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, device: str, force: bool,
+                   precision: str) -> list[ComponentExport]:
+    from sd35trt.recipe import Recipe
+
     calibration = load_calibration(work)
     if calibration is not None:
         require_model(calibration.model, source.fingerprint(), source.id, work.calibration)

@@ -27,11 +27,18 @@ DEFAULT_MARGIN = 2.0**14
 
 
 def _max_abs(value: Any) -> list[Any]:
-    """Device tensors of max |x| of every floating tensor in ``value`` (tensor, tuple/list, dict, output)."""
+    """Device tensors of max |x| of every floating tensor in ``value`` (tensor, tuple/list, dict, output).
+
+    A tensor whose max |x| is exactly its dtype's largest finite value is an additive attention mask (eager
+    attention fills with ``finfo.min``), not an activation, and counts as 0; real overflow is inf, not that.
+    Stays on the device (no sync per call)."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        return [value.detach().abs().amax().float()] if value.is_floating_point() and value.numel() else []
+        if not value.is_floating_point() or not value.numel():
+            return []
+        peak = value.detach().abs().amax()
+        return [torch.where(peak == torch.finfo(value.dtype).max, 0.0, peak.float())]
     if isinstance(value, (tuple, list)):
         return [m for item in value for m in _max_abs(item)]
     if isinstance(value, dict):

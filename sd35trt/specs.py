@@ -294,6 +294,15 @@ def _eager_attention(encoder):
     return encoder
 
 
+def eager_text_attention(pipe) -> None:
+    """Every loaded text encoder of ``pipe`` on eager attention, as its ONNX is traced. A step that runs the
+    pipeline and traces or wraps it calls this first, so its loops never switch attention halfway (that made
+    a calibration worker's scales differ from one process's in the last bits)."""
+    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, attr, None) is not None:
+            _eager_attention(getattr(pipe, attr))
+
+
 def _clip_wrapper(encoder):
     import torch
 

@@ -99,6 +99,7 @@ def calibrate(
     holdout: int = typer.Option(Calib.holdout, "--holdout", help="held-out prompts for the report"),
     dtype: str = typer.Option(Calib.dtype, "--dtype", help="compute dtype of the loops (weights stay FP32): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"),
     device: str = DeviceOpt,
+    shards: int = typer.Option(1, "--shards", help="calibration workers sharing the prompt batches (torch.distributed: one per GPU with NCCL, gloo on CPU); same scales as 1. Under torchrun, its processes are the workers"),
     force: bool = typer.Option(False, "--force", help="recalibrate even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the full report as JSON instead of a table"),
 ) -> None:
@@ -119,7 +120,9 @@ def calibrate(
         width=default_size if width is None else width, guidance=guidance, batch=calib_batch,
         holdout=holdout, dtype=dtype)
     ensure_writable_dir(out)
-    result = calibrate_model(source, out, cfg, device=device, force=force)
+    result = calibrate_model(source, out, cfg, device=device, force=force, shards=shards)
+    if result is None:  # a torchrun worker other than rank 0: rank 0 prints the report
+        return
     if json_out:
         emit(result.report)
     else:
