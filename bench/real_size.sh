@@ -5,6 +5,7 @@
 #   bash bench/real_size.sh STAGE [MODEL]
 #   STAGE: make_engines | make_calibrate | make_export | make_build (the Makefile's own steps, as a user runs them)
 #          | fp8_transformer (after make_calibrate: FP8 transformer ONNX + SM89 engine)
+#          | build_memory (#15) | selftest (#12) | shards (#16: SHARDS=N)
 #          | export | calibrate | build | torch | proj_out | ort_export | components | ort_gpu | torch_loop | all
 #   MODEL: sd3.5-medium (default) | sd3.5-large | tiny (a dry run on any CPU machine)
 #
@@ -58,6 +59,41 @@ with open(results, "a") as f:
     f.write(json.dumps({"label": f"make engines {model}: {step} (disk used after)", "disk_used_gb": round(used / 1e9, 2),
                         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
 PYEOF
+}
+
+stage_build_memory() {  # #15: builder memory at real size, one engine per measured command. A short calibration
+  # (2 prompts x 2 steps: scales only need to exist for a memory measurement), then FP8 and FP16 transformer and
+  # FP16 T5, exported --no-validate. Every sd35trt step skips when its inputs are unchanged, so a cut-off call
+  # resumes where it stopped.
+  $CLI calibrate --model "$MODEL" --out "$WORK" --num-prompts 2 --steps 2 --holdout 1 --calib-batch 2 \
+    --components "${CALIB_COMPONENTS:-transformer}" > /dev/null
+  for job in ${BUILD_JOBS:-transformer:fp8 transformer:fp16 t5:fp16}; do
+    c=${job%%:*}; precision=${job##*:}
+    $CLI export --model "$MODEL" --out "$WORK" --components "$c" --precision "$precision" --no-validate > /dev/null
+    [ -f "$WORK/engines-$precision-$c/done" ] && continue
+    $M "$MODEL build $c $precision SM89 tensorrt-rtx (child process, streamed plan)" -- $CLI build --gpu ada \
+      --backend tensorrt-rtx --onnx "$WORK" --out "$WORK/engines-$precision-$c" --components "$c" --precision "$precision"
+    touch "$WORK/engines-$precision-$c/done"
+    rm -f "$WORK"/engines-$precision-$c/*/*/*.plan  # the numbers are in the manifest; keep the disk free
+  done
+}
+
+stage_selftest() {  # #12: the engine self-test users run first, on this machine (CC 9.0: TensorRT-RTX refuses it)
+  set +e
+  $CLI selftest --out "$WORK/selftest" --json > "$WORK/selftest-stdout.json" 2> "$WORK/selftest-stderr.txt"
+  echo "selftest rc $?" | tee -a "$WORK/selftest-stderr.txt"
+  cp "$WORK/selftest/selftest.json" "$WORK/selftest.json" 2>/dev/null
+  set -e
+}
+
+stage_shards() {  # #16: calibration on 1 vs N GPUs, same prompts; scales must be byte-identical
+  local n=${SHARDS:-2}
+  $M "$MODEL calibrate ${PROMPTS}x${STEPS} @${SIZE} on $n GPU(s) (--shards $n)" -- $CLI calibrate --model "$MODEL" \
+    --out "$WORK/shards-$n" --num-prompts "$PROMPTS" --steps "$STEPS" --height "$SIZE" --width "$SIZE" --shards "$n" \
+    --force > /dev/null
+  cp "$WORK/shards-$n/calibration/scales.json" "$WORK/scales-$n.json"
+  cp "$WORK/shards-$n/calibration/calibration.json" "$WORK/calibration-$n.json"
+  ls "$WORK"/scales-*.json | xargs sha256sum | tee -a "$WORK/scales.sha256"
 }
 
 stage_build() {
@@ -115,7 +151,8 @@ archive() {  # always, also after a failed step: the device returns at most 8 fi
   (cd "$WORK" && tar czf "$OUT/$MODEL-$STAGE.tar.gz" --ignore-failed-read results.jsonl sizes.txt \
      $(ls calibration/calibration.json calibration/census.json calibration/manifest.json engines/*/*/manifest.json \
           engines/*/*/layers/*.txt torch_anchor.json proj_out.json ort_gpu_bench.json torch_loop_bench.json onnx-*/*/manifest.json onnx-*/*/export.json \
-          engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt 2>/dev/null)) || true
+          engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt selftest.json selftest-*.* scales-*.json \
+          calibration-*.json scales.sha256 2>/dev/null)) || true
 }
 trap archive EXIT
 
@@ -128,6 +165,9 @@ case "$STAGE" in
   export) stage_export ;;
   calibrate) stage_calibrate ;;
   build) stage_build ;;
+  build_memory) stage_build_memory ;;
+  selftest) stage_selftest ;;
+  shards) stage_shards ;;
   torch) stage_torch ;;
   proj_out) stage_proj_out ;;
   ort_export) stage_ort_export ;;

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,7 @@ class BuiltEngine:
     layers: list[dict[str, Any]]
     warnings: list[str]
     timing_cache: bytes | None
+    memory: dict[str, Any] = field(default_factory=dict)  # builder process RSS after parse, peak, plan size
 
 
 def _make_logger(trt: Any):
@@ -219,9 +220,10 @@ def summarize_layers(layers: list[dict[str, Any]], islands: list[str] | None = N
 
 def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
                  ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
-                 workspace_gib: float | None = None) -> BuiltEngine:
+                 workspace_gib: float | None = None, stream: bool = True) -> BuiltEngine:
     """Parse ``onnx_path`` into a strongly typed network, build a serialized engine for ``ccs`` and write it to
-    ``plan_path`` straight from the builder's buffer (``IHostMemory`` has the buffer protocol: no copy)."""
+    ``plan_path``: streamed by the builder (``build_serialized_network_to_stream``), or with ``stream=False``
+    from the builder's ``IHostMemory`` (buffer protocol, no copy). ``memory`` records where the peak lies."""
     trt = backend.trt
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
@@ -247,18 +249,65 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         cache = config.create_timing_cache(timing_cache or b"")
         config.set_timing_cache(cache, False)
     backend.configure(config, ccs)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
+    parsed_gib = _rss_gib()
+    if stream and hasattr(builder, "build_serialized_network_to_stream"):
+        with open(plan_path, "wb") as handle:
+            writer = _plan_writer(trt, handle)
+            ok = builder.build_serialized_network_to_stream(network, config, writer)
+            size = writer.written
+    else:
+        serialized = builder.build_serialized_network(network, config)
+        ok = serialized is not None
+        del network, parser, builder  # the builder's copy of the weights, before the plan is written
+        if ok:
+            with open(plan_path, "wb") as handle:
+                handle.write(memoryview(serialized))  # IHostMemory has the buffer protocol: no copy
+            size = serialized.nbytes
+        del serialized
+    if not ok:
+        plan_path.unlink(missing_ok=True)
         detail = " | ".join(logger.problems[-3:])[:500] or "no message"
         raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path,
                          hint="check the target supports this precision (FP8 needs ada/hopper/blackwell)")
-    del network, parser, builder  # the builder's copy of the weights, before the plan is written
-    with open(plan_path, "wb") as handle:
-        handle.write(memoryview(serialized))
-    size = serialized.nbytes
-    del serialized
+    memory = {"rss_after_parse_gib": round(parsed_gib, 3), "peak_rss_gib": round(_peak_rss_gib(), 3),
+              "plan_gib": round(size / 2**30, 3), "streamed": bool(stream and hasattr(trt.Builder, "build_serialized_network_to_stream"))}
     return BuiltEngine(plan_bytes=size, layers=parse_layers(logger.layer_reports), warnings=logger.problems[-20:],
-                       timing_cache=bytes(cache.serialize()) if cache is not None else None)
+                       timing_cache=bytes(cache.serialize()) if cache is not None else None, memory=memory)
+
+
+def _plan_writer(trt: Any, handle: Any) -> Any:
+    """An ``IStreamWriter`` that appends the builder's chunks to ``handle`` (TensorRT-RTX 1.7 hands over the
+    whole plan in one chunk; the full TensorRT builder may stream it)."""
+
+    class PlanWriter(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+            self.written = 0
+
+        def write(self, data):  # noqa: D401 - TensorRT's interface
+            count = handle.write(data)
+            self.written += count
+            return count
+
+    return PlanWriter()
+
+
+def _rss_gib() -> float:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    import os
+
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _build_child(conn: Any, kind: str, args: tuple, kwargs: dict) -> None:
@@ -276,7 +325,7 @@ def _build_child(conn: Any, kind: str, args: tuple, kwargs: dict) -> None:
 
 def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
                           ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
-                          workspace_gib: float | None = None) -> BuiltEngine:
+                          workspace_gib: float | None = None, stream: bool = True) -> BuiltEngine:
     """``build_engine`` in a child process: a builder that crashes (TensorRT-RTX 1.7 segfaults on some graphs)
     becomes one clear error instead of killing sd35trt, and the builder's memory is returned to the system
     after every engine."""
@@ -289,7 +338,7 @@ def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[st
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_build_child, daemon=True, args=(
         send, backend.kind.value, (onnx_path, profile, ccs, plan_path),
-        {"timing_cache": timing_cache, "workspace_gib": workspace_gib}))
+        {"timing_cache": timing_cache, "workspace_gib": workspace_gib, "stream": stream}))
     child.start()
     send.close()
     try:

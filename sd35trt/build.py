@@ -176,6 +176,7 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 "profile": source.profile, "ranges": source.ranges,
                 "io": {"inputs": source.inputs, "outputs": source.outputs},
                 "layers": summary, "build_seconds": round(timing["seconds"], 2), "warnings": built.warnings[-5:],
+                "builder_memory": built.memory,
             }
             rebuilt.append(name)
         manifest = {
