@@ -5,7 +5,7 @@
 #   bash bench/real_size.sh STAGE [MODEL]
 #   STAGE: make_engines | make_calibrate | make_export | make_build (the Makefile's own steps, as a user runs them)
 #          | fp8_transformer (after make_calibrate: FP8 transformer ONNX + SM89 engine)
-#          | build_memory (#15) | selftest (#12) | shards (#16: SHARDS=N)
+#          | build_memory (#15) | t5_fp8 (#15) | selftest (#12) | shards (#16: SHARDS=N)
 #          | export | calibrate | build | torch | proj_out | ort_export | components | ort_gpu | torch_loop | all
 #   MODEL: sd3.5-medium (default) | sd3.5-large | tiny (a dry run on any CPU machine)
 #
@@ -76,6 +76,16 @@ stage_build_memory() {  # #15: builder memory at real size, one engine per measu
     touch "$WORK/engines-$precision-$c/done"
     rm -f "$WORK"/engines-$precision-$c/*/*/*.plan  # the numbers are in the manifest; keep the disk free
   done
+}
+
+stage_t5_fp8() {  # #15: T5-XXL in FP8. T5 runs once per prompt (not per step), so 1 denoising step sees all of its
+  # calibration traffic; the report has its FP8 error on held-out T5 calls against FP32 (TF32 off).
+  $M "$MODEL calibrate t5 ${PROMPTS}x1" -- $CLI calibrate --model "$MODEL" --out "$WORK/t5fp8" --components t5 \
+    --num-prompts "$PROMPTS" --steps 1 --height "$SIZE" --width "$SIZE" > "$WORK/t5fp8-report.txt"
+  cp "$WORK/t5fp8/calibration/calibration.json" "$WORK/calibration-t5fp8.json"
+  $CLI export --model "$MODEL" --out "$WORK/t5fp8" --components t5 --precision fp8 --no-validate > /dev/null
+  $M "$MODEL build t5 fp8 SM89 tensorrt-rtx (child process, streamed plan)" -- $CLI build --gpu ada \
+    --backend tensorrt-rtx --onnx "$WORK/t5fp8" --out "$WORK/engines-fp8-t5" --components t5 --precision fp8
 }
 
 stage_selftest() {  # #12: the engine self-test users run first, on this machine (CC 9.0: TensorRT-RTX refuses it)
@@ -152,7 +162,7 @@ archive() {  # always, also after a failed step: the device returns at most 8 fi
      $(ls calibration/calibration.json calibration/census.json calibration/manifest.json engines/*/*/manifest.json \
           engines/*/*/layers/*.txt torch_anchor.json proj_out.json ort_gpu_bench.json torch_loop_bench.json onnx-*/*/manifest.json onnx-*/*/export.json \
           engines-*/*/*/manifest.json engines-*/*/*/layers/*.txt selftest.json selftest-*.* scales-*.json \
-          calibration-*.json scales.sha256 2>/dev/null)) || true
+          calibration-*.json scales.sha256 t5fp8-report.txt 2>/dev/null)) || true
 }
 trap archive EXIT
 
@@ -167,6 +177,7 @@ case "$STAGE" in
   build) stage_build ;;
   build_memory) stage_build_memory ;;
   selftest) stage_selftest ;;
+  t5_fp8) stage_t5_fp8 ;;
   shards) stage_shards ;;
   torch) stage_torch ;;
   proj_out) stage_proj_out ;;

@@ -52,26 +52,32 @@ def run_selftest(out: Path) -> SelftestReport:
 
     def step(name: str, action: Callable[[], str]) -> bool:
         start = time.perf_counter()
-        with log.step(f"selftest: {name}"):
-            try:
-                detail, ok = action(), True
-            except Sd35TrtError as err:
-                detail, ok = str(err), False
-            except Exception as err:  # noqa: BLE001 - a bug is a FAIL row with its traceback in the report
-                detail, ok = f"{type(err).__name__}: {err}", False
-                state.setdefault("tracebacks", {})[name] = traceback.format_exc()
-        report.steps.append({"step": name, "passed": ok, "seconds": round(time.perf_counter() - start, 2),
-                             "detail": detail[:500]})
+        log.info(f"[bold]→[/bold] selftest: {name}")
+        try:
+            detail, ok = action(), True
+        except Sd35TrtError as err:
+            detail, ok = str(err), False
+        except Exception as err:  # noqa: BLE001 - a bug is a FAIL row with its traceback in the report
+            detail, ok = f"{type(err).__name__}: {err}", False
+            state.setdefault("tracebacks", {})[name] = traceback.format_exc()
+        seconds = time.perf_counter() - start
+        log.info(f"  {'[green]PASS[/green]' if ok else '[red]FAIL[/red]'} {name} ({seconds:.1f} s)")
+        report.steps.append({"step": name, "passed": ok, "seconds": round(seconds, 2), "detail": detail[:500]})
         report.passed &= ok
         return ok
 
     def target() -> str:
+        """The local GPU's target, and which backend can build it: a missing backend is the build step's FAIL
+        (with its real reason), so calibration and export still run on this GPU."""
         from sd35trt.backends import choose_backend
         from sd35trt.build import resolve_target
         from sd35trt.targets import Backend, GpuTarget
 
         info = resolve_target(GpuTarget.AUTO)
-        backend = choose_backend(Backend.AUTO, info)
+        try:
+            backend = choose_backend(Backend.AUTO, info)
+        except Sd35TrtError as err:
+            return f"{info.target.value} ({', '.join(info.sm_names)}); no backend here builds it: {err.what}"
         return f"{info.target.value} ({', '.join(info.sm_names)}), {backend.kind.value} {backend.version}"
 
     def calibrate() -> str:
@@ -121,9 +127,12 @@ def run_selftest(out: Path) -> SelftestReport:
         psnr = result.data["end_to_end"]["engine"]["min_image_psnr_db"]
         return f"end to end {psnr:.1f} dB vs diffusers; per component within tolerance"
 
-    for name, action in (("target", target), ("calibrate", calibrate), ("export", export), ("build", build),
-                         ("generate", generate), ("compare", compare)):
+    steps = (("target", target), ("calibrate", calibrate), ("export", export), ("build", build),
+             ("generate", generate), ("compare", compare))
+    for index, (name, action) in enumerate(steps):
         if not step(name, action):
+            report.steps += [{"step": later, "passed": False, "seconds": 0.0, "detail": f"not run (after {name} failed)"}
+                             for later, _ in steps[index + 1:]]
             break
     from sd35trt.artifacts import write_json_atomic
 

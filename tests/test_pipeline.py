@@ -197,7 +197,9 @@ def test_selftest_stops_at_the_first_failure_with_its_reason(capsys, tmp_path, m
     out = capsys.readouterr().out
     assert code == 1
     report = json.loads((tmp_path / "st" / "selftest.json").read_text())
-    assert [s["step"] for s in report["steps"]] == ["target", "calibrate"] and not report["passed"]
+    assert [s["step"] for s in report["steps"]] == ["target", "calibrate", "export", "build", "generate", "compare"]
+    assert not report["passed"] and [s["passed"] for s in report["steps"]] == [True] + [False] * 5
     assert report["steps"][0]["passed"] and "ada (SM89), tensorrt-rtx" in report["steps"][0]["detail"]
     assert "torch sees no CUDA GPU" in report["steps"][1]["detail"]
+    assert report["steps"][2]["detail"] == "not run (after calibrate failed)"
     assert "calibrate  FAIL" in out and out.strip().endswith(f"wrote {tmp_path / 'st' / 'selftest.json'}")
