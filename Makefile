@@ -20,6 +20,11 @@ BACKEND ?= auto
 WORK ?= build/$(MODEL)
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
+# FP8 components (transformer,t5 adds T5-XXL in FP8: docs/BENCHMARKS.md has its measured error), calibration
+# workers (SHARDS=2: one per GPU), and extra build options (BUILD_FLAGS=--portable for full TensorRT).
+FP8 ?= transformer
+SHARDS ?= 1
+BUILD_FLAGS ?=
 # Calibration size (sd35trt.calibrate.calibration_size says why): tiny 8 x 4 at 512 px, real SD3.5 32 prompts
 # x 20 steps at 1024 px.
 NUM_PROMPTS ?= $(if $(filter tiny,$(MODEL)),8,32)
@@ -45,13 +50,13 @@ install: $(VENV)/.installed
 
 calibrate: $(STAMP)
 	$(CLI) calibrate --model $(MODEL) --out $(WORK) --prompts $(PROMPTS) --num-prompts $(NUM_PROMPTS) --steps $(STEPS) \
-	  --height $(SIZE) --width $(SIZE)
+	  --height $(SIZE) --width $(SIZE) --components $(FP8) --shards $(SHARDS)
 
 export: calibrate
 	$(CLI) export --model $(MODEL) --out $(WORK)
 
 build: export
-	$(CLI) build --gpu $(GPU) --backend $(BACKEND) --onnx $(WORK) --out $(ENGINES)
+	$(CLI) build --gpu $(GPU) --backend $(BACKEND) --onnx $(WORK) --out $(ENGINES) $(BUILD_FLAGS)
 
 engines: build
 
@@ -63,6 +68,9 @@ selftest: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check sd35trt tests bench
+	# engine code against the TensorRT 11.4 and TensorRT-RTX 1.7 APIs (typings/, sd35trt/typecheck.py)
+	$(PY) -m mypy --always-false CHECK_RTX sd35trt/backends.py sd35trt/runners.py sd35trt/portability.py
+	$(PY) -m mypy --always-true CHECK_RTX sd35trt/backends.py sd35trt/runners.py
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu//' > requirements.lock.new && mv requirements.lock.new requirements.lock

@@ -13,11 +13,12 @@ import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd35trt import log
 from sd35trt.errors import BuildError, MissingDependencyError
 from sd35trt.targets import RTX_CCS, Backend, TargetInfo
+from sd35trt.typecheck import CHECK_RTX
 
 
 class TrtBackend:
@@ -76,7 +77,10 @@ class TensorRTRTXBackend(TrtBackend):
         return ccs
 
     def configure(self, config: Any, ccs: tuple[tuple[int, int], ...]) -> None:
-        trt = self.trt
+        if TYPE_CHECKING:
+            import tensorrt_rtx_bindings as trt
+        else:
+            trt = self.trt
         config.num_compute_capabilities = len(ccs)
         for index, (major, minor) in enumerate(ccs):
             config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{major}{minor}"), index)
@@ -220,11 +224,18 @@ def summarize_layers(layers: list[dict[str, Any]], islands: list[str] | None = N
 
 def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
                  ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
-                 workspace_gib: float | None = None, stream: bool = True) -> BuiltEngine:
+                 workspace_gib: float | None = None, stream: bool = True, version_compatible: bool = False,
+                 hardware_compat: str = "none") -> BuiltEngine:
     """Parse ``onnx_path`` into a strongly typed network, build a serialized engine for ``ccs`` and write it to
     ``plan_path``: streamed by the builder (``build_serialized_network_to_stream``), or with ``stream=False``
     from the builder's ``IHostMemory`` (buffer protocol, no copy). ``memory`` records where the peak lies."""
-    trt = backend.trt
+    if TYPE_CHECKING:  # `make lint` checks this against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
+        if CHECK_RTX:
+            import tensorrt_rtx_bindings as trt
+        else:
+            import tensorrt_bindings as trt
+    else:
+        trt = backend.trt
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
@@ -239,7 +250,7 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
     config = builder.create_builder_config()
     opt_profile = builder.create_optimization_profile()
     for name, (shape_min, shape_opt, shape_max) in profile.items():
-        opt_profile.set_shape(name, shape_min, shape_opt, shape_max)
+        opt_profile.set_shape(name, trt.Dims(shape_min), trt.Dims(shape_opt), trt.Dims(shape_max))
     config.add_optimization_profile(opt_profile)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if workspace_gib:
@@ -249,6 +260,11 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         cache = config.create_timing_cache(timing_cache or b"")
         config.set_timing_cache(cache, False)
     backend.configure(config, ccs)
+    if version_compatible:  # plans for the lean runtime of this version (sd35trt.portability)
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    if hardware_compat == "ampere+":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     parsed_gib = _rss_gib()
     if stream and hasattr(builder, "build_serialized_network_to_stream"):
         with open(plan_path, "wb") as handle:
@@ -261,7 +277,8 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         del network, parser, builder  # the builder's copy of the weights, before the plan is written
         if ok:
             with open(plan_path, "wb") as handle:
-                handle.write(memoryview(serialized))  # IHostMemory has the buffer protocol: no copy
+                # IHostMemory has the buffer protocol (not in the stubs): no copy
+                handle.write(memoryview(serialized))  # type: ignore[arg-type]
             size = serialized.nbytes
         del serialized
     if not ok:
@@ -272,7 +289,12 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
     memory = {"rss_after_parse_gib": round(parsed_gib, 3), "peak_rss_gib": round(_peak_rss_gib(), 3),
               "plan_gib": round(size / 2**30, 3), "streamed": bool(stream and hasattr(trt.Builder, "build_serialized_network_to_stream"))}
     return BuiltEngine(plan_bytes=size, layers=parse_layers(logger.layer_reports), warnings=logger.problems[-20:],
-                       timing_cache=bytes(cache.serialize()) if cache is not None else None, memory=memory)
+                       timing_cache=_cache_bytes(cache), memory=memory)
+
+
+def _cache_bytes(cache: Any) -> bytes | None:
+    """The timing cache's bytes (``IHostMemory`` has the buffer protocol), or None without one."""
+    return bytes(cache.serialize()) if cache is not None else None
 
 
 def _plan_writer(trt: Any, handle: Any) -> Any:
@@ -325,7 +347,8 @@ def _build_child(conn: Any, kind: str, args: tuple, kwargs: dict) -> None:
 
 def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
                           ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
-                          workspace_gib: float | None = None, stream: bool = True) -> BuiltEngine:
+                          workspace_gib: float | None = None, stream: bool = True, version_compatible: bool = False,
+                 hardware_compat: str = "none") -> BuiltEngine:
     """``build_engine`` in a child process: a builder that crashes (TensorRT-RTX 1.7 segfaults on some graphs)
     becomes one clear error instead of killing sd35trt, and the builder's memory is returned to the system
     after every engine."""
@@ -338,7 +361,8 @@ def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[st
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_build_child, daemon=True, args=(
         send, backend.kind.value, (onnx_path, profile, ccs, plan_path),
-        {"timing_cache": timing_cache, "workspace_gib": workspace_gib, "stream": stream}))
+        {"timing_cache": timing_cache, "workspace_gib": workspace_gib, "stream": stream,
+         "version_compatible": version_compatible, "hardware_compat": hardware_compat}))
     child.start()
     send.close()
     try:

@@ -30,6 +30,7 @@ from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.export import check_disk
 from sd35trt.manifests import BUNDLE_MANIFEST, MANIFEST, VARIANT_DIRS, BundleManifest, EngineEntry, OnnxManifest, WorkDir
 from sd35trt.models import model_slug
+from sd35trt.portability import RuntimeRecord, check_portability
 from sd35trt.specs import COMPONENTS, Precision
 from sd35trt.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
 
@@ -41,10 +42,19 @@ class BuildConfig:
     components: tuple[str, ...] = COMPONENTS
     precision: Precision | None = None  # None = the table in targets.plan_precisions decides
     workspace_gib: float | None = None
+    portable: bool = False  # full TensorRT: version-compatible plans for the lean runtime (sd35trt.portability)
+    hardware_compat: str = "none"  # "ampere+": one engine for every GPU from Ampere on (full TensorRT)
+    memory_check: bool = True  # refuse a build this host's memory cannot hold (check_memory)
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target.value, "backend": self.backend.value, "components": list(self.components),
-                "precision": self.precision.value if self.precision else "auto", "workspace_gib": self.workspace_gib}
+                "precision": self.precision.value if self.precision else "auto", "workspace_gib": self.workspace_gib,
+                "portable": self.portable, "hardware_compat": self.hardware_compat, "memory_check": self.memory_check}
+
+    @property
+    def flavour(self) -> str:
+        """Suffix of the bundle folder: portable bundles sit beside the plain ones, never over them."""
+        return ("-portable" if self.portable else "") + ("-ampereplus" if self.hardware_compat == "ampere+" else "")
 
 
 @dataclass
@@ -89,14 +99,42 @@ def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str
 
 
 def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_manifest: OnnxManifest,
-                   workspace_gib: float | None) -> str:
+                   config: BuildConfig) -> str:
     return hash_json({"toolkit": __version__, "backend": backend.kind.value, "backend_version": backend.version,
                       "ccs": ccs, "onnx_files": onnx_manifest.files, "profile": onnx_manifest.profile,
-                      "workspace_gib": workspace_gib})
+                      "workspace_gib": config.workspace_gib, "portable": config.portable,
+                      "hardware_compat": config.hardware_compat})
 
 
-def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend) -> Path:
-    return engines_root / model_slug / f"{target.target.value}-{backend.kind.value}"
+def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, flavour: str = "") -> Path:
+    return engines_root / model_slug / f"{target.target.value}-{backend.kind.value}{flavour}"
+
+
+# Builder peak RSS over the engine's weight bytes, measured with TensorRT-RTX 1.7 at SD3.5-Large size in a child
+# process (bench/results/2026-11-22-h100-run7): FP8 transformer 2.69x, FP16 transformer 2.60x, FP16 T5 2.73x,
+# Medium FP8 T5 2.58x. The check uses 2.8x plus 1 GiB for the libraries.
+BUILDER_MEMORY_FACTOR = 2.8
+
+
+def available_memory() -> int | None:
+    """MemAvailable + SwapFree from /proc/meminfo (bytes), or None where that cannot be read."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(onnx_bytes: int, what: str, available: int | None) -> None:
+    """One line before a build whose builder would not fit in this host's memory (the OOM killer would end it
+    minutes later, the previous bundle untouched, but with no time saved)."""
+    needed = int(onnx_bytes * BUILDER_MEMORY_FACTOR) + (1 << 30)
+    if available is not None and needed > available:
+        raise InvalidInputError(f"not enough memory to build {what}: the builder needs about {needed / 2**30:.1f} GiB "
+                                f"({BUILDER_MEMORY_FACTOR}x its {onnx_bytes / 2**30:.1f} GiB of weights, measured), "
+                                f"{available / 2**30:.1f} GiB available",
+                                hint="free memory or build on a larger machine; --no-memory-check tries anyway "
+                                     "(for VMs whose memory grows on demand)")
 
 
 def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, force: bool = False) -> BundleResult:
@@ -104,10 +142,14 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     target = resolve_target(config.target)
     variants = load_onnx_variants(onnx_root, config.components)
     plan = plan_precisions(target, config.components, {c: set(v) for c, v in variants.items()}, config.precision)
+    fp8 = [name for name, choice in plan.items() if choice.precision is Precision.FP8]
+    check_portability(config.backend.value, config.portable, config.hardware_compat, fp8_components=fp8, build_cc=None)
     backend = choose_backend(config.backend, target)
+    check_portability(backend.kind.value, config.portable, config.hardware_compat, fp8_components=fp8,
+                      build_cc=local_compute_capability() if backend.kind is Backend.TENSORRT else None)
     ccs = backend.buildable_ccs(target)
     model = next(m for v in variants.values() for m in v.values()).model
-    folder = bundle_folder(engines_root, model_slug(model), target, backend)
+    folder = bundle_folder(engines_root, model_slug(model), target, backend, config.flavour)
     with exclusive(folder, "build"):  # a second `make engines` for this target waits, then finds it up to date
         return _build_into(folder, engines_root, config, target, backend, ccs, model, variants, plan, force)
 
@@ -116,7 +158,7 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 ccs: tuple[tuple[int, int], ...], model: dict[str, Any], variants: dict[str, Any], plan: dict[str, Any],
                 force: bool) -> BundleResult:
     sources = {name: variants[name][choice.precision] for name, choice in plan.items()}
-    hashes = {name: component_hash(backend, ccs, sources[name], config.workspace_gib) for name in plan}
+    hashes = {name: component_hash(backend, ccs, sources[name], config) for name in plan}
     bundle_hash = hash_json({"components": hashes, "plan": {k: v.precision.value for k, v in plan.items()}})
     recover_interrupted(folder)
     previous = _read_previous(folder)
@@ -152,11 +194,16 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 continue
             onnx_path = source.onnx_path
             # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
-            check_disk(tmp, int(sum(e["bytes"] for e in source.files.values()) * 1.1), f"the {name} engine")
+            onnx_bytes = sum(e["bytes"] for e in source.files.values())
+            check_disk(tmp, int(onnx_bytes * 1.1), f"the {name} engine")
+            if config.memory_check:
+                check_memory(onnx_bytes, f"the {name} engine", available_memory())
             with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}") as timing:
                 with log.working(f"{backend.kind.value} builder"):
                     built = build_engine_isolated(backend, onnx_path, source.profile, ccs, tmp / plan_name,
-                                                  timing_cache=timing_cache, workspace_gib=config.workspace_gib)
+                                                  timing_cache=timing_cache, workspace_gib=config.workspace_gib,
+                                                  version_compatible=config.portable,
+                                                  hardware_compat=config.hardware_compat)
             if built.timing_cache:
                 timing_cache = built.timing_cache
             islands = source.fp32_islands
@@ -179,13 +226,15 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 "builder_memory": built.memory,
             }
             rebuilt.append(name)
+        runtime = RuntimeRecord(backend.kind.value, backend.version, config.portable, config.hardware_compat,
+                                tuple(f"{a}.{b}" for a, b in ccs))
         manifest = {
             "kind": "engine-bundle", "manifest_version": 1, "toolkit": __version__,
             "model": model, "random_weights": model.get("random_weights", False),
             "target": target.target.value, "compute_capabilities": [f"{a}.{b}" for a, b in ccs],
             "backend": backend.kind.value, "backend_version": backend.version,
-            "runtime_requirement": f"{backend.module_name} {backend.version} on a GPU with compute capability "
-                                   f"{' or '.join(f'{a}.{b}' for a, b in ccs)}",
+            "runtime": runtime.to_dict(),
+            "runtime_requirement": f"{' or '.join(runtime.to_dict()['runs_on'])} on a GPU with {runtime.to_dict()['gpus']}",
             "timing_cache": str(cache_path) if backend.has_timing_cache else "not supported by this backend",
             "config": config.to_dict(), "inputs_hash": bundle_hash, "components": entries,
             "build_seconds": round(time.perf_counter() - start, 2), "host": platform.node(),

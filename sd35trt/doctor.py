@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from sd35trt.backends import BACKENDS, local_compute_capability
+from sd35trt.backends import local_compute_capability
 from sd35trt.errors import InvalidInputError
 from sd35trt.manifests import BUNDLE_MANIFEST, BundleManifest
 
@@ -31,36 +32,42 @@ def host_report() -> dict[str, Any]:
                 report["driver"] = driver
         except (OSError, subprocess.TimeoutExpired):
             pass
-    for kind, cls in BACKENDS.items():
-        backend = cls()
-        try:
-            module = importlib.import_module(backend.module_name)
-            report["runtimes"][kind.value] = str(getattr(module, "__version__", "unknown"))
-        except ImportError:
-            report["runtimes"][kind.value] = None
+    from importlib import metadata
+
+    from sd35trt.portability import RUNTIME_MODULES
+
+    for modules in RUNTIME_MODULES.values():
+        for module in modules:  # versions from the installed distributions: importing TensorRT takes seconds
+            report["runtimes"][module] = _module_version(module, metadata)
     return report
 
 
+def _module_version(module: str, metadata: Any) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    for dist in metadata.packages_distributions().get(module, []):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return str(getattr(importlib.import_module(module), "__version__", "unknown"))
+
+
 def bundle_fit(manifest: BundleManifest, host: dict[str, Any]) -> tuple[bool, str]:
-    """Can this bundle's engines run on this host? (False, why) names the first blocking reason."""
-    ccs = manifest.compute_capabilities
-    backend, version = manifest.backend, manifest.backend_version
-    if host["compute_capability"] is None:
-        return False, "no CUDA GPU on this host"
-    if host["compute_capability"] not in ccs:
-        return False, f"built for compute capability {', '.join(ccs)}, this GPU is {host['compute_capability']}"
-    installed = host["runtimes"].get(backend)
-    if installed is None:
-        return False, f"runtime {backend} is not installed (need {version})"
-    if installed != version:
-        return False, f"built with {backend} {version}, installed {installed}: engines are tied to the exact version"
+    """Can this bundle's engines run on this host? (False, why) names the first blocking reason. The bundle's
+    ``runtime`` record decides (a version-compatible bundle also runs on the lean runtime)."""
+    from sd35trt.portability import RuntimeRecord, runtime_fit
     from sd35trt.targets import RTX_CCS
 
+    record = RuntimeRecord.of_bundle(manifest.data)
+    ok, why = runtime_fit(record, host["runtimes"], host["compute_capability"])
+    if not ok:
+        return False, why
     major, minor = (int(v) for v in host["compute_capability"].split("."))
-    if backend == "tensorrt-rtx" and (major, minor) not in RTX_CCS:
+    if record.backend == "tensorrt-rtx" and (major, minor) not in RTX_CCS:
         return False, (f"TensorRT-RTX does not run on compute capability {major}.{minor} (it supports "
                        f"{', '.join(f'{a}.{b}' for a, b in RTX_CCS)})")
-    return True, "compatible"
+    return True, why
 
 
 def diagnose(path: Path | None) -> dict[str, Any]:

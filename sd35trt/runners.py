@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, check_choice
 from sd35trt.manifests import MANIFEST, BundleManifest
 from sd35trt.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
+from sd35trt.typecheck import CHECK_RTX
 
 if TYPE_CHECKING:
     import torch
@@ -138,7 +139,13 @@ class EngineRunner(ComponentRunner):
         import torch
 
         super().__init__(spec, precision)
-        trt = importlib.import_module(module_name)
+        if TYPE_CHECKING:  # `make lint` checks this against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
+            if CHECK_RTX:
+                import tensorrt_rtx_bindings as trt
+            else:
+                import tensorrt_bindings as trt
+        else:
+            trt = importlib.import_module(module_name)
         self._torch = torch
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -147,7 +154,8 @@ class EngineRunner(ComponentRunner):
             raise ArtifactError("engine cannot be deserialized (truncated, or built for another GPU/runtime)",
                                 path=plan_path, hint="run `sd35trt doctor` on this bundle")
         self.graphs = graph_policy(backend, cuda_graph)
-        if self.graphs == "runtime":
+        # TensorRT-RTX only (graph_policy): its runtime's own CUDA-graph strategy; the RTX type-check pass checks it
+        if self.graphs == "runtime" and (CHECK_RTX or not TYPE_CHECKING):
             config = self.engine.create_runtime_config()
             config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
             self.context = self.engine.create_execution_context(config)
@@ -182,7 +190,8 @@ class EngineRunner(ComponentRunner):
             self._static[name] = tensor
         outputs = {}
         for name in self.spec.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
+            dims = self.context.get_tensor_shape(name)
+            shape = tuple(dims[i] for i in range(len(dims)))
             if any(d < 0 for d in shape):
                 raise RuntimeUnavailableError(f"{self.spec.name} engine: output {name} shape {shape} is unresolved",
                                               hint="an input shape was not accepted; run `sd35trt doctor`")
@@ -264,7 +273,8 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
     order = {"auto": (Precision.FP8, Precision.FP16, Precision.FP32), "fp8": (Precision.FP8, Precision.FP16),
              "fp16": (Precision.FP16,), "fp32": (Precision.FP32,)}
     check_choice("--precision", precision, tuple(order))
-    runners, ranges = {}, None
+    runners: dict[str, ComponentRunner] = {}
+    ranges = None
     work = WorkDir(root)
     for name in components:
         for candidate in order[precision]:
@@ -284,21 +294,22 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
 
 def runners_from_bundle(folder: Path, *, cuda_graph: bool = False) -> tuple[dict[str, ComponentRunner], BundleManifest]:
     """Engine runners for a bundle, after checking it fits this host (GPU, compute capability, runtime)."""
-    from sd35trt.backends import BACKENDS
     from sd35trt.build import verify_bundle
     from sd35trt.doctor import bundle_fit, host_report
-    from sd35trt.targets import Backend
+    from sd35trt.portability import RuntimeRecord, runtime_module
 
     manifest = verify_bundle(folder)
-    ok, why = bundle_fit(manifest, host_report())
+    host = host_report()
+    ok, why = bundle_fit(manifest, host)
     if not ok:
         work_dirs = sorted({str(e.work_dir.root) for e in manifest.components.values() if e.work_dir})
         raise RuntimeUnavailableError(
             f"the engines of this bundle cannot run on this host: {why}", path=folder,
             hint=f"run the same loop on the bundle's ONNX instead: --onnx {work_dirs[0] if work_dirs else '<work dir>'} "
                  f"(or run on a GPU with compute capability {', '.join(manifest.compute_capabilities)})")
-    module = BACKENDS[Backend(manifest.backend)].module_name
-    runners = {name: EngineRunner(SPECS[name], folder / e.file, e.precision, module, manifest.backend,
+    module = runtime_module(RuntimeRecord.of_bundle(manifest.data), host["runtimes"])
+    assert module is not None  # bundle_fit found it
+    runners: dict[str, ComponentRunner] = {name: EngineRunner(SPECS[name], folder / e.file, e.precision, module, manifest.backend,
                                   cuda_graph=cuda_graph) for name, e in manifest.components.items()}
     return runners, manifest
 
@@ -309,4 +320,6 @@ def ranges_of_bundle(manifest: BundleManifest) -> ShapeRanges:
     if not recorded or any(r is None for r in recorded) or any(r != recorded[0] for r in recorded):
         raise ArtifactError("bundle manifest lacks consistent shape ranges for its engines",
                             hint="rebuild the bundle from one export (sd35trt build --force)")
-    return ShapeRanges.from_dict(recorded[0])
+    first = recorded[0]
+    assert first is not None
+    return ShapeRanges.from_dict(first)

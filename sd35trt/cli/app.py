@@ -27,6 +27,7 @@ DeviceOpt = typer.Option("auto", "--device", help="torch device for export/calib
 def emit(result: Any) -> None:
     """Results go to stdout (JSON), logs to stderr."""
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    sys.stdout.flush()  # a library's exit handler on a GPU host can end the process before the buffer is flushed
 
 
 def version_callback(value: bool) -> None:

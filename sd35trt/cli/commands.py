@@ -24,6 +24,9 @@ def build(
     components: Optional[str] = typer.Option(None, "--components", help="subset of transformer,clip_l,clip_g,t5,vae_decoder"),
     precision: str = typer.Option("auto", "--precision", help="auto (table per target) | fp8 | fp16 | fp32"),
     workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="builder workspace limit"),
+    portable: bool = typer.Option(False, "--portable", help="full TensorRT: version-compatible plans that run on the lean runtime (tensorrt-lean) of the same version"),
+    hardware_compat: str = typer.Option("none", "--hardware-compat", help="none | ampere+ (full TensorRT: one engine for every GPU from Ampere on; FP16 only)"),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="refuse a build this host's memory cannot hold (measured builder peak: 2.8x the engine's weights)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
@@ -36,7 +39,8 @@ def build(
 
     check_choice("--precision", precision, ("auto", *(p.value for p in Precision)))
     config = BuildConfig(target=parse_target(gpu), backend=parse_backend(backend), components=parse_components(components),
-                         precision=None if precision == "auto" else Precision(precision), workspace_gib=workspace_gib)
+                         precision=None if precision == "auto" else Precision(precision), workspace_gib=workspace_gib,
+                         portable=portable, hardware_compat=hardware_compat, memory_check=memory_check)
     ensure_writable_dir(out)
     result = build_bundle(onnx, out, config, force=force)
     m = result.manifest

@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()  # results first, whatever a library's exit handler does after this
+    sys.exit(code)
 
 
 if __name__ == "__main__":
