@@ -198,6 +198,53 @@ def parse_layers(reports: list[str]) -> list[dict[str, Any]]:
     return layers
 
 
+def inspect_layers(trt: Any, logger: Any, plan_path: Path) -> list[dict[str, Any]]:
+    """Per-layer dtypes from the engine inspector's JSON (full TensorRT builds on the GPU it targets, so the
+    plan can be deserialized right after the build). Any failure gives [] — "unknown", never a failed build."""
+    try:
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if engine is None:
+            return []
+        text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        return parse_inspector_json(text)
+    except Exception:  # noqa: BLE001 - the report is informative; check_layer_report treats [] as unknown
+        return []
+
+
+_INSPECTOR_DTYPES = (("FP8", "FP8"), ("E4M3", "FP8"), ("BF16", "BFloat16"), ("BFLOAT16", "BFloat16"),
+                     ("FP16", "Half"), ("HALF", "Half"), ("FP32", "Float"), ("FLOAT", "Float"), ("INT8", "Int8"),
+                     ("INT32", "Int32"), ("INT64", "Int64"), ("BOOL", "Bool"))
+
+
+def _inspector_dtype(text: str) -> str:
+    """``"Row major linear FP16 format"`` → ``Half`` (the builder log's names, which summarize_layers reads)."""
+    upper = text.upper()
+    return next((name for token, name in _INSPECTOR_DTYPES if token in upper), text or "unknown")
+
+
+def parse_inspector_json(text: str) -> list[dict[str, Any]]:
+    """Layers of ``IEngineInspector.get_engine_information(JSON)`` at DETAILED verbosity, in ``parse_layers``'
+    shape; [] when the JSON holds layer names only (a plan built without detailed profiling) or is unreadable."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError):
+        return []
+    layers = []
+    for layer in data.get("Layers", []) if isinstance(data, dict) else []:
+        if not isinstance(layer, dict):
+            return []
+        found = layer.get("Weights")
+        weights: dict[str, Any] = found if isinstance(found, dict) else {}
+        layers.append({"name": str(layer.get("Name", "")), "type": str(layer.get("LayerType", "")),
+                       "input_dtypes": [_inspector_dtype(str(t.get("Format/Datatype", "")))
+                                        for t in layer.get("Inputs", []) if isinstance(t, dict)],
+                       "weight_dtypes": [_inspector_dtype(str(weights["Type"]))] if "Type" in weights else []})
+    return layers
+
+
 def island_scope(module: str) -> str:
     """A module path as it appears in ONNX node (and so TensorRT layer) names: ``encoder.block.23`` →
     ``/encoder/block.23/`` (the legacy exporter joins module names with '/', keeping ``list.index``)."""
@@ -286,9 +333,12 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         detail = " | ".join(logger.problems[-3:])[:500] or "no message"
         raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path,
                          hint="check the target supports this precision (FP8 needs ada/hopper/blackwell)")
+    layers = parse_layers(logger.layer_reports)
+    if backend.kind is Backend.TENSORRT:  # full TensorRT: the engine inspector, not log lines that change per version
+        layers = inspect_layers(trt, logger, plan_path) or layers
     memory = {"rss_after_parse_gib": round(parsed_gib, 3), "peak_rss_gib": round(_peak_rss_gib(), 3),
               "plan_gib": round(size / 2**30, 3), "streamed": bool(stream and hasattr(trt.Builder, "build_serialized_network_to_stream"))}
-    return BuiltEngine(plan_bytes=size, layers=parse_layers(logger.layer_reports), warnings=logger.problems[-20:],
+    return BuiltEngine(plan_bytes=size, layers=layers, warnings=logger.problems[-20:],
                        timing_cache=_cache_bytes(cache), memory=memory)
 
 

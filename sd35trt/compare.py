@@ -120,6 +120,52 @@ def _ort_poly_runner(path: Path, name: str, provider: str):
     return OnnxrtRunner(lambda: ort_session(path, provider=provider), name=name)
 
 
+def polygraphy_trt_runner(plan_path: Path, backend: str, name: str):
+    """Polygraphy's own ``TrtRunner`` on a bundle's plan: the second, independent engine runner ``compare
+    --bundle`` checks ours against. TensorRT-RTX bundles use polygraphy's RTX mode; where only the
+    ``tensorrt_rtx_bindings`` module is installed (the PyPI wheels), it stands in for ``tensorrt_rtx``.
+    Inputs are cast to the engine's input dtypes and outputs returned as float32, like ``EngineRunner``."""
+    import importlib
+    import importlib.util
+
+    import polygraphy.config as polygraphy_config
+    from polygraphy.backend.base import BaseRunner
+
+    if backend == "tensorrt-rtx":
+        polygraphy_config.USE_TENSORRT_RTX = True  # read when its TensorRT module is first imported
+        if importlib.util.find_spec("tensorrt_rtx") is None:
+            sys.modules.setdefault("tensorrt_rtx", importlib.import_module("tensorrt_rtx_bindings"))
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    inner = TrtRunner(EngineFromBytes(lambda: plan_path.read_bytes()), name=f"{name}:inner")
+
+    class CastingTrtRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name)
+            self.inner = inner
+
+        def activate_impl(self):
+            self.inner.activate()
+
+        def deactivate_impl(self):
+            self.inner.deactivate()
+
+        def get_input_metadata_impl(self):
+            return self.inner.get_input_metadata()
+
+        def infer_impl(self, feed_dict):
+            meta = self.inner.get_input_metadata()
+            feeds = OrderedDict((k, np.asarray(v).astype(meta[k].dtype.numpy())) for k, v in feed_dict.items())
+            outputs = self.inner.infer(feeds)
+            self.inference_time = self.inner.last_inference_time()
+            return OrderedDict((k, np.asarray(v, dtype=np.float32)) for k, v in outputs.items())
+
+    return CastingTrtRunner()
+
+
+ENGINE_AGREEMENT_REL_L2 = 1e-3  # our EngineRunner vs polygraphy's TrtRunner on one plan and the same inputs
+
+
 def record_traffic(pipe: Any, prompts: list[str], cfg: CompareConfig) -> tuple[dict[str, list], Any]:
     """Run diffusers' pipeline on ``prompts``; return inputs per network and the final latents per prompt."""
     import torch
@@ -151,10 +197,10 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
         feeds = [{k: v.numpy() for k, v in call.items()} for call in traffic.get(name, [])]
         if not feeds:
             continue
-        from sd35trt.runners import OrtRunner, TorchRunner
+        from sd35trt.runners import EngineRunner, OrtRunner, TorchRunner
 
         poly_runners = [_poly_runner(TorchRunner(spec, pipe), f"torch-fp32:{name}")]
-        precisions = {}
+        precisions, twins = {}, {}
         for variant, runners in runners_by_variant.items():
             runner = runners.get(name)
             if runner is None:
@@ -163,6 +209,10 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
             poly_runners.append(_ort_poly_runner(runner.path, label, runner.provider) if isinstance(runner, OrtRunner)
                                 else _poly_runner(runner, label))
             precisions[label] = Precision(runner.precision)
+            if isinstance(runner, EngineRunner):  # the same plan through polygraphy's own TensorRT runner
+                twin = f"{variant}-polygraphy:{name}"
+                poly_runners.append(polygraphy_trt_runner(runner.plan_path, runner.backend, twin))
+                precisions[twin], twins[label] = Precision(runner.precision), twin
         with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"), polygraphy_quiet():
             run_results = Comparator.run(poly_runners, data_loader=feeds)
         reference_name = poly_runners[0].name
@@ -187,6 +237,13 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
                     sub, compare_func=CompareFunc.simple(atol=tol.max_abs, rtol=tol.rel_l2, check_error_stat="mean"))
             entry[runner_name.split(":")[0]] = {"precision": precision.value, "outputs": per_output,
                                                 "polygraphy_mean_error_passed": bool(accuracy)}
+        for ours, theirs in twins.items():  # two independent runners of one engine must agree
+            mine, other = dict(run_results)[ours], dict(run_results)[theirs]
+            worst = max(error_stats(a[o], b[o]).rel_l2 for a, b in zip(mine, other) for o in spec.output_names)
+            entry[ours.split(":")[0]]["agrees_with_polygraphy_trt_rel_l2"] = worst
+            if not worst <= ENGINE_AGREEMENT_REL_L2:
+                failures.append(f"{ours}: sd35trt's EngineRunner and polygraphy's TrtRunner differ on the same engine "
+                                f"(rel-L2 {worst:.3e} > {ENGINE_AGREEMENT_REL_L2:g})")
         results[name] = entry
     return results, failures
 

@@ -139,6 +139,7 @@ class EngineRunner(ComponentRunner):
         import torch
 
         super().__init__(spec, precision)
+        self.plan_path, self.backend = plan_path, backend  # compare runs polygraphy's TrtRunner on the same plan
         if TYPE_CHECKING:  # `make lint` checks this against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
             if CHECK_RTX:
                 import tensorrt_rtx_bindings as trt

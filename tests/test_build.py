@@ -178,3 +178,27 @@ def test_streamed_plan_equals_the_in_memory_plan(calibrated, tmp_path):
         assert plans[True].size == plans[False].size
         same = float((plans[True] == plans[False]).mean())
         assert same >= 0.999, f"{name}: {same:.5f} of the bytes equal"
+
+
+def test_layer_precision_from_the_engine_inspector_json():
+    """Full TensorRT's per-layer report comes from IEngineInspector's JSON (the verbose log's format changed
+    between 10.x and 11.x). Shape as documented (trex reads the same keys); anything else is "unknown"."""
+    import json
+
+    from sd35trt.backends import parse_inspector_json, summarize_layers
+
+    doc = {"Layers": [
+        {"Name": "/transformer_blocks.0/attn/to_q/MatMul", "LayerType": "gemm",
+         "Inputs": [{"Name": "x", "Format/Datatype": "Row major linear FP8 format"}],
+         "Outputs": [{"Name": "y", "Format/Datatype": "Row major linear FP16 format"}], "Weights": {"Type": "FP8"}},
+        {"Name": "/transformer_blocks.35/ff/net.2/MatMul", "LayerType": "gemm",
+         "Inputs": [{"Name": "h", "Format/Datatype": "Row major linear FP32 format"}], "Outputs": []},
+        {"Name": "/proj_out/MatMul", "LayerType": "gemm", "Inputs": [{"Name": "z", "Format/Datatype": "Half"}]},
+    ], "Bindings": ["hidden_states", "noise_pred"]}
+    layers = parse_inspector_json(json.dumps(doc))
+    assert [l["input_dtypes"] for l in layers] == [["FP8"], ["Float"], ["Half"]]
+    summary = summarize_layers(layers, ["transformer_blocks.35"])
+    assert (summary["gemm"], summary["gemm_fp8"], summary["gemm_fp16"]) == (3, 1, 1)
+    assert summary["island_gemm"] == summary["island_gemm_fp32"] == 1
+    assert parse_inspector_json(json.dumps({"Layers": ["only", "names"]})) == []  # built without DETAILED
+    assert parse_inspector_json("not json") == []

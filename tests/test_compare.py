@@ -1,6 +1,7 @@
 import json
 
 from sd35trt.compare import CompareConfig, onnx_variants, run_compare
+from tests.conftest import needs_rtx
 
 
 def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path):
@@ -58,3 +59,23 @@ def test_compare_compares_what_exists_and_lists_what_is_missing(capsys, calibrat
     assert "[I]" not in captured.out and "polygraphy" not in captured.out.lower()
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert set(data["missing"]) == {"fp32", "fp8"} and set(data["end_to_end"]) == {"fp16"}
+
+
+@needs_rtx
+def test_polygraphy_trt_runner_loads_tensorrt_rtx_for_rtx_bundles(tmp_path):
+    """compare --bundle's second engine runner is polygraphy's own TrtRunner. What can run here: it is built for
+    a TensorRT-RTX plan, polygraphy resolves its TensorRT module to the installed TensorRT-RTX bindings, and the
+    dtype mapping it relies on exists. Executing it needs a GPU TensorRT-RTX supports (none here)."""
+    import numpy as np
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.datatype import DataType
+    from polygraphy.mod.trt_importer import lazy_import_trt
+
+    from sd35trt.compare import polygraphy_trt_runner
+
+    runner = polygraphy_trt_runner(tmp_path / "clip_l.plan", "tensorrt-rtx", "engine-polygraphy:clip_l")
+    assert isinstance(runner, BaseRunner) and runner.name == "engine-polygraphy:clip_l"
+    import tensorrt_rtx_bindings
+
+    assert lazy_import_trt().__version__ == tensorrt_rtx_bindings.__version__
+    assert DataType.FLOAT16.numpy() == np.float16 and DataType.INT64.numpy() == np.int64
