@@ -318,6 +318,9 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
             writer = _plan_writer(trt, handle)
             ok = builder.build_serialized_network_to_stream(network, config, writer)
             size = writer.written
+        if writer.error is not None:
+            plan_path.unlink(missing_ok=True)
+            raise writer.error
     else:
         serialized = builder.build_serialized_network(network, config)
         ok = serialized is not None
@@ -355,9 +358,19 @@ def _plan_writer(trt: Any, handle: Any) -> Any:
         def __init__(self):
             trt.IStreamWriter.__init__(self)
             self.written = 0
+            self.error: OSError | None = None
 
         def write(self, data):  # noqa: D401 - TensorRT's interface
-            count = handle.write(data)
+            # An exception cannot cross the builder's C++ frames (it would be lost and the build "succeed"
+            # with a short file): keep it, report a short write, and raise it after the builder returns.
+            if self.error is not None:
+                return 0
+            try:
+                count = handle.write(data)
+                handle.flush()
+            except OSError as err:
+                self.error = err
+                return 0
             self.written += count
             return count
 
