@@ -397,3 +397,26 @@ def test_plan_write_failure_keeps_previous_bundle(capsys, calibrated, tmp_path):
     assert_user_error(code, err, "file too large")
     assert tree_digest(engines) == before
     assert not list((engines / "tiny").glob(".*tmp-*"))
+
+
+def test_library_prints_go_to_stderr_and_results_stay_on_stdout(capsys, monkeypatch):
+    """ModelOpt prints "Loading extension modelopt_cuda_ext_fp8..." when its CUDA kernels load (seen on the GPU
+    machine in the middle of `selftest --json`): while a command runs only its results reach stdout."""
+    import json
+
+    import sd35trt.doctor as doctor
+
+    real = doctor.diagnose
+
+    def noisy(path):
+        print("Loading extension modelopt_cuda_ext_fp8...")
+        return real(path)
+
+    monkeypatch.setattr(doctor, "diagnose", noisy)
+    from sd35trt.cli.main import main
+
+    assert main(["doctor"]) == 0
+    captured = capsys.readouterr()
+    assert "host" in json.loads(captured.out)
+    assert "Loading extension" in captured.err
+    assert main(["--help"]) == 0 and "Usage" in capsys.readouterr().out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -24,15 +26,37 @@ ModelOpt = typer.Option("tiny", "--model", "-m", help="tiny | sd3.5-medium | sd3
 DeviceOpt = typer.Option("auto", "--device", help="torch device for export/calibration: auto, cpu or cuda")
 
 
+_results: Any = None  # stdout while a command runs; sys.stdout is then stderr (see results_on_stdout)
+
+
+@contextlib.contextmanager
+def results_on_stdout() -> Iterator[None]:
+    """While a command runs, library prints go to stderr and only ``echo``/``emit`` reach stdout: ModelOpt
+    prints "Loading extension modelopt_cuda_ext_fp8..." when its CUDA kernels first load (seen on the GPU
+    machine in the middle of `selftest --json`'s output)."""
+    global _results
+    _results, sys.stdout = sys.stdout, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout, _results = _results, None
+
+
+def echo(text: str) -> None:
+    """A result line on stdout (tables, paths); logs go to stderr."""
+    stream = _results if _results is not None else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()  # a library's exit handler on a GPU host can end the process before the buffer is flushed
+
+
 def emit(result: Any) -> None:
     """Results go to stdout (JSON), logs to stderr."""
-    sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-    sys.stdout.flush()  # a library's exit handler on a GPU host can end the process before the buffer is flushed
+    echo(json.dumps(result, indent=2, default=str))
 
 
 def version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"sd35trt {__version__}")
+        echo(f"sd35trt {__version__}")
         raise typer.Exit()
 
 

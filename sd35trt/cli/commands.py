@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from sd35trt.build import BuildConfig
-from sd35trt.cli.app import app, bundle_app, emit
+from sd35trt.cli.app import app, bundle_app, echo, emit
 from sd35trt.pipeline import GenerateRequest
 
 _REQ = GenerateRequest(prompt="")  # generate's defaults are the request's own
@@ -58,7 +58,7 @@ def build(
     for name, row in rows.items():
         lines.append(f"{name:<12} {row['precision']:<9} {row['bytes'] / 1e6:>8.1f}MB {row['gemm_fp8']:>4}/{row['gemm']:<5}  "
                      f"{', '.join(row['fp32_islands']) or '-'}")
-    typer.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 @bundle_app.command("verify")
@@ -168,7 +168,7 @@ def generate(
     if json_out:
         emit(info)
     else:
-        typer.echo("\n".join(paths))
+        echo("\n".join(paths))
 
 
 @app.command()
@@ -219,8 +219,8 @@ def compare(
     if json_out:
         emit(report.data)
     else:
-        typer.echo(format_compare(report.data))
-        typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
+        echo(format_compare(report.data))
+        echo(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
     if not report:
         raise typer.Exit(code=1)
 
@@ -269,7 +269,7 @@ def bench(
     if "peak_gpu_gib" in result:
         lines.append(f"GPU memory: torch peak {result['peak_gpu_gib']['torch_allocator_peak']:.1f} GiB, "
                      f"device used at end {result['peak_gpu_gib']['device_used_at_end']:.1f} GiB")
-    typer.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 @app.command()
@@ -284,7 +284,7 @@ def selftest(out: Path = typer.Option(Path("selftest"), "--out", "-o", help="fol
     if json_out:
         emit(report.to_dict())
     else:
-        typer.echo(report.table())
-        typer.echo(f"wrote {out / 'selftest.json'}")
+        echo(report.table())
+        echo(f"wrote {out / 'selftest.json'}")
     if not report:
         raise typer.Exit(code=1)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -18,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sd35trt.calibrate import CalibrationConfig as Calib  # noqa: E402  (defaults live in the configs)
 from sd35trt.cli import commands  # noqa: E402, F401  (registers build, bundle, doctor, generate, compare, bench)
-from sd35trt.cli.app import DeviceOpt, ModelOpt, app, emit, ranges_from_options  # noqa: E402
+from sd35trt.cli.app import DeviceOpt, ModelOpt, app, echo, emit, ranges_from_options, results_on_stdout  # noqa: E402
 from sd35trt.errors import Sd35TrtError  # noqa: E402
 from sd35trt.export import DEFAULT_OPSET  # noqa: E402
 from sd35trt.specs import ShapeRanges  # noqa: E402
@@ -79,7 +80,7 @@ def export(
         lines.append(f"{name:<12} {variant:<7} {row['weights']:<7} {'skipped' if row['skipped'] else 'exported':<8} "
                      f"{'-' if check is None else f'{check:.2e}':>12} {'-' if traffic is None else f'{traffic:.2e}':>9}  "
                      f"{', '.join(row['fp32_islands']) or '-'}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    echo("\n".join(lines))
 
 
 @app.command()
@@ -126,14 +127,18 @@ def calibrate(
     if json_out:
         emit(result.report)
     else:
-        sys.stdout.write(format_report(result.report) + "\n")
+        echo(format_report(result.report))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the app; a user error prints one line and exits 2, a bug keeps its traceback (exit 1)."""
     debug = os.environ.get("SD35TRT_DEBUG") == "1"
+    args = sys.argv[1:] if argv is None else argv
+    # help and usage stay on stdout as click prints them; a command's library prints go to stderr
+    quiet = results_on_stdout() if args and not {"--help", "-h"} & set(args) else contextlib.nullcontext()
     try:
-        code = app(args=argv, standalone_mode=False)  # non-standalone click returns typer.Exit's code
+        with quiet:
+            code = app(args=args, standalone_mode=False)  # non-standalone click returns typer.Exit's code
     except Sd35TrtError as err:
         if debug:
             raise
