@@ -313,12 +313,14 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
     if hardware_compat == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     parsed_gib = _rss_gib()
+    sampler = _RssSampler()
     if stream and hasattr(builder, "build_serialized_network_to_stream"):
         with open(plan_path, "wb") as handle:
             writer = _plan_writer(trt, handle)
             ok = builder.build_serialized_network_to_stream(network, config, writer)
             size = writer.written
         if writer.error is not None:
+            sampler.stop()
             plan_path.unlink(missing_ok=True)
             raise writer.error
     else:
@@ -332,6 +334,7 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
             size = serialized.nbytes
         del serialized
     if not ok:
+        sampler.stop()
         plan_path.unlink(missing_ok=True)
         detail = " | ".join(logger.problems[-3:])[:500] or "no message"
         raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path,
@@ -340,7 +343,8 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
     if backend.kind is Backend.TENSORRT:  # full TensorRT: the engine inspector, not log lines that change per version
         layers = inspect_layers(trt, logger, plan_path) or layers
     memory = {"rss_after_parse_gib": round(parsed_gib, 3), "peak_rss_gib": round(_peak_rss_gib(), 3),
-              "plan_gib": round(size / 2**30, 3), "streamed": bool(stream and hasattr(trt.Builder, "build_serialized_network_to_stream"))}
+              **sampler.stop(), "plan_gib": round(size / 2**30, 3),
+              "streamed": bool(stream and hasattr(trt.Builder, "build_serialized_network_to_stream"))}
     return BuiltEngine(plan_bytes=size, layers=layers, warnings=logger.problems[-20:],
                        timing_cache=_cache_bytes(cache), memory=memory)
 
@@ -375,6 +379,46 @@ def _plan_writer(trt: Any, handle: Any) -> Any:
             return count
 
     return PlanWriter()
+
+
+class _RssSampler:
+    """Samples /proc/self/status while the builder runs and keeps the split at the RSS peak: anonymous memory
+    (what the build really needs) and file-backed pages (the ONNX weights the parser maps: clean page cache the
+    kernel can drop and re-read under pressure)."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.peak: dict[str, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _read() -> dict[str, float]:
+        found = {}
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    key, _, value = line.partition(":")
+                    if key in ("VmRSS", "RssAnon", "RssFile"):
+                        found[key] = int(value.split()[0]) / 2**20  # kB → GiB
+        except (OSError, ValueError, IndexError):
+            pass
+        return found
+
+    def _run(self, interval: float) -> None:
+        while not self._done.wait(interval):
+            now = self._read()
+            if now.get("VmRSS", 0.0) >= self.peak.get("VmRSS", 0.0):
+                self.peak = now
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self._thread.join()
+        if "RssAnon" not in self.peak:
+            return {}
+        return {"peak_anon_gib": round(self.peak["RssAnon"], 3), "peak_file_backed_gib": round(self.peak["RssFile"], 3)}
 
 
 def _rss_gib() -> float:
