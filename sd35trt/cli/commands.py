@@ -26,7 +26,7 @@ def build(
     workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="builder workspace limit"),
     portable: bool = typer.Option(False, "--portable", help="full TensorRT: version-compatible plans that run on the lean runtime (tensorrt-lean) of the same version"),
     hardware_compat: str = typer.Option("none", "--hardware-compat", help="none | ampere+ (full TensorRT: one engine for every GPU from Ampere on; FP16 only)"),
-    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="refuse a build this host's memory cannot hold (measured builder peak: 2.8x the engine's weights)"),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="refuse a build this host's memory cannot hold (the builder needs ~2x the engine's weights besides the mapped ONNX, measured)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
