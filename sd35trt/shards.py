@@ -136,8 +136,11 @@ def free_port() -> int:
 
 def _worker(target: Callable[..., Any], shard: Shard, init_method: str, errors: Any, args: tuple) -> None:
     """A spawned worker: run ``target(shard, init_method, *args)``; a user error goes back as one line."""
+    import sys
+
     from sd35trt import log
 
+    sys.stdout = sys.stderr  # workers print no results: the parent prints the report (library prints go to stderr)
     if not shard.main:
         log.console.quiet = True  # one progress display and one log: rank 0's
     try:
