@@ -112,6 +112,26 @@ def test_engine_runner_executes_on_a_matching_gpu(calibrated, tmp_path):
     assert image.stat().st_size > 0
 
 
+@pytest.mark.gpu
+def test_selftest_passes_on_this_gpu(tmp_path):
+    """`sd35trt selftest` under pytest: calibrate, export, build for this GPU, generate, compare (polygraphy's
+    TrtRunner and ours) — every step must pass where a backend builds for the local GPU."""
+    from sd35trt.backends import choose_backend, local_compute_capability
+    from sd35trt.build import resolve_target
+    from sd35trt.errors import Sd35TrtError
+    from sd35trt.selftest import run_selftest
+    from sd35trt.targets import Backend, GpuTarget
+
+    if local_compute_capability() is None:
+        pytest.skip("no CUDA GPU on this host: engines cannot be executed here (CI has none)")
+    try:
+        choose_backend(Backend.AUTO, resolve_target(GpuTarget.AUTO))
+    except Sd35TrtError as err:
+        pytest.skip(f"no installed backend builds engines for this GPU: {err}")
+    report = run_selftest(tmp_path)
+    assert report.passed, report.table()
+
+
 def test_engine_io_dtypes_and_profiles_against_the_real_bindings():
     """The runner's pure policies, checked against TensorRT-RTX's own enums (the runtime cannot run here)."""
     from sd35trt.errors import ArtifactError
