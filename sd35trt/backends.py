@@ -159,6 +159,7 @@ class BuiltEngine:
     warnings: list[str]
     timing_cache: bytes | None
     memory: dict[str, Any] = field(default_factory=dict)  # builder process RSS after parse, peak, plan size
+    layer_source: str = "builder log"  # or "engine inspector" (full TensorRT)
 
 
 def _make_logger(trt: Any):
@@ -312,9 +313,10 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
     if hardware_compat == "ampere+":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    parsed_gib = _rss_gib()
+    parsed_gib = _RssSampler.read().get("VmRSS", 0.0)
     sampler = _RssSampler()
-    if stream and hasattr(builder, "build_serialized_network_to_stream"):
+    streamed = stream and hasattr(builder, "build_serialized_network_to_stream")
+    if streamed:
         with open(plan_path, "wb") as handle:
             writer = _plan_writer(trt, handle)
             ok = builder.build_serialized_network_to_stream(network, config, writer)
@@ -339,14 +341,15 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         detail = " | ".join(logger.problems[-3:])[:500] or "no message"
         raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path,
                          hint="check the target supports this precision (FP8 needs ada/hopper/blackwell)")
-    layers = parse_layers(logger.layer_reports)
+    layers, layer_source = parse_layers(logger.layer_reports), "builder log"
     if backend.kind is Backend.TENSORRT:  # full TensorRT: the engine inspector, not log lines that change per version
-        layers = inspect_layers(trt, logger, plan_path) or layers
+        inspected = inspect_layers(trt, logger, plan_path)
+        if inspected:
+            layers, layer_source = inspected, "engine inspector"
     memory = {"rss_after_parse_gib": round(parsed_gib, 3), "peak_rss_gib": round(_peak_rss_gib(), 3),
-              **sampler.stop(), "plan_gib": round(size / 2**30, 3),
-              "streamed": bool(stream and hasattr(trt.Builder, "build_serialized_network_to_stream"))}
+              **sampler.stop(), "plan_gib": round(size / 2**30, 3), "streamed": streamed}
     return BuiltEngine(plan_bytes=size, layers=layers, warnings=logger.problems[-20:],
-                       timing_cache=_cache_bytes(cache), memory=memory)
+                       timing_cache=_cache_bytes(cache), memory=memory, layer_source=layer_source)
 
 
 def _cache_bytes(cache: Any) -> bytes | None:
@@ -395,7 +398,8 @@ class _RssSampler:
         self._thread.start()
 
     @staticmethod
-    def _read() -> dict[str, float]:
+    def read() -> dict[str, float]:
+        """This process's VmRSS, RssAnon and RssFile now, in GiB ({} where /proc cannot be read)."""
         found = {}
         try:
             with open("/proc/self/status", encoding="ascii") as status:
@@ -409,7 +413,7 @@ class _RssSampler:
 
     def _run(self, interval: float) -> None:
         while not self._done.wait(interval):
-            now = self._read()
+            now = self.read()
             if now.get("VmRSS", 0.0) >= self.peak.get("VmRSS", 0.0):
                 self.peak = now
 
@@ -419,17 +423,6 @@ class _RssSampler:
         if "RssAnon" not in self.peak:
             return {}
         return {"peak_anon_gib": round(self.peak["RssAnon"], 3), "peak_file_backed_gib": round(self.peak["RssFile"], 3)}
-
-
-def _rss_gib() -> float:
-    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
-    import os
-
-    try:
-        with open("/proc/self/statm", encoding="ascii") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def _peak_rss_gib() -> float:
@@ -455,7 +448,7 @@ def _build_child(conn: Any, kind: str, args: tuple, kwargs: dict) -> None:
 def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
                           ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
                           workspace_gib: float | None = None, stream: bool = True, version_compatible: bool = False,
-                 hardware_compat: str = "none") -> BuiltEngine:
+                          hardware_compat: str = "none") -> BuiltEngine:
     """``build_engine`` in a child process: a builder that crashes (TensorRT-RTX 1.7 segfaults on some graphs)
     becomes one clear error instead of killing sd35trt, and the builder's memory is returned to the system
     after every engine."""
@@ -492,5 +485,5 @@ def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[st
         raise OSError(*payload)
     if status == "error":
         kind, what, path, hint = payload
-        raise getattr(errors, kind, BuildError)(what, path=path, hint=hint)
+        raise errors.by_name(kind, BuildError)(what, path=path, hint=hint)
     return payload

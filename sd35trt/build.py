@@ -8,7 +8,6 @@ leaves the previous bundle intact; engines whose inputs are unchanged are carrie
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import time
@@ -23,6 +22,7 @@ from sd35trt.artifacts import (
     hash_json,
     recover_interrupted,
     sha256_file,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from sd35trt.backends import TrtBackend, build_engine_isolated, choose_backend, local_compute_capability, summarize_layers
@@ -212,7 +212,7 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 timing_cache = built.timing_cache
             islands = source.fp32_islands
             summary = summarize_layers(built.layers, [i["module"] for i in islands])
-            check_layer_report(name, choice.precision, summary, onnx_path)
+            check_layer_report(name, choice.precision, summary, onnx_path, built.layer_source)
             if islands and summary["island_gemm"] and summary["island_gemm_fp32"] < summary["island_gemm"]:
                 log.warn(f"{name}: {summary['island_gemm'] - summary['island_gemm_fp32']} GEMM(s) of its FP32 islands "
                          "did not run in FP32 in the engine (see layers/)")
@@ -231,14 +231,14 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
             }
             rebuilt.append(name)
         runtime = RuntimeRecord(backend.kind.value, backend.version, config.portable, config.hardware_compat,
-                                tuple(f"{a}.{b}" for a, b in ccs))
+                                tuple(f"{a}.{b}" for a, b in ccs)).to_dict()
         manifest = {
             "kind": "engine-bundle", "manifest_version": 1, "toolkit": __version__,
             "model": model, "random_weights": model.get("random_weights", False),
             "target": target.target.value, "compute_capabilities": [f"{a}.{b}" for a, b in ccs],
             "backend": backend.kind.value, "backend_version": backend.version,
-            "runtime": runtime.to_dict(),
-            "runtime_requirement": f"{' or '.join(runtime.to_dict()['runs_on'])} on a GPU with {runtime.to_dict()['gpus']}",
+            "runtime": runtime,
+            "runtime_requirement": f"{' or '.join(runtime['runs_on'])} on a GPU with {runtime['gpus']}",
             "timing_cache": str(cache_path) if backend.has_timing_cache else "not supported by this backend",
             "config": config.to_dict(), "inputs_hash": bundle_hash, "components": entries,
             "build_seconds": round(time.perf_counter() - start, 2), "host": platform.node(),
@@ -246,10 +246,7 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
         }
         write_json_atomic(tmp / BUNDLE_MANIFEST, manifest)
     if timing_cache and backend.has_timing_cache:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_cache = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
-        tmp_cache.write_bytes(timing_cache)
-        tmp_cache.replace(cache_path)
+        write_bytes_atomic(cache_path, timing_cache)
     return BundleResult(folder, BundleManifest.from_dict(manifest, folder), skipped=False, rebuilt=rebuilt)
 
 
@@ -264,14 +261,16 @@ def _file_ok(path: Path, entry: EngineEntry) -> bool:
     return path.is_file() and path.stat().st_size == entry.bytes
 
 
-def check_layer_report(name: str, precision: Precision, summary: dict[str, Any], onnx_path: Path) -> None:
+def check_layer_report(name: str, precision: Precision, summary: dict[str, Any], onnx_path: Path,
+                       source: str = "builder log") -> None:
     """An FP8 engine must have FP8 GEMMs. A layer report that could not be read (the builder's verbose format
-    changes between versions) is recorded as unknown with a warning: it never fails a valid build."""
+    changes between versions) is recorded as unknown with a warning: it never fails a valid build. ``source``
+    says where a readable report came from (the builder log, or full TensorRT's engine inspector)."""
     if summary["layers"] == 0:
         summary["report"] = "unknown"
         log.warn(f"{name}: the builder's per-layer report could not be read; layer precisions are unknown")
         return
-    summary["report"] = "builder log"
+    summary["report"] = source
     if precision is Precision.FP8 and summary["gemm_fp8"] == 0:
         raise BuildError(f"{name}: FP8 requested but the engine has no FP8 GEMM", path=onnx_path,
                          hint="the Q/DQ placement was not fused; report this with layers/ and the ONNX manifest")

@@ -64,3 +64,9 @@ class MissingDependencyError(Sd35TrtError):
 
 class RuntimeUnavailableError(Sd35TrtError):
     """The requested runner cannot execute on this host (no GPU, wrong compute capability, ...)."""
+
+
+def by_name(name: str, default: type[Sd35TrtError]) -> type[Sd35TrtError]:
+    """The error class called ``name`` (how a child process reports its error), else ``default``."""
+    found = globals().get(name)
+    return found if isinstance(found, type) and issubclass(found, Sd35TrtError) else default

@@ -235,8 +235,7 @@ class EngineRunner(ComponentRunner):
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-                    raise RuntimeError("execute_async_v3 returned False while capturing")
+                self._execute(torch.cuda.current_stream())  # the capture stream
             self._graph, self._graph_outputs = graph, outputs
         except Exception as exc:  # noqa: BLE001 - any capture failure means "no graphs here", not a failed run
             from sd35trt import log

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sd35trt.errors import CalibrationError, InvalidInputError, Sd35TrtError
+from sd35trt.errors import CalibrationError, InvalidInputError, Sd35TrtError, by_name
 
 # Rank 0 runs the held-out reference before the shards calibrate, while the others wait in a collective: at
 # SD3.5-Large size that is minutes, far past NCCL's 10-minute default only on slow hosts, but a timeout
@@ -184,7 +184,7 @@ def run_workers(target: Callable[..., Any], shards: int, args: tuple) -> None:
     reader = pipes[rank][0]
     if reader.poll():
         kind, message = reader.recv()
-        raise _error_class(kind)(f"calibration {Shard(rank, shards)}: {message}")
+        raise by_name(kind, CalibrationError)(f"calibration {Shard(rank, shards)}: {message}")
     if failed.exitcode == 130:
         raise KeyboardInterrupt
     code = failed.exitcode or 0
@@ -222,10 +222,3 @@ def _stop(procs: list[Any], grace: float = 20.0) -> None:
         if proc.exitcode is None:
             proc.kill()
             proc.join()
-
-
-def _error_class(name: str) -> type[Sd35TrtError]:
-    import sd35trt.errors as errors
-
-    found = getattr(errors, name, None)
-    return found if isinstance(found, type) and issubclass(found, Sd35TrtError) else CalibrationError
