@@ -63,18 +63,21 @@ PYEOF
 
 stage_build_memory() {  # #15: builder memory at real size, one engine per measured command. A short calibration
   # (2 prompts x 2 steps: scales only need to exist for a memory measurement), then FP8 and FP16 transformer and
-  # FP16 T5, exported --no-validate. Every sd35trt step skips when its inputs are unchanged, so a cut-off call
-  # resumes where it stopped.
+  # FP16 T5, exported --no-validate. BUILD_JOBS: COMPONENT:PRECISION[:PARTS] (sd35trt build --parts). Every
+  # sd35trt step skips when its inputs are unchanged, so a cut-off call resumes where it stopped.
   $CLI calibrate --model "$MODEL" --out "$WORK" --num-prompts 2 --steps 2 --holdout 1 --calib-batch 2 \
     --components "${CALIB_COMPONENTS:-transformer}" > /dev/null
   for job in ${BUILD_JOBS:-transformer:fp8 transformer:fp16 t5:fp16}; do
-    c=${job%%:*}; precision=${job##*:}
+    IFS=: read -r c precision parts <<< "$job"; parts=${parts:-1}
     $CLI export --model "$MODEL" --out "$WORK" --components "$c" --precision "$precision" --no-validate > /dev/null
-    [ -f "$WORK/engines-$precision-$c/done" ] && continue
-    $M "$MODEL build $c $precision SM89 tensorrt-rtx (child process, streamed plan)" -- $CLI build --gpu ada \
-      --backend tensorrt-rtx --onnx "$WORK" --out "$WORK/engines-$precision-$c" --components "$c" --precision "$precision"
-    touch "$WORK/engines-$precision-$c/done"
-    rm -f "$WORK"/engines-$precision-$c/*/*/*.plan  # the numbers are in the manifest; keep the disk free
+    dest="$WORK/engines-$precision-$c-p$parts"
+    [ -f "$dest/done" ] && continue
+    how="whole"; [ "$parts" -gt 1 ] && how="in $parts parts"
+    $M "$MODEL build $c $precision SM89 tensorrt-rtx $how (child process, streamed plan)" -- $CLI build --gpu ada \
+      --backend tensorrt-rtx --onnx "$WORK" --out "$dest" --components "$c" --precision "$precision" \
+      --parts "$c=$parts" --json
+    touch "$dest/done"
+    rm -f "$dest"/*/*/*.plan  # the numbers are in the manifest; keep the disk free
   done
 }
 

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd35trt import __version__, log
 from sd35trt.artifacts import (
@@ -28,11 +28,14 @@ from sd35trt.artifacts import (
 from sd35trt.backends import TrtBackend, build_engine_isolated, choose_backend, local_compute_capability, summarize_layers
 from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.export import check_disk
-from sd35trt.manifests import BUNDLE_MANIFEST, MANIFEST, VARIANT_DIRS, BundleManifest, EngineEntry, OnnxManifest, WorkDir
+from sd35trt.manifests import BUNDLE_MANIFEST, MANIFEST, VARIANT_DIRS, BundleManifest, OnnxManifest, WorkDir
 from sd35trt.models import model_slug
 from sd35trt.portability import RuntimeRecord, check_portability
 from sd35trt.specs import COMPONENTS, Precision
 from sd35trt.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
+
+if TYPE_CHECKING:
+    from sd35trt.parts import PartPlan
 
 
 @dataclass(frozen=True)
@@ -45,16 +48,43 @@ class BuildConfig:
     portable: bool = False  # full TensorRT: version-compatible plans for the lean runtime (sd35trt.portability)
     hardware_compat: str = "none"  # "ampere+": one engine for every GPU from Ampere on (full TensorRT)
     memory_check: bool = True  # refuse a build this host's memory cannot hold (check_memory)
+    parts: tuple[tuple[str, int], ...] = ()  # (component, count): build it in that many parts (sd35trt.parts)
+    max_build_memory_gib: float | None = None  # build in as many parts as keep each builder's peak RSS under this
+
+    def __post_init__(self):
+        for name, count in self.parts:
+            if name not in self.components or not 1 <= count <= MAX_PARTS:
+                raise InvalidInputError(f"--parts {name}={count}: expected a component being built "
+                                        f"({', '.join(self.components)}) and a count from 1 to {MAX_PARTS}",
+                                        hint="for example --parts transformer=2")
+        if self.max_build_memory_gib is not None and self.max_build_memory_gib <= BUILDER_BASE_GIB:
+            raise InvalidInputError(f"--max-build-memory {self.max_build_memory_gib:g} GiB: a builder process needs "
+                                    f"more than {BUILDER_BASE_GIB:g} GiB before any weights",
+                                    hint="give the memory of the build box in GiB, for example --max-build-memory 16")
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target.value, "backend": self.backend.value, "components": list(self.components),
                 "precision": self.precision.value if self.precision else "auto", "workspace_gib": self.workspace_gib,
-                "portable": self.portable, "hardware_compat": self.hardware_compat, "memory_check": self.memory_check}
+                "portable": self.portable, "hardware_compat": self.hardware_compat, "memory_check": self.memory_check,
+                "parts": dict(self.parts), "max_build_memory_gib": self.max_build_memory_gib}
 
     @property
     def flavour(self) -> str:
         """Suffix of the bundle folder: portable bundles sit beside the plain ones, never over them."""
         return ("-portable" if self.portable else "") + ("-ampereplus" if self.hardware_compat == "ampere+" else "")
+
+
+def parse_parts(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``--parts transformer=2,t5=2`` → ((transformer, 2), (t5, 2)); BuildConfig checks names and counts."""
+    found = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, count = item.partition("=")
+        if not count.strip().isdigit():
+            raise InvalidInputError(f"--parts: '{item.strip()}' is not COMPONENT=COUNT", hint="for example --parts transformer=2,t5=2")
+        found.append((name.strip(), int(count)))
+    return tuple(found)
 
 
 @dataclass
@@ -99,11 +129,11 @@ def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str
 
 
 def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_manifest: OnnxManifest,
-                   config: BuildConfig) -> str:
+                   config: BuildConfig, parts: int = 1) -> str:
     return hash_json({"toolkit": __version__, "backend": backend.kind.value, "backend_version": backend.version,
                       "ccs": ccs, "onnx_files": onnx_manifest.files, "profile": onnx_manifest.profile,
                       "workspace_gib": config.workspace_gib, "portable": config.portable,
-                      "hardware_compat": config.hardware_compat})
+                      "hardware_compat": config.hardware_compat, **({"parts": parts} if parts > 1 else {})})
 
 
 def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, flavour: str = "") -> Path:
@@ -114,8 +144,52 @@ def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backe
 # FP8/FP16 transformer and FP16 T5 on the H100 host; SD3.5-Medium FP16 transformer 2.81x on the CPU box), but about
 # 1x of that is file-backed: the ONNX weights the parser maps, clean page cache the kernel can drop and re-read,
 # which MemAvailable already counts as available. The anonymous part measured 1.80x (Medium FP16 transformer,
-# bench/results/2026-11-22-cpu-run7). The check asks for 2.0x plus 1 GiB for the libraries.
+# bench/results/2026-11-22-cpu-run7): the builder's copy of the weights it converts, then the whole plan.
+# The host check asks for 2.0x plus 1 GiB for the libraries; a --max-build-memory budget (peak RSS) for 2.8x + 1 GiB.
 BUILDER_MEMORY_FACTOR = 2.0
+PEAK_RSS_FACTOR = 2.8
+BUILDER_BASE_GIB = 1.0
+MAX_PARTS = 8
+
+
+@dataclass(frozen=True)
+class PartsChoice:
+    """How many parts one component's engine is built in (``sd35trt.parts``), and why."""
+
+    count: int
+    reason: str
+
+
+def builder_need(weight_bytes: int, factor: float) -> int:
+    return int(weight_bytes * factor) + int(BUILDER_BASE_GIB * 2**30)
+
+
+def plan_part_counts(weights: dict[str, int], explicit: dict[str, int], budget_gib: float | None,
+                     available: int | None, memory_check: bool) -> dict[str, PartsChoice]:
+    """Parts per component: ``--parts`` where given; else the fewest that keep each builder's estimated peak RSS
+    (PEAK_RSS_FACTOR x its weights + 1 GiB) within ``--max-build-memory``; else, where this host's memory
+    (MemAvailable + swap) cannot hold a whole build (BUILDER_MEMORY_FACTOR), the fewest that fit it, so a small
+    build box builds Large instead of refusing; else one. A component that fits in no count gets one, and
+    ``check_memory`` then refuses it in one line."""
+    choices = {}
+    for name, size in weights.items():
+        if name in explicit:
+            choices[name] = PartsChoice(explicit[name], "--parts")
+            continue
+        if budget_gib is not None:
+            limit, factor, why = int(budget_gib * 2**30), PEAK_RSS_FACTOR, f"--max-build-memory {budget_gib:g} GiB"
+        elif memory_check and available is not None:
+            limit, factor, why = available, BUILDER_MEMORY_FACTOR, f"this host's {available / 2**30:.1f} GiB available"
+        else:
+            choices[name] = PartsChoice(1, "whole")
+            continue
+        count = next((k for k in range(1, MAX_PARTS + 1) if builder_need(size // k, factor) <= limit), None)
+        if count is None or count == 1:
+            choices[name] = PartsChoice(1, "whole" if count else f"does not fit {why} even in {MAX_PARTS} parts")
+        else:
+            choices[name] = PartsChoice(count, f"{why}: about {builder_need(size, factor) / 2**30:.1f} GiB whole, "
+                                               f"{builder_need(size // count, factor) / 2**30:.1f} GiB per part")
+    return choices
 
 
 def available_memory() -> int | None:
@@ -131,14 +205,14 @@ def check_memory(onnx_bytes: int, what: str, available: int | None) -> None:
     """One line before a build whose builder would not fit in this host's memory (the OOM killer would end it
     minutes later, the previous bundle untouched, but with no time saved). ``available`` is MemAvailable +
     SwapFree; ``BUILDER_MEMORY_FACTOR`` says what is counted."""
-    needed = int(onnx_bytes * BUILDER_MEMORY_FACTOR) + (1 << 30)
+    needed = builder_need(onnx_bytes, BUILDER_MEMORY_FACTOR)
     if available is not None and needed > available:
         raise InvalidInputError(f"not enough memory to build {what}: the builder needs about {needed / 2**30:.1f} GiB "
                                 f"({BUILDER_MEMORY_FACTOR}x its {onnx_bytes / 2**30:.1f} GiB of weights, measured, besides "
                                 f"the mapped ONNX itself), "
                                 f"{available / 2**30:.1f} GiB available",
-                                hint="free memory or build on a larger machine; --no-memory-check tries anyway "
-                                     "(for VMs whose memory grows on demand)")
+                                hint=f"build it in parts (--parts NAME=N, up to {MAX_PARTS}), free memory, or build on a "
+                                     "larger machine; --no-memory-check tries anyway (VMs whose memory grows on demand)")
 
 
 def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, force: bool = False) -> BundleResult:
@@ -162,7 +236,10 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 ccs: tuple[tuple[int, int], ...], model: dict[str, Any], variants: dict[str, Any], plan: dict[str, Any],
                 force: bool) -> BundleResult:
     sources = {name: variants[name][choice.precision] for name, choice in plan.items()}
-    hashes = {name: component_hash(backend, ccs, sources[name], config) for name in plan}
+    weights = {name: sum(e["bytes"] for e in sources[name].files.values()) for name in plan}
+    available = available_memory()
+    parts = plan_part_counts(weights, dict(config.parts), config.max_build_memory_gib, available, config.memory_check)
+    hashes = {name: component_hash(backend, ccs, sources[name], config, parts[name].count) for name in plan}
     bundle_hash = hash_json({"components": hashes, "plan": {k: v.precision.value for k, v in plan.items()}})
     recover_interrupted(folder)
     previous = _read_previous(folder)
@@ -176,7 +253,8 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
     log.info(f"target {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}), backend "
              f"{backend.kind.value} {backend.version}")
     for name, choice in plan.items():
-        log.info(f"  {name}: {choice.precision.value} — {choice.reason}")
+        log.info(f"  {name}: {choice.precision.value} — {choice.reason}"
+                 + (f"; in {parts[name].count} parts ({parts[name].reason})" if parts[name].count > 1 else ""))
     cache_path = engines_root / ".cache" / f"timing-{backend.kind.value}-{backend.version}-" \
         f"{'_'.join(f'sm{a}{b}' for a, b in ccs)}.cache"
     timing_cache = cache_path.read_bytes() if backend.has_timing_cache and cache_path.is_file() else None
@@ -187,10 +265,11 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
         (tmp / "layers").mkdir()
         for name, choice in plan.items():
             source = sources[name]
-            plan_name = f"{name}.plan"
             old = previous.components.get(name) if previous else None
-            if not force and old and old.data.get("inputs_hash") == hashes[name] and _file_ok(folder / plan_name, old):
-                shutil.copy2(folder / plan_name, tmp / plan_name)
+            if not force and old and old.data.get("inputs_hash") == hashes[name] and \
+                    all(_file_ok(folder / p.file, p.bytes) for p in old.plans):
+                for p in old.plans:
+                    shutil.copy2(folder / p.file, tmp / p.file)
                 if (folder / "layers" / f"{name}.txt").is_file():
                     shutil.copy2(folder / "layers" / f"{name}.txt", tmp / "layers" / f"{name}.txt")
                 entries[name] = old.data
@@ -198,36 +277,51 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 continue
             onnx_path = source.onnx_path
             # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
-            onnx_bytes = sum(e["bytes"] for e in source.files.values())
-            check_disk(tmp, int(onnx_bytes * 1.1), f"the {name} engine")
-            if config.memory_check:
-                check_memory(onnx_bytes, f"the {name} engine", available_memory())
-            with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}") as timing:
-                with log.working(f"{backend.kind.value} builder"):
-                    built = build_engine_isolated(backend, onnx_path, source.profile, ccs, tmp / plan_name,
-                                                  timing_cache=timing_cache, workspace_gib=config.workspace_gib,
-                                                  version_compatible=config.portable,
-                                                  hardware_compat=config.hardware_compat)
-            if built.timing_cache:
-                timing_cache = built.timing_cache
+            check_disk(tmp, int(weights[name] * 1.1), f"the {name} engine")
+            pieces = _cut(name, source, parts[name], config, available, tmp / ".parts" / name)
+            built_parts, layers, layer_source = [], [], "builder log"
+            with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}"
+                          + (f" in {len(pieces)} parts" if len(pieces) > 1 else "")) as timing:
+                for part_onnx, part in pieces:
+                    plan_name = f"{name}.plan" if part is None else f"{name}.part{part.index + 1}of{part.count}.plan"
+                    with log.working(f"{backend.kind.value} builder" + (f", part {part.index + 1}" if part else "")):
+                        built = build_engine_isolated(backend, part_onnx, part.profile if part else source.profile,
+                                                      ccs, tmp / plan_name, timing_cache=timing_cache,
+                                                      workspace_gib=config.workspace_gib,
+                                                      version_compatible=config.portable,
+                                                      hardware_compat=config.hardware_compat)
+                    if built.timing_cache:
+                        timing_cache = built.timing_cache
+                    layers += built.layers
+                    layer_source = built.layer_source
+                    built_parts.append((plan_name, part, built))
+            shutil.rmtree(tmp / ".parts", ignore_errors=True)
             islands = source.fp32_islands
-            summary = summarize_layers(built.layers, [i["module"] for i in islands])
-            check_layer_report(name, choice.precision, summary, onnx_path, built.layer_source)
+            summary = summarize_layers(layers, [i["module"] for i in islands])
+            check_layer_report(name, choice.precision, summary, onnx_path, layer_source)
             if islands and summary["island_gemm"] and summary["island_gemm_fp32"] < summary["island_gemm"]:
                 log.warn(f"{name}: {summary['island_gemm'] - summary['island_gemm_fp32']} GEMM(s) of its FP32 islands "
                          "did not run in FP32 in the engine (see layers/)")
             (tmp / "layers" / f"{name}.txt").write_text(
-                format_layers(name, choice.precision, summary, built.layers, islands))
+                format_layers(name, choice.precision, summary, layers, islands))
+            files = [{"file": plan_name, "sha256": sha256_file(tmp / plan_name), "bytes": built.plan_bytes,
+                      **({} if part is None else {"inputs": list(part.inputs), "outputs": list(part.outputs),
+                                                  "weight_bytes": part.weight_bytes, "profile": part.profile}),
+                      "builder_memory": built.memory} for plan_name, part, built in built_parts]
+            peak = max(files, key=lambda f: f["builder_memory"].get("peak_rss_gib", 0))["builder_memory"]
             entries[name] = {
-                "file": plan_name, "sha256": sha256_file(tmp / plan_name), "bytes": built.plan_bytes,
+                **({k: files[0][k] for k in ("file", "sha256")} if len(files) == 1 else
+                   {"parts": files, "parts_reason": parts[name].reason}),
+                "bytes": sum(f["bytes"] for f in files),
                 "precision": choice.precision.value, "weights_precision": source.weights_precision,
                 "reason": choice.reason, "inputs_hash": hashes[name], "fp32_islands": islands,
                 "onnx": {"path": str(onnx_path), "files": source.files, "inputs_hash": source.inputs_hash,
                          "calibration_hash": source.calibration_hash},
                 "profile": source.profile, "ranges": source.ranges,
                 "io": {"inputs": source.inputs, "outputs": source.outputs},
-                "layers": summary, "build_seconds": round(timing["seconds"], 2), "warnings": built.warnings[-5:],
-                "builder_memory": built.memory,
+                "layers": summary, "build_seconds": round(timing["seconds"], 2),
+                "warnings": [w for _, _, b in built_parts for w in b.warnings][-5:],
+                "builder_memory": peak,
             }
             rebuilt.append(name)
         runtime = RuntimeRecord(backend.kind.value, backend.version, config.portable, config.hardware_compat,
@@ -257,8 +351,38 @@ def _read_previous(folder: Path) -> BundleManifest | None:
         return None
 
 
-def _file_ok(path: Path, entry: EngineEntry) -> bool:
-    return path.is_file() and path.stat().st_size == entry.bytes
+def _file_ok(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _cut(name: str, source: OnnxManifest, choice: PartsChoice, config: BuildConfig, available: int | None,
+         folder: Path) -> list[tuple[Path, PartPlan | None]]:
+    """What the builder builds for one component: its ONNX whole, or cut into ``choice.count`` parts (one more
+    at a time, up to MAX_PARTS, while the largest part's builder would not fit ``--max-build-memory``). The
+    host memory check runs on the largest part."""
+    if choice.count == 1:
+        pieces: list[tuple[Path, PartPlan | None]] = [(source.onnx_path, None)]
+        largest = sum(e["bytes"] for e in source.files.values())
+    else:
+        from sd35trt.parts import write_parts
+
+        count = choice.count
+        while True:
+            shutil.rmtree(folder, ignore_errors=True)
+            cut = write_parts(source.onnx_path, count, source.profile, folder)
+            largest = max(p.weight_bytes for _, p in cut)
+            over = config.max_build_memory_gib is not None and \
+                builder_need(largest, PEAK_RSS_FACTOR) > config.max_build_memory_gib * 2**30
+            if not over or count >= MAX_PARTS or (name, count) in config.parts:
+                break
+            count += 1
+        pieces = [(path, part) for path, part in cut]
+        log.info(f"  {name}: cut into {count} parts of {', '.join(f'{p.weight_bytes / 2**30:.2f}' for _, p in cut)} "
+                 "GiB of weights")
+    if config.memory_check:
+        check_memory(largest, f"the {name} engine" + (f" (largest of {len(pieces)} parts)" if len(pieces) > 1 else ""),
+                     available)
+    return pieces
 
 
 def check_layer_report(name: str, precision: Precision, summary: dict[str, Any], onnx_path: Path,

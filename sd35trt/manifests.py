@@ -192,15 +192,34 @@ BUNDLE_MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
-class EngineEntry:
-    """One engine of a bundle: its file, hash, precision and what built it (``data``: the whole entry)."""
+class PlanFile:
+    """One plan file of an engine: the whole component, or one of its parts (``sd35trt.parts``), with the
+    tensors it takes and gives (None: the component spec's own inputs and outputs)."""
 
-    name: str
     file: str
     sha256: str
     bytes: int
+    inputs: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One engine of a bundle: its plan file(s), precision and what built it (``data``: the whole entry). A
+    component built in parts has one plan per part, run back to back (``runners.ChainRunner``)."""
+
+    name: str
+    plans: tuple[PlanFile, ...]
     precision: str
     data: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.plans)
+
+    @property
+    def parted(self) -> bool:
+        return len(self.plans) > 1 or self.plans[0].inputs is not None
 
     @property
     def layers(self) -> dict[str, int]:
@@ -251,11 +270,14 @@ class BundleManifest:
             raise ArtifactError("bundle manifest lists no components", path=path, hint="rebuild the bundle")
         entries = {}
         for name, entry in components.items():
+            plans = entry.get("parts") or [entry]
             for key in ("file", "sha256", "bytes", "precision"):
-                if key not in entry:
+                if any(key not in (entry if key == "precision" else p) for p in plans):
                     raise ArtifactError(f"bundle manifest entry for {name} lacks '{key}'", path=path,
                                         hint="rebuild the bundle")
-            entries[name] = EngineEntry(name, entry["file"], entry["sha256"], entry["bytes"], entry["precision"], entry)
+            files = tuple(PlanFile(p["file"], p["sha256"], p["bytes"], tuple(p["inputs"]) if "parts" in entry else None,
+                                   tuple(p["outputs"]) if "parts" in entry else None) for p in plans)
+            entries[name] = EngineEntry(name, files, entry["precision"], entry)
         try:
             return cls(folder=folder, target=data["target"], compute_capabilities=list(data["compute_capabilities"]),
                        backend=data["backend"], backend_version=data["backend_version"], model=data["model"],
@@ -269,10 +291,13 @@ class BundleManifest:
 
     def verify(self) -> None:
         """Every engine is there with its recorded size and sha256."""
-        verify_files(self.folder, {e.file: {"sha256": e.sha256, "bytes": e.bytes} for e in self.components.values()},
+        verify_files(self.folder, {p.file: {"sha256": p.sha256, "bytes": p.bytes} for p in self.plans()},
                      self.folder / BUNDLE_MANIFEST)
+
+    def plans(self) -> list[PlanFile]:
+        return [p for e in self.components.values() for p in e.plans]
 
     def intact(self) -> bool:
         """The cheap check for skip decisions (sizes only)."""
-        return all((self.folder / e.file).is_file() and (self.folder / e.file).stat().st_size == e.bytes
-                   for e in self.components.values())
+        return all((self.folder / p.file).is_file() and (self.folder / p.file).stat().st_size == p.bytes
+                   for p in self.plans())

@@ -70,10 +70,12 @@ class TorchRunner(ComponentRunner):
 class OrtRunner(ComponentRunner):
     kind = "onnxruntime"
 
-    def __init__(self, spec: ComponentSpec, onnx_path: Path, precision: str, provider: str = "cpu"):
+    def __init__(self, spec: ComponentSpec, onnx_path: Path, precision: str, provider: str = "cpu",
+                 *, inputs: tuple[str, ...] | None = None):
         from sd35trt.onnx_utils import ort_session, session_provider
 
         super().__init__(spec, precision)
+        self.inputs = inputs or spec.input_names  # a part's own (sd35trt.parts), or the spec's
         self.path = onnx_path
         self.session = ort_session(onnx_path, provider=provider)
         self.provider = session_provider(self.session)
@@ -83,7 +85,7 @@ class OrtRunner(ComponentRunner):
 
         from sd35trt.onnx_utils import run_ort
 
-        feeds = {n: inputs[n].detach().cpu().numpy() for n in self.spec.input_names}
+        feeds = {n: inputs[n].detach().cpu().numpy() for n in self.inputs}
         return {k: torch.from_numpy(v) for k, v in run_ort(self.session, feeds).items()}
 
     def describe(self):
@@ -133,12 +135,15 @@ class EngineRunner(ComponentRunner):
     kind = "engine"
 
     def __init__(self, spec: ComponentSpec, plan_path: Path, precision: str, module_name: str, backend: str,
-                 *, cuda_graph: bool = False):
+                 *, cuda_graph: bool = False, inputs: tuple[str, ...] | None = None,
+                 outputs: tuple[str, ...] | None = None):
         import importlib
 
         import torch
 
         super().__init__(spec, precision)
+        # a part of a component (sd35trt.parts) takes and gives its own tensors; a whole engine the spec's
+        self.inputs, self.outputs = inputs or spec.input_names, outputs or spec.output_names
         self.plan_path, self.backend = plan_path, backend  # compare runs polygraphy's TrtRunner on the same plan
         if TYPE_CHECKING:  # `make lint` checks this against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
             if CHECK_RTX:
@@ -165,9 +170,9 @@ class EngineRunner(ComponentRunner):
         if self.context is None:
             raise RuntimeUnavailableError(f"{spec.name}: TensorRT could not create an execution context", path=plan_path,
                                           hint="the GPU may be out of memory; run `sd35trt doctor` on this bundle")
-        names = (*spec.input_names, *spec.output_names)
+        names = (*self.inputs, *self.outputs)
         self.dtypes = {n: getattr(torch, io_dtype(self.engine.get_tensor_dtype(n), n, spec.name)) for n in names}
-        self.profiles = {n: self.engine.get_tensor_profile_shape(n, 0) for n in spec.input_names}
+        self.profiles = {n: self.engine.get_tensor_profile_shape(n, 0) for n in self.inputs}
         self._graph: Any = None
         self._graph_key: tuple | None = None
         self._graph_outputs: dict[str, Any] = {}
@@ -179,7 +184,7 @@ class EngineRunner(ComponentRunner):
 
     def _bind(self, inputs):
         torch = self._torch
-        for name in self.spec.input_names:
+        for name in self.inputs:
             # Own copies in the engine's dtype: a captured CUDA graph keeps reading these addresses.
             tensor = inputs[name].to("cuda", self.dtypes[name], copy=True).contiguous()
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
@@ -190,7 +195,7 @@ class EngineRunner(ComponentRunner):
             self._address(name, tensor)
             self._static[name] = tensor
         outputs = {}
-        for name in self.spec.output_names:
+        for name in self.outputs:
             dims = self.context.get_tensor_shape(name)
             shape = tuple(dims[i] for i in range(len(dims)))
             if any(d < 0 for d in shape):
@@ -213,10 +218,10 @@ class EngineRunner(ComponentRunner):
     def __call__(self, **inputs):
         torch = self._torch
         stream = torch.cuda.current_stream()  # the caller's: its input writes and our reads stay ordered
-        key = tuple(tuple(inputs[n].shape) for n in self.spec.input_names)
+        key = tuple(tuple(inputs[n].shape) for n in self.inputs)
         action = graph_action(self._graph_key, key, self._graph is not None) if self.graphs == "capture" else "run"
         if action == "replay":
-            for name in self.spec.input_names:  # same shapes: copy into the captured buffers and replay
+            for name in self.inputs:  # same shapes: copy into the captured buffers and replay
                 self._static[name].copy_(inputs[name].to("cuda", self.dtypes[name]))
             self._graph.replay()
             outputs = self._graph_outputs
@@ -227,7 +232,8 @@ class EngineRunner(ComponentRunner):
             self._execute(stream)
             if action == "capture":
                 self._capture(outputs)
-        return {k: v.to(torch.float32, copy=True) for k, v in outputs.items()}
+        # float32 out, like every runner; integers (a part's token ids) as they are
+        return {k: v.to(torch.float32, copy=True) if v.is_floating_point() else v.clone() for k, v in outputs.items()}
 
     def _capture(self, outputs: dict[str, Any]) -> None:
         """Capture one execution; on any failure fall back to plain execution for good, with one warning."""
@@ -242,6 +248,35 @@ class EngineRunner(ComponentRunner):
 
             log.warn(f"{self.spec.name}: CUDA graph capture failed ({str(exc)[:120]}); running without CUDA graphs")
             self.graphs, self._graph = "off", None
+
+
+class ChainRunner(ComponentRunner):
+    """A component built in parts (``sd35trt.parts``): its part engines back to back on the caller's stream,
+    each fed the component's inputs and the earlier parts' outputs it names."""
+
+    kind = "engine"
+
+    def __init__(self, spec: ComponentSpec, parts: list[Any]):
+        super().__init__(spec, parts[0].precision)
+        self.parts = parts
+
+    @property
+    def device(self) -> str:
+        return self.parts[0].device
+
+    def __call__(self, **inputs):
+        return run_chain(self.parts, inputs, self.spec.output_names)
+
+    def describe(self):
+        return super().describe() | {"parts": len(self.parts)}
+
+
+def run_chain(parts: list[Any], inputs: dict[str, Any], outputs: tuple[str, ...]) -> dict[str, Any]:
+    """Run callables with ``inputs``/``outputs`` names one after another, each on the tensors named so far."""
+    known = dict(inputs)
+    for part in parts:
+        known.update(part(**{n: known[n] for n in part.inputs}))
+    return {n: known[n] for n in outputs}
 
 
 def graph_action(graph_key: tuple | None, key: tuple, has_graph: bool) -> str:
@@ -309,8 +344,11 @@ def runners_from_bundle(folder: Path, *, cuda_graph: bool = False) -> tuple[dict
                  f"(or run on a GPU with compute capability {', '.join(manifest.compute_capabilities)})")
     module = runtime_module(RuntimeRecord.of_bundle(manifest.data), host["runtimes"])
     assert module is not None  # bundle_fit found it
-    runners: dict[str, ComponentRunner] = {name: EngineRunner(SPECS[name], folder / e.file, e.precision, module, manifest.backend,
-                                  cuda_graph=cuda_graph) for name, e in manifest.components.items()}
+    runners: dict[str, ComponentRunner] = {}
+    for name, entry in manifest.components.items():
+        engines = [EngineRunner(SPECS[name], folder / p.file, entry.precision, module, manifest.backend,
+                                cuda_graph=cuda_graph, inputs=p.inputs, outputs=p.outputs) for p in entry.plans]
+        runners[name] = ChainRunner(SPECS[name], engines) if entry.parted else engines[0]
     return runners, manifest
 
 

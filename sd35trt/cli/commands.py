@@ -26,13 +26,15 @@ def build(
     workspace_gib: Optional[float] = typer.Option(None, "--workspace-gib", help="builder workspace limit"),
     portable: bool = typer.Option(False, "--portable", help="full TensorRT: version-compatible plans that run on the lean runtime (tensorrt-lean) of the same version"),
     hardware_compat: str = typer.Option("none", "--hardware-compat", help="none | ampere+ (full TensorRT: one engine for every GPU from Ampere on; FP16 only)"),
-    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="refuse a build this host's memory cannot hold (the builder needs ~2x the engine's weights besides the mapped ONNX, measured)"),
+    memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="refuse a build this host's memory cannot hold (the builder needs ~2x the engine's weights besides the mapped ONNX, measured); where a whole build would not fit, build it in parts that do"),
+    parts: Optional[str] = typer.Option(None, "--parts", help="build components in parts, one builder at a time, e.g. transformer=2,t5=2 (the parts run back to back)"),
+    max_build_memory: Optional[float] = typer.Option(None, "--max-build-memory", help="GiB: build each component in as many parts as keep every builder's peak RSS under this (estimated 2.8x its weights + 1 GiB)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
     """Build one engine bundle for a GPU target (FP8 where the GPU has it, FP16 fallback where not)."""
     from sd35trt.artifacts import ensure_writable_dir
-    from sd35trt.build import BuildConfig, build_bundle
+    from sd35trt.build import BuildConfig, build_bundle, parse_parts
     from sd35trt.errors import check_choice
     from sd35trt.specs import Precision, parse_components
     from sd35trt.targets import parse_backend, parse_target
@@ -40,11 +42,13 @@ def build(
     check_choice("--precision", precision, ("auto", *(p.value for p in Precision)))
     config = BuildConfig(target=parse_target(gpu), backend=parse_backend(backend), components=parse_components(components),
                          precision=None if precision == "auto" else Precision(precision), workspace_gib=workspace_gib,
-                         portable=portable, hardware_compat=hardware_compat, memory_check=memory_check)
+                         portable=portable, hardware_compat=hardware_compat, memory_check=memory_check,
+                         parts=parse_parts(parts), max_build_memory_gib=max_build_memory)
     ensure_writable_dir(out)
     result = build_bundle(onnx, out, config, force=force)
     m = result.manifest
-    rows = {k: {"precision": e.precision, "bytes": e.bytes, "gemm_fp8": e.layers["gemm_fp8"], "gemm": e.layers["gemm"],
+    rows = {k: {"precision": e.precision, "bytes": e.bytes, "parts": len(e.plans), "gemm_fp8": e.layers["gemm_fp8"],
+                "gemm": e.layers["gemm"],
                 "fp32_islands": [i["module"] for i in e.fp32_islands], "reused": k not in result.rebuilt}
             for k, e in m.components.items()}
     if json_out:
@@ -54,10 +58,10 @@ def build(
         return
     lines = [f"bundle {result.folder} ({m.target}, SM {', '.join(m.compute_capabilities)}, "
              f"{m.backend} {m.backend_version}){' unchanged' if result.skipped else ''}",
-             f"{'component':<12} {'precision':<9} {'size':>10} {'FP8 GEMMs':>10}  islands"]
+             f"{'component':<12} {'precision':<9} {'size':>10} {'parts':>5} {'FP8 GEMMs':>10}  islands"]
     for name, row in rows.items():
-        lines.append(f"{name:<12} {row['precision']:<9} {row['bytes'] / 1e6:>8.1f}MB {row['gemm_fp8']:>4}/{row['gemm']:<5}  "
-                     f"{', '.join(row['fp32_islands']) or '-'}")
+        lines.append(f"{name:<12} {row['precision']:<9} {row['bytes'] / 1e6:>8.1f}MB {row['parts']:>5} "
+                     f"{row['gemm_fp8']:>4}/{row['gemm']:<5}  {', '.join(row['fp32_islands']) or '-'}")
     echo("\n".join(lines))
 
 
