@@ -189,36 +189,70 @@ class _Graph:
                        if t in self.graph_inputs})
 
 
-def _infer_types(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, tuple[int, tuple[int | None, ...]]]:
-    """Element type and concrete shape (None where unresolved) of every tensor, with the graph inputs fixed
-    to ``shapes`` (ONNX shape inference with data propagation: Reshape targets built from Shape resolve)."""
+def _infer_types(model: onnx.ModelProto, shapes: dict[str, list[int]],
+                 base_dir: Path | None = None) -> dict[str, tuple[int, tuple[int | None, ...]]]:
+    """Element type and concrete shape (None where unresolved) of every tensor, with the graph inputs fixed to
+    ``shapes``: onnxruntime's symbolic shape inference (it folds the shape arithmetic ONNX's own inference leaves
+    open, such as T5's relative position bias built from Range), over ONNX's own where it cannot run. Weights
+    over 1 MiB are not read: they stand in as graph inputs of their type and shape."""
     import onnx
-    from onnx import shape_inference
+    from onnx import helper, shape_inference
+    from onnx.external_data_helper import load_external_data_for_tensor
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
     for value in probe.graph.input:
         if value.name in shapes:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, shapes[value.name]):
+            for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
                 dim.Clear()
                 dim.dim_value = size
+    found: dict[str, tuple[int, tuple[int | None, ...]]] = {}
+
+    def collect(values: Iterable[onnx.ValueInfoProto]) -> None:
+        for value in values:
+            tensor_type = value.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            if value.name not in found or None in found[value.name][1]:
+                found[value.name] = (tensor_type.elem_type, dims if tensor_type.HasField("shape") else (None,))
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        symbolic = onnx.ModelProto()
+        symbolic.CopyFrom(probe)
+        weights = []
+        for tensor in symbolic.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor_bytes(tensor) > RECOMPUTE_WEIGHT_BYTES:
+                symbolic.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+            else:
+                weights.append(tensor)
+        del symbolic.graph.initializer[:]
+        symbolic.graph.initializer.extend(weights)
+        small = [*weights, *(a.t for n in symbolic.graph.node for a in n.attribute if a.HasField("t"))]
+        for tensor in small:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                if base_dir is None:
+                    raise ValueError("external tensor without a base directory")
+                load_external_data_for_tensor(tensor, str(base_dir))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+        inferred = SymbolicShapeInference.infer_shapes(symbolic, auto_merge=True)
+        collect([*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input])
+    except Exception:  # noqa: BLE001 - ONNX's own inference below still types most tensors; a cut then needs them
+        pass
     inferred = shape_inference.infer_shapes(probe, data_prop=True)
-    found = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
-        tensor_type = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
-        found[value.name] = (tensor_type.elem_type, dims if tensor_type.HasField("shape") else (None,))
+    collect([*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input])
     return found
 
 
-def plan_parts(model: onnx.ModelProto, count: int, profile: dict[str, list[list[int]]]) -> list[PartPlan]:
+def plan_parts(model: onnx.ModelProto, count: int, profile: dict[str, list[list[int]]],
+               base_dir: Path | None = None) -> list[PartPlan]:
     """Where to cut ``model`` into ``count`` parts (see the module docstring); raises BuildError when a
     graph has no allowed cut near an equal share of its weights."""
     graph = _Graph(model)
     points = [{name: shape[k] for name, shape in profile.items()} for k in range(3)]  # min, opt, max
-    types = [_infer_types(model, point) for point in points]
+    types = [_infer_types(model, point, base_dir) for point in points]
     total = sum(graph.weights)
     cumulative = [0]
     for weight in graph.weights:
@@ -331,9 +365,9 @@ def write_parts(onnx_path: Path, count: int, profile: dict[str, list[list[int]]]
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    plans = plan_parts(model, count, profile)
+    plans = plan_parts(model, count, profile, onnx_path.parent)
     graph = _Graph(model)
-    types = _infer_types(model, {n: s[1] for n, s in profile.items()})
+    types = _infer_types(model, {n: s[1] for n, s in profile.items()}, onnx_path.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     for data in _data_files(model):
         link = out_dir / data
