@@ -120,11 +120,15 @@ def _ort_poly_runner(path: Path, name: str, provider: str):
     return OnnxrtRunner(lambda: ort_session(path, provider=provider), name=name)
 
 
-def polygraphy_trt_runner(plan_path: Path, backend: str, name: str):
+def polygraphy_trt_runner(plans: Path | list[tuple[Path, tuple[str, ...] | None]], backend: str, name: str,
+                          outputs: tuple[str, ...] | None = None):
     """Polygraphy's own ``TrtRunner`` on a bundle's plan: the second, independent engine runner ``compare
     --bundle`` checks ours against. TensorRT-RTX bundles use polygraphy's RTX mode; where only the
     ``tensorrt_rtx_bindings`` module is installed (the PyPI wheels), it stands in for ``tensorrt_rtx``.
-    Inputs are cast to the engine's input dtypes and outputs returned as float32, like ``EngineRunner``."""
+    Inputs are cast to the engine's input dtypes and outputs returned as float32, like ``EngineRunner``. A
+    component built in parts is ``plans``: (plan, its input names) per part, run back to back like
+    ``runners.ChainRunner``, each fed what the component's inputs and the earlier parts gave; ``outputs``
+    names what the chain returns."""
     import importlib
     import importlib.util
 
@@ -137,28 +141,35 @@ def polygraphy_trt_runner(plan_path: Path, backend: str, name: str):
             sys.modules.setdefault("tensorrt_rtx", importlib.import_module("tensorrt_rtx_bindings"))
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    inner = TrtRunner(EngineFromBytes(lambda: plan_path.read_bytes()), name=f"{name}:inner")
+    pieces = [(plans, None)] if isinstance(plans, Path) else plans
+    inners = [TrtRunner(EngineFromBytes(lambda path=path: path.read_bytes()), name=f"{name}:part{k}")
+              for k, (path, _) in enumerate(pieces)]
 
     class CastingTrtRunner(BaseRunner):
         def __init__(self):
             super().__init__(name=name)
-            self.inner = inner
+            self.inners = inners
 
         def activate_impl(self):
-            self.inner.activate()
+            for inner in self.inners:
+                inner.activate()
 
         def deactivate_impl(self):
-            self.inner.deactivate()
+            for inner in self.inners:
+                inner.deactivate()
 
         def get_input_metadata_impl(self):
-            return self.inner.get_input_metadata()
+            return self.inners[0].get_input_metadata()
 
         def infer_impl(self, feed_dict):
-            meta = self.inner.get_input_metadata()
-            feeds = OrderedDict((k, np.asarray(v).astype(meta[k].dtype.numpy())) for k, v in feed_dict.items())
-            outputs = self.inner.infer(feeds)
-            self.inference_time = self.inner.last_inference_time()
-            return OrderedDict((k, np.asarray(v, dtype=np.float32)) for k, v in outputs.items())
+            known, self.inference_time = dict(feed_dict), 0.0
+            for inner in self.inners:
+                meta = inner.get_input_metadata()
+                feeds = OrderedDict((k, np.asarray(known[k]).astype(meta[k].dtype.numpy())) for k in meta)
+                known.update((k, np.array(v)) for k, v in inner.infer(feeds).items())
+                self.inference_time += inner.last_inference_time()
+            names = outputs or tuple(k for k in known if k not in feed_dict)
+            return OrderedDict((k, np.asarray(known[k], dtype=np.float32)) for k in names)
 
     return CastingTrtRunner()
 
@@ -197,7 +208,7 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
         feeds = [{k: v.numpy() for k, v in call.items()} for call in traffic.get(name, [])]
         if not feeds:
             continue
-        from sd35trt.runners import EngineRunner, OrtRunner, TorchRunner
+        from sd35trt.runners import ChainRunner, EngineRunner, OrtRunner, TorchRunner
 
         poly_runners = [_poly_runner(TorchRunner(spec, pipe), f"torch-fp32:{name}")]
         precisions, twins = {}, {}
@@ -209,9 +220,11 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
             poly_runners.append(_ort_poly_runner(runner.path, label, runner.provider) if isinstance(runner, OrtRunner)
                                 else _poly_runner(runner, label))
             precisions[label] = Precision(runner.precision)
-            if isinstance(runner, EngineRunner):  # the same plan through polygraphy's own TensorRT runner
+            engines = runner.parts if isinstance(runner, ChainRunner) else [runner]
+            if all(isinstance(e, EngineRunner) for e in engines):  # the same plans through polygraphy's TrtRunner
                 twin = f"{variant}-polygraphy:{name}"
-                poly_runners.append(polygraphy_trt_runner(runner.plan_path, runner.backend, twin))
+                poly_runners.append(polygraphy_trt_runner([(e.plan_path, e.inputs) for e in engines], engines[0].backend,
+                                                          twin, spec.output_names))
                 precisions[twin], twins[label] = Precision(runner.precision), twin
         with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"), polygraphy_quiet():
             run_results = Comparator.run(poly_runners, data_loader=feeds)

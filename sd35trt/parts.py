@@ -228,8 +228,8 @@ def _infer_types(model: onnx.ModelProto, shapes: dict[str, list[int]],
             else:
                 weights.append(tensor)
         del symbolic.graph.initializer[:]
-        symbolic.graph.initializer.extend(weights)
-        small = [*weights, *(a.t for n in symbolic.graph.node for a in n.attribute if a.HasField("t"))]
+        symbolic.graph.initializer.extend(weights)  # copies: read the small ones' data into the graph's own
+        small = [*symbolic.graph.initializer, *(a.t for n in symbolic.graph.node for a in n.attribute if a.HasField("t"))]
         for tensor in small:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 if base_dir is None:

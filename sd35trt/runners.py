@@ -8,6 +8,7 @@ whatever runs underneath.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +72,7 @@ class OrtRunner(ComponentRunner):
     kind = "onnxruntime"
 
     def __init__(self, spec: ComponentSpec, onnx_path: Path, precision: str, provider: str = "cpu",
-                 *, inputs: tuple[str, ...] | None = None):
+                 *, inputs: Sequence[str] | None = None):
         from sd35trt.onnx_utils import ort_session, session_provider
 
         super().__init__(spec, precision)
@@ -135,8 +136,8 @@ class EngineRunner(ComponentRunner):
     kind = "engine"
 
     def __init__(self, spec: ComponentSpec, plan_path: Path, precision: str, module_name: str, backend: str,
-                 *, cuda_graph: bool = False, inputs: tuple[str, ...] | None = None,
-                 outputs: tuple[str, ...] | None = None):
+                 *, cuda_graph: bool = False, inputs: Sequence[str] | None = None,
+                 outputs: Sequence[str] | None = None):
         import importlib
 
         import torch
@@ -271,7 +272,7 @@ class ChainRunner(ComponentRunner):
         return super().describe() | {"parts": len(self.parts)}
 
 
-def run_chain(parts: list[Any], inputs: dict[str, Any], outputs: tuple[str, ...]) -> dict[str, Any]:
+def run_chain(parts: list[Any], inputs: dict[str, Any], outputs: Sequence[str]) -> dict[str, Any]:
     """Run callables with ``inputs``/``outputs`` names one after another, each on the tensors named so far."""
     known = dict(inputs)
     for part in parts:

@@ -1,0 +1,168 @@
+"""Engine parts (sd35trt.parts): a component cut into graphs that build one at a time must compute exactly what
+the whole graph computes, carry only activations between parts, and build into a bundle the runners chain."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from sd35trt.build import MAX_PARTS, PEAK_RSS_FACTOR, BuildConfig, builder_need, parse_parts, plan_part_counts
+from sd35trt.errors import BuildError, InvalidInputError
+from sd35trt.manifests import OnnxManifest, WorkDir
+from sd35trt.specs import COMPONENTS, SPECS, Precision
+from tests.conftest import needs_rtx
+
+GIB = 2**30
+
+
+def _whole_and_parts(root, precision, name, count, tmp_path):
+    from sd35trt.parts import write_parts
+
+    manifest = OnnxManifest.load(WorkDir(root).onnx_folder(precision, name), name, precision)
+    return manifest, write_parts(manifest.onnx_path, count, manifest.profile, tmp_path / f"{name}-{count}")
+
+
+def _feeds(manifest, point=1, seed=0):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for entry in manifest.inputs:
+        shape = manifest.profile[entry["name"]][point]
+        if entry["dtype"].startswith("int"):
+            feeds[entry["name"]] = torch.randint(0, 99, shape, generator=generator, dtype=torch.int64)
+        else:
+            feeds[entry["name"]] = torch.randn(shape, generator=generator)
+    return feeds
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+@pytest.mark.parametrize("count", [2, 3])
+def test_parts_chained_compute_exactly_what_the_whole_graph_computes(calibrated, tmp_path, name, count):
+    """Every component's FP32 ONNX, cut in 2 and 3: the parts chained through ChainRunner (onnxruntime under
+    each part) give bit-identical outputs to the whole graph, at the profile's min and opt shapes."""
+    import torch
+
+    from sd35trt.runners import ChainRunner, OrtRunner
+
+    root, _ = calibrated
+    manifest, parts = _whole_and_parts(root, Precision.FP32, name, count, tmp_path)
+    assert [p.index for _, p in parts] == list(range(count))
+    whole = OrtRunner(SPECS[name], manifest.onnx_path, "fp32")
+    chain = ChainRunner(SPECS[name], [OrtRunner(SPECS[name], path, "fp32", inputs=plan.inputs) for path, plan in parts])
+    for point in (0, 1):  # min and opt (max is 8 images at 1536², minutes of CPU attention)
+        feeds = _feeds(manifest, point)
+        expected, got = whole(**feeds), chain(**feeds)
+        assert set(got) == set(SPECS[name].output_names)
+        for out in SPECS[name].output_names:
+            assert torch.equal(expected[out], got[out]), f"{name} in {count} parts: {out} differs"
+
+
+def test_parts_carry_activations_with_profiles_and_split_the_weights(calibrated, tmp_path):
+    """What crosses a cut is an activation with a min/opt/max profile read from shape inference, never shape
+    arithmetic (recomputed); every weight byte is in exactly one part; graph inputs go where they are used."""
+    import onnx
+
+    root, _ = calibrated
+    manifest, parts = _whole_and_parts(root, Precision.FP16, "transformer", 2, tmp_path)
+    (first_path, first), (second_path, second) = parts
+    assert first.inputs == tuple(n for n in SPECS["transformer"].input_names if n in first.inputs)
+    assert second.outputs == ("noise_pred",)
+    carried = [n for n in second.inputs if n not in SPECS["transformer"].input_names]
+    assert carried and set(carried) <= set(first.outputs)
+    batch = [p[0] for p in manifest.profile["hidden_states"]]
+    for tensor in carried:
+        low, opt, high = second.profile[tensor]
+        assert len(low) == len(high) and low[0] == batch[0] and high[0] == batch[2]  # batch from the profile
+    model = onnx.load(str(second_path), load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    assert all(types[n] in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) for n in carried)
+    onnx.checker.check_model(str(first_path))
+    whole_bytes = sum(e["bytes"] for e in manifest.files.values())
+    assert abs(first.weight_bytes + second.weight_bytes - whole_bytes) < 0.01 * whole_bytes + (1 << 20)
+    # the parts reference the component's own external data (a link), no weight is copied
+    assert all(p.is_symlink() for p in first_path.parent.iterdir() if p.name.endswith(".data"))
+
+
+def test_a_graph_with_no_allowed_cut_is_refused_in_one_line():
+    """A graph whose every cut would carry an activation of unresolvable shape (reshaped by a runtime shape
+    input) cannot be cut: one BuildError naming the tensor, never a broken part."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sd35trt.parts import plan_parts
+
+    weights = [numpy_helper.from_array(np.ones((4, 4), np.float32), "w"),
+               numpy_helper.from_array(np.ones((4, 4), np.float32), "w2")]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4]),
+                                           helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    with pytest.raises(BuildError, match="cannot cut this graph into 2 parts.*tensor h"):
+        plan_parts(model, 2, {"x": [[1, 4], [2, 4], [4, 4]], "shape": [[2], [2], [2]]})
+
+
+def test_part_counts_follow_the_flag_the_budget_and_the_host():
+    weights = {"transformer": 8 * GIB, "t5": 9 * GIB, "clip_l": GIB // 4}
+    explicit = plan_part_counts(weights, {"t5": 3}, None, None, memory_check=True)
+    assert explicit["t5"].count == 3 and explicit["transformer"].count == 1 and explicit["t5"].reason == "--parts"
+    budget = plan_part_counts(weights, {}, 16.0, None, memory_check=True)
+    assert budget["transformer"].count == 2 and budget["clip_l"].count == 1
+    assert builder_need(8 * GIB // 2, PEAK_RSS_FACTOR) <= 16 * GIB < builder_need(8 * GIB, PEAK_RSS_FACTOR)
+    host = plan_part_counts(weights, {}, None, 12 * GIB, memory_check=True)  # a 12 GiB box builds T5 in parts
+    assert host["t5"].count == 2 and "available" in host["t5"].reason and host["clip_l"].count == 1
+    assert plan_part_counts(weights, {}, None, 12 * GIB, memory_check=False)["t5"].count == 1
+    hopeless = plan_part_counts({"t5": 1000 * GIB}, {}, None, 12 * GIB, memory_check=True)
+    assert hopeless["t5"].count == 1 and f"{MAX_PARTS} parts" in hopeless["t5"].reason
+
+
+def test_bad_parts_flags_are_one_line_errors():
+    assert parse_parts("transformer=2, t5=3") == (("transformer", 2), ("t5", 3))
+    for text, match in (("transformer", "COMPONENT=COUNT"), ("transformer=two", "COMPONENT=COUNT")):
+        with pytest.raises(InvalidInputError, match=match):
+            parse_parts(text)
+    with pytest.raises(InvalidInputError, match="a count from 1 to"):
+        BuildConfig(parts=(("transformer", MAX_PARTS + 1),))
+    with pytest.raises(InvalidInputError, match="a component being built"):
+        BuildConfig(components=("clip_l",), parts=(("transformer", 2),))
+    with pytest.raises(InvalidInputError, match="more than"):
+        BuildConfig(max_build_memory_gib=0.5)
+
+
+@needs_rtx
+def test_build_in_parts_makes_a_bundle_the_runners_chain(work_copy):
+    """`sd35trt build --parts`: real TensorRT-RTX builds of every part, the FP8 transformer keeps its FP8 GEMMs,
+    the manifest lists each part's plan, I/O and builder memory, `bundle verify` checks every part, a re-run
+    skips, and a different count rebuilds that component only."""
+    from sd35trt.cli.main import app
+    from sd35trt.manifests import BundleManifest
+
+    engines = work_copy / "engines"
+    runner = CliRunner()
+
+    def build(*extra):
+        result = runner.invoke(app, ["build", "--gpu", "ada", "--backend", "tensorrt-rtx", "--onnx", str(work_copy),
+                                     "--out", str(engines), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    whole = build("--components", "transformer", "--out", str(work_copy / "whole"))
+    report = build("--parts", "transformer=2,t5=2")
+    rows = report["components"]
+    assert rows["transformer"]["parts"] == 2 and rows["t5"]["parts"] == 2 and rows["clip_l"]["parts"] == 1
+    assert rows["transformer"]["gemm_fp8"] == whole["components"]["transformer"]["gemm_fp8"] > 0
+    manifest = BundleManifest.load(engines / "tiny" / "ada-tensorrt-rtx")
+    entry = manifest.components["transformer"]
+    assert entry.parted and [p.file for p in entry.plans] == ["transformer.part1of2.plan", "transformer.part2of2.plan"]
+    assert entry.plans[0].inputs is not None and entry.plans[-1].outputs == ("noise_pred",)
+    assert all("peak_rss_gib" in p["builder_memory"] for p in entry.data["parts"])
+    assert not list((engines / "tiny" / "ada-tensorrt-rtx").glob(".parts*"))
+    result = runner.invoke(app, ["bundle", "verify", str(engines / "tiny" / "ada-tensorrt-rtx")])
+    assert result.exit_code == 0, result.output
+    assert build("--parts", "transformer=2,t5=2")["skipped"] is True
+    again = build("--parts", "transformer=2,t5=3")
+    assert again["rebuilt"] == ["t5"] and again["components"]["t5"]["parts"] == 3
