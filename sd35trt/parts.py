@@ -239,8 +239,10 @@ def _infer_types(model: onnx.ModelProto, shapes: dict[str, list[int]],
                 del tensor.external_data[:]
         inferred = SymbolicShapeInference.infer_shapes(symbolic, auto_merge=True)
         collect([*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input])
-    except Exception:  # noqa: BLE001 - ONNX's own inference below still types most tensors; a cut then needs them
-        pass
+    except Exception as exc:  # noqa: BLE001 - ONNX's own inference below still types most tensors
+        from sd35trt import log
+
+        log.info(f"parts: onnxruntime's symbolic shape inference failed ({str(exc)[:160]}); using ONNX's own")
     inferred = shape_inference.infer_shapes(probe, data_prop=True)
     collect([*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input])
     return found

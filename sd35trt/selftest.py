@@ -1,7 +1,8 @@
 """``sd35trt selftest``: the test CI cannot run, for users' build and deploy hosts.
 
 On a host with an NVIDIA GPU: calibrate and export the tiny model, build its engines for the local GPU with
-whichever backend is installed, generate an image through the engines and compare them with PyTorch. Each
+whichever backend is installed, generate an image through the engines and compare them with PyTorch, then the
+same comparison for engines built in parts (``build --parts``: chained engines). Each
 step is a row of a PASS/FAIL table and of ``selftest.json``; the first failure stops the run with its real
 reason. Without a GPU: one line, exit 2 (nothing here can execute an engine).
 """
@@ -127,8 +128,28 @@ def run_selftest(out: Path) -> SelftestReport:
         psnr = result.data["end_to_end"]["engine"]["min_image_psnr_db"]
         return f"end to end {psnr:.1f} dB vs diffusers; per component within tolerance"
 
+    def parts() -> str:
+        """The transformer and T5 built in 2 parts each (``build --parts``), their chained engines compared like
+        the whole ones: with PyTorch per component and end to end, and with polygraphy's chained TrtRunner."""
+        from sd35trt.build import BuildConfig, build_bundle
+        from sd35trt.compare import CompareConfig, run_compare
+        from sd35trt.runners import runners_from_bundle
+        from sd35trt.targets import GpuTarget
+
+        built = build_bundle(work, out / "engines-parts", BuildConfig(target=GpuTarget.AUTO, parts=(
+            ("transformer", 2), ("t5", 2))), force=True)
+        runners, _ = runners_from_bundle(built.folder)
+        cfg = CompareConfig(prompts=1, steps=4, height=512, width=512)
+        result = run_compare(state["source"], out / "compare-parts", cfg, ["a koi pond in autumn, watercolor"],
+                             {"engine-parts": runners}, state["ranges"], str(built.folder))
+        if not result:
+            raise RuntimeUnavailableError("engines built in parts differ from PyTorch: " + "; ".join(result.failures),
+                                          path=out / "compare-parts" / "compare.json", hint="report it with selftest.json")
+        psnr = result.data["end_to_end"]["engine-parts"]["min_image_psnr_db"]
+        return f"transformer and t5 in 2 parts: end to end {psnr:.1f} dB vs diffusers; per component within tolerance"
+
     steps = (("target", target), ("calibrate", calibrate), ("export", export), ("build", build),
-             ("generate", generate), ("compare", compare))
+             ("generate", generate), ("compare", compare), ("parts", parts))
     for index, (name, action) in enumerate(steps):
         if not step(name, action):
             report.steps += [{"step": later, "passed": False, "seconds": 0.0, "detail": f"not run (after {name} failed)"}

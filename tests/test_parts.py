@@ -166,3 +166,22 @@ def test_build_in_parts_makes_a_bundle_the_runners_chain(work_copy):
     assert build("--parts", "transformer=2,t5=2")["skipped"] is True
     again = build("--parts", "transformer=2,t5=3")
     assert again["rebuilt"] == ["t5"] and again["components"]["t5"]["parts"] == 3
+
+
+@needs_rtx
+def test_a_host_short_of_memory_builds_in_parts_instead_of_refusing(work_copy, monkeypatch):
+    """Where MemAvailable + swap cannot hold a whole build (2.0x the weights + 1 GiB) but can hold half of one,
+    `build` cuts the component into parts and says why in the manifest; with --no-memory-check it builds whole."""
+    import sd35trt.build as build
+    from sd35trt.build import BuildConfig, build_bundle
+    from sd35trt.specs import Precision
+
+    source = OnnxManifest.load(WorkDir(work_copy).onnx_folder(Precision.FP8, "transformer"), "transformer", Precision.FP8)
+    weights = sum(e["bytes"] for e in source.files.values())
+    monkeypatch.setattr(build, "available_memory", lambda: GIB + int(1.8 * weights))
+    config = BuildConfig(components=("transformer",))
+    entry = build_bundle(work_copy, work_copy / "engines", config).manifest.components["transformer"]
+    assert len(entry.plans) == 2 and "available" in entry.data["parts_reason"]
+    whole = build_bundle(work_copy, work_copy / "engines-whole", BuildConfig(components=("transformer",),
+                                                                             memory_check=False))
+    assert len(whole.manifest.components["transformer"].plans) == 1

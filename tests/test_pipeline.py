@@ -115,7 +115,8 @@ def test_engine_runner_executes_on_a_matching_gpu(calibrated, tmp_path):
 @pytest.mark.gpu
 def test_selftest_passes_on_this_gpu(tmp_path):
     """`sd35trt selftest` under pytest: calibrate, export, build for this GPU, generate, compare (polygraphy's
-    TrtRunner and ours) — every step must pass where a backend builds for the local GPU."""
+    TrtRunner and ours), and engines built in parts compared the same way — every step must pass where a backend
+    builds for the local GPU."""
     from sd35trt.backends import choose_backend, local_compute_capability
     from sd35trt.build import resolve_target
     from sd35trt.errors import Sd35TrtError
@@ -217,8 +218,9 @@ def test_selftest_stops_at_the_first_failure_with_its_reason(capsys, tmp_path, m
     out = capsys.readouterr().out
     assert code == 1
     report = json.loads((tmp_path / "st" / "selftest.json").read_text())
-    assert [s["step"] for s in report["steps"]] == ["target", "calibrate", "export", "build", "generate", "compare"]
-    assert not report["passed"] and [s["passed"] for s in report["steps"]] == [True] + [False] * 5
+    assert [s["step"] for s in report["steps"]] == ["target", "calibrate", "export", "build", "generate", "compare",
+                                                    "parts"]
+    assert not report["passed"] and [s["passed"] for s in report["steps"]] == [True] + [False] * 6
     assert report["steps"][0]["passed"] and "ada (SM89), tensorrt-rtx" in report["steps"][0]["detail"]
     assert "torch sees no CUDA GPU" in report["steps"][1]["detail"]
     assert report["steps"][2]["detail"] == "not run (after calibrate failed)"
