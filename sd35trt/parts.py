@@ -272,9 +272,12 @@ def plan_parts(model: onnx.ModelProto, count: int, profile: dict[str, list[list[
     for part in range(1, count):
         target = share * part
         lower = cuts[-1] if cuts else 0
-        # near an equal share of the weights first, then few crossing tensors
-        candidates = sorted(range(lower + 1, width), key=lambda c: abs(cumulative[c] - target) / share + 0.02 * live[c])
-        chosen = next((c for c in candidates[:CANDIDATES] if _cut_problem(graph, c, types, lower) is None), None)
+        # near an equal share of the weights first (within 5% of a share counts as equal), then the fewest bytes
+        # crossing at the profile's opt shape: a block boundary (residual streams) over the inside of an MLP
+        nearest = sorted(range(lower + 1, width), key=lambda c: abs(cumulative[c] - target) / share + 0.02 * live[c])
+        candidates = sorted(nearest[:CANDIDATES], key=lambda c: (round(abs(cumulative[c] - target) / share / 0.05),
+                                                                 _crossing_bytes(graph, c, types[1])))
+        chosen = next((c for c in candidates if _cut_problem(graph, c, types, lower) is None), None)
         if chosen is None:
             why = _cut_problem(graph, candidates[0], types, lower) if candidates else None
             raise BuildError(f"cannot cut this graph into {count} parts of about equal weights"
@@ -282,6 +285,22 @@ def plan_parts(model: onnx.ModelProto, count: int, profile: dict[str, list[list[
                              hint="build it in fewer parts (--parts, --max-build-memory)")
         cuts.append(chosen)
     return _assemble(graph, cuts, types)
+
+
+def _crossing_bytes(graph: _Graph, cut: int, types: dict) -> int:
+    """Bytes of the tensors carried across ``cut`` (recomputed ones are free; unknown ones count as huge)."""
+    import numpy as np
+    from onnx import helper
+
+    total = 0
+    for tensor in graph.crossing(cut):
+        if graph.recompute_closure(tensor) is not None:
+            continue
+        elem, dims = types.get(tensor, (0, (None,)))
+        if not elem or None in dims:
+            return 1 << 62
+        total += int(np.prod(dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(elem).itemsize
+    return total
 
 
 def _cut_problem(graph: _Graph, cut: int, types: list[dict], previous: int = 0) -> str | None:
