@@ -365,15 +365,19 @@ def part_model(graph: _Graph, plan: PartPlan, types: dict[str, tuple[int, tuple]
     initializers = [tensor for name, tensor in graph.inits.items() if name in used]
     declared = {v.name: v for v in [*graph.model.graph.input, *graph.model.graph.output]}
 
-    def value(name: str) -> onnx.ValueInfoProto:
+    def value(name: str, output: bool) -> onnx.ValueInfoProto:
         if name in declared:
             return declared[name]
-        shapes = plan.profile.get(name) or [list(types[name][1])] * 3
+        if output:  # sizes left symbolic: a fixed shape here would be folded into the part's Shape nodes
+            return helper.make_tensor_value_info(name, types[name][0],
+                                                 [f"{name}_d{k}" for k in range(len(types[name][1]))])
+        shapes = plan.profile[name]
         dims = [low if low == high else f"{name}_d{k}" for k, (low, high) in enumerate(zip(shapes[0], shapes[-1]))]
         return helper.make_tensor_value_info(name, types[name][0], dims)
 
     body = helper.make_graph(nodes, f"{graph.model.graph.name}_part{plan.index + 1}of{plan.count}",
-                             [value(n) for n in plan.inputs], [value(n) for n in plan.outputs], initializers)
+                             [value(n, False) for n in plan.inputs], [value(n, True) for n in plan.outputs],
+                             initializers)
     part = helper.make_model(body, opset_imports=list(graph.model.opset_import), ir_version=graph.model.ir_version,
                              producer_name="sd35trt.parts")
     part.functions.extend(graph.model.functions)
