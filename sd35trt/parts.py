@@ -14,11 +14,13 @@ its optimisation profile), never on model knowledge:
   resolves at the profile's min/opt/max (those shapes become the next part's profile); integer shape
   arithmetic that crosses (``height // patch`` computed from an input) is recomputed in the later part;
 - among allowed cuts near an equal share of the weights, the one with the fewest crossing tensors wins.
-Parts reference the component's own external-data file (a link beside them), so cutting copies no weights.
+Parts reference the component's own external-data file (a hard link beside them, or a symbolic one across file
+systems), so cutting copies no weights.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,9 +397,12 @@ def write_parts(onnx_path: Path, count: int, profile: dict[str, list[list[int]]]
     types = _infer_types(model, {n: s[1] for n, s in profile.items()}, onnx_path.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     for data in _data_files(model):
-        link = out_dir / data
+        link, target = out_dir / data, (onnx_path.parent / data).resolve()
         if not link.exists():
-            link.symlink_to((onnx_path.parent / data).resolve())
+            try:  # a hard link: readers that refuse external data resolving outside the model's folder (onnxruntime
+                os.link(target, link)  # 1.31) accept it; no byte is copied
+            except OSError:  # another file system: a symbolic link (TensorRT's parser follows it)
+                link.symlink_to(target)
     written = []
     for plan in plans:
         path = out_dir / f"part{plan.index + 1}of{plan.count}.onnx"

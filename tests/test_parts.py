@@ -83,8 +83,9 @@ def test_parts_carry_activations_with_profiles_and_split_the_weights(calibrated,
     onnx.checker.check_model(str(first_path))
     whole_bytes = sum(e["bytes"] for e in manifest.files.values())
     assert abs(first.weight_bytes + second.weight_bytes - whole_bytes) < 0.01 * whole_bytes + (1 << 20)
-    # the parts reference the component's own external data (a link), no weight is copied
-    assert all(p.is_symlink() for p in first_path.parent.iterdir() if p.name.endswith(".data"))
+    # the parts reference the component's own external data (a link to the same file), no weight is copied
+    for data in (p for p in first_path.parent.iterdir() if p.name.endswith(".data")):
+        assert data.samefile(manifest.folder / data.name)
 
 
 def test_a_graph_with_no_allowed_cut_is_refused_in_one_line():
@@ -185,3 +186,29 @@ def test_a_host_short_of_memory_builds_in_parts_instead_of_refusing(work_copy, m
     whole = build_bundle(work_copy, work_copy / "engines-whole", BuildConfig(components=("transformer",),
                                                                              memory_check=False))
     assert len(whole.manifest.components["transformer"].plans) == 1
+
+
+def test_parts_of_an_external_data_onnx_link_its_weights_and_still_load(calibrated, tmp_path):
+    """Real-size ONNX keep their weights in one external-data file. Parts link that file (a hard link on one file
+    system, so onnxruntime, which refuses data resolving outside a model's folder, loads them) and compute
+    exactly what the whole graph computes."""
+    import onnx
+    import torch
+
+    from sd35trt.parts import write_parts
+    from sd35trt.runners import ChainRunner, OrtRunner
+
+    root, _ = calibrated
+    manifest = OnnxManifest.load(WorkDir(root).onnx_folder(Precision.FP32, "transformer"), "transformer", Precision.FP32)
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save(onnx.load(str(manifest.onnx_path)), str(source / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+    parts = write_parts(source / "model.onnx", 2, manifest.profile, tmp_path / "parts")
+    link = tmp_path / "parts" / "model.onnx.data"
+    assert link.samefile(source / "model.onnx.data") and not link.is_symlink()
+    spec = SPECS["transformer"]
+    whole = OrtRunner(spec, source / "model.onnx", "fp32")
+    chain = ChainRunner(spec, [OrtRunner(spec, path, "fp32", inputs=plan.inputs) for path, plan in parts])
+    feeds = _feeds(manifest, 0)
+    assert torch.equal(whole(**feeds)["noise_pred"], chain(**feeds)["noise_pred"])
