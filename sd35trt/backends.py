@@ -258,8 +258,17 @@ def island_scope(module: str) -> str:
     return "/" + "/".join(parts) + "/"
 
 
+def is_gemm(layer: dict[str, Any]) -> bool:
+    """A GEMM layer: TensorRT's MatrixMultiply/Gemm, TensorRT-RTX's ``gemm``, and RTX's ``runtime_fusion`` layers
+    whose fused name starts with ``Fc`` (a GEMM with its bias/residual add, e.g. ``__myl_FcAddSilu_myl0_2``)."""
+    kind = layer["type"]
+    if kind in ("gemm", "MatrixMultiply", "Gemm") or "gemm" in kind.lower():
+        return True
+    return kind == "runtime_fusion" and re.search(r"(^|_)Fc[A-Z_]", layer["name"] + "_") is not None
+
+
 def summarize_layers(layers: list[dict[str, Any]], islands: list[str] | None = None) -> dict[str, int]:
-    gemms = [l for l in layers if l["type"] in ("gemm", "MatrixMultiply", "Gemm") or "gemm" in l["type"].lower()]
+    gemms = [l for l in layers if is_gemm(l)]
     fp8 = [l for l in gemms if l["input_dtypes"][:1] == ["FP8"]]
     half = [l for l in gemms if l["input_dtypes"][:1] in (["Half"], ["BFloat16"])]
     scopes = [island_scope(m) for m in islands or []]

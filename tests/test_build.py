@@ -153,6 +153,22 @@ def test_an_unreadable_layer_report_is_unknown_not_a_failed_build(tmp_path):
         check_layer_report("transformer", Precision.FP8, no_fp8, tmp_path / "model.onnx")
 
 
+def test_gemms_fused_with_their_add_count_as_gemms():
+    """TensorRT-RTX reports a GEMM fused with its bias/residual add as a ``runtime_fusion`` layer named ``Fc…``
+    (SD3.5-Large's FP8 transformer: 12 of them, the GEMMs the recipe leaves unquantized); they are GEMMs."""
+    from sd35trt.backends import is_gemm, summarize_layers
+
+    def layer(kind, name, dtype="Half"):
+        return {"type": kind, "name": name, "input_dtypes": [dtype], "weight_dtypes": [dtype]}
+
+    layers = [layer("gemm", "/t/blocks.0/attn/to_q/MatMul", "FP8"), layer("runtime_fusion", "__myl_FcAddSilu_myl0_2"),
+              layer("runtime_fusion", "__myl_FcAdd_myl0_3"), layer("runtime_fusion", "__myl_ResizeConv_myl0_4"),
+              layer("kgen", "__myl_FcLike_but_kgen_myl0_5"), layer("runtime_fusion", "__myl_Fc_myl0_6", "Float")]
+    assert [is_gemm(x) for x in layers] == [True, True, True, False, False, True]
+    summary = summarize_layers(layers)
+    assert (summary["gemm"], summary["gemm_fp8"], summary["gemm_fp16"], summary["gemm_other"]) == (4, 1, 2, 1)
+
+
 @needs_rtx
 def test_streamed_plan_equals_the_in_memory_plan(calibrated, tmp_path):
     """The plan the builder streams to disk is the plan ``build_serialized_network`` returns, and the builder
