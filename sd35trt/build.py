@@ -278,7 +278,7 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
             onnx_path = source.onnx_path
             # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
             check_disk(tmp, int(weights[name] * 1.1), f"the {name} engine")
-            pieces = _cut(name, source, parts[name], config, available, tmp / ".parts" / name)
+            pieces = _cut(name, source, weights[name], parts[name], config, available, tmp / ".parts" / name)
             built_parts, layers, layer_source = [], [], "builder log"
             with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}"
                           + (f" in {len(pieces)} parts" if len(pieces) > 1 else "")) as timing:
@@ -355,14 +355,14 @@ def _file_ok(path: Path, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size
 
 
-def _cut(name: str, source: OnnxManifest, choice: PartsChoice, config: BuildConfig, available: int | None,
-         folder: Path) -> list[tuple[Path, PartPlan | None]]:
+def _cut(name: str, source: OnnxManifest, weights: int, choice: PartsChoice, config: BuildConfig,
+         available: int | None, folder: Path) -> list[tuple[Path, PartPlan | None]]:
     """What the builder builds for one component: its ONNX whole, or cut into ``choice.count`` parts (one more
     at a time, up to MAX_PARTS, while the largest part's builder would not fit ``--max-build-memory``). The
     host memory check runs on the largest part."""
     if choice.count == 1:
         pieces: list[tuple[Path, PartPlan | None]] = [(source.onnx_path, None)]
-        largest = sum(e["bytes"] for e in source.files.values())
+        largest = weights
     else:
         from sd35trt.parts import write_parts
 

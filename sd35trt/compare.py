@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,15 +121,14 @@ def _ort_poly_runner(path: Path, name: str, provider: str):
     return OnnxrtRunner(lambda: ort_session(path, provider=provider), name=name)
 
 
-def polygraphy_trt_runner(plans: Path | list[tuple[Path, tuple[str, ...] | None]], backend: str, name: str,
-                          outputs: tuple[str, ...] | None = None):
+def polygraphy_trt_runner(plans: Path | list[Path], backend: str, name: str, outputs: Sequence[str] | None = None):
     """Polygraphy's own ``TrtRunner`` on a bundle's plan: the second, independent engine runner ``compare
     --bundle`` checks ours against. TensorRT-RTX bundles use polygraphy's RTX mode; where only the
     ``tensorrt_rtx_bindings`` module is installed (the PyPI wheels), it stands in for ``tensorrt_rtx``.
     Inputs are cast to the engine's input dtypes and outputs returned as float32, like ``EngineRunner``. A
-    component built in parts is ``plans``: (plan, its input names) per part, run back to back like
-    ``runners.ChainRunner``, each fed what the component's inputs and the earlier parts gave; ``outputs``
-    names what the chain returns."""
+    component built in parts is ``plans``, one per part, run back to back like ``runners.ChainRunner``, each fed
+    the inputs its engine names from what the component's inputs and the earlier parts gave; ``outputs`` names
+    what the chain returns."""
     import importlib
     import importlib.util
 
@@ -141,9 +141,8 @@ def polygraphy_trt_runner(plans: Path | list[tuple[Path, tuple[str, ...] | None]
             sys.modules.setdefault("tensorrt_rtx", importlib.import_module("tensorrt_rtx_bindings"))
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    pieces = [(plans, None)] if isinstance(plans, Path) else plans
     inners = [TrtRunner(EngineFromBytes(lambda path=path: path.read_bytes()), name=f"{name}:part{k}")
-              for k, (path, _) in enumerate(pieces)]
+              for k, path in enumerate([plans] if isinstance(plans, Path) else plans)]
 
     class CastingTrtRunner(BaseRunner):
         def __init__(self):
@@ -223,8 +222,8 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
             engines = runner.parts if isinstance(runner, ChainRunner) else [runner]
             if all(isinstance(e, EngineRunner) for e in engines):  # the same plans through polygraphy's TrtRunner
                 twin = f"{variant}-polygraphy:{name}"
-                poly_runners.append(polygraphy_trt_runner([(e.plan_path, e.inputs) for e in engines], engines[0].backend,
-                                                          twin, spec.output_names))
+                poly_runners.append(polygraphy_trt_runner([e.plan_path for e in engines], engines[0].backend, twin,
+                                                          spec.output_names))
                 precisions[twin], twins[label] = Precision(runner.precision), twin
         with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"), polygraphy_quiet():
             run_results = Comparator.run(poly_runners, data_loader=feeds)

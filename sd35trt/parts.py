@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sd35trt.errors import BuildError
 
@@ -54,15 +54,6 @@ class PartPlan:
     weight_bytes: int
     profile: dict[str, list[list[int]]]
     span: tuple[int, int] = (0, 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "count": self.count, "inputs": list(self.inputs), "outputs": list(self.outputs),
-                "weight_bytes": self.weight_bytes, "profile": self.profile, "span": list(self.span)}
-
-    @staticmethod
-    def from_dict(data: dict[str, Any]) -> PartPlan:
-        return PartPlan(int(data["index"]), int(data["count"]), tuple(data["inputs"]), tuple(data["outputs"]),
-                        int(data["weight_bytes"]), data["profile"], tuple(data.get("span", (0, 0))))  # type: ignore[arg-type]
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -254,9 +245,16 @@ def plan_parts(model: onnx.ModelProto, count: int, profile: dict[str, list[list[
                base_dir: Path | None = None) -> list[PartPlan]:
     """Where to cut ``model`` into ``count`` parts (see the module docstring); raises BuildError when a
     graph has no allowed cut near an equal share of its weights."""
-    graph = _Graph(model)
-    points = [{name: shape[k] for name, shape in profile.items()} for k in range(3)]  # min, opt, max
-    types = [_infer_types(model, point, base_dir) for point in points]
+    return _plan(_Graph(model), count, _profile_types(model, profile, base_dir))
+
+
+def _profile_types(model: onnx.ModelProto, profile: dict[str, list[list[int]]],
+                   base_dir: Path | None) -> list[dict[str, tuple[int, tuple[int | None, ...]]]]:
+    """``_infer_types`` at the profile's min, opt and max shapes."""
+    return [_infer_types(model, {name: shape[k] for name, shape in profile.items()}, base_dir) for k in range(3)]
+
+
+def _plan(graph: _Graph, count: int, types: list[dict]) -> list[PartPlan]:
     total = sum(graph.weights)
     cumulative = [0]
     for weight in graph.weights:
@@ -392,9 +390,8 @@ def write_parts(onnx_path: Path, count: int, profile: dict[str, list[list[int]]]
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    plans = plan_parts(model, count, profile, onnx_path.parent)
-    graph = _Graph(model)
-    types = _infer_types(model, {n: s[1] for n, s in profile.items()}, onnx_path.parent)
+    graph, types = _Graph(model), _profile_types(model, profile, onnx_path.parent)
+    plans = _plan(graph, count, types)
     out_dir.mkdir(parents=True, exist_ok=True)
     for data in _data_files(model):
         link, target = out_dir / data, (onnx_path.parent / data).resolve()
@@ -406,7 +403,7 @@ def write_parts(onnx_path: Path, count: int, profile: dict[str, list[list[int]]]
     written = []
     for plan in plans:
         path = out_dir / f"part{plan.index + 1}of{plan.count}.onnx"
-        onnx.save(part_model(graph, plan, types), str(path))
+        onnx.save(part_model(graph, plan, types[1]), str(path))
         written.append((path, plan))
     return written
 
