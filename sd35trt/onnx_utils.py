@@ -48,12 +48,8 @@ def save_streaming(model: onnx.ModelProto, model_path: Path, *, source_dir: Path
     with open(partial, "wb") as out:
         for tensor in tensors:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                info = ExternalDataInfo(tensor)
-                source = (source_dir or model_path.parent) / info.location
-                with open(source, "rb") as handle:
-                    handle.seek(info.offset or 0)
-                    blob = handle.read(info.length) if info.length else handle.read()
-                stale.add(source)
+                blob = read_external(tensor, source_dir or model_path.parent)
+                stale.add((source_dir or model_path.parent) / ExternalDataInfo(tensor).location)
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
                 blob = tensor.raw_data
                 tensor.ClearField("raw_data")
@@ -72,6 +68,17 @@ def save_streaming(model: onnx.ModelProto, model_path: Path, *, source_dir: Path
     for old in stale:
         if old.parent == model_path.parent and old.name != data_name and old.exists():
             old.unlink()
+
+
+def read_external(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    """The bytes of one tensor stored in an external-data file, read directly (onnx's own loader refuses a data
+    file with several hard links, which is what ``sd35trt.parts`` makes beside the parts while they build)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    with open(base_dir / info.location, "rb") as handle:
+        handle.seek(info.offset or 0)
+        return handle.read(info.length) if info.length else handle.read()
 
 
 def has_float8(model_path: Path) -> bool:

@@ -190,7 +190,8 @@ def _infer_types(model: onnx.ModelProto, shapes: dict[str, list[int]],
     over 1 MiB are not read: they stand in as graph inputs of their type and shape."""
     import onnx
     from onnx import helper, shape_inference
-    from onnx.external_data_helper import load_external_data_for_tensor
+
+    from sd35trt.onnx_utils import read_external
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -227,7 +228,7 @@ def _infer_types(model: onnx.ModelProto, shapes: dict[str, list[int]],
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 if base_dir is None:
                     raise ValueError("external tensor without a base directory")
-                load_external_data_for_tensor(tensor, str(base_dir))
+                tensor.raw_data = read_external(tensor, base_dir)
                 tensor.data_location = onnx.TensorProto.DEFAULT
                 del tensor.external_data[:]
         inferred = SymbolicShapeInference.infer_shapes(symbolic, auto_merge=True)

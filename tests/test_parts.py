@@ -212,3 +212,25 @@ def test_parts_of_an_external_data_onnx_link_its_weights_and_still_load(calibrat
     chain = ChainRunner(spec, [OrtRunner(spec, path, "fp32", inputs=plan.inputs) for path, plan in parts])
     feeds = _feeds(manifest, 0)
     assert torch.equal(whole(**feeds)["noise_pred"], chain(**feeds)["noise_pred"])
+
+
+def test_shape_types_are_read_while_the_data_file_is_linked(calibrated, tmp_path):
+    """While parts are built, the component's data file has a second hard link, which onnx's own external-data
+    loader refuses. The planner reads its small tensors directly, so onnxruntime's symbolic shape inference still
+    resolves what ONNX's own leaves open (T5's relative position bias, built from Range)."""
+    import onnx
+
+    from sd35trt.parts import _infer_types, write_parts
+
+    root, _ = calibrated
+    manifest = OnnxManifest.load(WorkDir(root).onnx_folder(Precision.FP32, "t5"), "t5", Precision.FP32)
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save(onnx.load(str(manifest.onnx_path)), str(source / "model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=64)
+    write_parts(source / "model.onnx", 2, manifest.profile, tmp_path / "parts")
+    assert (source / "model.onnx.data").stat().st_nlink == 2
+    model = onnx.load(str(source / "model.onnx"), load_external_data=False)
+    types = _infer_types(model, {n: s[1] for n, s in manifest.profile.items()}, source)
+    bias = [name for name in types if name.endswith("SelfAttention/Unsqueeze_8_output_0")]
+    assert bias and all(None not in types[name][1] for name in bias)
