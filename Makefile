@@ -17,7 +17,8 @@ endif
 GPU ?= ada
 MODEL ?= tiny
 BACKEND ?= auto
-WORK ?= build/$(MODEL)
+# A preset's name, or a model directory's own name (MODEL=/data/sd3.5-large/ -> build/sd3.5-large).
+WORK ?= build/$(notdir $(patsubst %/,%,$(MODEL)))
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
 # FP8 components (transformer,t5 adds T5-XXL in FP8: docs/BENCHMARKS.md has its measured error), calibration
@@ -25,52 +26,73 @@ PROMPTS ?= calibration/prompts.txt
 FP8 ?= transformer
 SHARDS ?= 1
 BUILD_FLAGS ?=
-# Calibration size (sd35trt.calibrate.calibration_size says why): tiny 8 x 4 at 512 px, real SD3.5 32 prompts
+# T5=0: a CLIP-only bundle (no T5-XXL: 9.5 GB less at SD3.5 size), calibrated on CLIP-only traffic.
+T5 ?= 1
+T5_FLAG := $(if $(filter 0,$(T5)),--no-t5,)
+# LORA=adapter.safetensors[:scale][,more]: style adapters fused into the model before calibration.
+LORA ?=
+LORA_FLAG := $(if $(LORA),--lora $(LORA),)
+# Calibration size (sd35trt.producers.calibrate.calibration_size says why): tiny 8 x 4 at 512 px, real SD3.5 32 prompts
 # x 20 steps at 1024 px.
-NUM_PROMPTS ?= $(if $(filter tiny,$(MODEL)),8,32)
-STEPS ?= $(if $(filter tiny,$(MODEL)),4,20)
-SIZE ?= $(if $(filter tiny,$(MODEL)),512,1024)
+NUM_PROMPTS ?= $(if $(filter tiny%,$(MODEL)),8,32)
+STEPS ?= $(if $(filter tiny%,$(MODEL)),4,$(if $(findstring turbo,$(MODEL)),4,20))
+SIZE ?= $(if $(filter tiny%,$(MODEL)),512,1024)
 
-.PHONY: install engines export calibrate build test lint selftest lock clean help
+.PHONY: install preflight engines export calibrate build test test-fast lint selftest lock clean help
 
 help:
 	@echo "make engines GPU=ada [MODEL=tiny]   calibrate -> export -> build one engine bundle (steps skip when unchanged)"
-	@echo "make test                           run the test suite (CPU, tiny preset)"
+	@echo "make test                           run the test suite (CPU, tiny preset; what CI runs)"
+	@echo "make test-fast                      the pure-function tier (no model, no build): under 90 s"
 	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"
 	@echo "make install                        create $(VENV) with the pinned stack (requirements.lock)"
 
 $(VENV)/.installed: requirements.lock pyproject.toml
+	@echo "creating $(VENV) with the pinned stack (requirements.lock: torch CPU, diffusers, ModelOpt, TensorRT-RTX, ...):"
+	@echo "  about 1.5 min and 1.9 GB the first time; later runs reuse it"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -m pip install -q -r requirements.lock 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import sd35trt, torch, diffusers, modelopt" || { echo "the install of $(VENV) failed (see above)"; exit 1; }
 	@touch $@
 
 install: $(VENV)/.installed
 
-calibrate: $(STAMP)
+# Model, target and options are checked before any step (a bad GPU= or MODEL= fails in seconds, not after export).
+preflight: $(STAMP)
+	@$(CLI) preflight --model $(MODEL) --gpu $(GPU) --backend $(BACKEND) --fp8 $(FP8) --work $(WORK) --engines $(ENGINES) $(T5_FLAG) $(LORA_FLAG)
+
+calibrate: preflight
 	$(CLI) calibrate --model $(MODEL) --out $(WORK) --prompts $(PROMPTS) --num-prompts $(NUM_PROMPTS) --steps $(STEPS) \
-	  --height $(SIZE) --width $(SIZE) --components $(FP8) --shards $(SHARDS)
+	  --height $(SIZE) --width $(SIZE) --components $(FP8) --shards $(SHARDS) $(T5_FLAG) $(LORA_FLAG)
 
 export: calibrate
-	$(CLI) export --model $(MODEL) --out $(WORK)
+	$(CLI) export --model $(MODEL) --out $(WORK) $(T5_FLAG) $(LORA_FLAG)
 
 build: export
-	$(CLI) build --gpu $(GPU) --backend $(BACKEND) --onnx $(WORK) --out $(ENGINES) $(BUILD_FLAGS)
+	$(CLI) build --gpu $(GPU) --backend $(BACKEND) --onnx $(WORK) --out $(ENGINES) $(T5_FLAG) $(BUILD_FLAGS)
 
 engines: build
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m fast tests
+
 selftest: $(STAMP)
 	$(CLI) selftest --out build/selftest
 
+ENGINE_CODE := sd35trt/producers/builder.py sd35trt/runtime/trt.py sd35trt/runtime/session.py sd35trt/runtime/runners.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check sd35trt tests bench
-	# engine code against the TensorRT 11.4 and TensorRT-RTX 1.7 APIs (typings/, sd35trt/typecheck.py)
-	$(PY) -m mypy --always-false CHECK_RTX sd35trt/backends.py sd35trt/runners.py sd35trt/portability.py
-	$(PY) -m mypy --always-true CHECK_RTX sd35trt/backends.py sd35trt/runners.py
+	# the layers: the runtime never imports a producer, no import circle (tests/test_layers.py reads the source)
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py -k "not host_without"
+	# engine code against the TensorRT 11.4 and TensorRT-RTX 1.7 APIs (typings/, sd35trt/core/typecheck.py)
+	$(PY) -m mypy --always-false CHECK_RTX $(ENGINE_CODE) sd35trt/core/portability.py
+	$(PY) -m mypy --always-true CHECK_RTX $(ENGINE_CODE)
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu//' > requirements.lock.new && mv requirements.lock.new requirements.lock

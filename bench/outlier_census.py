@@ -17,7 +17,11 @@ import time
 
 import torch
 
-from sd35trt.calibrate import (
+from sd35trt.core.host import computing, strict_fp32
+from sd35trt.core.models import build_pipeline, resolve_model
+from sd35trt.core.numerics import ActivationCensus, plan_islands
+from sd35trt.core.specs import SPECS
+from sd35trt.producers.calibrate import (
     CalibrationConfig,
     TrafficRecorder,
     _fp16_decision,
@@ -26,10 +30,6 @@ from sd35trt.calibrate import (
     run_pipeline,
     spread,
 )
-from sd35trt.models import build_pipeline, resolve_model
-from sd35trt.numerics import ActivationCensus, plan_islands
-from sd35trt.runtime_env import computing, strict_fp32
-from sd35trt.specs import SPECS
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""A component's ONNX whole vs cut into parts (sd35trt.parts), both on onnxruntime's CPU provider, at the profile's
+"""A component's ONNX whole vs cut into parts (sd35trt.producers.parts), both on onnxruntime's CPU provider, at the profile's
 min shape with seeded inputs: how far the chained parts are from the whole graph at real size.
 
     python bench/parts_vs_whole.py W/onnx-fp16/transformer transformer fp16 2 OUT_DIR
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from sd35trt.manifests import OnnxManifest
-from sd35trt.parts import write_parts
-from sd35trt.runners import OrtRunner
-from sd35trt.specs import SPECS, Precision
+from sd35trt.core.manifests import OnnxManifest
+from sd35trt.core.specs import SPECS, Precision
+from sd35trt.producers.parts import write_parts
+from sd35trt.runtime.runners import OrtRunner
 
 
 def main(folder: str, component: str, precision: str, count: str, out: str) -> None:

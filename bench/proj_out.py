@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-from sd35trt.calibrate import (
+from sd35trt.core.metrics import error_stats, psnr
+from sd35trt.core.models import build_pipeline, resolve_model
+from sd35trt.core.specs import SPECS
+from sd35trt.producers.calibrate import (
     DEFAULT_PROMPTS,
     DEFAULT_RECIPE,
     CalibrationConfig,
@@ -27,9 +30,6 @@ from sd35trt.calibrate import (
     read_prompts,
     run_pipeline,
 )
-from sd35trt.metrics import error_stats, psnr
-from sd35trt.models import build_pipeline, resolve_model
-from sd35trt.specs import SPECS
 
 
 def variant(model: str, recipe_path: Path, cfg: CalibrationConfig, prompts: list[str], holdout: list[str],

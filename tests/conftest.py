@@ -28,7 +28,7 @@ needs_rtx = pytest.mark.skipif(not rtx_available(), reason="TensorRT-RTX (tensor
 
 @pytest.fixture(scope="session")
 def tiny_source():
-    from sd35trt.models import resolve_model
+    from sd35trt.core.models import resolve_model
 
     return resolve_model("tiny")
 
@@ -36,8 +36,8 @@ def tiny_source():
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory, tiny_source):
     """`make engines`' chain on the tiny model: calibrate (small), then export every variant (FP32 too)."""
-    from sd35trt.calibrate import CalibrationConfig, calibrate_model
-    from sd35trt.export import ExportConfig, export_model
+    from sd35trt.producers.calibrate import CalibrationConfig, calibrate_model
+    from sd35trt.producers.export import ExportConfig, export_model
 
     out = tmp_path_factory.mktemp("work")
     calibration = calibrate_model(tiny_source, out, CalibrationConfig(**CALIB), device="cpu")

@@ -31,7 +31,7 @@ def inject_outliers(pipe, *, transformer: bool = True, t5: bool = True, scale: f
 
 def save_outlier_model(dest: Path, **kwargs) -> Path:
     """``save_pretrained`` of the tiny preset with outliers injected; returns the directory."""
-    from sd35trt.models import build_pipeline, resolve_model
+    from sd35trt.core.models import build_pipeline, resolve_model
 
     pipe = build_pipeline(resolve_model("tiny"))
     inject_outliers(pipe, **kwargs)

@@ -95,7 +95,7 @@ def test_export_cuda_without_gpu(capsys, tmp_path):
 
 def test_provider_cuda_without_cuda_ep(capsys, calibrated, tmp_path):
     """--provider cuda needs onnxruntime-gpu and a GPU: refused before any export or session, in one line."""
-    from sd35trt.onnx_utils import _cuda_ep_usable
+    from sd35trt.core.onnx_utils import _cuda_ep_usable
 
     why = _cuda_ep_usable()
     if why is None:
@@ -124,7 +124,7 @@ def test_export_model_paths(capsys, tmp_path, prompts_dir):
     assert_user_error(code, err, "lacks component folder")
     broken = _model_dir(tmp_path, index="{not json")
     code, err = run_cli(capsys, ["export", "--model", broken, "--out", tmp_path / "o", "--components", "clip_l"])
-    assert_user_error(code, err, "cannot load the diffusers pipeline")
+    assert_user_error(code, err, "cannot read the model's tokenizers or configs (scheduler/scheduler_config.json is missing)")
 
 
 def test_export_unwritable_out(capsys, prompts_dir):
@@ -212,7 +212,7 @@ def test_build_bad_artifacts_keep_previous_bundle(capsys, work_copy, tmp_path):
     assert str(model) in err
 
     # truncated ONNX whose manifest was "fixed" to match: the parser refuses it
-    from sd35trt.artifacts import sha256_file
+    from sd35trt.core.artifacts import sha256_file
 
     model.write_bytes(original[: len(original) // 2])
     manifest = json.loads((fp16 / "t5" / "manifest.json").read_text())
@@ -311,7 +311,7 @@ def test_generate_against_artifacts(capsys, calibrated, tmp_path):
 
 @needs_rtx
 def test_generate_bundle_on_host_without_gpu(capsys, calibrated, tmp_path):
-    from sd35trt.backends import local_compute_capability
+    from sd35trt.core.host import local_compute_capability
 
     if local_compute_capability() is not None:
         pytest.skip("this host has a GPU")
@@ -346,7 +346,7 @@ def test_compare_needs_exactly_one_source(capsys, tmp_path):
 
 
 def test_debug_env_shows_tracebacks(monkeypatch):
-    from sd35trt.errors import Sd35TrtError
+    from sd35trt.core.errors import Sd35TrtError
 
     monkeypatch.setenv("SD35TRT_DEBUG", "1")
     with pytest.raises(Sd35TrtError):
@@ -404,7 +404,7 @@ def test_library_prints_go_to_stderr_and_results_stay_on_stdout(capsys, monkeypa
     machine in the middle of `selftest --json`): while a command runs only its results reach stdout."""
     import json
 
-    import sd35trt.doctor as doctor
+    import sd35trt.checks.doctor as doctor
 
     real = doctor.diagnose
 

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from sd35trt.build import BuildConfig, build_bundle, verify_bundle
-from sd35trt.errors import ArtifactError, BuildError, InvalidInputError
-from sd35trt.specs import COMPONENTS, Precision
-from sd35trt.targets import TARGETS, Backend, GpuTarget, plan_precisions
+from sd35trt.core.errors import ArtifactError, BuildError, InvalidInputError
+from sd35trt.core.specs import COMPONENTS, Precision
+from sd35trt.core.targets import TARGETS, Backend, GpuTarget, plan_precisions
+from sd35trt.producers.build import BuildConfig, build_bundle, verify_bundle
 from tests.conftest import needs_rtx
 
 
@@ -38,11 +38,11 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
     assert "FP8" in (folder / "layers" / "transformer.txt").read_text()
     assert transformer["onnx"]["calibration_hash"]
     assert verify_bundle(folder).target == "ada"
-    from sd35trt.runners import ranges_of_bundle
-    from sd35trt.specs import ShapeRanges
+    from sd35trt.core.specs import ShapeRanges
+    from sd35trt.runtime.runners import ranges_of_bundle
 
     assert ranges_of_bundle(result.manifest) == ShapeRanges()  # the exported ranges travel with the engines
-    from sd35trt.manifests import BundleManifest
+    from sd35trt.core.manifests import BundleManifest
 
     assert BundleManifest.from_dict(result.manifest.to_dict(), folder) == result.manifest  # round trip
 
@@ -97,7 +97,7 @@ def test_hopper_without_tensorrt_is_a_clear_error(calibrated, tmp_path):
 def test_tensorrt_backend_builds_on_a_gpu_host(calibrated, tmp_path):
     """Full TensorRT needs NVIDIA's index and a GPU of the target: not available on CPU CI or here."""
     trt = pytest.importorskip("tensorrt", reason="full TensorRT is not installable here (PyPI ships a stub)")
-    from sd35trt.backends import local_compute_capability
+    from sd35trt.core.host import local_compute_capability
 
     if local_compute_capability() is None:
         pytest.skip("full TensorRT builds for the local GPU and this host has none")
@@ -121,11 +121,11 @@ def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
     inside an FP16 graph. Builds run in a child process, so that is a BuildError here, never a dead sd35trt."""
     import torch
 
-    from sd35trt.backends import TensorRTRTXBackend, build_engine_isolated
-    from sd35trt.export import CastIO, export_component
-    from sd35trt.models import build_pipeline, resolve_model
-    from sd35trt.numerics import Island, fp32_islands
-    from sd35trt.specs import SPECS, PipeDims, ShapeRanges
+    from sd35trt.core.models import build_pipeline, resolve_model
+    from sd35trt.core.numerics import Island, fp32_islands
+    from sd35trt.core.specs import SPECS, CastIO, PipeDims, ShapeRanges
+    from sd35trt.producers.builder import TensorRTRTXBackend, build_engine_isolated
+    from sd35trt.producers.export import export_component
 
     pipe = build_pipeline(resolve_model("tiny"), dtype=torch.float16, components={"text_encoder_3"})
     spec = SPECS["t5"]
@@ -142,8 +142,8 @@ def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
 
 
 def test_an_unreadable_layer_report_is_unknown_not_a_failed_build(tmp_path):
-    from sd35trt.backends import summarize_layers
-    from sd35trt.build import check_layer_report
+    from sd35trt.producers.build import check_layer_report
+    from sd35trt.producers.builder import summarize_layers
 
     unknown = summarize_layers([])
     check_layer_report("transformer", Precision.FP8, unknown, tmp_path / "model.onnx")
@@ -156,7 +156,7 @@ def test_an_unreadable_layer_report_is_unknown_not_a_failed_build(tmp_path):
 def test_gemms_fused_with_their_add_count_as_gemms():
     """TensorRT-RTX reports a GEMM fused with its bias/residual add as a ``runtime_fusion`` layer named ``Fc…``
     (SD3.5-Large's FP8 transformer: 12 of them, the GEMMs the recipe leaves unquantized); they are GEMMs."""
-    from sd35trt.backends import is_gemm, summarize_layers
+    from sd35trt.producers.builder import is_gemm, summarize_layers
 
     def layer(kind, name, dtype="Half"):
         return {"type": kind, "name": name, "input_dtypes": [dtype], "weight_dtypes": [dtype]}
@@ -177,8 +177,8 @@ def test_streamed_plan_equals_the_in_memory_plan(calibrated, tmp_path):
     seen between two in-memory builds too), so the check is equal size and ≥ 99.9% equal bytes in place."""
     import numpy as np
 
-    from sd35trt.backends import TensorRTRTXBackend, build_engine_isolated
-    from sd35trt.manifests import OnnxManifest, WorkDir
+    from sd35trt.core.manifests import OnnxManifest, WorkDir
+    from sd35trt.producers.builder import TensorRTRTXBackend, build_engine_isolated
 
     out, _ = calibrated
     for name in ("clip_l", "transformer"):
@@ -201,7 +201,7 @@ def test_layer_precision_from_the_engine_inspector_json():
     between 10.x and 11.x). Shape as documented (trex reads the same keys); anything else is "unknown"."""
     import json
 
-    from sd35trt.backends import parse_inspector_json, summarize_layers
+    from sd35trt.producers.builder import parse_inspector_json, summarize_layers
 
     doc = {"Layers": [
         {"Name": "/transformer_blocks.0/attn/to_q/MatMul", "LayerType": "gemm",

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from sd35trt.calibrate import CalibrationConfig, calibrate_model, calibrate_networks, read_prompts
-from sd35trt.errors import CalibrationError, InvalidInputError
-from sd35trt.recipe import Recipe
+from sd35trt.core.errors import CalibrationError, InvalidInputError
+from sd35trt.producers.calibrate import CalibrationConfig, calibrate_model, calibrate_networks, read_prompts
+from sd35trt.producers.recipe import Recipe
 from tests.conftest import CALIB, REPO
 
 
@@ -45,7 +45,7 @@ def test_config_rejects_bad_numbers():
 
 
 def test_recipe_rejects_unknown_modules_and_syntax(tmp_path):
-    from sd35trt.models import build_pipeline, resolve_model
+    from sd35trt.core.models import build_pipeline, resolve_model
 
     good = Recipe.load(REPO / "calibration" / "fp8.toml")
     assert "proj_out" in good.exclude["transformer"]
@@ -64,7 +64,7 @@ def test_recipe_rejects_unknown_modules_and_syntax(tmp_path):
 
 def test_calibration_is_deterministic():
     """Same model, prompts, seed and recipe → byte-identical scales (fresh pipelines, two runs)."""
-    from sd35trt.models import build_pipeline, resolve_model
+    from sd35trt.core.models import build_pipeline, resolve_model
 
     prompts = read_prompts(REPO / "calibration" / "prompts.txt", 4)[:4]
     cfg = CalibrationConfig(**CALIB)
@@ -110,7 +110,7 @@ def test_unchanged_calibration_is_skipped(calibrated, tiny_source):
     again = calibrate_model(tiny_source, out, CalibrationConfig(**CALIB), device="cpu")
     assert again.skipped and again.inputs_hash == first.inputs_hash
     changed = CalibrationConfig(**{**CALIB, "seed": 1})
-    from sd35trt.calibrate import calibration_inputs_hash
+    from sd35trt.producers.calibrate import calibration_inputs_hash
 
     prompts = read_prompts(changed.prompts_file, 6)
     recipe = Recipe.load(changed.recipe_file)
@@ -122,14 +122,15 @@ def test_calibration_size_per_model_matches_the_makefile():
     """Tiny stays fast; real models calibrate on 32 prompts x 20 steps; `make -n` shows the same numbers."""
     import subprocess
 
-    from sd35trt.calibrate import calibration_size
-    from sd35trt.models import resolve_model
+    from sd35trt.core.models import resolve_model
+    from sd35trt.producers.calibrate import calibration_size
 
-    for model, expected in (("tiny", (8, 4, 512)), ("sd3.5-medium", (32, 20, 1024)), ("sd3.5-large", (32, 20, 1024))):
+    for model, expected in (("tiny", (8, 4, 512)), ("sd3.5-medium", (32, 20, 1024)), ("sd3.5-large", (32, 20, 1024)),
+                            ("sd3.5-large-turbo", (32, 4, 1024))):  # Turbo calibrates on the 4 steps it serves
         assert calibration_size(resolve_model(model)) == expected
         dry = subprocess.run(["make", "-n", "engines", f"MODEL={model}", "GPU=ada", "SYSTEM_PYTHON=1"], cwd=REPO,
                              capture_output=True, text=True, check=True).stdout
         assert f"--num-prompts {expected[0]} --steps {expected[1]} --height {expected[2]} --width {expected[2]}" in \
             " ".join(dry.replace("\\\n", " ").split()), dry
         order = [line.split()[3] for line in dry.splitlines() if " -m sd35trt " in line]
-        assert order == ["calibrate", "export", "build"]
+        assert order == ["preflight", "calibrate", "export", "build"], "model and target are checked first"

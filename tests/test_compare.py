@@ -1,6 +1,6 @@
 import json
 
-from sd35trt.compare import CompareConfig, onnx_variants, run_compare
+from sd35trt.checks.compare import CompareConfig, onnx_variants, run_compare
 from tests.conftest import needs_rtx
 
 
@@ -21,16 +21,20 @@ def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path)
     assert transformer["fp8"]["outputs"]["noise_pred"]["rel_l2_max"] <= 0.05
     assert transformer["fp32"]["polygraphy_mean_error_passed"]
     assert data["executed_with"] == ["onnxruntime"]
-    assert data["components"]["clip_l"]["fp8"]["precision"] == "fp16"  # not calibrated: FP16, as engines do
+    # clip_l has no FP8 variant: it is compared once, as FP16, never again under an "fp8" label
+    assert set(data["components"]["clip_l"]) == {"fp32", "fp16"}
+    assert data["end_to_end"]["fp8"]["runners"]["clip_l"]["precision"] == "fp16"  # the fp8 run uses FP16 there
     from PIL import Image
 
     grid = Image.open(tmp_path / "compare.png")
-    assert grid.size == (256 * 7, 276), "reference, then each variant with its amplified difference"
+    assert grid.size == (256 * 7, 256 + 20 + 18), "reference, then each variant with its amplified difference"
+    pixels = grid.crop((256 * 4, 38, 256 * 5, 38 + 256)).convert("L")  # the fp16 difference tile: visible, not black
+    assert max(pixels.getdata()) > 200
 
 
 def test_compare_fails_loudly_when_a_tolerance_breaks(calibrated, tiny_source, tmp_path, monkeypatch):
-    import sd35trt.compare as compare_mod
-    from sd35trt.specs import Precision
+    import sd35trt.checks.compare as compare_mod
+    from sd35trt.core.specs import Precision
 
     monkeypatch.setitem(compare_mod.E2E_MIN_PSNR_DB, Precision.FP16, 1000.0)
     out, _ = calibrated
@@ -51,7 +55,7 @@ def test_compare_compares_what_exists_and_lists_what_is_missing(capsys, calibrat
     work = tmp_path / "work"
     shutil.copytree(out / "onnx-fp16", work / "onnx-fp16")
     code = main(["compare", "--onnx", str(work), "--out", str(tmp_path / "cmp"), "--prompts", "1", "--steps", "2",
-                 "--components", "clip_l"])
+                 "--components", "clip_l", "--variants", "fp32,fp16,fp8"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
     assert "not compared fp32: no fp32 ONNX for transformer" in captured.out
@@ -63,19 +67,52 @@ def test_compare_compares_what_exists_and_lists_what_is_missing(capsys, calibrat
 
 @needs_rtx
 def test_polygraphy_trt_runner_loads_tensorrt_rtx_for_rtx_bundles(tmp_path):
-    """compare --bundle's second engine runner is polygraphy's own TrtRunner. What can run here: it is built for
-    a TensorRT-RTX plan, polygraphy resolves its TensorRT module to the installed TensorRT-RTX bindings, and the
-    dtype mapping it relies on exists. Executing it needs a GPU TensorRT-RTX supports (none here)."""
-    import numpy as np
+    """compare --bundle's second engine runner is polygraphy's own TrtRunner. What can run here: it is built for a
+    TensorRT-RTX plan with polygraphy's TensorRT module resolved to the installed TensorRT-RTX bindings, and the
+    switch is scoped to the call (the process's polygraphy config and modules are as they were afterwards).
+    Executing it needs a GPU TensorRT-RTX supports (none here)."""
+    import sys
+
+    import polygraphy.config as polygraphy_config
     from polygraphy.backend.base import BaseRunner
-    from polygraphy.datatype import DataType
-    from polygraphy.mod.trt_importer import lazy_import_trt
 
-    from sd35trt.compare import polygraphy_trt_runner
+    from sd35trt.checks.compare import polygraphy_trt_runner
 
-    runner = polygraphy_trt_runner(tmp_path / "clip_l.plan", "tensorrt-rtx", "engine-polygraphy:clip_l")
+    before = polygraphy_config.USE_TENSORRT_RTX
+    runner = polygraphy_trt_runner([tmp_path / "clip_l.plan"], "tensorrt-rtx", "engine-polygraphy:clip_l", ["input_ids"])
     assert isinstance(runner, BaseRunner) and runner.name == "engine-polygraphy:clip_l"
     import tensorrt_rtx_bindings
 
-    assert lazy_import_trt().__version__ == tensorrt_rtx_bindings.__version__
-    assert DataType.FLOAT16.numpy() == np.float16 and DataType.INT64.numpy() == np.int64
+    bound = type(runner.inners[0]).__init__.__globals__["trt"]  # the TrtRunner module's own TensorRT
+    assert bound.__version__ == tensorrt_rtx_bindings.__version__, "the TrtRunner resolved TensorRT-RTX"
+    assert polygraphy_config.USE_TENSORRT_RTX == before and "tensorrt_rtx" not in sys.modules, "scoped to the call"
+
+
+def test_polygraphy_chain_twin_runs_through_the_comparator(calibrated, tmp_path):
+    """The twin's I/O metadata must be polygraphy DataTypes (0.53.6 returns numpy dtypes by default, on which
+    Comparator.run fails coercing feeds). Exercised with polygraphy's own OnnxrtRunner under the same chaining
+    code the TrtRunner twin uses: a transformer cut in 2 parts equals the whole graph."""
+    import numpy as np
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator
+
+    from sd35trt.checks.compare import chained_poly_runner
+    from sd35trt.core.manifests import OnnxManifest, WorkDir
+    from sd35trt.core.onnx_utils import ort_session
+    from sd35trt.core.specs import SPECS, Precision
+    from sd35trt.producers.parts import write_parts
+
+    out, _ = calibrated
+    manifest = OnnxManifest.load(WorkDir(out).onnx_folder(Precision.FP32, "transformer"), "transformer", Precision.FP32)
+    parts = write_parts(manifest.onnx_path, 2, manifest.profile, tmp_path / "parts")
+    inners = [OnnxrtRunner(lambda path=path: ort_session(path), name=f"part{i}") for i, (path, _) in enumerate(parts)]
+    twin = chained_poly_runner(inners, "chain", SPECS["transformer"].input_names, SPECS["transformer"].output_names)
+    whole = OnnxrtRunner(lambda: ort_session(manifest.onnx_path), name="whole")
+    rng = np.random.default_rng(0)
+    feed = {"hidden_states": rng.standard_normal((2, 16, 64, 64), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 333, 96), dtype=np.float32),
+            "pooled_projections": rng.standard_normal((2, 96), dtype=np.float32),
+            "timestep": np.array([500.0, 500.0], dtype=np.float32)}
+    results = Comparator.run([whole, twin], data_loader=[feed])
+    got, expected = results["chain"][0]["noise_pred"], results["whole"][0]["noise_pred"]
+    assert np.array_equal(np.asarray(got), np.asarray(expected))

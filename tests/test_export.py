@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from sd35trt.artifacts import sha256_file
-from sd35trt.errors import ExportValidationError, InvalidInputError
-from sd35trt.export import ExportConfig, export_model
-from sd35trt.specs import COMPONENTS, SPECS
+from sd35trt.core.artifacts import sha256_file
+from sd35trt.core.errors import ExportValidationError, InvalidInputError
+from sd35trt.core.specs import COMPONENTS, SPECS
+from sd35trt.producers.export import ExportConfig, export_model
 
 
 def test_all_five_components_export_and_validate_at_another_shape(exported):
@@ -34,7 +34,7 @@ def test_all_five_components_export_and_validate_at_another_shape(exported):
 
 def test_onnx_runs_at_the_largest_profile_shape(exported):
     """Dynamic axes really are dynamic: onnxruntime at max batch and 1024 px (trace was 512 px, batch 1)."""
-    from sd35trt.onnx_utils import ort_session, run_ort
+    from sd35trt.core.onnx_utils import ort_session, run_ort
 
     out, results = exported
     manifest = next(r.manifest for r in results if r.component == "transformer")
@@ -56,7 +56,7 @@ def test_rerun_with_unchanged_inputs_skips(exported, tiny_source):
 
 
 def test_failed_validation_leaves_previous_export_intact(tmp_path, tiny_source, monkeypatch):
-    import sd35trt.export as export_mod
+    import sd35trt.producers.export as export_mod
 
     cfg = ExportConfig(components=("clip_l",))
     export_model(tiny_source, tmp_path, cfg, device="cpu", precision="fp32")
@@ -82,7 +82,7 @@ def test_consolidate_external_data_makes_one_data_file(tmp_path, exported):
     """What the legacy exporter writes past 2 GB (a file per tensor) is merged into one model.onnx.data."""
     import onnx
 
-    from sd35trt.onnx_utils import consolidate_external_data, ort_session, run_ort
+    from sd35trt.core.onnx_utils import consolidate_external_data, ort_session, run_ort
 
     out, _ = exported
     model = onnx.load(str(out / "onnx" / "clip_l" / "model.onnx"))
@@ -102,7 +102,7 @@ def test_the_fp32_reference_has_tf32_off():
     """On CUDA torch's cuDNN convolutions default to TF32: an "FP32 reference" must switch it off."""
     import torch
 
-    from sd35trt.runtime_env import strict_fp32
+    from sd35trt.core.host import strict_fp32
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     strict_fp32()

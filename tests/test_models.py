@@ -1,12 +1,14 @@
 import pytest
 
-from sd35trt.errors import ModelLoadError
-from sd35trt.models import PRESETS, SD35_LARGE, SD35_MEDIUM, build_pipeline, resolve_model
+from sd35trt.core.errors import ModelLoadError
+from sd35trt.core.models import PRESETS, SD35_LARGE, SD35_MEDIUM, build_pipeline, resolve_model
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ModelLoadError, match="unknown model 'sdxl'.*tiny, sd3.5-medium, sd3.5-large"):
+    with pytest.raises(ModelLoadError, match="unknown model 'sdxl'.*tiny, tiny-turbo, sd3.5-medium, sd3.5-large"):
         resolve_model("sdxl")
+    with pytest.raises(ModelLoadError, match="no such model directory '/nonexistent'"):
+        resolve_model("/nonexistent")
 
 
 def test_directory_checks(tmp_path):
@@ -47,7 +49,7 @@ def test_real_presets_have_the_real_sizes(preset, params):
         model = SD3Transformer2DModel(**preset.transformer)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - params) / params < 0.01
-    assert set(PRESETS) == {"tiny", "sd3.5-medium", "sd3.5-large"}
+    assert set(PRESETS) == {"tiny", "tiny-turbo", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo"}
 
 
 def test_tokenizers_are_real_transformers_tokenizers():

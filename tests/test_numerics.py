@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from sd35trt.numerics import Island, island_unit, plan_islands
-from sd35trt.specs import SPECS
+from sd35trt.core.numerics import Island, island_unit, plan_islands
+from sd35trt.core.specs import SPECS
 from tests.conftest import needs_rtx
 
 T5_UNITS = SPECS["t5"].island_units
@@ -54,7 +54,7 @@ def test_plan_islands_from_census_and_recipe():
 def test_fp32_island_hooks_cast_and_restore():
     import torch
 
-    from sd35trt.numerics import fp32_islands
+    from sd35trt.core.numerics import fp32_islands
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -81,8 +81,8 @@ def test_fp32_island_hooks_cast_and_restore():
 
 def test_fp16_last_resort_is_whole_fp32_with_why():
     """When FP16 fails even with its islands (here: none given), the component's FP16 variant is FP32."""
-    from sd35trt.calibrate import CalibrationConfig, TrafficRecorder, _fp16_decision, _run_module, run_pipeline
-    from sd35trt.models import build_pipeline, resolve_model
+    from sd35trt.core.models import build_pipeline, resolve_model
+    from sd35trt.producers.calibrate import CalibrationConfig, TrafficRecorder, _fp16_decision, _run_module, run_pipeline
     from tests.conftest import CALIB
     from tests.outliers import inject_outliers
 

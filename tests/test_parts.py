@@ -1,4 +1,4 @@
-"""Engine parts (sd35trt.parts): a component cut into graphs that build one at a time must compute exactly what
+"""Engine parts (sd35trt.producers.parts): a component cut into graphs that build one at a time must compute exactly what
 the whole graph computes, carry only activations between parts, and build into a bundle the runners chain."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from sd35trt.build import MAX_PARTS, PEAK_RSS_FACTOR, BuildConfig, builder_need, parse_parts, plan_part_counts
-from sd35trt.errors import BuildError, InvalidInputError
-from sd35trt.manifests import OnnxManifest, WorkDir
-from sd35trt.specs import COMPONENTS, SPECS, Precision
+from sd35trt.core.errors import BuildError, InvalidInputError
+from sd35trt.core.manifests import OnnxManifest, WorkDir
+from sd35trt.core.specs import COMPONENTS, SPECS, Precision
+from sd35trt.producers.build import MAX_PARTS, PEAK_RSS_FACTOR, BuildConfig, builder_need, parse_parts, plan_part_counts
 from tests.conftest import needs_rtx
 
 GIB = 2**30
 
 
 def _whole_and_parts(root, precision, name, count, tmp_path):
-    from sd35trt.parts import write_parts
+    from sd35trt.producers.parts import write_parts
 
     manifest = OnnxManifest.load(WorkDir(root).onnx_folder(precision, name), name, precision)
     return manifest, write_parts(manifest.onnx_path, count, manifest.profile, tmp_path / f"{name}-{count}")
@@ -46,13 +46,14 @@ def test_parts_chained_compute_exactly_what_the_whole_graph_computes(calibrated,
     each part) give bit-identical outputs to the whole graph, at the profile's min and opt shapes."""
     import torch
 
-    from sd35trt.runners import ChainRunner, OrtRunner
+    from sd35trt.runtime.runners import ChainRunner, ort_runner
 
     root, _ = calibrated
     manifest, parts = _whole_and_parts(root, Precision.FP32, name, count, tmp_path)
     assert [p.index for _, p in parts] == list(range(count))
-    whole = OrtRunner(SPECS[name], manifest.onnx_path, "fp32")
-    chain = ChainRunner(SPECS[name], [OrtRunner(SPECS[name], path, "fp32", inputs=plan.inputs) for path, plan in parts])
+    whole = ort_runner(SPECS[name], manifest.onnx_path, "fp32", "cpu", manifest.profile)
+    chain = ChainRunner(SPECS[name], [ort_runner(SPECS[name], path, "fp32", "cpu", plan.profile, inputs=plan.inputs,
+                                                 outputs=plan.outputs) for path, plan in parts])
     for point in (0, 1):  # min and opt (max is 8 images at 1536², minutes of CPU attention)
         feeds = _feeds(manifest, point)
         expected, got = whole(**feeds), chain(**feeds)
@@ -93,7 +94,7 @@ def test_a_graph_with_no_allowed_cut_is_refused_in_one_line():
     input) cannot be cut: one BuildError naming the tensor, never a broken part."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from sd35trt.parts import plan_parts
+    from sd35trt.producers.parts import plan_parts
 
     weights = [numpy_helper.from_array(np.ones((4, 4), np.float32), "w"),
                numpy_helper.from_array(np.ones((4, 4), np.float32), "w2")]
@@ -140,7 +141,7 @@ def test_build_in_parts_makes_a_bundle_the_runners_chain(work_copy):
     the manifest lists each part's plan, I/O and builder memory, `bundle verify` checks every part, a re-run
     skips, and a different count rebuilds that component only."""
     from sd35trt.cli.main import app
-    from sd35trt.manifests import BundleManifest
+    from sd35trt.core.manifests import BundleManifest
 
     engines = work_copy / "engines"
     runner = CliRunner()
@@ -173,9 +174,9 @@ def test_build_in_parts_makes_a_bundle_the_runners_chain(work_copy):
 def test_a_host_short_of_memory_builds_in_parts_instead_of_refusing(work_copy, monkeypatch):
     """Where MemAvailable + swap cannot hold a whole build (2.0x the weights + 1 GiB) but can hold half of one,
     `build` cuts the component into parts and says why in the manifest; with --no-memory-check it builds whole."""
-    import sd35trt.build as build
-    from sd35trt.build import BuildConfig, build_bundle
-    from sd35trt.specs import Precision
+    import sd35trt.producers.build as build
+    from sd35trt.core.specs import Precision
+    from sd35trt.producers.build import BuildConfig, build_bundle
 
     source = OnnxManifest.load(WorkDir(work_copy).onnx_folder(Precision.FP8, "transformer"), "transformer", Precision.FP8)
     weights = sum(e["bytes"] for e in source.files.values())
@@ -195,8 +196,8 @@ def test_parts_of_an_external_data_onnx_link_its_weights_and_still_load(calibrat
     import onnx
     import torch
 
-    from sd35trt.parts import write_parts
-    from sd35trt.runners import ChainRunner, OrtRunner
+    from sd35trt.producers.parts import write_parts
+    from sd35trt.runtime.runners import ChainRunner, ort_runner
 
     root, _ = calibrated
     manifest = OnnxManifest.load(WorkDir(root).onnx_folder(Precision.FP32, "transformer"), "transformer", Precision.FP32)
@@ -208,8 +209,9 @@ def test_parts_of_an_external_data_onnx_link_its_weights_and_still_load(calibrat
     link = tmp_path / "parts" / "model.onnx.data"
     assert link.samefile(source / "model.onnx.data") and not link.is_symlink()
     spec = SPECS["transformer"]
-    whole = OrtRunner(spec, source / "model.onnx", "fp32")
-    chain = ChainRunner(spec, [OrtRunner(spec, path, "fp32", inputs=plan.inputs) for path, plan in parts])
+    whole = ort_runner(spec, source / "model.onnx", "fp32", "cpu", manifest.profile)
+    chain = ChainRunner(spec, [ort_runner(spec, path, "fp32", "cpu", plan.profile, inputs=plan.inputs,
+                                          outputs=plan.outputs) for path, plan in parts])
     feeds = _feeds(manifest, 0)
     assert torch.equal(whole(**feeds)["noise_pred"], chain(**feeds)["noise_pred"])
 
@@ -220,7 +222,7 @@ def test_shape_types_are_read_while_the_data_file_is_linked(calibrated, tmp_path
     resolves what ONNX's own leaves open (T5's relative position bias, built from Range)."""
     import onnx
 
-    from sd35trt.parts import _infer_types, write_parts
+    from sd35trt.producers.parts import _infer_types, write_parts
 
     root, _ = calibrated
     manifest = OnnxManifest.load(WorkDir(root).onnx_folder(Precision.FP32, "t5"), "t5", Precision.FP32)

@@ -1,14 +1,17 @@
 import pytest
 import torch
 
-from sd35trt.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
-from sd35trt.models import build_pipeline, resolve_model
-from sd35trt.pipeline import GenerateRequest, Sd35Loop
-from sd35trt.runners import runners_from_bundle, runners_from_onnx, runners_from_torch
-from sd35trt.specs import ShapeRanges
+from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
+from sd35trt.core.models import PipelineAssets, build_pipeline, resolve_model
+from sd35trt.core.specs import ShapeRanges
+from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+from sd35trt.runtime.runners import runners_from_bundle, runners_from_onnx, runners_from_torch
 
 
 def _diffusers(pipe, request):
+    from sd35trt.core.models import SD35_DEFAULTS
+
+    request = request.resolved(SD35_DEFAULTS)
     out = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,
                guidance_scale=request.guidance, height=request.height, width=request.width,
                generator=torch.Generator("cpu").manual_seed(request.seed), output_type="latent")
@@ -24,30 +27,30 @@ def pipe():
 
 def test_torch_loop_is_bit_identical_to_diffusers(pipe):
     """Same math as StableDiffusion3Pipeline: tokenizers, CFG, FlowMatchEulerDiscreteScheduler, latents."""
-    loop = Sd35Loop(pipe, runners_from_torch(pipe), batch_text=False)
+    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe), batch_text=False)
     request = GenerateRequest(prompt="a red fox in fresh snow", negative_prompt="blurry", steps=4, seed=3,
                               height=512, width=576)
     ours = loop(request, progress=False)
     assert torch.equal(_diffusers(pipe, request), ours.latents)
-    batched = Sd35Loop(pipe, runners_from_torch(pipe))(request, progress=False)  # one text-encoder call
+    batched = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe))(request, progress=False)  # one text-encoder call
     assert torch.allclose(batched.latents, ours.latents, rtol=0, atol=1e-4)
     assert ours.pil[0].size == (576, 512) and set(ours.timings) >= {"denoise_s", "text_encoders_s", "vae_decoder_s"}
 
 
 def test_onnx_loop_matches_diffusers(pipe, exported):
-    from sd35trt.metrics import psnr
+    from sd35trt.core.metrics import psnr
 
     out, _ = exported
-    runners, ranges = runners_from_onnx(out, "fp32")
-    assert {r.kind for r in runners.values()} == {"onnxruntime"}
+    found = runners_from_onnx(out, "fp32")
+    assert {r.kind for r in found.runners.values()} == {"onnxruntime"}
     request = GenerateRequest(prompt="a lighthouse on a basalt cliff", steps=3, seed=1, height=512, width=512)
-    ours = Sd35Loop(pipe, runners, ranges, batch_text=False)(request, progress=False)
+    ours = Sd35Loop(PipelineAssets.of_pipeline(pipe), found.runners, found.ranges, batch_text=False)(request, progress=False)
     ref = _diffusers(pipe, request)
     assert psnr(ref.numpy(), ours.latents.numpy(), data_range=float(ref.max() - ref.min())) > 60
 
 
 def test_no_guidance_and_batch(pipe):
-    loop = Sd35Loop(pipe, runners_from_torch(pipe))
+    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe))
     out = loop(GenerateRequest(prompt="cat", guidance=1.0, steps=2, batch=2, height=512, width=512), progress=False)
     assert out.latents.shape == (2, 16, 64, 64) and len(out.pil) == 2
 
@@ -61,14 +64,15 @@ def test_bad_requests(kwargs, match):
         GenerateRequest(prompt="x", **kwargs)
 
 
-def test_request_outside_exported_ranges():
+def test_request_outside_exported_ranges(pipe):
+    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe), ShapeRanges(), vae_tiling="off")
     with pytest.raises(InvalidInputError, match="height 2048 outside 512..1536"):
-        GenerateRequest(prompt="x", height=2048).check(ShapeRanges())
-    GenerateRequest(prompt="x", height=1344, width=768).check(ShapeRanges())  # SD3's aspect buckets fit
+        loop.check(GenerateRequest(prompt="x", height=2048))
+    loop.check(GenerateRequest(prompt="x", height=1344, width=768))  # SD3's aspect buckets fit
 
 
 def test_long_prompt_is_truncated_with_a_warning(pipe, capsys):
-    loop = Sd35Loop(pipe, runners_from_torch(pipe))
+    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe))
     loop(GenerateRequest(prompt=" ".join(["word"] * 120), steps=1, height=512, width=512), progress=False)
     err = capsys.readouterr().err
     assert "truncated to 77 CLIP tokens" in err and err.count("CLIP tokens") == 1
@@ -76,8 +80,8 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, capsys):
 
 def test_bundle_cannot_run_without_gpu_and_points_to_onnx(calibrated, tmp_path):
     pytest.importorskip("tensorrt_rtx_bindings")
-    from sd35trt.backends import local_compute_capability
-    from sd35trt.build import BuildConfig, build_bundle
+    from sd35trt.core.host import local_compute_capability
+    from sd35trt.producers.build import BuildConfig, build_bundle
 
     if local_compute_capability() is not None:
         pytest.skip("this host has a GPU; the refusal is for GPU-less hosts")
@@ -90,10 +94,11 @@ def test_bundle_cannot_run_without_gpu_and_points_to_onnx(calibrated, tmp_path):
 @pytest.mark.gpu
 def test_engine_runner_executes_on_a_matching_gpu(calibrated, tmp_path):
     """Build the tiny bundle for this host's GPU with whichever backend can, and generate through its engines."""
-    from sd35trt.backends import choose_backend, local_compute_capability
-    from sd35trt.build import resolve_target
-    from sd35trt.errors import Sd35TrtError
-    from sd35trt.targets import Backend, GpuTarget
+    from sd35trt.core.errors import Sd35TrtError
+    from sd35trt.core.host import local_compute_capability
+    from sd35trt.core.targets import Backend, GpuTarget
+    from sd35trt.producers.build import resolve_target
+    from sd35trt.producers.builder import choose_backend
 
     if local_compute_capability() is None:
         pytest.skip("no CUDA GPU on this host: engines cannot be executed here (CI has none)")
@@ -117,11 +122,12 @@ def test_selftest_passes_on_this_gpu(tmp_path):
     """`sd35trt selftest` under pytest: calibrate, export, build for this GPU, generate, compare (polygraphy's
     TrtRunner and ours), and engines built in parts compared the same way — every step must pass where a backend
     builds for the local GPU."""
-    from sd35trt.backends import choose_backend, local_compute_capability
-    from sd35trt.build import resolve_target
-    from sd35trt.errors import Sd35TrtError
-    from sd35trt.selftest import run_selftest
-    from sd35trt.targets import Backend, GpuTarget
+    from sd35trt.checks.selftest import run_selftest
+    from sd35trt.core.errors import Sd35TrtError
+    from sd35trt.core.host import local_compute_capability
+    from sd35trt.core.targets import Backend, GpuTarget
+    from sd35trt.producers.build import resolve_target
+    from sd35trt.producers.builder import choose_backend
 
     if local_compute_capability() is None:
         pytest.skip("no CUDA GPU on this host: engines cannot be executed here (CI has none)")
@@ -134,19 +140,19 @@ def test_selftest_passes_on_this_gpu(tmp_path):
 
 
 def test_engine_io_dtypes_and_profiles_against_the_real_bindings():
-    """The runner's pure policies, checked against TensorRT-RTX's own enums (the runtime cannot run here)."""
-    from sd35trt.errors import ArtifactError
-    from sd35trt.runners import graph_policy, io_dtype, profile_problem
+    """The TensorRT adapter's pure policies, checked against TensorRT-RTX's own enums (no engine runs here)."""
+    from sd35trt.runtime.session import IO_DTYPES, profile_problem
+    from sd35trt.runtime.trt import TRT_TYPES, graph_mode
 
     trt = pytest.importorskip("tensorrt_rtx_bindings")
-    assert io_dtype(trt.DataType.FLOAT, "x", "t") == "float32" and io_dtype(trt.DataType.HALF, "x", "t") == "float16"
-    assert io_dtype(trt.DataType.BF16, "x", "t") == "bfloat16" and io_dtype(trt.DataType.INT64, "ids", "t") == "int64"
-    assert io_dtype(trt.DataType.INT32, "x", "t") == "int32" and io_dtype(trt.DataType.BOOL, "m", "t") == "bool"
-    with pytest.raises(ArtifactError, match="tensor 'q' has data type FP8"):
-        io_dtype(trt.DataType.FP8, "q", "transformer")
-    assert graph_policy("tensorrt-rtx", False) == graph_policy("tensorrt", False) == "off"
-    assert graph_policy("tensorrt-rtx", True) == "runtime" and graph_policy("tensorrt", True) == "capture"
+    for member, name in ((trt.DataType.FLOAT, "float32"), (trt.DataType.HALF, "float16"), (trt.DataType.BF16, "bfloat16"),
+                         (trt.DataType.INT64, "int64"), (trt.DataType.INT32, "int32"), (trt.DataType.BOOL, "bool")):
+        assert TRT_TYPES[member.name] == name and name in IO_DTYPES
+    assert trt.DataType.FP8.name not in TRT_TYPES, "an FP8 I/O tensor is refused by name at load"
+    assert graph_mode("tensorrt-rtx", False) == graph_mode("tensorrt", False) == "off"
+    assert graph_mode("tensorrt-rtx", True) == "runtime" and graph_mode("tensorrt", True) == "capture"
     assert hasattr(trt.CudaGraphStrategy, "WHOLE_GRAPH_CAPTURE")
+    assert hasattr(trt.ExecutionContextAllocationStrategy, "USER_MANAGED")
     profile = [(2, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192)]
     assert profile_problem("hidden_states", (2, 16, 128, 96), profile) is None
     assert profile_problem("hidden_states", (2, 16, 256, 128), profile) == \
@@ -155,7 +161,7 @@ def test_engine_io_dtypes_and_profiles_against_the_real_bindings():
 
 def test_engine_runner_cuda_graph_policy_follows_shape_changes():
     """A graph captured at one shape is never replayed at another (its input buffers are rebound)."""
-    from sd35trt.runners import graph_action
+    from sd35trt.runtime.session import graph_action
 
     a, b = ((2, 16, 128, 128),), ((2, 16, 64, 64),)
     key, graph, actions = None, False, []
@@ -189,7 +195,7 @@ def test_bench_command_on_onnx_runners(capsys, exported):
     assert code == 0
     assert result["transformer_step_ms"]["timed_steps"] == 3 and result["transformer_step_ms"]["median"] > 0
     assert result["images_per_s"] > 0 and result["runners"]["transformer"]["kind"] == "onnxruntime"
-    from sd35trt.onnx_utils import _cuda_ep_usable
+    from sd35trt.core.onnx_utils import _cuda_ep_usable
 
     # --provider auto (the default) runs on CUDA exactly when onnxruntime-gpu sees a GPU.
     expected = "cpu" if _cuda_ep_usable() else "cuda"
@@ -208,11 +214,12 @@ def test_selftest_stops_at_the_first_failure_with_its_reason(capsys, tmp_path, m
     fails with the real reason, nothing after it runs, and the report says so (table, JSON, exit 1)."""
     import json
 
-    import sd35trt.backends as backends
-    import sd35trt.build as build
+    import sd35trt.core.host as host
+    import sd35trt.producers.build as build
+    import sd35trt.producers.builder as backends
     from sd35trt.cli.main import main
 
-    for module in (backends, build):
+    for module in (backends, build, host):
         monkeypatch.setattr(module, "local_compute_capability", lambda: (8, 9))
     code = main(["selftest", "--out", str(tmp_path / "st")])
     out = capsys.readouterr().out

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from sd35trt.build import BuildConfig, build_bundle, check_memory
-from sd35trt.errors import InvalidInputError
-from sd35trt.portability import RuntimeRecord, check_portability, runtime_fit, runtime_module
-from sd35trt.targets import Backend, GpuTarget
+from sd35trt.core.errors import InvalidInputError
+from sd35trt.core.portability import RuntimeRecord, check_portability, runtime_fit, runtime_module
+from sd35trt.core.targets import Backend, GpuTarget
+from sd35trt.producers.build import BuildConfig, build_bundle, check_memory
 from tests.conftest import needs_rtx
 from tests.test_bad_inputs import assert_user_error, run_cli
 
@@ -81,7 +81,7 @@ def test_rtx_bundle_records_its_runtime_and_refuses_portable(capsys, calibrated,
     runtime = result.manifest.data["runtime"]
     assert runtime["backend"] == "tensorrt-rtx" and runtime["version_compatible"] is False
     assert runtime["runs_on"] == [f"tensorrt_rtx_bindings {runtime['version']}"]
-    from sd35trt.doctor import bundle_fit
+    from sd35trt.core.portability import bundle_fit
 
     host = {"compute_capability": "8.9", "runtimes": {"tensorrt_rtx_bindings": runtime["version"]}}
     assert bundle_fit(result.manifest, host) == (True, f"runs on tensorrt_rtx_bindings {runtime['version']}")

@@ -1,7 +1,7 @@
 import pytest
 
-from sd35trt.errors import InvalidInputError
-from sd35trt.specs import COMPONENTS, SPECS, PipeDims, Range, ShapeRanges, check_pixels, parse_components
+from sd35trt.core.errors import InvalidInputError
+from sd35trt.core.specs import COMPONENTS, SPECS, PipeDims, Range, ShapeRanges, check_pixels, parse_components
 
 
 def test_range_parse_forms():
@@ -38,16 +38,23 @@ def test_profiles_derive_from_vae_scale_and_cfg_doubling():
                                          "clip_l_hidden": 768, "clip_l_proj": 768, "t5_hidden": 4096}, vocab={})
     ranges = ShapeRanges()  # batch 1..4, 512..1536 px (opt 1024), 256 T5 tokens
     transformer = SPECS["transformer"].profile(ranges, dims)
-    assert transformer["hidden_states"] == ((2, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192))
+    # batch from 1 (guidance ≤ 1, prompts encoded apart), optimised for the CFG batch, up to twice the largest batch
+    assert transformer["hidden_states"] == ((1, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192))
     assert transformer["encoder_hidden_states"][2] == (8, 77 + 256, 4096)
     assert SPECS["vae_decoder"].profile(ranges, dims)["latent"][2] == (4, 16, 192, 192)  # no CFG doubling
-    assert SPECS["clip_l"].profile(ranges, dims)["input_ids"] == ((2, 77), (2, 77), (8, 77))
+    assert SPECS["clip_l"].profile(ranges, dims)["input_ids"] == ((1, 77), (2, 77), (8, 77))
+    turbo = ShapeRanges(cfg=False)  # a Turbo bundle: no guidance, optimised for batch 1
+    assert SPECS["transformer"].profile(turbo, dims)["hidden_states"][1] == (1, 16, 128, 128)
+    capped = ShapeRanges(height=Range(512, 1024, 2048), width=Range(512, 1024, 2048), vae_max=1024)
+    assert SPECS["vae_decoder"].profile(capped, dims)["latent"][2] == (4, 16, 128, 128), "tiles beyond 1024 px"
+    assert SPECS["transformer"].profile(capped, dims)["hidden_states"][2] == (8, 16, 256, 256)
+    assert ShapeRanges.from_dict(capped.to_dict()) == capped and ShapeRanges.from_dict(turbo.to_dict()) == turbo
     assert SPECS["t5"].dynamic_axes()["input_ids"] == {0: "batch", 1: "t5_tokens"}
 
 
 def test_every_spec_has_tolerances_for_every_precision_it_can_be_built_in():
-    from sd35trt.specs import Precision
-    from sd35trt.targets import PRECISION_PREFERENCE
+    from sd35trt.core.specs import Precision
+    from sd35trt.core.targets import PRECISION_PREFERENCE
 
     for name, spec in SPECS.items():
         for precision in PRECISION_PREFERENCE[name]:

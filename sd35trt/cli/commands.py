@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from sd35trt.build import BuildConfig
 from sd35trt.cli.app import app, bundle_app, echo, emit
-from sd35trt.pipeline import GenerateRequest
+from sd35trt.producers.build import BuildConfig
+from sd35trt.runtime.pipeline import GenerateRequest
 
 _REQ = GenerateRequest(prompt="")  # generate's defaults are the request's own
 
@@ -29,18 +29,22 @@ def build(
     memory_check: bool = typer.Option(True, "--memory-check/--no-memory-check", help="refuse a build this host's memory cannot hold (the builder needs ~2x the engine's weights besides the mapped ONNX, measured); where a whole build would not fit, build it in parts that do"),
     parts: Optional[str] = typer.Option(None, "--parts", help="build components in parts, one builder at a time, e.g. transformer=2,t5=2 (the parts run back to back)"),
     max_build_memory: Optional[float] = typer.Option(None, "--max-build-memory", help="GiB: build each component in as many parts as keep every builder's peak RSS under this (estimated 2.8x its weights + 1 GiB)"),
+    t5: bool = typer.Option(True, "--t5/--no-t5", help="--no-t5: a CLIP-only bundle without T5-XXL (zero T5 embeddings at run time, as diffusers without text_encoder_3)"),
+    weight_streaming: bool = typer.Option(False, "--weight-streaming", help="build the transformer for weight streaming (the VRAM plan's streaming mode on small GPUs)"),
     force: bool = typer.Option(False, "--force", help="rebuild even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
     """Build one engine bundle for a GPU target (FP8 where the GPU has it, FP16 fallback where not)."""
-    from sd35trt.artifacts import ensure_writable_dir
-    from sd35trt.build import BuildConfig, build_bundle, parse_parts
-    from sd35trt.errors import check_choice
-    from sd35trt.specs import Precision, parse_components
-    from sd35trt.targets import parse_backend, parse_target
+    from sd35trt.core.artifacts import ensure_writable_dir
+    from sd35trt.core.errors import check_choice
+    from sd35trt.core.specs import Precision, parse_components
+    from sd35trt.core.targets import parse_backend, parse_target
+    from sd35trt.producers.build import BuildConfig, build_bundle, parse_parts
 
     check_choice("--precision", precision, ("auto", *(p.value for p in Precision)))
-    config = BuildConfig(target=parse_target(gpu), backend=parse_backend(backend), components=parse_components(components),
+    names = tuple(c for c in parse_components(components) if t5 or c != "t5")
+    config = BuildConfig(target=parse_target(gpu), backend=parse_backend(backend), components=names,
+                         weight_streaming=weight_streaming,
                          precision=None if precision == "auto" else Precision(precision), workspace_gib=workspace_gib,
                          portable=portable, hardware_compat=hardware_compat, memory_check=memory_check,
                          parts=parse_parts(parts), max_build_memory_gib=max_build_memory)
@@ -68,7 +72,7 @@ def build(
 @bundle_app.command("verify")
 def bundle_verify(folder: Path = typer.Argument(..., help="engines/<model>/<target>-<backend>/")) -> None:
     """Check the bundle manifest and the sha256 of every engine."""
-    from sd35trt.build import verify_bundle
+    from sd35trt.producers.build import verify_bundle
 
     manifest = verify_bundle(folder)
     emit({"bundle": str(folder), "ok": True, "engines": len(manifest.components),
@@ -78,7 +82,7 @@ def bundle_verify(folder: Path = typer.Argument(..., help="engines/<model>/<targ
 @app.command()
 def doctor(bundle: Optional[Path] = typer.Argument(None, help="a bundle folder, or a model folder holding several")) -> None:
     """Report this host's GPU, driver and runtimes, and which engines of a bundle can run here."""
-    from sd35trt.doctor import diagnose
+    from sd35trt.checks.doctor import diagnose
 
     report = diagnose(bundle)
     emit(report)
@@ -86,58 +90,38 @@ def doctor(bundle: Optional[Path] = typer.Argument(None, help="a bundle folder, 
         raise typer.Exit(code=3)
 
 
-def _check_model_matches(source, manifest_model: dict, where: Path) -> None:
-    from sd35trt.manifests import require_model
+def _loop_options(model, bundle, onnx, torch_, precision="auto", provider="auto", device="auto", dtype="auto",
+                  cuda_graph=False, t5=True, turbo=None, vram=None, vram_plan="auto", vae_tiling="auto"):
+    from sd35trt.runtime.launch import LoopOptions
 
-    require_model(manifest_model, source.fingerprint(), source.id, where)
-
-
-def _one_source(bundle, onnx, torch_) -> None:
-    from sd35trt.errors import InvalidInputError
-
-    chosen = [name for name, value in (("--bundle", bundle), ("--onnx", onnx), ("--torch", torch_)) if value]
-    if len(chosen) != 1:
-        raise InvalidInputError("choose exactly one of --bundle, --onnx, --torch",
-                                hint="e.g. --onnx build/tiny (onnxruntime) or --torch")
+    options = LoopOptions(model=model if model is not None or not torch_ else "tiny", bundle=bundle, onnx=onnx,
+                          torch=torch_, precision=precision, provider=provider, device=device, dtype=dtype,
+                          cuda_graph=cuda_graph, t5=t5, turbo=turbo, vram_gib=vram, vram_plan=vram_plan,
+                          vae_tiling=vae_tiling)
+    options.check()
+    return options
 
 
-def _make_loop(model: str, bundle: Optional[Path], onnx: Optional[Path], precision: str, device: str,
-               provider: str = "auto", dtype: str = "auto", cuda_graph: bool = False):
-    """The denoising loop over the runners the options name, after checking artifacts match the model."""
-    from sd35trt.artifacts import read_json
-    from sd35trt.models import build_pipeline, resolve_model
-    from sd35trt.pipeline import Sd35Loop
-    from sd35trt.runners import ranges_of_bundle, runners_from_bundle, runners_from_onnx, runners_from_torch
-
-    source = resolve_model(model)
-    if bundle is not None:
-        runners, manifest = runners_from_bundle(bundle, cuda_graph=cuda_graph)
-        _check_model_matches(source, manifest.model, bundle)
-        return Sd35Loop(build_pipeline(source, components=set()), runners, ranges_of_bundle(manifest))
-    if onnx is not None:
-        runners, ranges = runners_from_onnx(onnx, precision, provider=provider)
-        first = next(iter(runners.values()))
-        _check_model_matches(source, read_json(first.path.parent / "manifest.json", "ONNX manifest")["model"], onnx)
-        return Sd35Loop(build_pipeline(source, components=set()), runners, ranges)
-    from sd35trt.runtime_env import pick_device, pick_dtype
-
-    torch_device = pick_device(device)
-    pipe = build_pipeline(source, device=torch_device, dtype=pick_dtype(dtype, torch_device, on_gpu="bf16"))
-    return Sd35Loop(pipe, runners_from_torch(pipe))
+ModelRunOpt = typer.Option(None, "--model", "-m", help="tiny | sd3.5-medium | sd3.5-large | sd3.5-large-turbo | a local diffusers directory; with --bundle/--onnx only a check (they carry their tokenizers and configs) [default: tiny with --torch]")
+T5Opt = typer.Option(True, "--t5/--no-t5", help="--no-t5: CLIP-only, T5 embeddings are zeros (as diffusers with text_encoder_3=None); a bundle built without T5 is CLIP-only anyway")
+TurboOpt = typer.Option(None, "--turbo/--no-turbo", help="the model is (not) a Turbo distillation: 4 steps, guidance 0 by default [default: what the model or bundle says]")
+VramOpt = typer.Option(None, "--vram", help="GiB of GPU memory this run may use [default: the GPU's free memory]")
+VramPlanOpt = typer.Option("auto", "--vram-plan", help="auto | resident | sequential | streaming (doctor BUNDLE shows what each needs)")
+TilingOpt = typer.Option("auto", "--vae-tiling", help="auto (tiles only past what the VAE decoder takes whole) | on | off")
 
 
 @app.command()
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="text prompt"),
-    model: str = typer.Option("tiny", "--model", "-m", help="model whose tokenizers/scheduler to use (must match the artifacts)"),
+    model: Optional[str] = ModelRunOpt,
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="run TensorRT / TensorRT-RTX engines of this bundle"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="run onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="run the PyTorch modules"),
     precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     negative_prompt: str = typer.Option(_REQ.negative_prompt, "--negative-prompt", "-n"),
-    steps: int = typer.Option(_REQ.steps, "--steps"),
-    guidance: float = typer.Option(_REQ.guidance, "--guidance"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps [default: 28; Turbo 4]"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale, > 1 for CFG [default: 4.5; Turbo 0]"),
     seed: int = typer.Option(_REQ.seed, "--seed"),
     height: int = typer.Option(_REQ.height, "--height"),
     width: int = typer.Option(_REQ.width, "--width"),
@@ -146,21 +130,29 @@ def generate(
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --bundle: CUDA graphs (TensorRT-RTX: its runtime strategy; TensorRT: a guarded capture)"),
+    t5: bool = T5Opt,
+    turbo: Optional[bool] = TurboOpt,
+    vram: Optional[float] = VramOpt,
+    vram_plan: str = VramPlanOpt,
+    vae_tiling: str = TilingOpt,
     json_out: bool = typer.Option(False, "--json", help="print timings and paths as JSON"),
 ) -> None:
-    """Prompt → PNG: CLIP-L/G + T5 → MMDiT loop (CFG, flow matching) → VAE, on engines, ONNX or torch."""
-    from sd35trt.errors import InvalidInputError
-    from sd35trt.pipeline import GenerateRequest
+    """Prompt → PNG: CLIP-L/G (+ T5) → MMDiT loop (CFG, flow matching) → VAE, on engines, ONNX or torch."""
+    from sd35trt.core.errors import InvalidInputError
+    from sd35trt.runtime.launch import open_loop
+    from sd35trt.runtime.pipeline import GenerateRequest
 
-    _one_source(bundle, onnx, torch_)
+    options = _loop_options(model, bundle, onnx, torch_, precision, provider, device, dtype, cuda_graph, t5, turbo,
+                            vram, vram_plan, vae_tiling)
     if out.suffix.lower() != ".png":
         raise InvalidInputError("--out must end in .png", path=out, hint="e.g. --out image.png")
-    from sd35trt.artifacts import ensure_writable_dir
+    from sd35trt.core.artifacts import ensure_writable_dir
 
     ensure_writable_dir(out.parent if str(out.parent) else Path("."))
     request = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                               seed=seed, height=height, width=width, batch=batch)
-    result = _make_loop(model, bundle, onnx, precision, device, provider, dtype, cuda_graph)(request)
+    loop = open_loop(options, request)
+    result = loop(request)
     paths = []
     for i, image in enumerate(result.pil):
         path = out if len(result.pil) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -168,7 +160,8 @@ def generate(
         image.save(tmp)
         tmp.replace(path)
         paths.append(str(path))
-    info = {"images": paths, "timings": result.timings, "request": request.__dict__}
+    info = {"images": paths, "timings": result.timings, "request": request.resolved(loop.assets.defaults).__dict__,
+            "t5": loop.has_t5, "vram_plan": result.plan}
     if json_out:
         emit(info)
     else:
@@ -177,10 +170,10 @@ def generate(
 
 @app.command()
 def compare(
-    model: str = typer.Option("tiny", "--model", "-m"),
+    model: str = typer.Option("tiny", "--model", "-m", help="the model the artifacts were built from (its PyTorch modules are the reference)"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="work dir with onnx/, onnx-fp16/, onnx-fp8/"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="compare an engine bundle (needs its GPU)"),
-    variants: str = typer.Option("fp32,fp16,fp8", "--variants", help="precision variants to compare (those the work dir has; the others are listed as missing)"),
+    variants: Optional[str] = typer.Option(None, "--variants", help="ONNX variants to compare, e.g. fp16,fp8 [default: every variant the work dir has]"),
     components: Optional[str] = typer.Option(None, "--components"),
     provider: str = typer.Option("auto", "--provider", help="onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     prompts: int = typer.Option(2, "--prompts", help="K prompts of real pipeline traffic (held-out end of calibration/prompts.txt)"),
@@ -188,33 +181,35 @@ def compare(
     height: int = typer.Option(512, "--height"),
     width: int = typer.Option(512, "--width"),
     seed: int = typer.Option(0, "--seed"),
+    t5: bool = T5Opt,
     out: Path = typer.Option(Path("compare"), "--out", "-o", help="folder for compare.json and compare.png"),
     verbose: bool = typer.Option(False, "--verbose", help="polygraphy's per-iteration log (on stderr)"),
     json_out: bool = typer.Option(False, "--json", help="print compare.json instead of the table"),
 ) -> None:
     """Per-component (polygraphy) and end-to-end comparison against PyTorch/diffusers; exit 1 on a failed tolerance."""
-    import sd35trt.compare as compare_mod
-    from sd35trt.artifacts import ensure_writable_dir
-    from sd35trt.calibrate import DEFAULT_PROMPTS, read_prompts
-    from sd35trt.compare import CompareConfig, format_compare, onnx_variants, run_compare
-    from sd35trt.errors import InvalidInputError
-    from sd35trt.models import resolve_model
-    from sd35trt.specs import parse_components
+    import sd35trt.checks.compare as compare_mod
+    from sd35trt.checks.compare import CompareConfig, format_compare, onnx_variants, run_compare
+    from sd35trt.core.artifacts import ensure_writable_dir
+    from sd35trt.core.errors import InvalidInputError
+    from sd35trt.core.models import resolve_model
+    from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
+    from sd35trt.core.specs import parse_components
 
     if (onnx is None) == (bundle is None):
         raise InvalidInputError("choose exactly one of --onnx and --bundle", hint="e.g. --onnx build/tiny")
-    cfg = CompareConfig(variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+    cfg = CompareConfig(variants=tuple(v.strip() for v in (variants or "").split(",") if v.strip()),
                         components=parse_components(components), prompts=prompts, steps=steps, height=height,
-                        width=width, seed=seed)
+                        width=width, seed=seed, t5=t5)
     source = resolve_model(model)
     if bundle is not None:
-        from sd35trt.runners import ranges_of_bundle, runners_from_bundle
+        from sd35trt.core.manifests import require_model
+        from sd35trt.runtime.runners import runners_from_bundle
 
-        runners, manifest = runners_from_bundle(bundle)  # refuses with the reason and the --onnx to use instead
-        _check_model_matches(source, manifest.model, bundle)
-        by_variant, ranges, label, missing = {"engine": runners}, ranges_of_bundle(manifest), str(bundle), {}
+        found = runners_from_bundle(bundle, t5=t5)  # refuses with the reason and the --onnx to use instead
+        require_model(found.model or {}, source.fingerprint(), source.id, bundle)
+        by_variant, ranges, label, missing = {"engine": found.runners}, found.ranges, str(bundle), {}
     else:
-        by_variant, ranges, missing = onnx_variants(onnx, cfg.variants, provider)
+        by_variant, ranges, missing = onnx_variants(onnx, cfg.variants, provider, t5=t5)
         label = str(onnx)
     compare_mod.VERBOSE = verbose
     texts = read_prompts(DEFAULT_PROMPTS, prompts)[-prompts:]
@@ -231,14 +226,15 @@ def compare(
 
 @app.command()
 def bench(
-    model: str = typer.Option("tiny", "--model", "-m"),
+    model: Optional[str] = ModelRunOpt,
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="time the engines of this bundle (on its GPU)"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="time onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="time the PyTorch modules"),
     precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     steps: int = typer.Option(20, "--steps", help="timed transformer steps (after warm-up)"),
-    loop_steps: int = typer.Option(28, "--loop-steps", help="denoising steps of each end-to-end image"),
+    loop_steps: Optional[int] = typer.Option(None, "--loop-steps", help="denoising steps of each end-to-end image [default: 28; Turbo 4]"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale [default: 4.5; Turbo 0]"),
     images: int = typer.Option(2, "--images", help="end-to-end images timed"),
     height: int = typer.Option(1024, "--height"),
     width: int = typer.Option(1024, "--width"),
@@ -246,20 +242,25 @@ def bench(
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --bundle: CUDA graphs (TensorRT-RTX: its runtime strategy; TensorRT: a guarded capture)"),
+    t5: bool = T5Opt,
+    turbo: Optional[bool] = TurboOpt,
+    vram: Optional[float] = VramOpt,
+    vram_plan: str = VramPlanOpt,
     json_out: bool = typer.Option(False, "--json", help="print the full result as JSON instead of a summary"),
 ) -> None:
     """Latency: transformer step (median of --steps after warm-up), end to end per image, images/s, GPU memory."""
-    from sd35trt.errors import InvalidInputError
-    from sd35trt.latency import bench_loop
-    from sd35trt.pipeline import GenerateRequest
+    from sd35trt.core.errors import InvalidInputError
+    from sd35trt.runtime.launch import open_loop
+    from sd35trt.runtime.pipeline import GenerateRequest
+    from sd35trt.runtime.timing import bench_loop
 
-    _one_source(bundle, onnx, torch_)
+    options = _loop_options(model, bundle, onnx, torch_, precision, provider, device, dtype, cuda_graph, t5, turbo,
+                            vram, vram_plan)
     if steps < 1 or images < 1:
         raise InvalidInputError("--steps and --images must be ≥ 1", hint="e.g. --steps 20 --images 2")
     request = GenerateRequest(prompt="a lighthouse on a basalt cliff at golden hour, 35mm film photograph",
-                              steps=loop_steps, height=height, width=width, batch=batch)
-    loop = _make_loop(model, bundle, onnx, precision, device, provider, dtype, cuda_graph)
-    request.check(loop.ranges)
+                              steps=loop_steps, guidance=guidance, height=height, width=width, batch=batch)
+    loop = open_loop(options, request)
     result = bench_loop(loop, request, steps=steps, images=images)
     if json_out:
         emit(result)
@@ -269,7 +270,8 @@ def bench(
     lines = [f"runners: {runners}",
              f"transformer step ({step['batch_with_cfg']} × {height}×{width}): median {step['median']:.1f} ms "
              f"(min {step['min']:.1f}, {step['timed_steps']} timed, {step['timer']})",
-             f"end to end ({loop_steps} steps): {e2e['median']:.2f} s / image, {result['images_per_s']:.3f} images/s"]
+             f"end to end ({result['request']['steps']} steps): {e2e['median']:.2f} s / image, "
+             f"{result['images_per_s']:.3f} images/s"]
     if "peak_gpu_gib" in result:
         lines.append(f"GPU memory: torch peak {result['peak_gpu_gib']['torch_allocator_peak']:.1f} GiB, "
                      f"device used at end {result['peak_gpu_gib']['device_used_at_end']:.1f} GiB")
@@ -280,8 +282,8 @@ def bench(
 def selftest(out: Path = typer.Option(Path("selftest"), "--out", "-o", help="folder for selftest.json, the image, compare/"),
              json_out: bool = typer.Option(False, "--json", help="print selftest.json instead of the table")) -> None:
     """On a GPU host: tiny model → calibrate → export → engines for this GPU → generate → compare; PASS/FAIL per step."""
-    from sd35trt.artifacts import ensure_writable_dir
-    from sd35trt.selftest import run_selftest
+    from sd35trt.checks.selftest import run_selftest
+    from sd35trt.core.artifacts import ensure_writable_dir
 
     ensure_writable_dir(out)
     report = run_selftest(out)
@@ -292,3 +294,44 @@ def selftest(out: Path = typer.Option(Path("selftest"), "--out", "-o", help="fol
         echo(f"wrote {out / 'selftest.json'}")
     if not report:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def preflight(
+    model: str = typer.Option("tiny", "--model", "-m", help="the MODEL of make engines"),
+    gpu: str = typer.Option("ada", "--gpu", help="the GPU of make engines"),
+    backend: str = typer.Option("auto", "--backend", help="auto | tensorrt | tensorrt-rtx"),
+    fp8: str = typer.Option("transformer", "--fp8", help="components calibrated to FP8 (make's FP8=)"),
+    t5: bool = T5Opt,
+    lora: Optional[str] = typer.Option(None, "--lora", help="adapter.safetensors[:scale][,more] (make's LORA=)"),
+    work: Optional[Path] = typer.Option(None, "--work", help="the work dir make uses"),
+    engines: Path = typer.Option(Path("engines"), "--engines", help="the engines root make uses"),
+) -> None:
+    """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
+    from sd35trt.core.models import resolve_model
+    from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, Precision, parse_components
+    from sd35trt.core.targets import parse_backend, parse_target, plan_precisions
+    from sd35trt.producers.build import resolve_target
+    from sd35trt.producers.builder import choose_backend
+
+    source = resolve_model(model)
+    target = resolve_target(parse_target(gpu))
+    calibrated = parse_components(fp8, CALIBRATABLE)
+    if not t5 and "t5" in calibrated:
+        from sd35trt.core.errors import InvalidInputError
+
+        raise InvalidInputError("FP8=... names t5 but T5=0 leaves T5 out", hint="drop t5 from FP8= or set T5=1")
+    if lora:
+        from sd35trt.producers.lora import parse_adapters
+
+        parse_adapters(lora)
+    chosen = choose_backend(parse_backend(backend), target)
+    names = tuple(c for c in COMPONENTS if (t5 and source.has_t5) or c != "t5")
+    have = {c: {Precision.FP16} | ({Precision.FP8} if c in calibrated else set()) for c in names}
+    plan = plan_precisions(target, names, have)
+    where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}"
+    echo(f"make engines: {source.id} ({'random weights' if source.random_weights else 'local weights'}"
+         f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(target.sm_names)}) with "
+         f"{chosen.kind.value} {chosen.version}: " + ", ".join(f"{n} {c.precision.value}" for n, c in plan.items())
+         + ("" if "t5" in names else "; CLIP-only (no T5)") + (f"; LoRA {lora}" if lora else "")
+         + (f"; work dir {work}" if work else "") + f" -> {where}")

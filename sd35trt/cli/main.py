@@ -17,12 +17,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sd35trt.calibrate import CalibrationConfig as Calib  # noqa: E402  (defaults live in the configs)
 from sd35trt.cli import commands  # noqa: E402, F401  (registers build, bundle, doctor, generate, compare, bench)
 from sd35trt.cli.app import DeviceOpt, ModelOpt, app, echo, emit, ranges_from_options, results_on_stdout  # noqa: E402
-from sd35trt.errors import Sd35TrtError  # noqa: E402
-from sd35trt.export import DEFAULT_OPSET  # noqa: E402
-from sd35trt.specs import ShapeRanges  # noqa: E402
+from sd35trt.core.errors import Sd35TrtError  # noqa: E402
+from sd35trt.core.specs import ShapeRanges  # noqa: E402
+from sd35trt.producers.calibrate import CalibrationConfig as Calib  # noqa: E402  (defaults live in the configs)
+from sd35trt.producers.export import DEFAULT_OPSET  # noqa: E402
 
 _RANGES = ShapeRanges()  # the CLI shows the library's default shape ranges
 
@@ -37,6 +37,9 @@ def export(
     width: str = typer.Option(str(_RANGES.width), "--width", help="pixel width range MIN:OPT:MAX (multiples of 16)"),
     batch: str = typer.Option(str(_RANGES.batch), "--batch", help="images per prompt MIN:OPT:MAX"),
     t5_tokens: str = typer.Option(str(_RANGES.t5_tokens.max), "--t5-tokens", help="T5 sequence length range"),
+    vae_max: int = typer.Option(0, "--vae-max", help="largest image side (px) the VAE decoder takes whole; larger images are decoded in tiles [default: the --height/--width maximum]"),
+    t5: bool = typer.Option(True, "--t5/--no-t5", help="--no-t5: leave T5-XXL out (CLIP-only bundles)"),
+    turbo: Optional[bool] = typer.Option(None, "--turbo/--no-turbo", help="a Turbo model: engine profiles optimised for batch 1 (no guidance) [default: what the model says]"),
     precision: str = typer.Option("auto", "--precision", help="auto (what engines use: FP16 for every component, FP8 for the calibrated ones) | fp16 | fp8 | fp32, comma-separated"),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="compare every output with PyTorch in onnxruntime (and on calibrate's held-out traffic)"),
     provider: str = typer.Option("auto", "--provider", help="onnxruntime for validation: auto (CUDA when onnxruntime-gpu sees a GPU) | cpu | cuda"),
@@ -46,19 +49,20 @@ def export(
 ) -> None:
     """ONNX for the engines: FP16 (FP32 islands where the census needs them) and FP8 from calibrate, each
     validated against PyTorch in onnxruntime at another shape and on held-out traffic."""
-    from sd35trt.artifacts import ensure_writable_dir
-    from sd35trt.export import ExportConfig, export_model, plan_variants
-    from sd35trt.models import resolve_model
-    from sd35trt.onnx_utils import resolve_provider
-    from sd35trt.specs import parse_components
+    from sd35trt.core.artifacts import ensure_writable_dir
+    from sd35trt.core.models import resolve_model
+    from sd35trt.core.onnx_utils import resolve_provider
+    from sd35trt.core.specs import parse_components
+    from sd35trt.producers.export import ExportConfig, export_model, plan_variants
 
     plan_variants(precision, (), None, {})  # a bad --precision fails before any work
     if validate:
         resolve_provider(provider)  # an explicit --provider cuda that cannot run fails before any export
-    config = ExportConfig(components=parse_components(components), opset=opset,
-                          ranges=ranges_from_options(batch, height, width, t5_tokens), validate=validate,
-                          provider=provider)
-    source = resolve_model(model)
+    source = resolve_model(model, turbo=turbo)
+    names = tuple(c for c in parse_components(components) if t5 and source.has_t5 or c != "t5")
+    config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider,
+                          ranges=ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo,
+                                                     vae_max=vae_max))
     ensure_writable_dir(out)
     results = export_model(source, out, config, device=device, force=force, precision=precision)
     rows = {f"{r.component}/{r.precision}": {
@@ -95,7 +99,9 @@ def calibrate(
     config: Optional[Path] = typer.Option(None, "--config", help="FP8 recipe TOML [default: calibration/fp8.toml]"),
     height: Optional[int] = typer.Option(None, "--height", help="calibration image height (px) [default: 512 for tiny, 1024 for real models]"),
     width: Optional[int] = typer.Option(None, "--width", help="calibration image width (px) [default: as --height's]"),
-    guidance: float = typer.Option(Calib.guidance, "--guidance", help="classifier-free guidance scale"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale [default: 4.5; Turbo 0]"),
+    t5: bool = typer.Option(True, "--t5/--no-t5", help="--no-t5: calibrate on CLIP-only traffic (zero T5 embeddings), for bundles without T5"),
+    turbo: Optional[bool] = typer.Option(None, "--turbo/--no-turbo", help="a Turbo model: 4 steps, no guidance by default [default: what the model says]"),
     calib_batch: int = typer.Option(Calib.batch, "--calib-batch", help="prompts per pipeline call"),
     holdout: int = typer.Option(Calib.holdout, "--holdout", help="held-out prompts for the report"),
     dtype: str = typer.Option(Calib.dtype, "--dtype", help="compute dtype of the loops (weights stay FP32): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"),
@@ -106,20 +112,27 @@ def calibrate(
 ) -> None:
     """FP8 (E4M3) calibration with ModelOpt on real denoising traffic, an activation census and FP32 islands
     (state in OUT/calibration/; `sd35trt export` builds the FP8/FP16 ONNX from it)."""
-    from sd35trt.artifacts import ensure_writable_dir
-    from sd35trt.calibrate import DEFAULT_PROMPTS, CalibrationConfig, calibrate_model, calibration_size, format_report
-    from sd35trt.models import resolve_model
-    from sd35trt.recipe import DEFAULT_RECIPE
-    from sd35trt.specs import CALIBRATABLE, parse_components
+    from sd35trt.core.artifacts import ensure_writable_dir
+    from sd35trt.core.models import resolve_model
+    from sd35trt.core.specs import CALIBRATABLE, parse_components
+    from sd35trt.producers.calibrate import (
+        DEFAULT_PROMPTS,
+        CalibrationConfig,
+        calibrate_model,
+        calibration_size,
+        format_report,
+    )
+    from sd35trt.producers.recipe import DEFAULT_RECIPE
 
-    source = resolve_model(model)
+    source = resolve_model(model, turbo=turbo)
     default_prompts, default_steps, default_size = calibration_size(source)
     cfg = CalibrationConfig(
         prompts_file=prompts or DEFAULT_PROMPTS, num_prompts=default_prompts if num_prompts is None else num_prompts,
         steps=default_steps if steps is None else steps, seed=seed, components=parse_components(components, CALIBRATABLE),
         recipe_file=config or DEFAULT_RECIPE, height=default_size if height is None else height,
-        width=default_size if width is None else width, guidance=guidance, batch=calib_batch,
-        holdout=holdout, dtype=dtype)
+        width=default_size if width is None else width,
+        guidance=source.defaults.guidance if guidance is None else guidance, batch=calib_batch,
+        holdout=holdout, dtype=dtype, t5=t5 and source.has_t5)
     ensure_writable_dir(out)
     result = calibrate_model(source, out, cfg, device=device, force=force, shards=shards)
     if result is None:  # a torchrun worker other than rank 0: rank 0 prints the report

@@ -1,0 +1,501 @@
+"""``sd35trt compare``: per-component (polygraphy) and end-to-end comparison with the PyTorch reference.
+
+1. Real traffic: diffusers' ``StableDiffusion3Pipeline`` (FP32 weights) runs K prompts; the inputs every
+   network sees are recorded (the VAE's from the final latents).
+2. Per component and precision variant: polygraphy's ``Comparator.run`` runs the PyTorch module (a small
+   polygraphy runner of ours: the stock ``PytRunner`` is CUDA-only) and onnxruntime on those inputs, then
+   ``Comparator.compare_accuracy`` with the spec's tolerance, plus rel-L2 / max-abs / cosine of our own.
+3. End to end: the sd35trt loop over each variant's runners vs the diffusers pipeline on the same seeds:
+   final latents and decoded images (PSNR, max-abs).
+Results: ``compare.json``, a table, ``compare.png`` (reference vs candidates), and ``passed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd35trt import __version__
+from sd35trt.core import log
+from sd35trt.core.errors import InvalidInputError
+from sd35trt.core.metrics import aggregate, error_stats, psnr
+from sd35trt.core.models import ModelSource
+from sd35trt.core.specs import COMPONENTS, SPECS, Precision, vae_input
+
+# Decoded-image PSNR an end-to-end variant must reach against diffusers FP32 (same seeds, random weights).
+E2E_MIN_PSNR_DB = {Precision.FP32: 60.0, Precision.FP16: 30.0, Precision.FP8: 25.0}
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    variants: tuple[str, ...] = ()  # ONNX variants to compare; () = every variant the work dir has
+    components: tuple[str, ...] = COMPONENTS
+    prompts: int = 2
+    steps: int = 4
+    height: int = 512
+    width: int = 512
+    guidance: float = 4.5
+    seed: int = 0
+    t5: bool = True  # False: CLIP-only, against diffusers' own pipeline with text_encoder_3=None
+
+    def __post_init__(self):
+        bad = [v for v in self.variants if v not in ("fp32", "fp16", "fp8")]
+        if bad:
+            raise InvalidInputError(f"unknown variant(s) {', '.join(bad)}", hint="choose from fp32,fp16,fp8")
+        if self.prompts < 1 or self.steps < 1:
+            raise InvalidInputError("--prompts and --steps must be ≥ 1", hint="e.g. --prompts 2 --steps 4")
+
+
+@dataclass
+class CompareReport:
+    data: dict[str, Any]
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:  # truthy when every tolerance held (polygraphy's convention)
+        return self.passed
+
+
+VERBOSE = False  # `compare --verbose`: polygraphy's per-iteration log at INFO (always on stderr)
+
+
+@contextlib.contextmanager
+def polygraphy_quiet():
+    """Polygraphy prints its log with print() (stdout, which carries results only): send it to stderr, at
+    WARNING unless --verbose, without colour codes."""
+    from polygraphy.logger import G_LOGGER
+
+    old = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.INFO if VERBOSE else G_LOGGER.WARNING
+    G_LOGGER.colors = False
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        G_LOGGER.module_severity = old
+
+
+def _poly_runner(runner: Any, name: str):
+    """A ComponentRunner as a polygraphy runner: PyTorch (polygraphy's PytRunner is CUDA-only and breaks on
+    CPU) and sd35trt's engine sessions (their own buffers and CUDA graphs). Outputs are copied out: a session's
+    buffers are reused by its next call."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    spec = runner.spec
+
+    class ComponentPolyRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name)
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for tensor in spec.inputs:
+                meta.add(tensor.name, dtype=np.dtype(tensor.dtype),
+                         shape=tuple(-1 if isinstance(d, str) else d for d in tensor.shape))
+            return meta
+
+        def infer_impl(self, feed_dict):
+            import torch
+
+            start = time.perf_counter()
+            out = runner(**{k: torch.from_numpy(np.asarray(v)) for k, v in feed_dict.items()})
+            result = OrderedDict((k, v.detach().float().cpu().numpy().copy()) for k, v in out.items())
+            self.inference_time = time.perf_counter() - start  # polygraphy sums these per runner
+            return result
+
+    return ComponentPolyRunner()
+
+
+def _ort_poly_runner(path: Path, name: str, provider: str):
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from sd35trt.core.onnx_utils import ort_session
+
+    return OnnxrtRunner(lambda: ort_session(path, provider=provider), name=name)
+
+
+@contextlib.contextmanager
+def polygraphy_trt(backend: str) -> Iterator[Any]:
+    """``polygraphy.backend.trt`` bound to ``backend``'s TensorRT module, for this block only.
+
+    Polygraphy picks TensorRT or TensorRT-RTX once, when ``polygraphy.backend.trt`` is first imported
+    (``config.USE_TENSORRT_RTX``), and imports it as ``tensorrt_rtx``, which the PyPI wheels name
+    ``tensorrt_rtx_bindings``. Here the flag, an alias module and a fresh import of polygraphy's TensorRT
+    backend are set up for the block (its lazy TensorRT module resolved inside it, so runners made here keep
+    working), and the process's previous state is put back afterwards."""
+    import importlib
+    import importlib.util
+
+    import polygraphy.backend
+    import polygraphy.config as polygraphy_config
+
+    prefix = "polygraphy.backend.trt"
+    saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n == prefix or n.startswith(prefix + ".")}
+    had_attr, old_attr = hasattr(polygraphy.backend, "trt"), getattr(polygraphy.backend, "trt", None)
+    saved_flag, alias = polygraphy_config.USE_TENSORRT_RTX, False
+    try:
+        polygraphy_config.USE_TENSORRT_RTX = backend == "tensorrt-rtx"
+        if backend == "tensorrt-rtx" and "tensorrt_rtx" not in sys.modules and importlib.util.find_spec("tensorrt_rtx") is None:
+            sys.modules["tensorrt_rtx"], alias = importlib.import_module("tensorrt_rtx_bindings"), True
+        module = importlib.import_module(prefix)
+        for name in list(sys.modules):  # resolve every lazy TensorRT module of the fresh import while bound
+            lazy = getattr(sys.modules[name], "trt", None) if name.startswith(prefix) else None
+            if lazy is not None and type(lazy).__name__ == "LazyModule":
+                lazy.__version__  # noqa: B018
+        yield module
+    finally:
+        for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        if had_attr:
+            polygraphy.backend.trt = old_attr
+        elif hasattr(polygraphy.backend, "trt"):
+            del polygraphy.backend.trt
+        if alias:
+            sys.modules.pop("tensorrt_rtx", None)
+        polygraphy_config.USE_TENSORRT_RTX = saved_flag
+
+
+def chained_poly_runner(inners: list[Any], name: str, inputs: Sequence[str], outputs: Sequence[str] | None = None):
+    """Polygraphy runners (``TrtRunner`` on a bundle's plans; any polygraphy runner in tests) run back to back
+    like ``runners.ChainRunner``: each fed, cast to the dtypes it reports, the inputs it names from what the
+    component's inputs and the earlier parts gave; float32 out, like sd35trt's runners. ``inputs``: the
+    component's own inputs (the chain's metadata); ``outputs``: what the chain returns (default: everything the
+    parts produced)."""
+    from polygraphy.backend.base import BaseRunner
+
+    class ChainedRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name)
+            self.inners = inners
+
+        def activate_impl(self):
+            for inner in self.inners:
+                inner.activate()
+
+        def deactivate_impl(self):
+            for inner in self.inners:
+                inner.deactivate()
+
+        def get_input_metadata_impl(self):
+            # polygraphy DataTypes, not numpy dtypes (the default of 0.53.6), or Comparator.run fails coercing feeds
+            from polygraphy.common import TensorMetadata
+
+            meta = TensorMetadata()
+            for inner in self.inners:
+                for key, value in inner.get_input_metadata(use_numpy_dtypes=False).items():
+                    if key in inputs and key not in meta:
+                        meta.add(key, dtype=value.dtype, shape=value.shape)
+            return meta
+
+        def infer_impl(self, feed_dict):
+            known, self.inference_time = dict(feed_dict), 0.0
+            for inner in self.inners:
+                meta = inner.get_input_metadata(use_numpy_dtypes=False)
+                feeds = OrderedDict((k, np.asarray(known[k]).astype(meta[k].dtype.numpy())) for k in meta)
+                known.update((k, np.array(v)) for k, v in inner.infer(feeds).items())
+                self.inference_time += inner.last_inference_time()
+            names = outputs or tuple(k for k in known if k not in feed_dict)
+            return OrderedDict((k, np.asarray(known[k], dtype=np.float32)) for k in names)
+
+    return ChainedRunner()
+
+
+def polygraphy_trt_runner(plans: list[Path], backend: str, name: str, inputs: Sequence[str],
+                          outputs: Sequence[str] | None = None):
+    """Polygraphy's own ``TrtRunner`` on a bundle's plans (one per part, chained): the second, independent
+    engine runner ``compare --bundle`` checks sd35trt's against. TensorRT-RTX bundles use polygraphy's RTX mode,
+    scoped to this call (``polygraphy_trt``)."""
+    with polygraphy_trt(backend) as trt_backend:
+        inners = [trt_backend.TrtRunner(trt_backend.EngineFromBytes(lambda path=path: path.read_bytes()),
+                                        name=f"{name}:part{k}") for k, path in enumerate(plans)]
+    return chained_poly_runner(inners, name, inputs, outputs)
+
+
+ENGINE_AGREEMENT_REL_L2 = 1e-3  # our engine session vs polygraphy's TrtRunner on one plan and the same inputs
+
+
+def record_traffic(pipe: Any, prompts: list[str], cfg: CompareConfig) -> tuple[dict[str, list], Any]:
+    """Run diffusers' pipeline on ``prompts``; return inputs per network and the final latents per prompt."""
+    import torch
+
+    from sd35trt.core.traffic import TrafficRecorder
+
+    encoders = ("clip_l", "clip_g", "t5") if pipe.text_encoder_3 is not None else ("clip_l", "clip_g")
+    recorder = TrafficRecorder(pipe, ("transformer", *encoders), limit=4 * cfg.steps)
+    latents = []
+    for i, prompt in enumerate(prompts):
+        out = pipe(prompt=prompt, negative_prompt="", num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                   height=cfg.height, width=cfg.width, generator=torch.Generator("cpu").manual_seed(cfg.seed + i),
+                   output_type="latent")
+        latents.append(out.images.float().cpu())
+    recorder.close()
+    vae = pipe.vae
+    traffic = dict(recorder.calls)
+    traffic["vae_decoder"] = [{"latent": vae_input(lat, vae.config)} for lat in latents]
+    return traffic, latents
+
+
+def _variant_rows(runners_by_variant: dict[str, dict[str, Any]], name: str) -> list[tuple[str, Any]]:
+    """(variant, runner) pairs to compare for one component: an ONNX variant counts only where the component
+    really has it (an "fp8" run that falls back to FP16 for the text encoders is not an FP8 row of theirs)."""
+    rows = []
+    for variant, runners in runners_by_variant.items():
+        runner = runners.get(name)
+        if runner is None:
+            continue
+        if variant in {p.value for p in Precision} and runner.precision != variant:
+            continue
+        rows.append((variant, runner))
+    return rows
+
+
+def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]], traffic: dict[str, list],
+                       components: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    from sd35trt.runtime.runners import ChainRunner, SessionRunner, TorchRunner
+
+    results: dict[str, Any] = {}
+    failures = []
+    for name in components:
+        spec = SPECS[name]
+        feeds = [{k: v.numpy() for k, v in call.items()} for call in traffic.get(name, [])]
+        rows = _variant_rows(runners_by_variant, name)
+        if not feeds or not rows:
+            continue
+        poly_runners = [_poly_runner(TorchRunner(spec, pipe), f"torch-fp32:{name}")]
+        precisions, twins = {}, {}
+        for variant, runner in rows:
+            label = f"{variant}:{name}"
+            onnx = runner.kind == "onnxruntime" and isinstance(runner, SessionRunner)
+            poly_runners.append(_ort_poly_runner(Path(runner.info["onnx"]), label, runner.session.adapter.provider
+                                                 if runner.loaded else "cpu") if onnx else _poly_runner(runner, label))
+            precisions[label] = Precision(runner.precision)
+            engines = runner.parts if isinstance(runner, ChainRunner) else [runner]
+            if all(e.kind == "engine" for e in engines):  # the same plans through polygraphy's TrtRunner
+                twin = f"{variant}-polygraphy:{name}"
+                poly_runners.append(polygraphy_trt_runner([Path(e.info["plan"]) for e in engines],
+                                                          engines[0].info["backend"], twin, spec.input_names,
+                                                          spec.output_names))
+                precisions[twin], twins[label] = Precision(runner.precision), twin
+        with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"), polygraphy_quiet():
+            run_results = Comparator.run(poly_runners, data_loader=feeds)
+        reference_name = poly_runners[0].name
+        reference = dict(run_results)[reference_name]
+        entry = {}
+        for runner_name, precision in precisions.items():
+            tol = spec.tolerances[precision]
+            candidate = dict(run_results)[runner_name]
+            per_output = {}
+            for out in spec.output_names:
+                stats = aggregate([error_stats(r[out], c[out]) for r, c in zip(reference, candidate)], tol)
+                per_output[out] = stats | {"tolerance": {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs}}
+                if not stats["passed"]:
+                    failures.append(f"{runner_name} {out}: rel-L2 {stats['rel_l2_max']:.3e} > {tol.rel_l2:g} "
+                                    "or max-abs too large")
+            # polygraphy's own verdict on the mean element error, recorded beside ours
+            sub = type(run_results)()
+            sub.append((reference_name, reference))
+            sub.append((runner_name, candidate))
+            with polygraphy_quiet():
+                accuracy = Comparator.compare_accuracy(
+                    sub, compare_func=CompareFunc.simple(atol=tol.max_abs, rtol=tol.rel_l2, check_error_stat="mean"))
+            entry[runner_name.split(":")[0]] = {"precision": precision.value, "outputs": per_output,
+                                                "polygraphy_mean_error_passed": bool(accuracy)}
+        for ours, theirs in twins.items():  # two independent runners of one engine must agree
+            mine, other = dict(run_results)[ours], dict(run_results)[theirs]
+            worst = max(error_stats(a[o], b[o]).rel_l2 for a, b in zip(mine, other) for o in spec.output_names)
+            entry[ours.split(":")[0]]["agrees_with_polygraphy_trt_rel_l2"] = worst
+            if not worst <= ENGINE_AGREEMENT_REL_L2:
+                failures.append(f"{ours}: sd35trt's engine session and polygraphy's TrtRunner differ on the same engine "
+                                f"(rel-L2 {worst:.3e} > {ENGINE_AGREEMENT_REL_L2:g})")
+        results[name] = entry
+    return results, failures
+
+
+def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]], prompts: list[str],
+                       ref_latents: list, cfg: CompareConfig, ranges: Any) -> tuple[dict[str, Any], list[str], dict]:
+    import torch
+
+    from sd35trt.core.models import PipelineAssets
+    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+
+    vae = pipe.vae
+    with torch.no_grad():
+        ref_images = [vae.decode(vae_input(lat, vae.config), return_dict=False)[0] for lat in ref_latents]
+    assets = PipelineAssets.of_pipeline(pipe)
+    results, failures, images = {}, [], {"reference": ref_images}
+    for variant, runners in runners_by_variant.items():
+        loop = Sd35Loop(assets, runners, ranges, batch_text=False)
+        entries, variant_images = [], []
+        for i, prompt in enumerate(prompts):
+            request = GenerateRequest(prompt=prompt, negative_prompt="", steps=cfg.steps, guidance=cfg.guidance,
+                                      seed=cfg.seed + i, height=cfg.height, width=cfg.width)
+            out = loop(request, progress=False)
+            ref, cand = ref_latents[i].numpy(), out.latents.numpy()
+            image_psnr = psnr(ref_images[i].numpy(), out.images.numpy(), data_range=2.0)
+            entries.append({"prompt": prompt, "latents": error_stats(ref, cand).to_dict(),
+                            "latent_psnr_db": psnr(ref, cand, data_range=float(ref.max() - ref.min())),
+                            "image_psnr_db": image_psnr,
+                            "image_max_abs": float(np.abs(ref_images[i].numpy() - out.images.numpy()).max())})
+            variant_images.append(out.images)
+        # The precision of the transformer decides the variant's bar (FP8 variants keep FP16 elsewhere).
+        precision = Precision(runners["transformer"].precision)
+        floor = E2E_MIN_PSNR_DB[precision]
+        worst = min(e["image_psnr_db"] for e in entries)
+        passed = worst >= floor
+        if not passed:
+            failures.append(f"end-to-end {variant}: image PSNR {worst:.1f} dB < {floor:g} dB")
+        results[variant] = {"transformer_precision": precision.value, "runners": {k: r.describe() for k, r in runners.items()},
+                            "t5": "t5" in runners, "prompts": entries, "min_image_psnr_db": worst, "required_db": floor,
+                            "passed": passed}
+        images[variant] = variant_images
+    return results, failures, images
+
+
+def diff_gain(diff: Any) -> float:
+    """How much compare.png amplifies |candidate − reference| so the difference is visible: its 99.9th
+    percentile maps to full white (at least ×1; identical images stay black)."""
+    import torch
+
+    flat = diff.flatten().float()
+    top = float(torch.quantile(flat[:: max(1, flat.numel() // 1_000_000)], 0.999)) if flat.numel() else 0.0
+    return 1.0 if top <= 0 else float(min(1e6, max(1.0, 1.0 / top)))
+
+
+def save_grid(path: Path, images: dict[str, list], e2e: dict[str, Any], prompts: list[str] | None = None) -> None:
+    """compare.png: one row per prompt (its text above the row); the reference, then per variant its image and
+    |variant − reference| amplified to the visible range (the factor is printed on the tile; black = identical)."""
+    from PIL import Image, ImageDraw
+
+    variants = [n for n in images if n != "reference"]
+    columns = ["reference"] + [c for v in variants for c in (v, f"{v}:diff")]
+    rows = len(images["reference"])
+    tile, caption, header = 256, 20, 18
+    grid = Image.new("RGB", (tile * len(columns), (tile + caption + header) * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for row in range(rows):
+        top = row * (tile + caption + header)
+        text = (prompts or [""] * rows)[row]
+        draw.text((4, top + 3), f"prompt {row + 1}: {text[:140]}", fill="black")
+        for col, name in enumerate(columns):
+            ref = images["reference"][row][0].float().clamp(-1, 1)
+            if name.endswith(":diff"):
+                variant = name[: -len(":diff")]
+                diff = (images[variant][row][0].float().clamp(-1, 1) - ref).abs() / 2
+                gain = diff_gain(diff)
+                array = ((diff * gain).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+                label = f"|{variant} - ref| x{gain:.0f}"
+            else:
+                image = ref if name == "reference" else images[name][row][0].float().clamp(-1, 1)
+                array = ((image + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                label = "diffusers fp32 (reference)" if name == "reference" else \
+                    f"{name}: {e2e[name]['prompts'][row]['image_psnr_db']:.1f} dB"
+            grid.paste(Image.fromarray(array).resize((tile, tile)), (col * tile, top + header + caption))
+            draw.text((col * tile + 4, top + header + 4), label, fill="black")
+    tmp = path.with_suffix(".tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+
+
+def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: list[str],
+                runners_by_variant: dict[str, dict[str, Any]], ranges: Any, candidate_label: str,
+                missing: dict[str, str] | None = None) -> CompareReport:
+    """Compare ``runners_by_variant`` (ONNX variants, or one engine bundle) with diffusers/PyTorch FP32 (CLIP-only
+    runners against diffusers' own pipeline without T5)."""
+    from sd35trt.core.artifacts import write_json_atomic
+    from sd35trt.core.models import build_pipeline
+
+    t5 = cfg.t5 and all("t5" in r for r in runners_by_variant.values())
+    attrs = {"transformer", "text_encoder", "text_encoder_2", "vae"} | ({"text_encoder_3"} if t5 else set())
+    pipe = build_pipeline(source, device="cpu", components=attrs)
+    pipe.set_progress_bar_config(disable=True)
+    for spec in SPECS.values():  # text encoders run with the exported (eager) attention on both sides
+        if getattr(pipe, spec.pipeline_attr, None) is not None:
+            spec.module(pipe)
+    runners_by_variant = {v: {k: r for k, r in runners.items() if t5 or k != "t5"} for v, runners in runners_by_variant.items()}
+    start = time.perf_counter()
+    label = "StableDiffusion3Pipeline" + ("" if t5 else " with text_encoder_3=None")
+    with log.step(f"reference: diffusers {label} on {len(prompts)} prompts × {cfg.steps} steps"):
+        traffic, ref_latents = record_traffic(pipe, prompts, cfg)
+    per_component, failures = compare_components(pipe, runners_by_variant, traffic, cfg.components)
+    with log.step("end to end: sd35trt loop vs diffusers"):
+        e2e, e2e_failures, images = compare_end_to_end(pipe, runners_by_variant, prompts, ref_latents, cfg, ranges)
+    failures += e2e_failures
+    kinds = {r.kind for runners in runners_by_variant.values() for r in runners.values()}
+    data = {
+        "kind": "compare", "toolkit": __version__, "model": source.describe(), "random_weights": source.random_weights,
+        "candidate": candidate_label,
+        "config": cfg.__dict__ | {"variants": list(runners_by_variant), "components": list(cfg.components)},
+        "reference": f"diffusers {label}, FP32, CPU", "t5": t5, "components": per_component, "end_to_end": e2e,
+        "passed": not failures, "failures": failures, "missing": missing or {},
+        "seconds": round(time.perf_counter() - start, 1),
+        "host": platform.node(), "executed_with": sorted(kinds),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "compare.json", data)
+    save_grid(out / "compare.png", images, e2e, prompts)
+    return CompareReport(data, not failures, failures)
+
+
+def onnx_variants(onnx_root: Path, variants: tuple[str, ...], provider: str = "cpu",
+                  t5: bool = True) -> tuple[dict[str, dict[str, Any]], Any, dict[str, str]]:
+    """onnxruntime runners for each variant asked for (none named: every variant the work dir has); a variant
+    asked for but absent is listed in ``missing`` with why. An "fp8" variant runs FP8 where a component was
+    calibrated and FP16 elsewhere (as an FP8 engine bundle does)."""
+    from sd35trt.core.errors import ArtifactError
+    from sd35trt.core.manifests import WorkDir
+    from sd35trt.runtime.runners import runners_from_onnx
+
+    if not onnx_root.is_dir():
+        raise InvalidInputError("ONNX directory not found", path=onnx_root, hint="pass the --out of export/calibrate")
+    work = WorkDir(onnx_root)
+    present = [p.value for p in (Precision.FP32, Precision.FP16, Precision.FP8) if work.variant(p).is_dir()]
+    asked = variants or tuple(present)
+    runners_by_variant, ranges, missing = {}, None, {}
+    for variant in asked:
+        try:
+            found = runners_from_onnx(onnx_root, variant, provider=provider, t5=t5)
+        except ArtifactError as err:
+            if "no " not in err.what:
+                raise
+            missing[variant] = err.what
+            continue
+        if variant == "fp8" and not any(r.precision == "fp8" for r in found.runners.values()):
+            missing[variant] = "no fp8 ONNX for any component (run `sd35trt calibrate`, then `sd35trt export`)"
+            continue
+        runners_by_variant[variant], ranges = found.runners, found.ranges
+    if not runners_by_variant:
+        raise ArtifactError(f"nothing to compare: {'; '.join(missing.values()) or 'no ONNX'}", path=onnx_root,
+                            hint="run `sd35trt calibrate` then `sd35trt export` with this --out first (`--precision fp32` for FP32)")
+    return runners_by_variant, ranges, missing
+
+
+def format_compare(data: dict[str, Any]) -> str:
+    lines = [f"{'component':<12} {'variant':<6} {'prec':<5} {'output':<18} {'rel-L2 max':>11} {'max-abs':>9} {'ok':>4}"]
+    for name, entry in data["components"].items():
+        for variant, v in entry.items():
+            for out, s in v["outputs"].items():
+                lines.append(f"{name:<12} {variant:<6} {v['precision']:<5} {out:<18} {s['rel_l2_max']:>11.3e} "
+                             f"{s['max_abs']:>9.3g} {'yes' if s['passed'] else 'NO':>4}")
+    for variant, v in data["end_to_end"].items():
+        psnrs = ", ".join(f"{e['image_psnr_db']:.1f}" if math.isfinite(e["image_psnr_db"]) else "inf" for e in v["prompts"])
+        mix = ", ".join(f"{k} {r['precision']}" for k, r in v["runners"].items())
+        lines.append(f"end to end {variant:<5} ({mix}{'' if v.get('t5', True) else '; no T5'}): image PSNR {psnrs} dB "
+                     f"(need ≥ {v['required_db']:g}) {'ok' if v['passed'] else 'FAILED'}")
+    for variant, why in data.get("missing", {}).items():
+        lines.append(f"not compared {variant}: {why}")
+    lines.append("PASSED" if data["passed"] else "FAILED: " + "; ".join(data["failures"]))
+    return "\n".join(lines)

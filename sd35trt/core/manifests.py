@@ -1,0 +1,381 @@
+"""The work-dir layout and the typed artifacts in it, in one place.
+
+``W/calibration/`` is written by ``calibrate`` alone and ``W/onnx*/<component>/`` by ``export`` alone; each
+folder carries a ``manifest.json`` with the hash of its inputs. Consumers read these through the classes
+here, never by raw keys, and ``load_current`` is the one "is this artifact still current?" check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sd35trt.core.artifacts import read_json, verify_files
+from sd35trt.core.errors import ArtifactError
+from sd35trt.core.numerics import Island
+from sd35trt.core.specs import Precision
+
+MANIFEST = "manifest.json"
+VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8"}
+CALIBRATION_LAYOUT = 2  # bump when the calibration folder's files change meaning
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """``--out`` of calibrate/export, ``--onnx`` of build/compare/generate."""
+
+    root: Path
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration"
+
+    def variant(self, precision: Precision) -> Path:
+        return self.root / VARIANT_DIRS[precision]
+
+    def onnx_folder(self, precision: Precision, component: str) -> Path:
+        return self.variant(precision) / component
+
+    def onnx_path(self, precision: Precision, component: str) -> Path:
+        return self.onnx_folder(precision, component) / "model.onnx"
+
+    @staticmethod
+    def of_onnx(onnx_path: Path) -> WorkDir:
+        """The work dir an ``onnx*/<component>/model.onnx`` lives in."""
+        return WorkDir(onnx_path.parents[2])
+
+
+def load_current(folder: Path, inputs_hash: str, what: str) -> dict[str, Any] | None:
+    """The manifest of a finished artifact whose inputs hash matches and whose files are all there with
+    their recorded sizes (a cheap check; consumers that build from the bytes run ``verify_files``)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path, what)
+    except ArtifactError:
+        return None
+    if manifest.get("inputs_hash") != inputs_hash:
+        return None
+    files = manifest.get("files", {})
+    if any(not (folder / rel).is_file() or (folder / rel).stat().st_size != e["bytes"] for rel, e in files.items()):
+        return None
+    return manifest
+
+
+def require_model(described: dict[str, Any], fingerprint: str, model_id: str, where: Path) -> None:
+    """Refuse artifacts built from another model than ``--model`` names."""
+    if described.get("fingerprint") != fingerprint:
+        raise ArtifactError(f"artifacts were built from model '{described.get('id')}', not '{model_id}' "
+                            "(fingerprints differ)", path=where, hint=f"pass --model {described.get('id')}")
+
+
+@dataclass(frozen=True)
+class Fp16Decision:
+    """How a component's FP16 variant is built: FP16 with its FP32 islands, or whole FP32 (last resort)."""
+
+    precision: str  # "fp16" | "fp32"
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"precision": self.precision, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class CalibrationManifest:
+    """``W/calibration/manifest.json``: what calibrate decided, for export to build from."""
+
+    inputs_hash: str
+    model: dict[str, Any]
+    components: tuple[str, ...]  # calibrated to FP8
+    islands: dict[str, list[Island]]  # every component, empty lists included
+    fp16: dict[str, Fp16Decision]
+    files: dict[str, dict[str, Any]]
+    reference: str
+    margin: float
+    layout: int = CALIBRATION_LAYOUT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "calibration", "layout": self.layout, "inputs_hash": self.inputs_hash, "model": self.model,
+                "components": list(self.components), "reference": self.reference, "margin": self.margin,
+                "fp32_islands": {c: [i.to_dict() for i in v] for c, v in self.islands.items()},
+                "fp16": {c: d.to_dict() for c, d in self.fp16.items()}, "files": self.files, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path) -> CalibrationManifest:
+        if data.get("kind") != "calibration" or data.get("layout") != CALIBRATION_LAYOUT:
+            raise ArtifactError("calibration state is of an older sd35trt layout", path=path,
+                                hint="re-run `sd35trt calibrate --force` with this --out")
+        try:
+            return cls(
+                inputs_hash=data["inputs_hash"], model=data["model"], components=tuple(data["components"]),
+                islands={c: [Island.from_dict(i) for i in v] for c, v in data["fp32_islands"].items()},
+                fp16={c: Fp16Decision(d["precision"], d["reason"]) for c, d in data["fp16"].items()},
+                files=data["files"], reference=data["reference"], margin=float(data["margin"]),
+                extra={k: v for k, v in data.items() if k not in {
+                    "kind", "layout", "inputs_hash", "model", "components", "reference", "margin", "fp32_islands",
+                    "fp16", "files"}})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"calibration manifest is malformed ({exc.__class__.__name__}: {exc})", path=path,
+                                hint="re-run `sd35trt calibrate --force` with this --out") from None
+
+
+def load_calibration(work: WorkDir, *, verify: bool = True) -> CalibrationManifest | None:
+    """The calibration state of a work dir, or None when there is none; files checked against the manifest."""
+    path = work.calibration / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = CalibrationManifest.from_dict(read_json(path, "calibration manifest"), path)
+    if verify:
+        verify_files(work.calibration, manifest.files, path)
+    return manifest
+
+
+@dataclass(frozen=True)
+class OnnxManifest:
+    """``W/onnx*/<component>/manifest.json``: one exported ONNX variant, as build and the runners read it."""
+
+    folder: Path
+    component: str
+    precision: Precision
+    model: dict[str, Any]
+    inputs_hash: str
+    files: dict[str, dict[str, Any]]
+    profile: dict[str, list[list[int]]]
+    ranges: dict[str, str] | None
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    weights_precision: str
+    fp32_islands: list[dict[str, Any]]
+    calibration_hash: str | None
+    data: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # everything else, as written
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / "model.onnx"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.data, "component": self.component, "precision": self.precision.value, "model": self.model,
+                "inputs_hash": self.inputs_hash, "files": self.files, "profile": self.profile, "ranges": self.ranges,
+                "inputs": self.inputs, "outputs": self.outputs, "weights_precision": self.weights_precision,
+                "fp32_islands": self.fp32_islands, "calibration_hash": self.calibration_hash}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], folder: Path) -> OnnxManifest:
+        try:
+            return cls(folder=folder, component=data["component"], precision=Precision(data["precision"]),
+                       model=data["model"], inputs_hash=data["inputs_hash"], files=data["files"],
+                       profile=data["profile"], ranges=data.get("ranges"), inputs=data["inputs"],
+                       outputs=data["outputs"], weights_precision=data.get("weights_precision", data["precision"]),
+                       fp32_islands=data.get("fp32_islands", []), calibration_hash=data.get("calibration_hash"),
+                       data=data)
+        except (KeyError, ValueError) as exc:
+            raise ArtifactError(f"ONNX manifest is malformed or of an older layout ({exc.__class__.__name__}: {exc})",
+                                path=folder / MANIFEST, hint="re-run `sd35trt export --force` with this --out") from None
+
+    @classmethod
+    def load(cls, folder: Path, component: str, precision: Precision) -> OnnxManifest:
+        manifest = cls.from_dict(read_json(folder / MANIFEST, f"{precision.value} ONNX manifest of {component}"), folder)
+        if manifest.component != component or manifest.precision is not precision:
+            raise ArtifactError(f"manifest describes {manifest.component}/{manifest.precision.value}, "
+                                f"expected {component}/{precision.value}", path=folder / MANIFEST,
+                                hint="the folder was moved or edited; re-run export")
+        return manifest
+
+    def verify(self) -> None:
+        verify_files(self.folder, self.files, self.folder / MANIFEST)
+
+
+BUNDLE_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """One plan file of an engine: the whole component, or one of its parts (``sd35trt.producers.parts``), with the
+    tensors it takes and gives (None: the component spec's own inputs and outputs)."""
+
+    file: str
+    sha256: str
+    bytes: int
+    inputs: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] | None = None
+    profile: dict[str, list[list[int]]] | None = None  # a part's own optimisation profile
+    weight_bytes: int | None = None  # a part's share of the component's weights
+    builder_memory: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
+        if self.inputs is not None:
+            data |= {"inputs": list(self.inputs), "outputs": list(self.outputs or ()), "weight_bytes": self.weight_bytes,
+                     "profile": self.profile}
+        return data | {"builder_memory": self.builder_memory}
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One engine of a bundle: its plan file(s), precision and what built it. A component built in parts has one
+    plan per part, run back to back (``runtime.runners.ChainRunner``)."""
+
+    name: str
+    plans: tuple[PlanFile, ...]
+    precision: str
+    reason: str = ""
+    weights_precision: str = ""
+    inputs_hash: str = ""
+    fp32_islands: list[dict[str, Any]] = field(default_factory=list)
+    onnx: dict[str, Any] = field(default_factory=dict)  # path, files, inputs_hash, calibration_hash of the source
+    profile: dict[str, list[list[int]]] | None = None
+    ranges: dict[str, Any] | None = None
+    io: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, Any] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list, compare=False)
+    parts_reason: str | None = None
+    weight_streaming: bool = False  # built with BuilderFlag.WEIGHT_STREAMING (build --weight-streaming)
+    refit: dict[str, Any] | None = None  # refittable / weight-stripped plans (build --refittable)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.plans)
+
+    @property
+    def parted(self) -> bool:
+        return len(self.plans) > 1 or self.plans[0].inputs is not None
+
+    @property
+    def builder_memory(self) -> dict[str, Any]:
+        """The builder's memory where it peaked (the largest part's)."""
+        return max((p.builder_memory for p in self.plans), key=lambda m: m.get("peak_rss_gib", 0), default={})
+
+    @property
+    def work_dir(self) -> WorkDir | None:
+        path = self.onnx.get("path")
+        return WorkDir.of_onnx(Path(path)) if path else None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        where = ({"file": self.plans[0].file, "sha256": self.plans[0].sha256} if not self.parted else
+                 {"parts": [p.to_dict() for p in self.plans], "parts_reason": self.parts_reason})
+        return {**self.extra, **where, "bytes": self.bytes, "precision": self.precision,
+                "weights_precision": self.weights_precision, "reason": self.reason, "inputs_hash": self.inputs_hash,
+                "fp32_islands": self.fp32_islands, "onnx": self.onnx, "profile": self.profile, "ranges": self.ranges,
+                "io": self.io, "layers": self.layers, "build_seconds": self.build_seconds, "warnings": self.warnings,
+                "builder_memory": self.builder_memory, "weight_streaming": self.weight_streaming,
+                **({"refit": self.refit} if self.refit is not None else {})}
+
+    @classmethod
+    def from_dict(cls, name: str, entry: dict[str, Any], path: Path) -> EngineEntry:
+        plans = entry.get("parts") or [entry]
+        for key in ("file", "sha256", "bytes", "precision"):
+            if any(key not in (entry if key == "precision" else p) for p in plans):
+                raise ArtifactError(f"bundle manifest entry for {name} lacks '{key}'", path=path, hint="rebuild the bundle")
+        parted = "parts" in entry
+        files = tuple(PlanFile(p["file"], p["sha256"], p["bytes"], tuple(p["inputs"]) if parted else None,
+                               tuple(p["outputs"]) if parted else None, p.get("profile") if parted else None,
+                               p.get("weight_bytes") if parted else None,
+                               p.get("builder_memory", entry.get("builder_memory", {}) if not parted else {}))
+                      for p in plans)
+        known = {f.name for f in fields(cls)} | {"file", "sha256", "bytes", "parts", "builder_memory"}
+        return cls(name, files, entry["precision"], entry.get("reason", ""), entry.get("weights_precision", ""),
+                   entry.get("inputs_hash", ""), entry.get("fp32_islands", []), entry.get("onnx", {}),
+                   entry.get("profile"), entry.get("ranges"), entry.get("io", {}), entry.get("layers", {}),
+                   float(entry.get("build_seconds", 0.0)), entry.get("warnings", []), entry.get("parts_reason"),
+                   bool(entry.get("weight_streaming", False)), entry.get("refit"),
+                   {k: v for k, v in entry.items() if k not in known})
+
+
+BUNDLE_ASSETS = "assets"  # the loop's tokenizers and configs (core.models.PipelineAssets), shipped in every bundle
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """``engines/<model>/<target>-<backend>/manifest.json``: what a deploy host needs to know about a bundle."""
+
+    folder: Path
+    target: str
+    compute_capabilities: list[str]
+    backend: str
+    backend_version: str
+    model: dict[str, Any]
+    inputs_hash: str
+    components: dict[str, EngineEntry]
+    runtime: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    assets: dict[str, dict[str, Any]] = field(default_factory=dict)  # assets/ files: sha256 and bytes
+    toolkit: str = ""
+    timing_cache: str = ""
+    build_seconds: float = 0.0
+    host: str = ""
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    MANIFEST_VERSION = 2
+
+    @property
+    def has_t5(self) -> bool:
+        return "t5" in self.components
+
+    @property
+    def turbo(self) -> bool:
+        return bool(self.model.get("turbo", False))
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        runs_on = self.runtime.get("runs_on", [])
+        return {**self.extra, "kind": "engine-bundle", "manifest_version": self.MANIFEST_VERSION,
+                "toolkit": self.toolkit, "model": self.model, "random_weights": self.model.get("random_weights", False),
+                "target": self.target, "compute_capabilities": self.compute_capabilities, "backend": self.backend,
+                "backend_version": self.backend_version, "runtime": self.runtime,
+                "runtime_requirement": f"{' or '.join(runs_on)} on a GPU with {self.runtime.get('gpus', '')}",
+                "t5": self.has_t5, "timing_cache": self.timing_cache, "config": self.config,
+                "inputs_hash": self.inputs_hash, "components": {n: e.to_dict() for n, e in self.components.items()},
+                "assets": self.assets, "build_seconds": self.build_seconds, "host": self.host, "created": self.created}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], folder: Path) -> BundleManifest:
+        path = folder / BUNDLE_MANIFEST
+        if data.get("kind") != "engine-bundle":
+            raise ArtifactError("not an engine bundle manifest (kind is missing or wrong)", path=path,
+                                hint="point at engines/<model>/<target>-<backend>/")
+        components = data.get("components")
+        if not isinstance(components, dict) or not components:
+            raise ArtifactError("bundle manifest lists no components", path=path, hint="rebuild the bundle")
+        entries = {name: EngineEntry.from_dict(name, entry, path) for name, entry in components.items()}
+        known = {f.name for f in fields(cls)} | {"kind", "manifest_version", "random_weights", "runtime_requirement", "t5"}
+        try:
+            return cls(folder=folder, target=data["target"], compute_capabilities=list(data["compute_capabilities"]),
+                       backend=data["backend"], backend_version=data["backend_version"], model=data["model"],
+                       inputs_hash=data["inputs_hash"], components=entries, runtime=data.get("runtime", {}),
+                       config=data.get("config", {}), assets=data.get("assets", {}), toolkit=data.get("toolkit", ""),
+                       timing_cache=data.get("timing_cache", ""), build_seconds=float(data.get("build_seconds", 0.0)),
+                       host=data.get("host", ""), created=data.get("created", ""),
+                       extra={k: v for k, v in data.items() if k not in known})
+        except KeyError as exc:
+            raise ArtifactError(f"bundle manifest lacks '{exc.args[0]}'", path=path, hint="rebuild the bundle") from None
+
+    @classmethod
+    def load(cls, folder: Path) -> BundleManifest:
+        return cls.from_dict(read_json(folder / BUNDLE_MANIFEST, "bundle manifest"), folder)
+
+    def verify(self) -> None:
+        """Every engine (and the shipped assets) is there with its recorded size and sha256."""
+        files = {p.file: {"sha256": p.sha256, "bytes": p.bytes} for p in self.plans()}
+        files |= {f"{BUNDLE_ASSETS}/{name}": entry for name, entry in self.assets.items()}
+        verify_files(self.folder, files, self.folder / BUNDLE_MANIFEST)
+
+    def plans(self) -> list[PlanFile]:
+        return [p for e in self.components.values() for p in e.plans]
+
+    def intact(self) -> bool:
+        """The cheap check for skip decisions (sizes only)."""
+        return all((self.folder / p.file).is_file() and (self.folder / p.file).stat().st_size == p.bytes
+                   for p in self.plans())

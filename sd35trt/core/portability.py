@@ -1,0 +1,124 @@
+"""What a bundle's engines need at run time, recorded when they are built and checked on the deploy host.
+
+Plain TensorRT engines run only on the TensorRT version that built them and on the GPU architecture they were
+built for. ``sd35trt build --portable`` builds full-TensorRT engines version-compatible
+(``BuilderFlag.VERSION_COMPATIBLE`` with ``EXCLUDE_LEAN_RUNTIME``): by TensorRT's API, such plans execute on the
+lean runtime of the same version (``tensorrt-lean``, a 44 MB wheel with no builder), so deploy hosts need not
+carry the full library. ``--hardware-compat ampere+`` (``HardwareCompatibilityLevel.AMPERE_PLUS``) lets one
+engine run on every GPU from Ampere on. Every bundle manifest holds the result under ``runtime``; ``doctor``
+compares it with the host. Pure functions: tested here without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sd35trt.core.errors import InvalidInputError, check_choice
+from sd35trt.core.targets import RTX_CCS
+
+if TYPE_CHECKING:
+    from sd35trt.core.manifests import BundleManifest
+
+HARDWARE_COMPAT = ("none", "ampere+")
+# Python modules of the runtimes a bundle may name, by backend.
+RUNTIME_MODULES = {"tensorrt": ("tensorrt", "tensorrt_lean"), "tensorrt-rtx": ("tensorrt_rtx_bindings",)}
+
+
+@dataclass(frozen=True)
+class RuntimeRecord:
+    """The manifest's ``runtime``: which runtime (module and version) and which GPUs can run the engines."""
+
+    backend: str
+    version: str
+    version_compatible: bool
+    hardware_compatibility: str
+    compute_capabilities: tuple[str, ...]
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Runtime modules that can deserialize the plans: the lean runtime only for version-compatible plans."""
+        if self.backend == "tensorrt":
+            return ("tensorrt", "tensorrt_lean") if self.version_compatible else ("tensorrt",)
+        return RUNTIME_MODULES[self.backend]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "version": self.version, "version_compatible": self.version_compatible,
+                "lean_runtime_in_plan": False if self.version_compatible else None,
+                "hardware_compatibility": self.hardware_compatibility,
+                "compute_capabilities": list(self.compute_capabilities),
+                "runs_on": [f"{m} {self.version}" for m in self.modules],
+                "gpus": ("compute capability 8.0 or newer" if self.hardware_compatibility == "ampere+"
+                         else f"compute capability {' or '.join(self.compute_capabilities)}")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeRecord:
+        return cls(str(data["backend"]), str(data["version"]), bool(data.get("version_compatible", False)),
+                   str(data.get("hardware_compatibility", "none")), tuple(data.get("compute_capabilities", ())))
+
+    @classmethod
+    def of_bundle(cls, data: dict[str, Any]) -> RuntimeRecord:
+        """The record of a bundle manifest; bundles from before ``runtime`` existed were plain engines."""
+        if isinstance(data.get("runtime"), dict):
+            return cls.from_dict(data["runtime"])
+        return cls(data["backend"], data["backend_version"], False, "none", tuple(data["compute_capabilities"]))
+
+
+def check_portability(backend: str, portable: bool, hardware_compat: str, *, fp8_components: list[str],
+                      build_cc: tuple[int, int] | None) -> None:
+    """One line for a combination the backend cannot build, before any engine is built."""
+    check_choice("--hardware-compat", hardware_compat, HARDWARE_COMPAT)
+    if backend == "tensorrt-rtx" and (portable or hardware_compat != "none"):
+        raise InvalidInputError("--portable and --hardware-compat are for full TensorRT engines; TensorRT-RTX "
+                                "engines already run on every compute capability of their target (its runtime "
+                                "compiles them for the GPU it finds) and need the TensorRT-RTX version that built them",
+                                hint="drop the option, or build with --backend tensorrt on a GPU host")
+    if hardware_compat == "ampere+":
+        if fp8_components:
+            raise InvalidInputError(f"--hardware-compat ampere+ engines must also run on Ampere, which has no FP8 "
+                                    f"({', '.join(fp8_components)} would be FP8)",
+                                    hint="add --precision fp16, or build per target without --hardware-compat")
+        if build_cc is not None and build_cc < (8, 0):
+            raise InvalidInputError(f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this one is "
+                                    f"SM{build_cc[0]}{build_cc[1]}", hint="build on an Ampere or newer host")
+
+
+def runtime_fit(record: RuntimeRecord, installed: dict[str, str | None], host_cc: str | None) -> tuple[bool, str]:
+    """Can a host with ``installed`` runtime modules (module → version or None) and GPU ``host_cc`` run these
+    engines? (False, the first blocking reason)."""
+    if host_cc is None:
+        return False, "no CUDA GPU on this host"
+    if record.hardware_compatibility == "ampere+":
+        major = int(host_cc.split(".")[0])
+        if major < 8:
+            return False, f"engines are Ampere-and-newer (ampere+), this GPU is compute capability {host_cc}"
+    elif host_cc not in record.compute_capabilities:
+        return False, f"built for compute capability {', '.join(record.compute_capabilities)}, this GPU is {host_cc}"
+    present = {m: installed.get(m) for m in record.modules if installed.get(m)}
+    if not present:
+        return False, f"no runtime for these engines is installed (need {' or '.join(f'{m} {record.version}' for m in record.modules)})"
+    for module, version in present.items():
+        if version == record.version:
+            return True, f"runs on {module} {version}" + (" (version-compatible plans)" if record.version_compatible else "")
+    found = ", ".join(f"{m} {v}" for m, v in present.items())
+    return False, (f"built with {record.backend} {record.version}, installed {found}: the plans need that exact "
+                   "version" + ("'s runtime (lean or full)" if record.version_compatible else ""))
+
+
+def runtime_module(record: RuntimeRecord, installed: dict[str, str | None]) -> str | None:
+    """The installed module to deserialize these plans with (the full runtime first), or None."""
+    return next((m for m in record.modules if installed.get(m) == record.version), None)
+
+
+def bundle_fit(manifest: BundleManifest, host: dict[str, Any]) -> tuple[bool, str]:
+    """Can this bundle's engines run on this host? (False, why) names the first blocking reason. The bundle's
+    ``runtime`` record decides (a version-compatible bundle also runs on the lean runtime)."""
+    record = RuntimeRecord.of_bundle(manifest.data)
+    ok, why = runtime_fit(record, host["runtimes"], host["compute_capability"])
+    if not ok:
+        return False, why
+    major, minor = (int(v) for v in host["compute_capability"].split("."))
+    if record.backend == "tensorrt-rtx" and (major, minor) not in RTX_CCS:
+        return False, (f"TensorRT-RTX does not run on compute capability {major}.{minor} (it supports "
+                       f"{', '.join(f'{a}.{b}' for a, b in RTX_CCS)})")
+    return True, why

@@ -1,0 +1,543 @@
+"""One ``ComponentSpec`` per exported network: the single place a name, an axis or a shape range lives.
+
+Export (input/output names, dynamic axes, dummy inputs), validation and comparison (tolerances), engine
+optimisation profiles (min/opt/max shapes) and the runtime (binding names, dtypes) all read these specs.
+Shape ranges are user-facing (batch, image height/width, T5 tokens) and turned into per-tensor shapes here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from sd35trt.core.errors import InvalidInputError
+from sd35trt.core.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+PIXEL_STEP = 64  # engines are built for sizes in steps of 64 px, as SD3.5 is trained on
+MIN_PIXELS, MAX_PIXELS = 512, 1536  # SD3's ~1 MP aspect buckets reach 1536 px per side (1536x640)
+OPT_PIXELS = 1024
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    FP8 = "fp8"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when rel-L2 ≤ ``rel_l2`` and max-abs ≤ ``max_abs``·max(1, max|ref|) and nothing is NaN/Inf."""
+
+    rel_l2: float
+    max_abs: float
+
+    def scaled_max_abs(self, ref_absmax: float) -> float:
+        return self.max_abs * max(1.0, ref_absmax)
+
+
+@dataclass(frozen=True)
+class Range:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not (self.min <= self.opt <= self.max):
+            raise InvalidInputError(f"range {self.min}:{self.opt}:{self.max} is not ordered min ≤ opt ≤ max",
+                                    hint="pass MIN:OPT:MAX with MIN ≤ OPT ≤ MAX")
+
+    @classmethod
+    def parse(cls, text: str, option: str) -> Range:
+        """Parse ``N`` or ``MIN:MAX`` or ``MIN:OPT:MAX`` (opt defaults to max)."""
+        try:
+            values = [int(v) for v in str(text).split(":")]
+        except ValueError:
+            raise InvalidInputError(f"{option} '{text}' is not N, MIN:MAX or MIN:OPT:MAX of integers",
+                                    hint=f"e.g. {option} 512:1024:1024") from None
+        if len(values) == 1:
+            return cls(values[0], values[0], values[0])
+        if len(values) == 2:
+            return cls(values[0], values[1], values[1])
+        if len(values) == 3:
+            return cls(*values)
+        raise InvalidInputError(f"{option} '{text}' has {len(values)} fields",
+                                hint=f"use N, MIN:MAX or MIN:OPT:MAX, e.g. {option} 512:1024:1024")
+
+    def scaled(self, factor: int) -> Range:
+        return Range(self.min * factor, self.opt * factor, self.max * factor)
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """What engines must accept: images per prompt (batch), pixel height/width, T5 tokens.
+
+    With classifier-free guidance the text encoders and the transformer see twice the images (negative and
+    positive prompt in one call), without it (guidance ≤ 1, Turbo) the images as they are, and compare's and
+    diffusers' own loop encode one prompt at a time: their profiles take batch 1 up to twice the largest
+    batch, optimised for the doubled batch unless ``cfg`` is off (a Turbo bundle). The VAE decoder sees the
+    images; ``vae_max`` caps its pixels per side (larger images are decoded in tiles).
+    """
+
+    batch: Range = Range(1, 1, 4)
+    height: Range = Range(MIN_PIXELS, OPT_PIXELS, MAX_PIXELS)
+    width: Range = Range(MIN_PIXELS, OPT_PIXELS, MAX_PIXELS)
+    t5_tokens: Range = Range(T5_MAX_TOKENS, T5_MAX_TOKENS, T5_MAX_TOKENS)
+    cfg: bool = True  # optimise the text encoders and the transformer for guidance (the opt batch doubled)
+    vae_max: int = 0  # the VAE decoder's largest side in pixels (0: the height/width maximum)
+
+    def __post_init__(self):
+        if self.batch.min < 1 or self.batch.max > 16:
+            raise InvalidInputError(f"--batch {self.batch} is outside 1..16", hint="use e.g. --batch 1:1:4")
+        for option, rng in (("--height", self.height), ("--width", self.width)):
+            for value in (rng.min, rng.opt, rng.max):
+                check_pixels(value, option)
+        if self.t5_tokens.min < 1 or self.t5_tokens.max > T5_MAX_TOKENS:
+            raise InvalidInputError(f"--t5-tokens {self.t5_tokens} is outside 1..{T5_MAX_TOKENS}",
+                                    hint=f"SD3.5 uses up to {T5_MAX_TOKENS} T5 tokens")
+        if self.vae_max:
+            check_pixels(self.vae_max, "--vae-max")
+            if self.vae_max < max(self.height.min, self.width.min):
+                raise InvalidInputError(f"--vae-max {self.vae_max} is below the smallest image side "
+                                        f"{max(self.height.min, self.width.min)}", hint="raise it, or leave it out")
+
+    @property
+    def vae_side(self) -> int:
+        """The largest side the VAE decoder takes whole."""
+        return self.vae_max or max(self.height.max, self.width.max)
+
+    def vae_range(self, which: Range) -> Range:
+        top = min(which.max, self.vae_side)
+        return Range(which.min, min(which.opt, top), top)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": str(self.batch), "height": str(self.height), "width": str(self.width),
+                "t5_tokens": str(self.t5_tokens), "cfg": self.cfg, **({"vae_max": self.vae_max} if self.vae_max else {})}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShapeRanges:
+        ranges = {k: Range.parse(v, f"--{k.replace('_', '-')}") for k, v in data.items() if k not in ("cfg", "vae_max")}
+        return cls(**ranges, cfg=bool(data.get("cfg", True)), vae_max=int(data.get("vae_max", 0)))
+
+    def contains(self, *, batch: int, height: int, width: int, t5_tokens: int = T5_MAX_TOKENS) -> list[str]:
+        """Reasons a concrete request falls outside these ranges (empty when it fits)."""
+        problems = []
+        for name, value, rng in (("batch", batch, self.batch), ("height", height, self.height),
+                                 ("width", width, self.width), ("T5 tokens", t5_tokens, self.t5_tokens)):
+            if not rng.min <= value <= rng.max:
+                problems.append(f"{name} {value} outside {rng.min}..{rng.max}")
+        return problems
+
+
+def check_pixels(value: int, option: str) -> None:
+    """Reject sizes SD3.5 can't take, suggesting the nearest valid one (diffusers' check_inputs does the same)."""
+    if value % 16 != 0:
+        nearest = max(MIN_PIXELS, min(MAX_PIXELS, round(value / PIXEL_STEP) * PIXEL_STEP))
+        raise InvalidInputError(f"{option} {value} is not divisible by 16",
+                                hint=f"SD3.5 needs multiples of 16 (VAE ×8, patch ×2); try {nearest}")
+    if not MIN_PIXELS // 2 <= value <= 2 * MAX_PIXELS:
+        raise InvalidInputError(f"{option} {value} is outside {MIN_PIXELS // 2}..{2 * MAX_PIXELS} px",
+                                hint=f"SD3.5 is trained for about 1 megapixel, {MIN_PIXELS}..{MAX_PIXELS} px per side")
+
+
+# Activation estimates (16-bit activations) for VRAM plans; see ComponentSpec.activation_bytes.
+ACTIVATION_PER_TOKEN_CHANNEL = 24.0
+VAE_ACTIVATION_PER_PIXEL = 1280.0
+
+# Axes that vary at run time; every other string in a TensorSpec shape is a width read off the model config.
+DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "height", "width", "t5_tokens", "text_tokens")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One ONNX input or output: name, dtype and symbolic shape (strings are dynamic axes)."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[str | int, ...]  # DYNAMIC_DIMS names, config width names, or fixed ints
+    value_range: tuple[float, float] | None = None  # uniform dummy values (else standard normal)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    pipeline_attr: str  # attribute of StableDiffusion3Pipeline holding the network
+    description: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrapper: Callable[[Any], torch.nn.Module]  # network -> module with exactly the ONNX signature
+    tolerances: dict[Precision, Tolerance] = field(default_factory=dict)
+    # Exact, export-only rewrites of the network for the shape ranges being exported (see crop_pos_embed).
+    export_context: Callable[[Any, ShapeRanges, PipeDims], Any] | None = None
+    calibratable: bool = False  # ModelOpt FP8 calibration applies (the VAE decoder stays FP16: conv-bound)
+    cfg_batch: bool = True  # sees the classifier-free-guidance batch (2x images); the VAE sees the images
+    # Modules that run as one FP32 island when an activation inside them leaves FP16 range (regexes over
+    # dotted module names; see numerics.plan_islands). SD3's joint block, as NVIDIA's demo upcasts it; T5's
+    # sub-layer, since TensorRT-RTX 1.7 crashes building an FP32 T5 attention inside an FP16 graph.
+    island_units: tuple[str, ...] = ()
+    # GPU activation memory of one call, for VRAM plans (``activation_bytes``): bytes per token per channel of
+    # the network's width (transformer, text encoders) or per output pixel (VAE decoder).
+    activation_factor: float = ACTIVATION_PER_TOKEN_CHANNEL
+
+    def activation_bytes(self, dims: dict[str, int], width: int) -> int:
+        """Estimated activation memory of one call at ``dims`` for a network ``width`` channels wide."""
+        batch = dims["batch"]
+        if self.name == "vae_decoder":
+            return int(self.activation_factor * batch * dims["height"] * dims["width"])
+        tokens = {"transformer": (dims["latent_height"] // 2) * (dims["latent_width"] // 2) + dims["text_tokens"],
+                  "t5": dims["t5_tokens"]}.get(self.name, CLIP_MAX_TOKENS)
+        return int(self.activation_factor * batch * tokens * width)
+
+    def exporting(self, pipe: StableDiffusion3Pipeline, ranges: ShapeRanges, pipe_dims: PipeDims):
+        if self.export_context is None:
+            return contextlib.nullcontext()
+        return self.export_context(getattr(pipe, self.pipeline_attr), ranges, pipe_dims)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: d for i, d in enumerate(t.shape) if d in DYNAMIC_DIMS}
+                for t in (*self.inputs, *self.outputs)}
+
+    def module(self, pipe: StableDiffusion3Pipeline) -> torch.nn.Module:
+        network = getattr(pipe, self.pipeline_attr)
+        if network is None:
+            raise InvalidInputError(f"component {self.name} was not loaded",
+                                    hint="build the pipeline with this component")
+        # eval() on the wrapper matters: torch.onnx.export restores the wrapper's training flag recursively
+        # afterwards, which would switch dropout on in the wrapped network (T5 has dropout 0.1).
+        return self.wrapper(network).eval()
+
+    # -- shapes ----------------------------------------------------------------------------------------
+
+    def dim_ranges(self, ranges: ShapeRanges, pipe_cfg: PipeDims) -> dict[str, Range]:
+        """min/opt/max of every symbolic dim of this component under ``ranges``: every call the loop can make
+        fits (batch from 1: one prompt without guidance, or encoded apart as diffusers does; up to twice the
+        images with guidance), optimised for the doubled batch when the bundle expects guidance."""
+        lat = pipe_cfg.vae_scale
+        batch = ranges.batch
+        if self.cfg_batch:
+            batch = Range(batch.min, batch.opt * (2 if ranges.cfg else 1), batch.max * 2)
+        height, width = (ranges.vae_range(ranges.height), ranges.vae_range(ranges.width)) if not self.cfg_batch \
+            else (ranges.height, ranges.width)
+        return {
+            "batch": batch,
+            "latent_height": Range(height.min // lat, height.opt // lat, height.max // lat),
+            "latent_width": Range(width.min // lat, width.opt // lat, width.max // lat),
+            "height": height,
+            "width": width,
+            "t5_tokens": ranges.t5_tokens,
+            "text_tokens": Range(CLIP_MAX_TOKENS + ranges.t5_tokens.min, CLIP_MAX_TOKENS + ranges.t5_tokens.opt,
+                                 CLIP_MAX_TOKENS + ranges.t5_tokens.max),
+        }
+
+    def concrete_dims(self, pipe_cfg: PipeDims | int, *, batch: int, height: int, width: int,
+                      t5_tokens: int = T5_MAX_TOKENS) -> dict[str, int]:
+        """Symbolic dims of one call of this network (``batch``: the call's own batch; ``pipe_cfg``: the
+        pipeline's dims or just its VAE scale factor)."""
+        lat = pipe_cfg if isinstance(pipe_cfg, int) else pipe_cfg.vae_scale
+        return {
+            "batch": batch,
+            "latent_height": height // lat, "latent_width": width // lat, "height": height, "width": width,
+            "t5_tokens": t5_tokens, "text_tokens": CLIP_MAX_TOKENS + t5_tokens,
+        }
+
+    def resolve(self, tensor: TensorSpec, dims: dict[str, int], pipe_cfg: PipeDims) -> tuple[int, ...]:
+        return tuple(dims[d] if d in DYNAMIC_DIMS else pipe_cfg.resolve(d) for d in tensor.shape)
+
+    def profile(self, ranges: ShapeRanges, pipe_cfg: PipeDims) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """Optimisation profile: input name -> (min, opt, max) shapes."""
+        dim_ranges = self.dim_ranges(ranges, pipe_cfg)
+        profile = {}
+        for tensor in self.inputs:
+            shapes = []
+            for which in ("min", "opt", "max"):
+                dims = {k: getattr(v, which) for k, v in dim_ranges.items()}
+                shapes.append(self.resolve(tensor, dims, pipe_cfg))
+            profile[tensor.name] = tuple(shapes)
+        return profile
+
+    def dummy_inputs(self, pipe_cfg: PipeDims, dims: dict[str, int], *, seed: int = 0) -> dict[str, Any]:
+        """Random inputs of the right dtype/range: token ids within the vocabulary, timesteps in [0, 1000]."""
+        import torch
+
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for tensor in self.inputs:
+            shape = self.resolve(tensor, dims, pipe_cfg)
+            if tensor.dtype == "int64":
+                high = pipe_cfg.vocab[self.name]
+                tensors[tensor.name] = torch.randint(0, high, shape, generator=generator, dtype=torch.int64)
+            elif tensor.value_range is not None:
+                low, high = tensor.value_range
+                tensors[tensor.name] = low + torch.rand(shape, generator=generator) * (high - low)
+            else:
+                tensors[tensor.name] = torch.randn(shape, generator=generator)
+        return tensors
+
+
+@dataclass(frozen=True)
+class PipeDims:
+    """Static widths read off the loaded pipeline (hidden sizes, channels, vocab sizes, VAE scale)."""
+
+    vae_scale: int
+    widths: dict[str, int]
+    vocab: dict[str, int]
+
+    def resolve(self, dim: int | str) -> int:
+        return dim if isinstance(dim, int) else self.widths[dim]
+
+    @classmethod
+    def from_pipeline(cls, pipe: StableDiffusion3Pipeline) -> PipeDims:
+        from sd35trt.core.models import vae_scale_factor
+
+        widths: dict[str, int] = {}
+        # Dummy token ids stay inside what the tokenizer can emit (and the embedding table holds).
+        vocab = {key: min(enc.config.vocab_size, len(tok)) for key, enc, tok in (
+            ("clip_l", pipe.text_encoder, pipe.tokenizer), ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
+            ("t5", pipe.text_encoder_3, pipe.tokenizer_3)) if enc is not None}
+        if pipe.transformer is not None:
+            cfg = pipe.transformer.config
+            widths.update(joint_dim=cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
+                          latent_channels=cfg.in_channels)
+        else:
+            widths.update(latent_channels=pipe.vae.config.latent_channels)
+        for key, enc in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+            if enc is not None:
+                widths[f"{key}_hidden"] = enc.config.hidden_size
+                widths[f"{key}_proj"] = enc.config.projection_dim
+        if pipe.text_encoder_3 is not None:
+            widths["t5_hidden"] = pipe.text_encoder_3.config.d_model
+        return cls(vae_scale=vae_scale_factor(pipe), widths=widths, vocab=vocab)
+
+
+# --- wrappers: each gives a network exactly the ONNX signature of its spec ------------------------------
+
+
+def _eager_attention(encoder):
+    """Text encoders trace with eager attention: the legacy exporter's SDPA symbolic mixes a float32 mask
+    into FP16 graphs (LayerNorm float/half type error in onnxruntime). Same math, float rounding aside."""
+    if getattr(encoder.config, "_attn_implementation", "eager") != "eager":
+        encoder.set_attn_implementation("eager")
+    return encoder
+
+
+def eager_text_attention(pipe) -> None:
+    """Every loaded text encoder of ``pipe`` on eager attention, as its ONNX is traced. A step that runs the
+    pipeline and traces or wraps it calls this first, so its loops never switch attention halfway (that made
+    a calibration worker's scales differ from one process's in the last bits)."""
+    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, attr, None) is not None:
+            _eager_attention(getattr(pipe, attr))
+
+
+def _clip_wrapper(encoder):
+    import torch
+
+    encoder = _eager_attention(encoder)
+
+    class ClipTextEncoder(torch.nn.Module):
+        """Pooled projection + penultimate hidden states: what SD3's ``_get_clip_prompt_embeds`` reads."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids):
+            out = self.encoder(input_ids, output_hidden_states=True)
+            return out[0], out.hidden_states[-2]
+
+    return ClipTextEncoder()
+
+
+def _t5_wrapper(encoder):
+    import torch
+
+    encoder = _eager_attention(encoder)
+
+    class T5TextEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids):
+            return self.encoder(input_ids)[0]
+
+    return T5TextEncoder()
+
+
+@contextlib.contextmanager
+def crop_pos_embed(transformer, ranges: ShapeRanges, pipe_dims: PipeDims):
+    """Export the MMDiT with its position-embedding table cropped to the largest size the engine accepts.
+
+    SD3 keeps a ``pos_embed_max_size``² table (384² × 1536 values, 0.45 GB in FP16, for Medium) and crops
+    its centre at run time. An engine whose profile stops at 1024 px only ever reads the centre 64² window,
+    yet would carry the whole table as a constant. Cropping to that window (size kept of the same parity
+    as the original, so diffusers' centring arithmetic selects the same rows) is exact for every size in
+    the profile and shrinks the ONNX and both engines. The network is restored afterwards.
+    """
+    patch_embed = getattr(transformer, "pos_embed", None)
+    full = getattr(patch_embed, "pos_embed_max_size", None)
+    if not full or getattr(patch_embed, "pos_embed", None) is None:
+        yield
+        return
+    patch = patch_embed.patch_size
+    need = max(-(-ranges.height.max // (pipe_dims.vae_scale * patch)), -(-ranges.width.max // (pipe_dims.vae_scale * patch)))
+    size = need + (full - need) % 2
+    if size >= full:
+        yield
+        return
+    start = (full - size) // 2
+    table = patch_embed.pos_embed
+    cropped = table.reshape(1, full, full, -1)[:, start:start + size, start:start + size, :]
+    patch_embed.pos_embed = cropped.reshape(1, size * size, -1).contiguous()
+    patch_embed.pos_embed_max_size = size
+    try:
+        yield
+    finally:
+        patch_embed.pos_embed = table
+        patch_embed.pos_embed_max_size = full
+
+
+def _transformer_wrapper(transformer):
+    import torch
+
+    class MMDiT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+            return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                    pooled_projections=pooled_projections, timestep=timestep,
+                                    return_dict=False)[0]
+
+    return MMDiT()
+
+
+def _vae_decoder_wrapper(vae):
+    import torch
+
+    class VaeDecoder(torch.nn.Module):
+        """``vae.decode`` on already scaled/shifted latents (the loop applies scaling like diffusers does)."""
+
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent):
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    return VaeDecoder()
+
+
+class CastIO:
+    """Wrap a module running in ``dtype`` so its ONNX keeps float32 inputs/outputs (like keep_io_types)."""
+
+    def __new__(cls, module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+        import torch
+
+        class CastedIO(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = module
+
+            def forward(self, *args):
+                args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+                out = self.inner(*args)
+                if isinstance(out, tuple):
+                    return tuple(o.float() for o in out)
+                return out.float()
+
+        return CastedIO().eval()
+
+
+_TEXT_TOL = {Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(2e-2, 0.1),
+             Precision.FP8: Tolerance(0.1, 1.0)}
+
+
+def _clip_spec(name: str, attr: str, key: str, description: str) -> ComponentSpec:
+    return ComponentSpec(
+        name=name, pipeline_attr=attr, description=description,
+        inputs=(TensorSpec("input_ids", "int64", ("batch", CLIP_MAX_TOKENS)),),
+        outputs=(TensorSpec("text_embeds", "float32", ("batch", f"{key}_proj")),
+                 TensorSpec("hidden_states", "float32", ("batch", CLIP_MAX_TOKENS, f"{key}_hidden"))),
+        wrapper=_clip_wrapper, tolerances=_TEXT_TOL, calibratable=True,
+        island_units=(r"text_model\.encoder\.layers\.\d+",),
+    )
+
+
+SPECS: dict[str, ComponentSpec] = {
+    "transformer": ComponentSpec(
+        name="transformer", pipeline_attr="transformer", description="MMDiT denoiser (SD3Transformer2DModel)",
+        inputs=(
+            TensorSpec("hidden_states", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "text_tokens", "joint_dim")),
+            TensorSpec("pooled_projections", "float32", ("batch", "pooled_dim")),
+            TensorSpec("timestep", "float32", ("batch",), value_range=(0.0, 1000.0)),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+        wrapper=_transformer_wrapper,
+        tolerances={Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(1e-2, 0.05),
+                    Precision.FP8: Tolerance(0.08, 0.5)},
+        export_context=crop_pos_embed, calibratable=True, island_units=(r"transformer_blocks\.\d+",),
+    ),
+    "clip_l": _clip_spec("clip_l", "text_encoder", "clip_l", "CLIP ViT-L/14 text encoder"),
+    "clip_g": _clip_spec("clip_g", "text_encoder_2", "clip_g", "OpenCLIP ViT-bigG/14 text encoder"),
+    "t5": ComponentSpec(
+        name="t5", pipeline_attr="text_encoder_3", description="T5-XXL v1.1 encoder",
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "t5_tokens")),),
+        outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "t5_tokens", "t5_hidden")),),
+        wrapper=_t5_wrapper, tolerances=_TEXT_TOL, calibratable=True,
+        island_units=(r"encoder\.block\.\d+\.layer\.\d+",),
+    ),
+    "vae_decoder": ComponentSpec(
+        name="vae_decoder", pipeline_attr="vae", description="AutoencoderKL decoder (16 latent channels)",
+        inputs=(TensorSpec("latent", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
+        outputs=(TensorSpec("images", "float32", ("batch", 3, "height", "width")),),
+        wrapper=_vae_decoder_wrapper, cfg_batch=False, activation_factor=VAE_ACTIVATION_PER_PIXEL,
+        island_units=(r"decoder\.up_blocks\.\d+\.resnets\.\d+", r"decoder\.mid_block"),
+        # Convolutions sum differently in onnxruntime and torch: 1e-4 rel-L2 measured at ~9e-5, so 5e-4.
+        tolerances={Precision.FP32: Tolerance(5e-4, 2e-3), Precision.FP16: Tolerance(1e-2, 0.05),
+                    Precision.FP8: Tolerance(0.08, 0.5)},
+    ),
+}
+
+COMPONENTS = tuple(SPECS)
+CALIBRATABLE = tuple(name for name, spec in SPECS.items() if spec.calibratable)
+
+
+def vae_input(latents: Any, vae_config: Any) -> Any:
+    """Final latents → what the VAE decoder network takes (SD3's un-scaling, as the pipeline does it)."""
+    return latents / vae_config.scaling_factor + vae_config.shift_factor
+
+
+def parse_components(text: str | None, allowed: tuple[str, ...] = COMPONENTS) -> tuple[str, ...]:
+    """``--components a,b`` → ordered tuple, rejecting unknown names with the list of valid ones."""
+    if text is None or text.strip() in ("", "all"):
+        return allowed
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        raise InvalidInputError(f"unknown component(s) {', '.join(unknown)} in --components",
+                                hint=f"choose from {','.join(COMPONENTS)}")
+    not_allowed = [n for n in names if n not in allowed]
+    if not_allowed:
+        raise InvalidInputError(f"component(s) {', '.join(not_allowed)} not supported here",
+                                hint=f"choose from {','.join(allowed)}")
+    return tuple(n for n in COMPONENTS if n in names)

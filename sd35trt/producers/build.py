@@ -1,0 +1,456 @@
+"""Build an engine bundle for one GPU target: ``engines/<model>/<target>-<backend>/``.
+
+The bundle holds ``<component>.plan`` per component, ``layers/<component>.txt`` (per-layer precision
+summary) and ``manifest.json`` (what built it, from which ONNX, for which GPUs, with every hash). The
+bundle is assembled in a temporary folder and swapped in at the end, so a failed or interrupted build
+leaves the previous bundle intact; engines whose inputs are unchanged are carried over, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35trt import __version__
+from sd35trt.core import log
+from sd35trt.core.artifacts import (
+    atomic_dir,
+    check_disk,
+    exclusive,
+    file_entries,
+    hash_json,
+    recover_interrupted,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from sd35trt.core.errors import ArtifactError, BuildError, InvalidInputError
+from sd35trt.core.manifests import (
+    BUNDLE_ASSETS,
+    BUNDLE_MANIFEST,
+    MANIFEST,
+    VARIANT_DIRS,
+    BundleManifest,
+    EngineEntry,
+    OnnxManifest,
+    PlanFile,
+    WorkDir,
+)
+from sd35trt.core.models import ASSETS_FILE, PipelineAssets, model_slug
+from sd35trt.core.portability import RuntimeRecord, check_portability
+from sd35trt.core.specs import COMPONENTS, Precision
+from sd35trt.core.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
+from sd35trt.producers.builder import (
+    TrtBackend,
+    build_engine_isolated,
+    choose_backend,
+    local_compute_capability,
+    summarize_layers,
+)
+
+if TYPE_CHECKING:
+    from sd35trt.producers.parts import PartPlan
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    target: GpuTarget = GpuTarget.ADA
+    backend: Backend = Backend.AUTO
+    components: tuple[str, ...] = COMPONENTS
+    precision: Precision | None = None  # None = the table in targets.plan_precisions decides
+    workspace_gib: float | None = None
+    portable: bool = False  # full TensorRT: version-compatible plans for the lean runtime (sd35trt.core.portability)
+    hardware_compat: str = "none"  # "ampere+": one engine for every GPU from Ampere on (full TensorRT)
+    memory_check: bool = True  # refuse a build this host's memory cannot hold (check_memory)
+    parts: tuple[tuple[str, int], ...] = ()  # (component, count): build it in parts (producers.parts)
+    max_build_memory_gib: float | None = None  # build in as many parts as keep each builder's peak RSS under this
+    weight_streaming: bool = False  # the transformer with BuilderFlag.WEIGHT_STREAMING (the VRAM plan's streaming mode)
+
+    def __post_init__(self):
+        for name, count in self.parts:
+            if name not in self.components or not 1 <= count <= MAX_PARTS:
+                raise InvalidInputError(f"--parts {name}={count}: expected a component being built "
+                                        f"({', '.join(self.components)}) and a count from 1 to {MAX_PARTS}",
+                                        hint="for example --parts transformer=2")
+        if self.max_build_memory_gib is not None and self.max_build_memory_gib <= BUILDER_BASE_GIB:
+            raise InvalidInputError(f"--max-build-memory {self.max_build_memory_gib:g} GiB: a builder process needs "
+                                    f"more than {BUILDER_BASE_GIB:g} GiB before any weights",
+                                    hint="give the memory of the build box in GiB, for example --max-build-memory 16")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target.value, "backend": self.backend.value, "components": list(self.components),
+                "precision": self.precision.value if self.precision else "auto", "workspace_gib": self.workspace_gib,
+                "portable": self.portable, "hardware_compat": self.hardware_compat, "memory_check": self.memory_check,
+                "parts": dict(self.parts), "max_build_memory_gib": self.max_build_memory_gib,
+                "weight_streaming": self.weight_streaming, "t5": "t5" in self.components}
+
+    @property
+    def flavour(self) -> str:
+        """Suffix of the bundle folder: portable bundles sit beside the plain ones, never over them."""
+        return ("-portable" if self.portable else "") + ("-ampereplus" if self.hardware_compat == "ampere+" else "")
+
+
+def parse_parts(text: str | None) -> tuple[tuple[str, int], ...]:
+    """``--parts transformer=2,t5=2`` → ((transformer, 2), (t5, 2)); BuildConfig checks names and counts."""
+    found = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, _, count = item.partition("=")
+        if not count.strip().isdigit():
+            raise InvalidInputError(f"--parts: '{item.strip()}' is not COMPONENT=COUNT", hint="for example --parts transformer=2,t5=2")
+        found.append((name.strip(), int(count)))
+    return tuple(found)
+
+
+@dataclass
+class BundleResult:
+    folder: Path
+    manifest: BundleManifest
+    skipped: bool
+    rebuilt: list[str] = field(default_factory=list)
+
+
+def resolve_target(target: GpuTarget) -> TargetInfo:
+    if target is not GpuTarget.AUTO:
+        return TARGETS[target]
+    cc = local_compute_capability()
+    if cc is None:
+        raise InvalidInputError("--gpu auto needs a local CUDA GPU and none was found",
+                                hint="name the target: --gpu ada|hopper|blackwell|ampere|turing")
+    found = target_for_cc(cc)
+    if found is None:
+        raise InvalidInputError(f"local GPU SM{cc[0]}{cc[1]} is not a supported target",
+                                hint="supported: SM75, SM80, SM86, SM89, SM90, SM100, SM120")
+    return TargetInfo(found, (cc,), TARGETS[found].example_gpus)
+
+
+def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str, dict[Precision, OnnxManifest]]:
+    """Manifests of every ONNX variant present under ``onnx_root`` (the --out of calibrate/export)."""
+    if not onnx_root.is_dir():
+        raise InvalidInputError("ONNX directory not found", path=onnx_root,
+                                hint="pass the --out of `sd35trt export` as --onnx")
+    work = WorkDir(onnx_root)
+    found: dict[str, dict[Precision, OnnxManifest]] = {c: {} for c in components}
+    for precision in VARIANT_DIRS:
+        for name in components:
+            folder = work.onnx_folder(precision, name)
+            if not (folder / "model.onnx").exists() and not (folder / MANIFEST).exists():
+                continue
+            found[name][precision] = OnnxManifest.load(folder, name, precision)
+    if not any(found.values()):
+        raise ArtifactError("no exported ONNX found", path=onnx_root,
+                            hint="run `sd35trt calibrate` then `sd35trt export` with this --out first")
+    return found
+
+
+def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_manifest: OnnxManifest,
+                   config: BuildConfig, parts: int = 1) -> str:
+    streams = config.weight_streaming and onnx_manifest.component == "transformer"
+    return hash_json({"toolkit": __version__, "backend": backend.kind.value, "backend_version": backend.version,
+                      "ccs": ccs, "onnx_files": onnx_manifest.files, "profile": onnx_manifest.profile,
+                      "workspace_gib": config.workspace_gib, "portable": config.portable,
+                      "hardware_compat": config.hardware_compat, **({"parts": parts} if parts > 1 else {}),
+                      **({"weight_streaming": True} if streams else {})})
+
+
+def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, flavour: str = "") -> Path:
+    return engines_root / model_slug / f"{target.target.value}-{backend.kind.value}{flavour}"
+
+
+# Memory a build needs per byte of engine weights. Peak RSS is ~2.7-2.8x (TensorRT-RTX 1.7, child process, SD3.5-Large
+# FP8/FP16 transformer and FP16 T5 on the H100 host; SD3.5-Medium FP16 transformer 2.81x on the CPU box), but about
+# 1x of that is file-backed: the ONNX weights the parser maps, clean page cache the kernel can drop and re-read,
+# which MemAvailable already counts as available. The anonymous part measured 1.80x (Medium FP16 transformer,
+# bench/results/2026-11-22-cpu-run7): the builder's copy of the weights it converts, then the whole plan.
+# The host check asks for 2.0x plus 1 GiB for the libraries; a --max-build-memory budget (peak RSS) for 2.8x + 1 GiB.
+BUILDER_MEMORY_FACTOR = 2.0
+PEAK_RSS_FACTOR = 2.8
+BUILDER_BASE_GIB = 1.0
+MAX_PARTS = 8
+
+
+@dataclass(frozen=True)
+class PartsChoice:
+    """How many parts one component's engine is built in (``sd35trt.producers.parts``), and why."""
+
+    count: int
+    reason: str
+
+
+def builder_need(weight_bytes: int, factor: float) -> int:
+    return int(weight_bytes * factor) + int(BUILDER_BASE_GIB * 2**30)
+
+
+def plan_part_counts(weights: dict[str, int], explicit: dict[str, int], budget_gib: float | None,
+                     available: int | None, memory_check: bool) -> dict[str, PartsChoice]:
+    """Parts per component: ``--parts`` where given; else the fewest that keep each builder's estimated peak RSS
+    (PEAK_RSS_FACTOR x its weights + 1 GiB) within ``--max-build-memory``; else, where this host's memory
+    (MemAvailable + swap) cannot hold a whole build (BUILDER_MEMORY_FACTOR), the fewest that fit it, so a small
+    build box builds Large instead of refusing; else one. A component that fits in no count gets one, and
+    ``check_memory`` then refuses it in one line."""
+    choices = {}
+    for name, size in weights.items():
+        if name in explicit:
+            choices[name] = PartsChoice(explicit[name], "--parts")
+            continue
+        if budget_gib is not None:
+            limit, factor, why = int(budget_gib * 2**30), PEAK_RSS_FACTOR, f"--max-build-memory {budget_gib:g} GiB"
+        elif memory_check and available is not None:
+            limit, factor, why = available, BUILDER_MEMORY_FACTOR, f"this host's {available / 2**30:.1f} GiB available"
+        else:
+            choices[name] = PartsChoice(1, "whole")
+            continue
+        count = next((k for k in range(1, MAX_PARTS + 1) if builder_need(size // k, factor) <= limit), None)
+        if count is None or count == 1:
+            choices[name] = PartsChoice(1, "whole" if count else f"does not fit {why} even in {MAX_PARTS} parts")
+        else:
+            choices[name] = PartsChoice(count, f"{why}: about {builder_need(size, factor) / 2**30:.1f} GiB whole, "
+                                               f"{builder_need(size // count, factor) / 2**30:.1f} GiB per part")
+    return choices
+
+
+def available_memory() -> int | None:
+    """MemAvailable + SwapFree from /proc/meminfo (bytes), or None where that cannot be read."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(onnx_bytes: int, what: str, available: int | None) -> None:
+    """One line before a build whose builder would not fit in this host's memory (the OOM killer would end it
+    minutes later, the previous bundle untouched, but with no time saved). ``available`` is MemAvailable +
+    SwapFree; ``BUILDER_MEMORY_FACTOR`` says what is counted."""
+    needed = builder_need(onnx_bytes, BUILDER_MEMORY_FACTOR)
+    if available is not None and needed > available:
+        raise InvalidInputError(f"not enough memory to build {what}: the builder needs about {needed / 2**30:.1f} GiB "
+                                f"({BUILDER_MEMORY_FACTOR}x its {onnx_bytes / 2**30:.1f} GiB of weights, measured, besides "
+                                f"the mapped ONNX itself), "
+                                f"{available / 2**30:.1f} GiB available",
+                                hint=f"build it in parts (--parts NAME=N, up to {MAX_PARTS}), free memory, or build on a "
+                                     "larger machine; --no-memory-check tries anyway (VMs whose memory grows on demand)")
+
+
+def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, force: bool = False) -> BundleResult:
+    """``sd35trt build``: choose precisions and backend, verify the ONNX, build what changed, swap in."""
+    target = resolve_target(config.target)
+    variants = load_onnx_variants(onnx_root, config.components)
+    plan = plan_precisions(target, config.components, {c: set(v) for c, v in variants.items()}, config.precision)
+    fp8 = [name for name, choice in plan.items() if choice.precision is Precision.FP8]
+    check_portability(config.backend.value, config.portable, config.hardware_compat, fp8_components=fp8, build_cc=None)
+    backend = choose_backend(config.backend, target)
+    check_portability(backend.kind.value, config.portable, config.hardware_compat, fp8_components=fp8,
+                      build_cc=local_compute_capability() if backend.kind is Backend.TENSORRT else None)
+    ccs = backend.buildable_ccs(target)
+    model = next(m for v in variants.values() for m in v.values()).model
+    folder = bundle_folder(engines_root, model_slug(model), target, backend, config.flavour)
+    with exclusive(folder, "build"):  # a second `make engines` for this target waits, then finds it up to date
+        return _build_into(folder, engines_root, config, target, backend, ccs, model, variants, plan, force, onnx_root)
+
+
+def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: TargetInfo, backend: TrtBackend,
+                ccs: tuple[tuple[int, int], ...], model: dict[str, Any], variants: dict[str, Any], plan: dict[str, Any],
+                force: bool, onnx_root: Path) -> BundleResult:
+    sources = {name: variants[name][choice.precision] for name, choice in plan.items()}
+    weights = {name: sum(e["bytes"] for e in sources[name].files.values()) for name in plan}
+    available = available_memory()
+    parts = plan_part_counts(weights, dict(config.parts), config.max_build_memory_gib, available, config.memory_check)
+    hashes = {name: component_hash(backend, ccs, sources[name], config, parts[name].count) for name in plan}
+    assets = WorkDir(onnx_root).root / BUNDLE_ASSETS
+    assets_hash = sha256_file(assets / ASSETS_FILE) if (assets / ASSETS_FILE).is_file() else None
+    bundle_hash = hash_json({"components": hashes, "plan": {k: v.precision.value for k, v in plan.items()},
+                             **({"assets": assets_hash} if assets_hash else {})})
+    recover_interrupted(folder)
+    previous = _read_previous(folder)
+    if not force and previous and previous.inputs_hash == bundle_hash and previous.intact():
+        log.info(f"bundle {folder} is up to date, skipped")
+        return BundleResult(folder, previous, skipped=True)
+
+    for source in sources.values():  # never build from an ONNX that doesn't match its manifest
+        source.verify()
+
+    log.info(f"target {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}), backend "
+             f"{backend.kind.value} {backend.version}")
+    for name, choice in plan.items():
+        log.info(f"  {name}: {choice.precision.value} — {choice.reason}"
+                 + (f"; in {parts[name].count} parts ({parts[name].reason})" if parts[name].count > 1 else ""))
+    cache_path = engines_root / ".cache" / f"timing-{backend.kind.value}-{backend.version}-" \
+        f"{'_'.join(f'sm{a}{b}' for a, b in ccs)}.cache"
+    timing_cache = cache_path.read_bytes() if backend.has_timing_cache and cache_path.is_file() else None
+
+    start = time.perf_counter()
+    rebuilt: list[str] = []
+    entries: dict[str, EngineEntry] = {}
+    with atomic_dir(folder) as tmp:
+        (tmp / "layers").mkdir()
+        for name, choice in plan.items():
+            source = sources[name]
+            old = previous.components.get(name) if previous else None
+            if not force and old and old.data.get("inputs_hash") == hashes[name] and \
+                    all(_file_ok(folder / p.file, p.bytes) for p in old.plans):
+                for p in old.plans:
+                    shutil.copy2(folder / p.file, tmp / p.file)
+                if (folder / "layers" / f"{name}.txt").is_file():
+                    shutil.copy2(folder / "layers" / f"{name}.txt", tmp / "layers" / f"{name}.txt")
+                entries[name] = old
+                log.info(f"  {name}: unchanged, reused")
+                continue
+            onnx_path = source.onnx_path
+            # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
+            check_disk(tmp, int(weights[name] * 1.1), f"the {name} engine")
+            pieces = _cut(name, source, weights[name], parts[name], config, available, tmp / ".parts" / name)
+            streams = config.weight_streaming and name == "transformer"
+            built_parts, layers, layer_source = [], [], "builder log"
+            with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}"
+                          + (f" in {len(pieces)} parts" if len(pieces) > 1 else "")) as timing:
+                for part_onnx, part in pieces:
+                    plan_name = f"{name}.plan" if part is None else f"{name}.part{part.index + 1}of{part.count}.plan"
+                    with log.working(f"{backend.kind.value} builder" + (f", part {part.index + 1}" if part else "")):
+                        built = build_engine_isolated(backend, part_onnx, part.profile if part else source.profile,
+                                                      ccs, tmp / plan_name, timing_cache=timing_cache,
+                                                      workspace_gib=config.workspace_gib,
+                                                      version_compatible=config.portable,
+                                                      hardware_compat=config.hardware_compat,
+                                                      weight_streaming=streams)
+                    if built.timing_cache:
+                        timing_cache = built.timing_cache
+                    layers += built.layers
+                    layer_source = built.layer_source
+                    built_parts.append((plan_name, part, built))
+            shutil.rmtree(tmp / ".parts", ignore_errors=True)
+            islands = source.fp32_islands
+            summary = summarize_layers(layers, [i["module"] for i in islands])
+            check_layer_report(name, choice.precision, summary, onnx_path, layer_source)
+            if islands and summary["island_gemm"] and summary["island_gemm_fp32"] < summary["island_gemm"]:
+                log.warn(f"{name}: {summary['island_gemm'] - summary['island_gemm_fp32']} GEMM(s) of its FP32 islands "
+                         "did not run in FP32 in the engine (see layers/)")
+            (tmp / "layers" / f"{name}.txt").write_text(
+                format_layers(name, choice.precision, summary, layers, islands))
+            files = tuple(PlanFile(plan_name, sha256_file(tmp / plan_name), built.plan_bytes,
+                                   None if part is None else tuple(part.inputs), None if part is None else tuple(part.outputs),
+                                   None if part is None else part.profile, None if part is None else part.weight_bytes,
+                                   built.memory) for plan_name, part, built in built_parts)
+            entries[name] = EngineEntry(
+                name, files, choice.precision.value, reason=choice.reason, weights_precision=source.weights_precision,
+                inputs_hash=hashes[name], fp32_islands=islands,
+                onnx={"path": str(onnx_path), "files": source.files, "inputs_hash": source.inputs_hash,
+                      "calibration_hash": source.calibration_hash},
+                profile=source.profile, ranges=source.ranges, io={"inputs": source.inputs, "outputs": source.outputs},
+                layers=summary, build_seconds=round(timing["seconds"], 2),
+                warnings=[w for _, _, b in built_parts for w in b.warnings][-5:],
+                parts_reason=parts[name].reason if len(files) > 1 else None, weight_streaming=streams)
+            rebuilt.append(name)
+        runtime = RuntimeRecord(backend.kind.value, backend.version, config.portable, config.hardware_compat,
+                                tuple(f"{a}.{b}" for a, b in ccs)).to_dict()
+        shipped = _ship_assets(assets, tmp / BUNDLE_ASSETS, t5="t5" in plan)
+        manifest = BundleManifest(
+            folder=folder, target=target.target.value, compute_capabilities=[f"{a}.{b}" for a, b in ccs],
+            backend=backend.kind.value, backend_version=backend.version, model=model, inputs_hash=bundle_hash,
+            components=entries, runtime=runtime, config=config.to_dict(), assets=shipped, toolkit=__version__,
+            timing_cache=str(cache_path) if backend.has_timing_cache else "not supported by this backend",
+            build_seconds=round(time.perf_counter() - start, 2), host=platform.node(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_json_atomic(tmp / BUNDLE_MANIFEST, manifest.to_dict())
+    if timing_cache and backend.has_timing_cache:
+        write_bytes_atomic(cache_path, timing_cache)
+    return BundleResult(folder, manifest, skipped=False, rebuilt=rebuilt)
+
+
+def _ship_assets(source: Path, dest: Path, *, t5: bool) -> dict[str, dict[str, Any]]:
+    """The work dir's pipeline assets (tokenizers and configs, written by export) into the bundle, without T5's
+    tokenizer in a CLIP-only bundle; their file entries for the manifest. A work dir from before assets existed
+    gives none (the deploy host then needs --model)."""
+    if not (source / ASSETS_FILE).is_file():
+        log.warn(f"{source} has no pipeline assets (exported by an older sd35trt): the bundle needs --model to run")
+        return {}
+    assets = PipelineAssets.load(source)
+    (assets if t5 else assets.without_t5()).save(dest)
+    return file_entries(dest)
+
+
+def _read_previous(folder: Path) -> BundleManifest | None:
+    try:
+        return BundleManifest.load(folder) if (folder / BUNDLE_MANIFEST).is_file() else None
+    except ArtifactError:
+        return None
+
+
+def _file_ok(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _cut(name: str, source: OnnxManifest, weights: int, choice: PartsChoice, config: BuildConfig,
+         available: int | None, folder: Path) -> list[tuple[Path, PartPlan | None]]:
+    """What the builder builds for one component: its ONNX whole, or cut into ``choice.count`` parts (one more
+    at a time, up to MAX_PARTS, while the largest part's builder would not fit ``--max-build-memory``). The
+    host memory check runs on the largest part."""
+    if choice.count == 1:
+        pieces: list[tuple[Path, PartPlan | None]] = [(source.onnx_path, None)]
+        largest = weights
+    else:
+        from sd35trt.producers.parts import write_parts
+
+        count = choice.count
+        while True:
+            shutil.rmtree(folder, ignore_errors=True)
+            cut = write_parts(source.onnx_path, count, source.profile, folder)
+            largest = max(p.weight_bytes for _, p in cut)
+            over = config.max_build_memory_gib is not None and \
+                builder_need(largest, PEAK_RSS_FACTOR) > config.max_build_memory_gib * 2**30
+            if not over or count >= MAX_PARTS or (name, count) in config.parts:
+                break
+            count += 1
+        pieces = [(path, part) for path, part in cut]
+        log.info(f"  {name}: cut into {count} parts of {', '.join(f'{p.weight_bytes / 2**30:.2f}' for _, p in cut)} "
+                 "GiB of weights")
+    if config.memory_check:
+        check_memory(largest, f"the {name} engine" + (f" (largest of {len(pieces)} parts)" if len(pieces) > 1 else ""),
+                     available)
+    return pieces
+
+
+def check_layer_report(name: str, precision: Precision, summary: dict[str, Any], onnx_path: Path,
+                       source: str = "builder log") -> None:
+    """An FP8 engine must have FP8 GEMMs. A layer report that could not be read (the builder's verbose format
+    changes between versions) is recorded as unknown with a warning: it never fails a valid build. ``source``
+    says where a readable report came from (the builder log, or full TensorRT's engine inspector)."""
+    if summary["layers"] == 0:
+        summary["report"] = "unknown"
+        log.warn(f"{name}: the builder's per-layer report could not be read; layer precisions are unknown")
+        return
+    summary["report"] = source
+    if precision is Precision.FP8 and summary["gemm_fp8"] == 0:
+        raise BuildError(f"{name}: FP8 requested but the engine has no FP8 GEMM", path=onnx_path,
+                         hint="the Q/DQ placement was not fused; report this with layers/ and the ONNX manifest")
+
+
+def format_layers(name: str, precision: Precision, summary: dict[str, int], layers: list[dict[str, Any]],
+                  islands: list[dict[str, Any]] | None = None) -> str:
+    lines = [f"# {name}: built as {precision.value}",
+             f"# GEMM layers: {summary['gemm']} total, {summary['gemm_fp8']} FP8, {summary['gemm_fp16']} FP16, "
+             f"{summary['gemm_other']} other; {summary['layers']} layers in all"]
+    for island in islands or []:
+        lines.append(f"# FP32 island: {island['module']} (max |x| {island['max_abs']:.4g}; {island['why']})")
+    if islands:
+        lines.append(f"# GEMMs inside FP32 islands: {summary['island_gemm']}, of which FP32: {summary['island_gemm_fp32']}")
+    lines.append("")
+    for layer in layers:
+        lines.append(f"{layer['type']:<16} in={','.join(layer['input_dtypes']) or '-':<20} "
+                     f"w={','.join(layer['weight_dtypes']) or '-':<24} {layer['name'][:160]}")
+    return "\n".join(lines) + "\n"
+
+
+# --- verification --------------------------------------------------------------------------------------
+
+
+def verify_bundle(folder: Path) -> BundleManifest:
+    """``sd35trt bundle verify``: the manifest is well-formed and every engine matches its sha256."""
+    manifest = BundleManifest.load(folder)
+    manifest.verify()
+    return manifest

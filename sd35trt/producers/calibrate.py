@@ -1,0 +1,513 @@
+"""FP8 (E4M3, per-tensor) post-training calibration with ModelOpt, and the FP16-range census.
+
+``calibrate_model`` runs diffusers' own ``StableDiffusion3Pipeline`` loop with FP32 weights (on a GPU the
+loop computes in BF16 under autocast, SD3.5's training precision, which cannot overflow) and writes the
+calibration state into ``W/calibration/`` and nothing else; ``sd35trt export`` builds the FP16 and FP8 ONNX
+from it. In order:
+
+1. Reference on held-out prompts: the inputs every network sees (traffic), an activation census of every
+   module, and per-component outputs on that traffic in FP32 with TF32 off (the honest reference).
+2. FP32 islands per component (``sd35trt.core.numerics.plan_islands``): recipe ``upcast`` sites ∪ census.
+3. ModelOpt calibration of the requested components on the calibration prompts (islands excluded).
+4. The FP8 fake-quant networks and the FP16 networks (with their islands) vs the FP32 reference on the
+   held-out traffic; a component whose FP16 run still fails is FP32 as a last resort, with why.
+5. ``quant_state.pt`` (ModelOpt state + amax), ``scales.json``, ``census.json``, ``traffic.pt``,
+   ``calibration.json`` (the report) and ``manifest.json`` (``CalibrationManifest``), swapped in atomically.
+
+Deterministic: prompts, seeds and the recipe fully decide the scales (the test suite checks byte
+equality). Unchanged inputs skip the whole step without building a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sd35trt import __version__
+from sd35trt.core import log
+from sd35trt.core.artifacts import (
+    atomic_dir,
+    file_entries,
+    hash_json,
+    package_versions,
+    recover_interrupted,
+    sha256_file,
+    write_json_atomic,
+)
+from sd35trt.core.errors import CalibrationError, InvalidInputError, check_choice
+from sd35trt.core.host import DTYPES
+from sd35trt.core.manifests import CalibrationManifest, Fp16Decision, WorkDir, load_current
+from sd35trt.core.metrics import error_stats, psnr, summarize
+from sd35trt.core.models import ModelSource
+from sd35trt.core.numerics import ActivationCensus, Island, fp32_islands, hottest_module, plan_islands
+from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
+from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, CastIO, Precision, eager_text_attention, vae_input
+from sd35trt.core.traffic import TrafficRecorder, spread
+from sd35trt.producers.quantize import collect_scales, quant_state
+from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
+from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
+
+# Held-out calls kept per component for the reference, the FP16/FP8 checks and export's traffic check
+# (evenly spread over the denoising steps); at SD3.5 size a transformer call is ~30 MB of inputs.
+TRAFFIC_CALLS = {"transformer": 2, "clip_l": 4, "clip_g": 4, "t5": 4, "vae_decoder": 1}
+
+
+def calibration_size(source: ModelSource) -> tuple[int, int, int]:
+    """(prompts, steps, pixels per side) by model. Tiny: 8 × 4 at 512² (seconds on 2 CPU cores; its attention
+    at 1024² is what costs there). Real SD3.5: 32 prompts (TensorRT's demo calibrates on 32) × 20 steps
+    (ModelOpt's diffusers example README: 20 of its 30) at 1024², SD3.5's training resolution, batch 4. A Turbo
+    model calibrates on the traffic it serves: its own 4 steps."""
+    tiny = source.preset is not None and source.preset.name.startswith("tiny")
+    prompts, steps, size = (8, 4, 512) if tiny else (32, 20, 1024)
+    return prompts, min(steps, source.defaults.steps), size
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    prompts_file: Path = DEFAULT_PROMPTS
+    num_prompts: int = 32
+    steps: int = 20
+    seed: int = 0
+    components: tuple[str, ...] = ("transformer",)
+    recipe_file: Path = DEFAULT_RECIPE
+    height: int = 1024
+    width: int = 1024
+    guidance: float = 4.5
+    batch: int = 4  # prompts per pipeline call
+    holdout: int = 2  # held-out prompts for the report (never used to calibrate)
+    report_steps: int = 0  # denoising steps for the held-out report; 0 = same as --steps
+    dtype: str = "auto"  # compute dtype of the loops: auto = BF16 on CUDA, FP32 on CPU (weights stay FP32)
+    t5: bool = True  # False: CLIP-only traffic (zero T5 embeddings), for bundles that ship without T5
+
+    def __post_init__(self):
+        from sd35trt.core.specs import check_pixels
+
+        if self.num_prompts < 1:
+            raise InvalidInputError(f"--num-prompts {self.num_prompts} must be ≥ 1", hint="e.g. --num-prompts 32")
+        if self.steps < 1:
+            raise InvalidInputError(f"--steps {self.steps} must be ≥ 1", hint="e.g. --steps 20")
+        if self.batch < 1:
+            raise InvalidInputError(f"--calib-batch {self.batch} must be ≥ 1", hint="e.g. --calib-batch 4")
+        if self.holdout < 1:
+            raise InvalidInputError(f"--holdout {self.holdout} must be ≥ 1", hint="the report needs held-out prompts")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise InvalidInputError(f"--guidance {self.guidance} must be a finite number ≥ 0", hint="e.g. --guidance 4.5")
+        check_pixels(self.height, "--height")
+        check_pixels(self.width, "--width")
+        check_choice("--dtype", self.dtype, DTYPES)
+        bad = [c for c in self.components if c not in CALIBRATABLE]
+        if bad:
+            raise InvalidInputError(f"cannot calibrate {', '.join(bad)} in FP8", hint=f"choose from {','.join(CALIBRATABLE)}")
+        if not self.t5 and "t5" in self.components:
+            raise InvalidInputError("--components names t5 but --no-t5 leaves T5 out", hint="drop one of them")
+
+
+@dataclass
+class CalibrationResult:
+    skipped: bool
+    inputs_hash: str
+    report: dict[str, Any]
+    folder: Path
+    seconds: float = 0.0
+
+
+# --- traffic capture -----------------------------------------------------------------------------------
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def run_pipeline(pipe: Any, prompts: list[str], cfg: CalibrationConfig, *, seed: int, steps: int,
+                 label: str | None = None, shard: Shard = SINGLE) -> Any:
+    """diffusers' own loop → latents (one call per chunk of ``cfg.batch`` prompts, chunk ``i`` seeded
+    ``seed + i``; with shards only this shard's chunks, same seeds); a progress bar with ETA over every
+    denoising step when ``label`` is given."""
+    import torch
+
+    device = pipe._execution_device
+    chunks = [(i, chunk) for i, chunk in enumerate(_chunks(prompts, cfg.batch)) if shard.owns(i)]
+    latents = []
+    with (log.progress(label, len(chunks) * steps) if label else contextlib.nullcontext()) as advance:
+        def tick(_pipe, _i, _t, kwargs):
+            if advance is not None:
+                advance()
+            return kwargs
+
+        for i, chunk in chunks:
+            generator = torch.Generator(device="cpu").manual_seed(seed + i)
+            out = pipe(prompt=chunk, negative_prompt=[""] * len(chunk), num_inference_steps=steps,
+                       guidance_scale=cfg.guidance, height=cfg.height, width=cfg.width, generator=generator,
+                       output_type="latent", callback_on_step_end=tick)
+            latents.append(out.images.float().cpu())
+            del out
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return torch.cat(latents)
+
+
+def decode_latents(pipe: Any, latents: Any) -> tuple[Any, Any]:
+    """The pipeline's own VAE decode step: (VAE decoder inputs, images in [-1, 1])."""
+    import torch
+
+    vae = pipe.vae
+    with torch.no_grad():
+        z = vae_input(latents.to(vae.device, vae.dtype), vae.config)
+        return z.float().cpu(), vae.decode(z, return_dict=False)[0].float().cpu()
+
+
+# --- the step --------------------------------------------------------------------------------------------
+
+
+def calibration_inputs_hash(source: ModelSource, cfg: CalibrationConfig, prompts: list[str], recipe: Recipe,
+                            device: str) -> str:
+    from sd35trt.core.host import compute_dtype_name
+
+    return hash_json({
+        "model": source.fingerprint(), "prompts": hash_json(prompts[: cfg.num_prompts + cfg.holdout]),
+        "num_prompts": cfg.num_prompts, "steps": cfg.steps, "seed": cfg.seed, "components": list(cfg.components),
+        "recipe": recipe.sha256, "height": cfg.height, "width": cfg.width, "guidance": cfg.guidance,
+        "batch": cfg.batch, "holdout": cfg.holdout, "report_steps": cfg.report_steps, "toolkit": __version__,
+        "compute": [device.split(":")[0], compute_dtype_name(cfg.dtype, device)],
+        **({} if cfg.t5 else {"t5": False}),
+    })
+
+
+def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, device: str = "auto",
+                    force: bool = False, shards: int = 1) -> CalibrationResult | None:
+    """``sd35trt calibrate``. Inputs are validated (prompts, recipe, shards) before any model is built.
+
+    ``shards`` > 1 runs the calibration loop in that many spawned workers (``sd35trt.producers.shards``); under torchrun
+    the launcher's processes are the workers. Returns None on a worker that is not rank 0."""
+    from sd35trt.core.artifacts import exclusive
+    from sd35trt.core.host import detect_device
+
+    prompts = read_prompts(cfg.prompts_file, cfg.num_prompts + cfg.holdout)
+    recipe = Recipe.load(cfg.recipe_file)
+    target_device = detect_device(device)
+    launched = from_environment()
+    if launched is not None and shards not in (1, launched.world):
+        raise InvalidInputError(f"--shards {shards} differs from the launcher's {launched.world} processes",
+                                hint="leave --shards out under torchrun; its --nproc-per-node decides")
+    workers = launched.world if launched is not None else shards
+    check_shards(workers, len(_chunks(prompts[: cfg.num_prompts], cfg.batch)), target_device)
+    calib_hash = calibration_inputs_hash(source, cfg, prompts, recipe, target_device)
+    folder = WorkDir(out).calibration
+    if launched is not None:  # torchrun: rank 0 decides and writes, every rank calibrates its shard
+        with process_group(launched, target_device), \
+                (exclusive(folder, "calibrate") if launched.main else contextlib.nullcontext()):
+            done = share(launched, _current(folder, calib_hash, force) if launched.main else None)
+            if done is not None:
+                return done if launched.main else None
+            return _calibrate(source, folder, cfg, prompts, recipe, calib_hash, device, launched)
+    with exclusive(folder, "calibrate"):
+        done = _current(folder, calib_hash, force)
+        if done is not None:
+            return done
+        if workers == 1:
+            return _calibrate(source, folder, cfg, prompts, recipe, calib_hash, device, SINGLE)
+        start = time.perf_counter()
+        log.info(f"calibrate: {workers} workers ({'NCCL, one GPU each' if target_device == 'cuda' else 'gloo on CPU'}), "
+                 f"prompt batches shared round-robin")
+        run_workers(_calibrate_shard, workers, (source, folder, cfg, prompts, recipe, calib_hash, device))
+        from sd35trt.core.artifacts import read_json
+
+        return CalibrationResult(False, calib_hash, read_json(folder / "calibration.json", "calibration report"),
+                                 folder, time.perf_counter() - start)
+
+
+def _current(folder: Path, calib_hash: str, force: bool) -> CalibrationResult | None:
+    """The finished calibration with these inputs (the step is then skipped), or None."""
+    from sd35trt.core.artifacts import read_json
+
+    recover_interrupted(folder)
+    if force or load_current(folder, calib_hash, "calibration manifest") is None:
+        return None
+    log.info("calibration: inputs unchanged, skipped")
+    return CalibrationResult(True, calib_hash, read_json(folder / "calibration.json", "calibration report"), folder)
+
+
+def _calibrate_shard(shard: Shard, init_method: str, *args: Any) -> None:
+    """A spawned worker of ``calibrate --shards N``."""
+    source, folder, cfg, prompts, recipe, calib_hash, device = args
+    from sd35trt.core.host import detect_device
+
+    with process_group(shard, detect_device(device), init_method):
+        _calibrate(source, folder, cfg, prompts, recipe, calib_hash, device, shard)
+
+
+def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompts: list[str], recipe: Recipe,
+               calib_hash: str, device: str, shard: Shard) -> CalibrationResult | None:
+    """The step itself, on one worker (``shard``; SINGLE without sharding): every worker builds the pipeline
+    and calibrates its share of the prompts; rank 0 alone runs the reference, checks and writes."""
+    import torch
+
+    from sd35trt.core.host import compute_dtype_name, computing, pick_device, strict_fp32
+    from sd35trt.core.models import build_pipeline
+
+    strict_fp32()
+    start = time.perf_counter()
+    torch_device = pick_device(device)
+    compute = compute_dtype_name(cfg.dtype, torch_device)
+    calib_prompts = prompts[: cfg.num_prompts]
+    holdout_prompts = prompts[cfg.num_prompts: cfg.num_prompts + cfg.holdout]
+    report_steps = cfg.report_steps or cfg.steps
+    attrs = {SPECS[c].pipeline_attr for c in COMPONENTS if (cfg.t5 and source.has_t5) or c != "t5"}
+    with log.step(f"build {source.id} pipeline on {torch_device} (FP32 weights, {compute} compute"
+                  f"{'' if 'text_encoder_3' in attrs else ', CLIP-only: zero T5 embeddings'})"):
+        pipe = build_pipeline(source, device=torch_device, dtype=torch.float32, components=attrs)
+    pipe.set_progress_bar_config(disable=True)
+    eager_text_attention(pipe)
+    present = tuple(c for c in COMPONENTS if SPECS[c].pipeline_attr in attrs)
+    module_names = {name: [n for n, _ in getattr(pipe, SPECS[name].pipeline_attr).named_modules()]
+                    for name in present}
+    for name in cfg.components:  # a recipe typo must fail before minutes of work, not after
+        recipe.check_patterns(name, module_names[name])
+
+    # 1. Reference on held-out prompts (rank 0): traffic, census, FP32 outputs per component.
+    # 2. FP32 islands: recipe sites present in this model ∪ census values past the margin; every shard leaves
+    #    the same modules unquantized.
+    held_out = _held_out_reference(pipe, cfg, holdout_prompts, report_steps, torch_device, compute) if shard.main else None
+    islands = share(shard, {name: plan_islands(held_out.census.get(name, {}), module_names[name], margin=recipe.margin,
+                                               upcast=recipe.upcast.get(name, ()), units=SPECS[name].island_units)
+                            for name in present} if held_out is not None else None)
+    for name, found in islands.items():
+        for island in found:
+            log.warn(f"{name}: {island.module} runs as an FP32 island ({island.why})")
+
+    # 3. Calibrate every requested component in one pass of the real denoising loop (islands excluded); with
+    #    shards, each runs its own prompt batches and ModelOpt all-reduces every amax with MAX.
+    share_note = f", {shard} of the batches" if shard.distributed else ""
+    with log.step(f"calibrate {','.join(cfg.components)}: {cfg.num_prompts} prompts × {cfg.steps} steps "
+                  f"at {cfg.height}×{cfg.width} ({compute}{share_note})") as calib_timing:
+        quantized, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts, islands, compute=compute, shard=shard)
+    if not shard.main:
+        return None
+    assert held_out is not None
+    ref_latents, ref_images, census_table = held_out.latents, held_out.images, held_out.census
+    traffic, references = held_out.traffic, held_out.references
+
+    # 4. FP8 (fake-quant) vs FP32 per component on held-out traffic, and end to end.
+    fp8_checks = {name: _check_calls(SPECS[name].module(pipe), SPECS[name], traffic[name], references[name],
+                                     Precision.FP8) for name in cfg.components}
+    with log.step("FP8 (fake-quant) loop on held-out prompts"), computing(torch_device, compute):
+        q_latents = run_pipeline(pipe, holdout_prompts, cfg, seed=cfg.seed + 10_000, steps=report_steps,
+                                 label="fp8 fake-quant")
+        _, q_images = decode_latents(pipe, q_latents)
+    end_to_end = {
+        "prompts": holdout_prompts, "steps": report_steps,
+        "reference": f"diffusers pipeline, FP32 weights, {compute} compute on {torch_device}",
+        "candidate": "the same with ModelOpt FP8 fake-quant (same seeds)",
+        "latents": error_stats(ref_latents.numpy(), q_latents.numpy()).to_dict(),
+        "image_psnr_db": [round(psnr(r.numpy(), c.numpy()), 2) for r, c in zip(ref_images, q_images)],
+    }
+    state = quant_state(quantized)
+
+    # 5. FP16 with islands vs FP32 (in place, last: the pipeline is not used in FP32 afterwards).
+    fp16_checks, decisions = {}, {}
+    for name in present:
+        fp16_checks[name], decisions[name] = _fp16_decision(pipe, name, traffic[name], references[name],
+                                                            islands[name], census_table.get(name, {}))
+
+    with atomic_dir(folder) as tmp:
+        write_json_atomic(tmp / "scales.json", {k: v.hex() for k, v in sorted(scales.items())})
+        torch.save(state, tmp / "quant_state.pt")
+        torch.save({name: {"calls": traffic[name], "reference": [[torch.from_numpy(o) for o in outs]
+                                                                 for outs in references[name]]}
+                    for name in present}, tmp / "traffic.pt")
+        write_json_atomic(tmp / "census.json", {"kind": "activation-census", "fp16_max": 65504.0,
+                                                "margin": recipe.margin, "compute": compute,
+                                                "components": census_table})
+        fp32_islands_report = {name: [{"module": i.module, "max_abs": i.max_abs, "why": i.why} for i in found]
+                               for name, found in islands.items()}
+        report = {
+            "kind": "calibration-report", "toolkit": __version__, "model": source.describe(),
+            "random_weights": source.random_weights, "inputs_hash": calib_hash,
+            "reference": f"FP32 weights; loop compute {compute} on {torch_device}; per-component outputs FP32 "
+                         "with TF32 off",
+            "config": {"prompts_file": str(cfg.prompts_file), "prompts_sha256": sha256_file(cfg.prompts_file),
+                       "num_prompts": cfg.num_prompts, "steps": cfg.steps, "seed": cfg.seed,
+                       "components": list(cfg.components), "recipe": str(cfg.recipe_file),
+                       "recipe_sha256": recipe.sha256, "height": cfg.height, "width": cfg.width,
+                       "guidance": cfg.guidance, "batch": cfg.batch, "holdout": cfg.holdout, "dtype": cfg.dtype,
+                       "compute_dtype": compute, "margin": recipe.margin, "shards": shard.world},
+            "quantizers": {"enabled": len(scales), "scales_sha256": hash_json({k: v.hex() for k, v in scales.items()})},
+            "fp32_islands": fp32_islands_report,
+            "fp16": {name: {**decisions[name].to_dict(), **fp16_checks[name]} for name in present},
+            "t5": "t5" in present,
+            "components": {name: {"calls": len(traffic[name]), "fp8": fp8_checks[name]} for name in cfg.components},
+            "end_to_end": end_to_end,
+            "timings": {"calibration_seconds": round(calib_timing["seconds"], 2),
+                        "total_seconds": round(time.perf_counter() - start, 2)},
+            "device": torch_device, "host": platform.node(),
+            "versions": package_versions("torch", "diffusers", "nvidia-modelopt"),
+        }
+        if torch_device.startswith("cuda"):
+            report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        write_json_atomic(tmp / "calibration.json", report)
+        manifest = CalibrationManifest(
+            inputs_hash=calib_hash, model=source.describe(), components=tuple(cfg.components), islands=islands,
+            fp16=decisions, files=file_entries(tmp), reference=report["reference"], margin=recipe.margin,
+            extra={"toolkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_json_atomic(tmp / "manifest.json", manifest.to_dict())
+    return CalibrationResult(False, calib_hash, report, folder, time.perf_counter() - start)
+
+
+@dataclass
+class HeldOut:
+    """The held-out reference run: latents and images, activation census, traffic and its FP32 outputs."""
+
+    latents: Any
+    images: Any
+    census: dict[str, Any]
+    traffic: dict[str, list[dict[str, Any]]]
+    references: dict[str, list[list[Any]]]
+
+
+def _held_out_reference(pipe: Any, cfg: CalibrationConfig, prompts: list[str], steps: int, device: str,
+                        compute: str) -> HeldOut:
+    from sd35trt.core.host import computing
+
+    present = tuple(c for c in COMPONENTS if getattr(pipe, SPECS[c].pipeline_attr, None) is not None)
+    networks = {name: getattr(pipe, SPECS[name].pipeline_attr) for name in present}
+    with log.step(f"reference on {len(prompts)} held-out prompts × {steps} steps ({compute}), activation census"):
+        census = ActivationCensus(networks)
+        recorder = TrafficRecorder(pipe, tuple(c for c in CALIBRATABLE if c in present))
+        with computing(device, compute):
+            latents = run_pipeline(pipe, prompts, cfg, seed=cfg.seed + 10_000, steps=steps, label="reference")
+            vae_latents, images = decode_latents(pipe, latents)
+        recorder.close()
+        census.close()
+        traffic = {name: spread(calls, TRAFFIC_CALLS[name]) for name, calls in recorder.calls.items()}
+        traffic["vae_decoder"] = spread([{"latent": z[None]} for z in vae_latents], TRAFFIC_CALLS["vae_decoder"])
+    with log.step(f"FP32 reference outputs (TF32 off) on {sum(map(len, traffic.values()))} held-out calls"):
+        references = {name: [_run_module(SPECS[name].module(pipe), SPECS[name], call) for call in calls]
+                      for name, calls in traffic.items()}
+    return HeldOut(latents, images, census.result(), traffic, references)
+
+
+def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[str],
+                       islands: dict[str, list[Island]] | None = None, *, compute: str = "fp32",
+                       shard: Shard = SINGLE) -> tuple[Any, dict[str, float]]:
+    """Insert FP8 quantizers into the requested networks (in place) and calibrate them in one pass of the
+    pipeline's own loop over ``prompts`` (this shard's batches of them; ModelOpt merges the shards' amax with
+    an all-reduce MAX). Returns the ModuleDict of networks and their scales, the same on every shard."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    from sd35trt.core.host import computing
+
+    networks = torch.nn.ModuleDict({SPECS[c].pipeline_attr: getattr(pipe, SPECS[c].pipeline_attr)
+                                    for c in cfg.components})
+    for name in cfg.components:
+        recipe.check_patterns(name, [n for n, _ in getattr(pipe, SPECS[name].pipeline_attr).named_modules()])
+    device = str(pipe._execution_device)
+    torch.manual_seed(cfg.seed)
+
+    def forward_loop(_model):
+        with computing(device, compute):
+            run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=cfg.steps, label="calibration", shard=shard)
+
+    with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints progress; stdout carries results only
+        mtq.quantize(networks, recipe.quant_cfg(cfg.components, islands), forward_loop)
+    scales = collect_scales(networks)
+    bad = [k for k, v in scales.items() if not math.isfinite(v)]
+    if bad:
+        raise CalibrationError(f"calibration produced NaN/Inf scales for {len(bad)} quantizers (first: {bad[0]})",
+                               path=cfg.prompts_file, hint="the model diverges on these prompts; check weights or --dtype")
+    if not scales:
+        raise CalibrationError("no quantizer was calibrated", path=cfg.recipe_file,
+                               hint="the recipe excludes every module; loosen its exclude lists")
+    digests = gather(shard, hash_json({k: v.hex() for k, v in sorted(scales.items())}))
+    if len(set(digests)) > 1:  # ModelOpt's sync only warns when a collective fails; a partial merge is wrong
+        raise CalibrationError(f"the {shard.world} shards hold different scales after ModelOpt's amax all-reduce",
+                               hint="check the workers' warnings above; re-run with --shards 1")
+    return networks, scales
+
+
+def _run_module(module: Any, spec: Any, call: dict[str, Any]) -> list[Any]:
+    import torch
+
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    with torch.no_grad():
+        out = module(*[call[n].to(device, dtype) if call[n].is_floating_point() else call[n].to(device)
+                       for n in spec.input_names])
+    out = out if isinstance(out, tuple) else (out,)
+    return [o.float().cpu().numpy() for o in out]
+
+
+def _check_calls(module: Any, spec: Any, calls: list, refs: list, precision: Precision) -> dict[str, Any]:
+    """Per output: rel-L2 mean/max, max-abs, cosine, NaN/Inf of ``module`` vs the FP32 reference outputs,
+    and whether every call is within the spec's ``precision`` tolerance."""
+    per_call = [dict(zip(spec.output_names, (error_stats(r, o) for r, o in zip(ref, _run_module(module, spec, call)))))
+                for call, ref in zip(calls, refs)]
+    return summarize(per_call, spec.output_names, spec.tolerances[precision])
+
+
+def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[Island],
+                   census: dict[str, Any]) -> tuple[dict[str, Any], Fp16Decision]:
+    """Convert the network to FP16 in place (quantizers off) and run it on the held-out traffic, without
+    and with its FP32 islands. FP16 with islands within tolerance → "fp16"; else "fp32" (last resort)."""
+    import torch
+
+
+    spec = SPECS[name]
+    network = getattr(pipe, spec.pipeline_attr)
+    for module in network.modules():
+        if type(module).__name__ == "TensorQuantizer":
+            module.disable()
+    network.half()
+    module = CastIO(spec.wrapper(network).eval(), torch.float16)
+    checks: dict[str, Any] = {}
+    if islands:
+        checks["without_islands"] = _check_calls(module, spec, calls, refs, Precision.FP16)
+    with fp32_islands(network, islands, torch.float16):
+        checks["with_islands"] = _check_calls(module, spec, calls, refs, Precision.FP16)
+    if checks["with_islands"]["passed"]:
+        why = (f"FP16 with {len(islands)} FP32 island(s) within tolerance on held-out traffic" if islands
+               else "FP16 within tolerance on held-out traffic")
+        return checks, Fp16Decision("fp16", why)
+    failing = next(n for n in spec.output_names if not checks["with_islands"][n]["passed"])
+    stats = checks["with_islands"][failing]
+    what = "NaN/Inf" if stats["nonfinite"] else f"rel-L2 {stats['rel_l2_max']:.3g} > {spec.tolerances[Precision.FP16].rel_l2:g}"
+    hot = hottest_module(census, islands)
+    where = f"; largest activation outside islands: {hot[0]} {hot[1]:.4g}" if hot else ""
+    log.warn(f"{name}: FP16 fails on held-out traffic even with its islands ({failing}: {what}{where}); "
+             "its FP16 variant is built in FP32 (last resort)")
+    return checks, Fp16Decision("fp32", f"last resort: FP16 with islands fails on held-out traffic ({failing}: {what}{where})")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The readable table ``calibrate`` prints on stdout (torch-level, vs the FP32 reference)."""
+    lines = [f"{'component':<12} {'variant':<14} {'output':<18} {'rel-L2 mean':>11} {'rel-L2 max':>10} "
+             f"{'max-abs':>9} {'ok':>3}"]
+
+    def rows(name: str, variant: str, checks: dict[str, Any]) -> None:
+        for out, s in checks.items():
+            if isinstance(s, dict) and "rel_l2_mean" in s:
+                lines.append(f"{name:<12} {variant:<14} {out:<18} {s['rel_l2_mean']:>11.4%} {s['rel_l2_max']:>10.4%} "
+                             f"{s['max_abs']:>9.3g} {'yes' if s['passed'] else 'NO':>3}")
+
+    for name, entry in report["components"].items():
+        rows(name, "fp8 fake-quant", entry["fp8"])
+    for name, entry in report["fp16"].items():
+        rows(name, f"{entry['precision']} islands" if report["fp32_islands"][name] else entry["precision"],
+             entry["with_islands"])
+    for name, found in report["fp32_islands"].items():
+        for island in found:
+            lines.append(f"FP32 island  {name}: {island['module']} (max |x| {island['max_abs']:.4g}; {island['why']})")
+    e2e = report["end_to_end"]
+    lines.append(f"end to end ({len(e2e['prompts'])} held-out prompts, {e2e['steps']} steps): latents rel-L2 "
+                 f"{e2e['latents']['rel_l2']:.4%}, image PSNR {', '.join(f'{p:.1f}' for p in e2e['image_psnr_db'])} dB")
+    lines.append(f"reference: {report['reference']}")
+    return "\n".join(lines)

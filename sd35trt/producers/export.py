@@ -1,0 +1,531 @@
+"""Export SD3.5 components to ONNX with dynamic shapes, validated against PyTorch in onnxruntime.
+
+``export`` is the one producer of every ONNX variant of a work dir:
+
+* ``onnx/`` FP32 (only when asked: engines never use it);
+* ``onnx-fp16/`` every component in FP16 with its FP32 islands (from ``calibrate``'s census, or the recipe's
+  known sites when there is no calibration), or whole FP32 where calibrate found islands not enough;
+* ``onnx-fp8/`` the calibrated components: ModelOpt's quantizers restored from ``W/calibration/`` into an
+  FP16 network, exported as standard Q/DQ with FP8 weights (``fp8_onnx``).
+
+Each component is traced with ``torch.onnx.export(dynamo=False)`` straight to a file in a temporary folder
+(no in-memory copy of the model: ModelOpt's helper needed 60 GiB for SD3.5-Medium), weights past 2 GB are
+consolidated into one ``model.onnx.data``, and the ONNX is validated in onnxruntime at a shape different
+from the traced one (FP16 against the FP32 network, TF32 off; FP8 against the fake-quant network) and, when
+calibrate recorded it, on held-out pipeline traffic against the FP32 reference outputs. Only then is the
+folder renamed into place with its manifest.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35trt import __version__
+from sd35trt.core import log
+from sd35trt.core.artifacts import (
+    atomic_dir,
+    check_disk,
+    exclusive,
+    file_entries,
+    hash_json,
+    package_versions,
+    recover_interrupted,
+    write_json_atomic,
+)
+from sd35trt.core.errors import ExportValidationError, InvalidInputError, check_choice
+from sd35trt.core.manifests import MANIFEST, CalibrationManifest, WorkDir, load_calibration, load_current, require_model
+from sd35trt.core.metrics import error_stats, summarize
+from sd35trt.core.models import ModelSource
+from sd35trt.core.numerics import Island, fp32_islands, hottest_module, plan_islands
+from sd35trt.core.onnx_utils import PROVIDERS
+from sd35trt.core.specs import COMPONENTS, SPECS, CastIO, ComponentSpec, PipeDims, Precision, ShapeRanges
+from sd35trt.core.targets import exported_variants
+
+if TYPE_CHECKING:
+    import torch
+
+MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 17, 21, 19
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What an export produces; validated before any model is built."""
+
+    components: tuple[str, ...] = COMPONENTS
+    opset: int = DEFAULT_OPSET
+    ranges: ShapeRanges = field(default_factory=ShapeRanges)
+    validate: bool = True
+    provider: str = "auto"  # onnxruntime execution provider for validation; not part of the artifact
+
+    def __post_init__(self):
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise InvalidInputError(f"--opset {self.opset} is not supported",
+                                    hint=f"use an opset between {MIN_OPSET} and {MAX_OPSET} (default {DEFAULT_OPSET})")
+        check_choice("--provider", self.provider, PROVIDERS)
+        unknown = [c for c in self.components if c not in SPECS]
+        if unknown:
+            raise InvalidInputError(f"unknown component(s) {', '.join(unknown)}", hint=f"choose from {','.join(COMPONENTS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"components": list(self.components), "opset": self.opset, "ranges": self.ranges.to_dict()}
+
+
+@dataclass
+class ComponentExport:
+    component: str
+    precision: str
+    path: Path
+    skipped: bool
+    seconds: float
+    manifest: dict[str, Any]
+
+
+def trace_and_check_dims(spec: ComponentSpec, ranges: ShapeRanges, pipe_dims: PipeDims) -> tuple[dict, dict]:
+    """Trace at the small end of every range; validate at a shape that differs in every dim that can vary.
+
+    Validating at another shape is what proves the axes are really dynamic (a traced constant would pass
+    at the trace shape and fail here).
+    """
+    def pick(rng, step, prefer_other_than):
+        for value in (rng.min + step, rng.max, rng.opt):
+            if rng.min <= value <= rng.max and value != prefer_other_than:
+                return value
+        return prefer_other_than
+
+    dims = spec.dim_ranges(ranges, pipe_dims)  # the component's own ranges (batch from 1, doubled with CFG)
+    trace = spec.concrete_dims(pipe_dims, batch=dims["batch"].min, height=dims["height"].min,
+                               width=dims["width"].min, t5_tokens=ranges.t5_tokens.opt)
+    check = spec.concrete_dims(
+        pipe_dims, batch=pick(dims["batch"], 1, dims["batch"].min), height=pick(dims["height"], 64, dims["height"].min),
+        width=pick(dims["width"], 128, dims["width"].min), t5_tokens=pick(ranges.t5_tokens, -64, ranges.t5_tokens.opt))
+    return trace, check
+
+
+def _to_device(tensors: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Held-out pipeline inputs of one component and the FP32 reference outputs on them (from calibrate)."""
+
+    calls: list[dict[str, Any]]
+    reference: list[list[Any]]
+    census: dict[str, Any]
+    islands: list[Island]
+
+
+def export_component(
+    module: torch.nn.Module,
+    spec: ComponentSpec,
+    pipe_dims: PipeDims,
+    dest: Path,
+    *,
+    opset: int,
+    ranges: ShapeRanges,
+    precision: Precision,
+    validate: bool = True,
+    provider: str = "auto",
+    postprocess: Callable[[Path], None] | None = None,
+    traffic: Traffic | None = None,
+) -> dict[str, Any]:
+    """Export ``module`` (already wrapped to the spec's signature) into ``dest``/model.onnx and validate it
+    against the same module at another shape, and on ``traffic`` when given.
+
+    Returns the per-component record for the manifest. Raises ExportValidationError with every failing
+    output's numbers if onnxruntime disagrees with torch beyond the spec's tolerance.
+    """
+    import torch
+
+    from sd35trt.core.onnx_utils import consolidate_external_data
+
+    device = next(module.parameters()).device
+    trace_dims, check_dims = trace_and_check_dims(spec, ranges, pipe_dims)
+    inputs = _to_device(spec.dummy_inputs(pipe_dims, trace_dims, seed=1), device)
+    onnx_path = dest / "model.onnx"
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), log.working("tracing to ONNX"):
+        # TracerWarnings flag Python branches on shapes; validation at another shape is what proves them safe.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, tuple(inputs[n] for n in spec.input_names), str(onnx_path), dynamo=False,
+            opset_version=opset, input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
+        )
+    del inputs
+    consolidate_external_data(onnx_path)
+    if postprocess is not None:
+        postprocess(onnx_path)
+    export_seconds = time.perf_counter() - start
+
+    record: dict[str, Any] = {
+        "component": spec.name,
+        "precision": precision.value,
+        "opset": opset,
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
+        "dynamic_axes": spec.dynamic_axes(),
+        "ranges": ranges.to_dict(),
+        "profile": {k: [list(s) for s in v] for k, v in spec.profile(ranges, pipe_dims).items()},
+        "trace_dims": trace_dims,
+        "export_seconds": round(export_seconds, 3),
+    }
+    if validate:
+        record["validation"], record["traffic_check"] = validate_onnx(
+            module, spec, pipe_dims, onnx_path, check_dims, precision, provider, traffic)
+    return record
+
+
+def validate_onnx(module: torch.nn.Module, spec: ComponentSpec, pipe_dims: PipeDims, onnx_path: Path,
+                  dims: dict[str, int], precision: Precision, provider: str = "auto",
+                  traffic: Traffic | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run torch and onnxruntime on the same dummy inputs at ``dims`` and check every output; then run the
+    same session on ``traffic`` against its FP32 reference outputs. Raises with all failures at once.
+
+    ``auto`` validates on onnxruntime's CUDA execution provider when onnxruntime-gpu and a GPU are present:
+    at SD3.5 size an FP16 graph on the CPU provider costs ~3× its weight bytes of host memory."""
+    import torch
+
+    from sd35trt.core.onnx_utils import ort_session, run_ort, session_provider
+
+    device = next(module.parameters()).device
+    inputs = spec.dummy_inputs(pipe_dims, dims, seed=2)
+    start = time.perf_counter()
+    with torch.no_grad():
+        expected = module(*[inputs[n].to(device) for n in spec.input_names])
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    expected = [e.float().cpu().numpy() for e in expected]
+    session = ort_session(onnx_path, provider=provider)
+    used = session_provider(session)
+    actual = run_ort(session, {k: v.numpy() for k, v in inputs.items()})
+    tol = spec.tolerances[precision]
+    results, failures = {}, []
+    for name, ref in zip(spec.output_names, expected):
+        stats = error_stats(ref, actual[name])
+        results[name] = stats.to_dict() | {"passed": stats.passes(tol)}
+        if not stats.passes(tol):
+            failures.append(f"{name}: {stats} (allowed rel-L2 {tol.rel_l2:g}, max-abs "
+                            f"{tol.scaled_max_abs(stats.ref_absmax):.3g})")
+    if failures:
+        raise ExportValidationError(
+            f"{spec.name} {precision.value} ONNX differs from its PyTorch reference at dims {dims}: "
+            + "; ".join(failures), path=onnx_path, hint=_validation_hint(precision, traffic))
+    validation = {"dims": dims, "provider": used, "reference": _reference_label(precision, module),
+                  "outputs": results, "tolerance": {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs},
+                  "seconds": round(time.perf_counter() - start, 3)}
+    checked = check_traffic(session, spec, onnx_path, precision, traffic) if traffic is not None else None
+    del session
+    return validation, checked
+
+
+def _reference_label(precision: Precision, module: Any) -> str:
+    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    if precision is Precision.FP8:
+        return f"the ModelOpt fake-quant network ({dtype})"
+    return f"the PyTorch network in {dtype}" + (" (TF32 off)" if dtype == "float32" else "")
+
+
+def _validation_hint(precision: Precision, traffic: Traffic | None) -> str:
+    if precision is Precision.FP32:
+        return "report this with the manifest (the exporter mis-traced an op); try another --opset"
+    hot = hottest_module(traffic.census, traffic.islands) if traffic is not None else None
+    if hot is not None and hot[1] > 2.0**14:
+        return (f"{hot[0]} reaches {hot[1]:.4g} (FP16 max 65504): add it to its component's upcast list in "
+                "calibration/fp8.toml or lower [fp32_islands] margin, then re-run calibrate")
+    return "re-run `sd35trt calibrate` (its census chooses FP32 islands), then export again"
+
+
+def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision: Precision,
+                  traffic: Traffic) -> dict[str, Any]:
+    """The ONNX on held-out pipeline traffic vs the FP32 reference outputs, within the spec's tolerance for
+    ``precision`` and finite; on failure one line names the module with the largest activation outside
+    the FP32 islands (from the census), the likely cause."""
+    from sd35trt.core.onnx_utils import run_ort
+
+    per_call = []
+    with log.progress("held-out traffic check", len(traffic.calls)) as advance:
+        for call, ref in zip(traffic.calls, traffic.reference):
+            outs = run_ort(session, {k: v.numpy() for k, v in call.items()})
+            per_call.append({n: error_stats(r.numpy() if hasattr(r, "numpy") else r, outs[n])
+                             for n, r in zip(spec.output_names, ref)})
+            advance()
+    summary = summarize(per_call, spec.output_names, spec.tolerances[precision])
+    summary["calls"] = len(per_call)
+    summary["reference"] = "FP32 network (TF32 off) on held-out pipeline traffic recorded by calibrate"
+    if not summary["passed"]:
+        bad = next(n for n in spec.output_names if not summary[n]["passed"])
+        s = summary[bad]
+        what = (f"{s['nonfinite']} NaN/Inf" if s["nonfinite"] else
+                f"rel-L2 {s['rel_l2_max']:.3g} > {summary['tolerance']['rel_l2']:g}")
+        hot = hottest_module(traffic.census, traffic.islands)
+        cause = f"; largest activation outside FP32 islands: {hot[0]} max |x| {hot[1]:.4g}" if hot else ""
+        raise ExportValidationError(
+            f"{spec.name} {precision.value} ONNX on held-out traffic: {bad} {what}{cause}", path=onnx_path,
+            hint=_validation_hint(precision, traffic))
+    return summary
+
+
+def export_inputs_hash(source: ModelSource, config: ExportConfig, component: str, precision: Precision,
+                       extra: dict[str, Any] | None = None) -> str:
+    return hash_json({
+        "model": source.fingerprint(), "component": component, "precision": precision.value,
+        "opset": config.opset, "ranges": config.ranges.to_dict(), "toolkit": __version__, **(extra or {}),
+    })
+
+
+# --- what each variant is built from -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariantPlan:
+    """One ONNX variant of one component: its precision, weights dtype, islands and what its hash covers."""
+
+    component: str
+    precision: Precision
+    weights: str  # "fp32" | "fp16" (FP8 variants: FP16 network, FP8 weight initializers)
+    islands: tuple[Island, ...]
+    reason: str
+    extra: dict[str, Any]
+
+
+def plan_variants(requested: str, components: tuple[str, ...], calibration: CalibrationManifest | None,
+                  recipe_islands: dict[str, list[Island]]) -> list[VariantPlan]:
+    """Which variants ``--precision`` asks for, with the islands and weights each is built with.
+
+    ``auto`` (what engines use): FP16 for every component and FP8 for the calibrated ones (``fp8`` alone:
+    the calibrated ones, an error when none of ``components`` is calibrated). FP16 takes the
+    calibration's islands and its FP16/FP32 decision; without a calibration, the recipe's known sites."""
+    calibrated = set(calibration.components) if calibration else set()
+    names = [v.strip() for v in requested.split(",") if v.strip()]
+    pairs = exported_variants(requested, components, calibrated)
+    if "fp8" in names and "auto" not in names and components and not calibrated & set(components):
+        raise InvalidInputError(f"no FP8 calibration for {', '.join(components)} in this work dir",
+                                hint=f"run `sd35trt calibrate --components {','.join(c for c in components if SPECS[c].calibratable) or 'transformer'}` "
+                                     "with this --out first")
+    plans = []
+    for c, precision in pairs:
+        if precision is Precision.FP32:
+            plans.append(VariantPlan(c, Precision.FP32, "fp32", (), "asked for", {}))
+        elif precision is Precision.FP16:
+            if calibration is not None:
+                islands, decision = tuple(calibration.islands.get(c, [])), calibration.fp16.get(c)
+                weights, reason = (decision.precision, decision.reason) if decision else ("fp16", "not checked")
+                source = f"calibration {calibration.inputs_hash[:12]}"
+            else:
+                islands, weights, source = tuple(recipe_islands.get(c, [])), "fp16", "recipe (no calibration)"
+                reason = "no calibration: FP16 with the recipe's known FP32 islands only (run calibrate for the census)"
+            if weights == "fp32":
+                islands = ()
+            plans.append(VariantPlan(c, Precision.FP16, weights, islands, reason, {
+                "fp32_islands": [i.to_dict() for i in islands], "weights_precision": weights,
+                "islands_from": source}))
+        else:
+            assert calibration is not None
+            islands = tuple(calibration.islands.get(c, []))
+            plans.append(VariantPlan(c, Precision.FP8, "fp16", islands, "calibrated", {
+                "calibration_hash": calibration.inputs_hash, "fp32_islands": [i.to_dict() for i in islands]}))
+    return plans
+
+
+def load_traffic(work: WorkDir, calibration: CalibrationManifest | None) -> dict[str, Traffic]:
+    if calibration is None:
+        return {}
+    import json
+
+    import torch
+
+    data = torch.load(work.calibration / "traffic.pt", map_location="cpu", weights_only=True)
+    census = json.loads((work.calibration / "census.json").read_text())["components"]
+    return {c: Traffic(v["calls"], v["reference"], census.get(c, {}), calibration.islands.get(c, []))
+            for c, v in data.items()}
+
+
+def _param_bytes(network: Any, weights: str) -> int:
+    return sum(p.numel() for p in network.parameters()) * (4 if weights == "fp32" else 2)
+
+
+# --- the step ----------------------------------------------------------------------------------------
+
+
+def export_model(source: ModelSource, out: Path, config: ExportConfig, *, device: str = "auto",
+                 force: bool = False, precision: str = "auto") -> list[ComponentExport]:
+    """``sd35trt export``: the ONNX variants ``precision`` names (see ``plan_variants``), one pipeline per
+    variant with just the needed networks, built directly in the variant's dtype (lean at real size)."""
+    from sd35trt.core.host import DEVICES
+
+    check_choice("--device", device, DEVICES)
+    work = WorkDir(out)
+    with exclusive(work.root / "onnx", "export"):  # concurrent `make engines` on one work dir take turns
+        return _export_locked(source, work, config, device, force, precision)
+
+
+def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, device: str, force: bool,
+                   precision: str) -> list[ComponentExport]:
+    from sd35trt.producers.recipe import Recipe
+
+    calibration = load_calibration(work)
+    if calibration is not None:
+        require_model(calibration.model, source.fingerprint(), source.id, work.calibration)
+    recipe = Recipe.load()
+    recipe_islands = {c: [Island(p, 0.0, f"recipe: upcast '{p}' (known FP16 overflow site)") for p in recipe.upcast[c]]
+                      for c in recipe.upcast}
+    plans = plan_variants(precision, config.components, calibration, recipe_islands)
+    write_assets(source, work)
+    hashes = {(p.component, p.precision): export_inputs_hash(source, config, p.component, p.precision, p.extra)
+              for p in plans}
+    current = {key: None if force else load_current(work.onnx_folder(key[1], key[0]), h, "export manifest")
+               for key, h in hashes.items()}
+    todo = [p for p in plans if current[(p.component, p.precision)] is None]
+    traffic = load_traffic(work, calibration) if todo and config.validate else {}
+    results: list[ComponentExport] = []
+    fp8_attrs = {SPECS[c].pipeline_attr for c in calibration.components} if calibration else set()
+    for variant in (Precision.FP32, Precision.FP16, Precision.FP8):
+        group = [p for p in plans if p.precision is variant]
+        if group:
+            results += _export_group(source, work, config, group, hashes, current, traffic, device, fp8_attrs)
+    return results
+
+
+def write_assets(source: ModelSource, work: WorkDir) -> Path:
+    """``W/assets/``: the tokenizers and scheduler/VAE configs the denoising loop needs (``PipelineAssets``), read
+    without any weights; ``build`` ships them in every bundle, so a deploy host needs no model directory."""
+    from sd35trt.core.models import load_assets
+
+    folder = work.root / "assets"
+    inputs = hash_json({"model": source.fingerprint(), "toolkit": __version__, "turbo": source.turbo})
+    recover_interrupted(folder)
+    if load_current(folder, inputs, "assets manifest") is not None:
+        return folder
+    with atomic_dir(folder) as tmp:
+        load_assets(source).save(tmp)
+        write_json_atomic(tmp / MANIFEST, {"kind": "pipeline-assets", "toolkit": __version__, "inputs_hash": inputs,
+                                           "model": source.describe(), "files": file_entries(tmp)})
+    return folder
+
+
+def _resolve_islands(plan: VariantPlan, network: Any) -> list[Island]:
+    """Calibration islands are module names already; the recipe's (no calibration) are patterns, applied
+    when the model has them (SD3.5-Large's block 35)."""
+    if not plan.extra.get("islands_from", "").startswith("recipe"):
+        return list(plan.islands)
+    names = [n for n, _ in network.named_modules()]
+    return plan_islands({}, names, margin=float("inf"), upcast=tuple(i.module for i in plan.islands))
+
+
+def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, group: list[VariantPlan],
+                  hashes: dict, current: dict, traffic: dict[str, Traffic], device: str,
+                  fp8_attrs: set[str]) -> list[ComponentExport]:
+    """Export one precision's components; builds the pipeline only if something is to do."""
+    precision = group[0].precision
+    todo = [p for p in group if current[(p.component, p.precision)] is None]
+    pipes: dict[str, Any] = {}
+    if todo:
+        import torch
+
+        from sd35trt.core.host import pick_device, strict_fp32
+        from sd35trt.core.models import build_pipeline
+
+        strict_fp32()
+        torch_device = pick_device(device)
+        by_weights: dict[str, set[str]] = {}
+        for plan in todo:
+            by_weights.setdefault(plan.weights, set()).add(SPECS[plan.component].pipeline_attr)
+        if precision is Precision.FP8:  # the quantizer state covers every calibrated network at once
+            by_weights = {"fp16": fp8_attrs}
+        for weights, attrs in by_weights.items():
+            dtype = torch.float32 if weights == "fp32" else torch.float16
+            with log.step(f"build {source.id} pipeline ({', '.join(sorted(attrs))}) on {torch_device}, {weights}"):
+                pipes[weights] = build_pipeline(source, device=torch_device, dtype=dtype, components=attrs)
+        if precision is Precision.FP8:
+            from sd35trt.producers.quantize import restore_quantized
+
+            networks = restore_quantized(pipes["fp16"], work.calibration / "quant_state.pt")
+            networks.half()  # amax buffers in FP16, as the Q/DQ scales are exported
+    root = work.variant(precision)
+    results = []
+    for plan in group:
+        name, spec = plan.component, SPECS[plan.component]
+        folder = work.onnx_folder(precision, name)
+        recover_interrupted(folder)  # a killed earlier run may have left a temp folder or a backup
+        key = (name, precision)
+        if current[key] is not None:
+            log.info(f"  {name} {precision.value}: unchanged, skipped")
+            results.append(ComponentExport(name, precision.value, folder / "model.onnx", True, 0.0, current[key]))
+            continue
+        pipe = pipes[plan.weights if precision is not Precision.FP8 else "fp16"]
+        network = getattr(pipe, spec.pipeline_attr)
+        check_disk(folder.parent, int(_param_bytes(network, plan.weights) * 1.1) + (64 << 20), f"{name} {precision.value} ONNX")
+        module, reference = _module_and_reference(spec, pipe, plan)
+        islands = _resolve_islands(plan, network)
+        label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
+            (", FP32 weights" if plan.weights == "fp32" and precision is Precision.FP16 else "") + f", opset {config.opset})"
+        low = next(network.parameters()).dtype
+        pipe_dims = PipeDims.from_pipeline(pipe)
+        with log.step(label) as timing, atomic_dir(folder) as tmp:
+            # FP32/FP8 validate inside the islands (their reference is the traced network itself); FP16
+            # validates after, against the FP32 network (the same weights upcast in place).
+            with spec.exporting(pipe, config.ranges, pipe_dims), fp32_islands(network, islands, low):
+                record = export_component(
+                    module, spec, pipe_dims, tmp, opset=config.opset, ranges=config.ranges, precision=precision,
+                    validate=config.validate and reference is None, provider=config.provider,
+                    postprocess=_rewrite_and_count if precision is Precision.FP8 else None, traffic=traffic.get(name))
+            if config.validate and reference is not None:
+                _, check_dims = trace_and_check_dims(spec, config.ranges, pipe_dims)
+                record["validation"], record["traffic_check"] = validate_onnx(
+                    reference(), spec, pipe_dims, tmp / "model.onnx", check_dims, precision, config.provider,
+                    traffic.get(name))
+            manifest = {
+                "kind": "onnx", "toolkit": __version__, "inputs_hash": hashes[key],
+                "model": source.describe(), **record, **plan.extra, "weights_precision": plan.weights,
+                "precision_reason": plan.reason, "fp32_islands": [i.to_dict() for i in islands],
+                "files": file_entries(tmp), "versions": package_versions("torch", "diffusers", "transformers", "onnx",
+                                                                       "onnxruntime", "nvidia-modelopt"),
+                "host": platform.node(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)
+        results.append(ComponentExport(name, precision.value, folder / "model.onnx", False, timing["seconds"], manifest))
+        if reference is not None:  # the FP16 network was upcast in place to validate; it is not used again
+            setattr(pipe, spec.pipeline_attr, None)
+    if all(r.skipped for r in results) and (root / "export.json").is_file():
+        return results  # nothing changed: leave every byte as it was
+    write_json_atomic(root / "export.json", {
+        "kind": "onnx-export", "toolkit": __version__, "precision": precision.value, "model": source.describe(),
+        "config": config.to_dict(),
+        "components": {r.component: {"skipped": r.skipped, "seconds": round(r.seconds, 3),
+                                     "inputs_hash": r.manifest["inputs_hash"], "files": r.manifest["files"],
+                                     "validation": r.manifest.get("validation"),
+                                     "traffic_check": r.manifest.get("traffic_check")} for r in results},
+    })
+    return results
+
+
+def _module_and_reference(spec: ComponentSpec, pipe: Any, plan: VariantPlan) -> tuple[Any, Any]:
+    """The module to trace, and (FP16 only) a function giving the FP32 network to validate against: the
+    same weights upcast in place after the trace, so no second copy of the model is ever held."""
+    import torch
+
+    network_module = spec.module(pipe)
+    if plan.precision is Precision.FP32 or plan.weights == "fp32":
+        return network_module, None
+    module = CastIO(network_module, torch.float16)
+    if plan.precision is Precision.FP8:
+        return module, None  # validated against the fake-quant network itself
+
+    def reference():
+        getattr(pipe, spec.pipeline_attr).float()
+        return spec.wrapper(getattr(pipe, spec.pipeline_attr)).eval()
+
+    return module, reference
+
+
+def _rewrite_and_count(model_path: Path) -> None:
+    from sd35trt.producers.fp8_onnx import rewrite_fp8_qdq
+
+    counts = rewrite_fp8_qdq(model_path)
+    write_json_atomic(model_path.parent / "fp8_rewrite.json", counts)

@@ -1,0 +1,98 @@
+"""The FP8 recipe (``calibration/fp8.toml``): what stays high precision, and the FP16-range rules.
+
+Per calibratable component: ``exclude`` (modules kept out of FP8) and ``upcast`` (known FP16 overflow sites
+that always run as FP32 islands, applied when the model has them). ``[fp32_islands] margin``: an activation
+census value above it makes its block an FP32 island (``sd35trt.core.numerics``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from sd35trt.core.artifacts import sha256_file
+from sd35trt.core.errors import CalibrationError, InvalidInputError
+from sd35trt.core.numerics import DEFAULT_MARGIN, FP16_MAX, Island
+from sd35trt.core.prompts import CALIBRATION_DIR
+from sd35trt.core.specs import SPECS
+
+DEFAULT_RECIPE = CALIBRATION_DIR / "fp8.toml"
+RECIPE_COMPONENTS = tuple(name for name, spec in SPECS.items() if spec.calibratable)
+RECIPE_KEYS = {"version", "format", "algorithm", "fp32_islands", *RECIPE_COMPONENTS}
+
+
+def _strings(data: dict[str, Any], section: str, key: str, path: Path) -> tuple[str, ...]:
+    value = data.get(section, {})
+    patterns = value.get(key, []) if isinstance(value, dict) else None
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise InvalidInputError(f"[{section}] {key} must be a list of strings", path=path,
+                                hint=f'e.g. {key} = ["proj_out"]')
+    return tuple(patterns)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    sha256: str
+    version: int
+    algorithm: str
+    exclude: dict[str, tuple[str, ...]]
+    upcast: dict[str, tuple[str, ...]]
+    margin: float = DEFAULT_MARGIN
+
+    @classmethod
+    def load(cls, path: Path = DEFAULT_RECIPE) -> Recipe:
+        if not path.is_file():
+            raise InvalidInputError("FP8 recipe not found", path=path, hint="pass --config calibration/fp8.toml")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidInputError(f"FP8 recipe is not valid TOML ({str(exc).splitlines()[0]})", path=path,
+                                    hint="fix the syntax; see calibration/fp8.toml for the format") from None
+        unknown = set(data) - RECIPE_KEYS
+        if unknown:
+            raise InvalidInputError(f"FP8 recipe has unknown key(s) {', '.join(sorted(unknown))}", path=path,
+                                    hint=f"allowed: {', '.join(sorted(RECIPE_KEYS))}")
+        if data.get("format", "fp8_e4m3") != "fp8_e4m3":
+            raise InvalidInputError(f"FP8 recipe format '{data['format']}' is not supported", path=path,
+                                    hint="use format = \"fp8_e4m3\"")
+        if data.get("algorithm", "max") != "max":
+            raise InvalidInputError(f"calibration algorithm '{data['algorithm']}' is not supported", path=path,
+                                    hint="use algorithm = \"max\" (per-tensor amax)")
+        islands = data.get("fp32_islands", {})
+        margin = islands.get("margin", DEFAULT_MARGIN) if isinstance(islands, dict) else None
+        if not isinstance(margin, (int, float)) or not 0 < margin <= FP16_MAX:
+            raise InvalidInputError(f"[fp32_islands] margin {margin!r} must be a number in (0, {FP16_MAX:g}]", path=path,
+                                    hint="e.g. margin = 16384 (2^14: 4x headroom to FP16's 65504)")
+        return cls(path=path, sha256=sha256_file(path), version=int(data.get("version", 1)), algorithm="max",
+                   exclude={n: _strings(data, n, "exclude", path) for n in RECIPE_COMPONENTS},
+                   upcast={n: _strings(data, n, "upcast", path) for n in RECIPE_COMPONENTS},
+                   margin=float(margin))
+
+    def check_patterns(self, component: str, module_names: list[str]) -> None:
+        """Every exclude pattern must name at least one module: a typo must not silently quantize.
+        (``upcast`` patterns name sites of particular models, e.g. Large's block 35, and may be absent.)"""
+        for pattern in self.exclude[component]:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in module_names):
+                raise CalibrationError(f"[{component}] exclude pattern '{pattern}' matches no module", path=self.path,
+                                       hint=f"fix the name; e.g. {', '.join(module_names[1:4])}, ...")
+
+    def quant_cfg(self, components: tuple[str, ...], islands: dict[str, list[Island]] | None = None) -> dict[str, Any]:
+        """ModelOpt config for a ModuleDict of ``{pipeline_attr: network}``: FP8 everywhere but the excludes
+        and the FP32 islands (an island runs in FP32 in every variant, so it is never quantized)."""
+        fp8 = {"num_bits": (4, 3), "axis": None}
+        cfg: list[dict[str, Any]] = [
+            {"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": fp8},
+            {"quantizer_name": "*input_quantizer", "cfg": fp8},
+        ]
+        for component in components:
+            prefix = SPECS[component].pipeline_attr
+            patterns = [*self.exclude[component], *(i.module for i in (islands or {}).get(component, []))]
+            for pattern in patterns:
+                cfg.append({"quantizer_name": f"{prefix}.{pattern}.*", "enable": False})
+        return {"quant_cfg": cfg, "algorithm": self.algorithm}

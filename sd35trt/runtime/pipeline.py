@@ -1,0 +1,410 @@
+"""The sd35trt denoising loop: SD3's ``__call__`` as numbered steps over swappable component runners.
+
+Tokenizers, scheduler, latent preparation and image post-processing are diffusers' own objects
+(``CLIPTokenizer``, ``T5TokenizerFast``, ``FlowMatchEulerDiscreteScheduler``, ``randn_tensor``,
+``VaeImageProcessor``); only the five networks go through runners. With torch runners this is the same math as
+``StableDiffusion3Pipeline`` (the test suite checks it bit for bit), so any difference measured with ONNX or
+engine runners is the runners' own. As in diffusers, the latents, the guidance combine and the scheduler step
+stay on the execution device (no host copy per step), the negative and positive prompts share one text-encoder
+call, and without T5 the T5 embeddings are zeros (``text_encoder_3=None``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sd35trt.core import log
+from sd35trt.core.errors import InvalidInputError
+from sd35trt.core.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS, Defaults, PipelineAssets
+from sd35trt.core.specs import COMPONENTS, SPECS, ShapeRanges, check_pixels
+from sd35trt.runtime.runners import ComponentRunner
+from sd35trt.runtime.tiling import DEFAULT_TILE_PIXELS, tile_shapes, tiled_decode
+from sd35trt.runtime.vram import Need, VramPlan
+
+TILING = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation. ``steps``/``guidance`` left as None take the model's own defaults (28 and 4.5;
+    SD3.5-Large-Turbo: 4 and 0)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    height: int = 1024
+    width: int = 1024
+    batch: int = 1
+
+    def __post_init__(self):
+        """Reject bad requests before any work (diffusers' check_inputs, stricter)."""
+        if self.steps is not None and self.steps < 1:
+            raise InvalidInputError(f"--steps {self.steps} must be ≥ 1", hint="SD3.5 uses 28-40 steps; e.g. --steps 28")
+        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
+            raise InvalidInputError(f"--guidance {self.guidance} must be a finite number ≥ 0", hint="e.g. --guidance 4.5")
+        if self.batch < 1:
+            raise InvalidInputError(f"--batch {self.batch} must be ≥ 1", hint="e.g. --batch 1")
+        check_pixels(self.height, "--height")
+        check_pixels(self.width, "--width")
+
+    def resolved(self, defaults: Defaults) -> GenerateRequest:
+        return replace(self, steps=defaults.steps if self.steps is None else self.steps,
+                       guidance=defaults.guidance if self.guidance is None else self.guidance)
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance, as diffusers decides it (``guidance_scale > 1``)."""
+        return (self.guidance if self.guidance is not None else 0.0) > 1.0
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """One network call the loop will make for a request: the symbolic dims and its input shapes."""
+
+    component: str
+    dims: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]
+
+
+@dataclass
+class GenerateResult:
+    latents: Any
+    images: Any  # decoded, in [-1, 1], NCHW float32 on the CPU
+    pil: list[Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+
+
+class Sd35Loop:
+    """Prompt → image with classifier-free guidance and flow matching over ``runners``.
+
+    ``assets`` supplies tokenizers, scheduler and VAE configuration (``PipelineAssets``: from a pipeline, a
+    model without weights, or a bundle's ``assets/``); ``runners`` maps component → ComponentRunner (T5 may be
+    absent: CLIP-only). ``plan`` (a ``VramPlan``) decides which runners stay loaded; ``vae_tiling`` is
+    ``auto`` (tiles only for images larger than the decoder takes), ``on`` or ``off``.
+    """
+
+    def __init__(self, assets: PipelineAssets, runners: dict[str, ComponentRunner], ranges: ShapeRanges | None = None,
+                 *, batch_text: bool = True, plan: VramPlan | None = None, vae_tiling: str = "auto"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.image_processor import VaeImageProcessor
+
+        if vae_tiling not in TILING:
+            raise InvalidInputError(f"--vae-tiling {vae_tiling} is not one of {', '.join(TILING)}", hint="e.g. --vae-tiling auto")
+        required = [c for c in COMPONENTS if c != "t5"]
+        missing = [c for c in required if c not in runners]
+        if missing:
+            raise InvalidInputError(f"no runner for {', '.join(missing)}", hint="export/build every component (T5 alone may be left out)")
+        self.assets = assets if "t5" in runners else assets.without_t5()
+        self.runners = runners
+        self.ranges = ranges or ShapeRanges()
+        self.plan = plan
+        self.vae_tiling = vae_tiling
+        self.scheduler_class = FlowMatchEulerDiscreteScheduler
+        self.vae_scale = assets.vae_scale
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
+        self.latent_channels = assets.vae["latent_channels"]
+        # One text-encoder call for negative+positive (faster); False encodes them apart as diffusers does,
+        # which makes the torch runners bit-identical to StableDiffusion3Pipeline.
+        self.batch_text = batch_text
+        self._warned: set[tuple[str, str]] = set()
+
+    @property
+    def has_t5(self) -> bool:
+        return "t5" in self.runners
+
+    @property
+    def device(self) -> str:
+        """Where the loop keeps latents and runs the scheduler: the transformer's device."""
+        return self.runners["transformer"].device
+
+    # 0. what a request will run --------------------------------------------------------------------------
+
+    def vae_tile(self, request: GenerateRequest) -> int | None:
+        """Latent tile side of the VAE decode (None: decoded whole)."""
+        side = self.ranges.vae_side
+        profile = self.runners["vae_decoder"].profile
+        if profile is not None and "latent" in profile:
+            side = min(profile["latent"][-1][2], profile["latent"][-1][3]) * self.vae_scale
+        needed = max(request.height, request.width) > side
+        if self.vae_tiling == "off" or (self.vae_tiling == "auto" and not needed):
+            if needed:
+                raise InvalidInputError(f"{request.height}x{request.width} is larger than the VAE decoder takes whole "
+                                        f"({side} px per side) and --vae-tiling is off", hint="use --vae-tiling auto")
+            return None
+        return min(side, DEFAULT_TILE_PIXELS) // self.vae_scale
+
+    def planned_calls(self, request: GenerateRequest) -> list[PlannedCall]:
+        """Every network call ``__call__`` makes for ``request``, with its input shapes: what the engine
+        profiles are checked against before any work (``check``)."""
+        request = request.resolved(self.assets.defaults)
+        batch, cfg = request.batch, request.cfg
+        text_batches = [2 * batch] if cfg and self.batch_text else [batch, batch] if cfg else [batch]
+        lat_h, lat_w = request.height // self.vae_scale, request.width // self.vae_scale
+        calls = []
+        encoders = ("clip_l", "clip_g", "t5") if self.has_t5 else ("clip_l", "clip_g")
+
+        def call(name: str, dims: dict[str, int]) -> PlannedCall:
+            spec = SPECS[name]
+            profile = self.runners[name].profile or {}
+            shapes = {t.name: tuple(dims[d] if isinstance(d, str) and d in dims else _static(profile, t.name, i, d)
+                                    for i, d in enumerate(t.shape)) for t in spec.inputs}
+            return PlannedCall(name, dims, shapes)
+
+        for n in text_batches:
+            for name in encoders:
+                calls.append(call(name, SPECS[name].concrete_dims(self.vae_scale, batch=n, height=request.height,
+                                                                  width=request.width)))
+        calls.append(call("transformer", SPECS["transformer"].concrete_dims(
+            self.vae_scale, batch=2 * batch if cfg else batch, height=request.height, width=request.width)))
+        tile = self.vae_tile(request)
+        for th, tw in tile_shapes(lat_h, lat_w, tile) if tile else [(lat_h, lat_w)]:
+            calls.append(call("vae_decoder", SPECS["vae_decoder"].concrete_dims(
+                self.vae_scale, batch=batch, height=th * self.vae_scale, width=tw * self.vae_scale)))
+        return calls
+
+    def check(self, request: GenerateRequest) -> None:
+        """Refuse, before any work, a request some engine's profile would refuse (one line naming it)."""
+        request = request.resolved(self.assets.defaults)
+        problems = self.ranges.contains(batch=request.batch, height=request.height, width=request.width)
+        for planned in [] if problems else self.planned_calls(request):
+            problems += [f"{planned.component}: {why}" for why in self.runners[planned.component].accepts(planned.shapes)]
+        if problems:
+            raise InvalidInputError(f"request outside the exported/engine shape ranges: {'; '.join(dict.fromkeys(problems))}",
+                                    hint=f"ranges are batch {self.ranges.batch}, height {self.ranges.height}, width "
+                                         f"{self.ranges.width}; re-export with wider --height/--width/--batch to go beyond")
+
+    def needs(self, request: GenerateRequest) -> dict[str, Need]:
+        """What each network needs on the GPU for ``request`` (the VRAM plan's input)."""
+        found: dict[str, Need] = {}
+        for planned in self.planned_calls(request):
+            runner = self.runners[planned.component]
+            width = self.assets.widths.get(planned.component, 0)
+            act = SPECS[planned.component].activation_bytes(planned.dims, width)
+            old = found.get(planned.component)
+            found[planned.component] = Need(planned.component, runner.weight_bytes,
+                                            max(act, old.activations if old else 0), runner.streamable)
+        return found
+
+    # 1. text ---------------------------------------------------------------------------------------------
+
+    def _tokens(self, tokenizer, prompts: list[str], max_length: int, label: str):
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        for prompt in dict.fromkeys(prompts):  # each distinct prompt once: its own text, never a padding row
+            dropped = truncated_text(tokenizer, prompt, max_length)
+            if dropped and (label, prompt) not in self._warned:  # CLIP-L and CLIP-G truncate alike: say it once
+                self._warned.add((label, prompt))
+                log.warn(f"prompt truncated to {max_length} {label} tokens (as diffusers does); dropped: "
+                         f"{_clip_text(dropped)!r}")
+        return ids
+
+    def _stage(self, name: str) -> ComponentRunner:
+        """The runner of ``name``, loaded; under a sequential plan every other runner is released first."""
+        runner = self.runners[name]
+        if self.plan is not None and self.plan.sequential:
+            for other, loaded in self.runners.items():
+                if other != name and loaded.loaded:
+                    loaded.unload()
+        runner.load()
+        return runner
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[Any, Any]:
+        """prompt_embeds [B, 77+T5, D] and pooled [B, 768+1280] exactly as SD3's encode_prompt builds them, on
+        the execution device."""
+        import torch
+
+        device = self.device
+        tokenizers = self.assets.tokenizers
+        clip_l = self._stage("clip_l")(input_ids=self._tokens(tokenizers["clip_l"], prompts, CLIP_MAX_TOKENS, "CLIP"))
+        clip_l = {k: v.to(device) for k, v in clip_l.items()}
+        clip_g = self._stage("clip_g")(input_ids=self._tokens(tokenizers["clip_g"], prompts, CLIP_MAX_TOKENS, "CLIP"))
+        clip_g = {k: v.to(device) for k, v in clip_g.items()}
+        if self.has_t5:
+            t5_embeds = self._stage("t5")(input_ids=self._tokens(tokenizers["t5"], prompts, T5_MAX_TOKENS, "T5"))[
+                "last_hidden_state"].to(device)
+        else:  # diffusers with text_encoder_3=None
+            t5_embeds = torch.zeros(len(prompts), T5_MAX_TOKENS, self.assets.joint_attention_dim, device=device)
+        clip_embeds = torch.cat([clip_l["hidden_states"], clip_g["hidden_states"]], dim=-1)
+        clip_embeds = torch.nn.functional.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
+        prompt_embeds = torch.cat([clip_embeds, t5_embeds], dim=-2)
+        pooled = torch.cat([clip_l["text_embeds"], clip_g["text_embeds"]], dim=-1)
+        return prompt_embeds, pooled
+
+    # 6. decode ---------------------------------------------------------------------------------------------
+
+    def decode(self, latents: Any, request: GenerateRequest) -> Any:
+        """The pipeline's own un-scaling, then the VAE decoder whole or in tiles; images on the CPU."""
+        vae = self._stage("vae_decoder")
+        scaled = latents / self.assets.vae["scaling_factor"] + self.assets.vae["shift_factor"]
+        tile = self.vae_tile(request)
+        if tile is None:
+            return vae(latent=scaled)["images"].float().cpu()
+        return tiled_decode(lambda z: vae(latent=z.contiguous())["images"], scaled, tile=tile, scale=self.vae_scale).cpu()
+
+    # the whole call -------------------------------------------------------------------------------------
+
+    def __call__(self, request: GenerateRequest, *, progress: bool = True) -> GenerateResult:
+        import torch
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+        from diffusers.utils.torch_utils import randn_tensor
+
+        # 1. check inputs (every engine call against its profile)
+        request = request.resolved(self.assets.defaults)
+        self.check(request)
+        timings: dict[str, float] = {}
+        batch, cfg, device = request.batch, request.cfg, torch.device(self.device)
+
+        # 2. encode prompt (negative and positive in one batch when guidance is on)
+        start = _clock(device)
+        prompts = [request.prompt] * batch
+        negatives = [request.negative_prompt] * batch
+        if cfg and not self.batch_text:
+            (neg_e, neg_p), (pos_e, pos_p) = self.encode_prompt(negatives), self.encode_prompt(prompts)
+            embeds, pooled = torch.cat([neg_e, pos_e]), torch.cat([neg_p, pos_p])
+        else:
+            embeds, pooled = self.encode_prompt(negatives + prompts if cfg else prompts)
+        timings["text_encoders_s"] = _clock(device) - start
+
+        # 3. prepare latents (diffusers' randn_tensor from a CPU generator, then on the device: the pipeline's noise)
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        shape = (batch, self.latent_channels, request.height // self.vae_scale, request.width // self.vae_scale)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+        # 4. timesteps (on the device; dynamic shifting as the pipeline computes it)
+        scheduler = self.scheduler_class.from_config(self.assets.scheduler)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            patch = self.assets.patch_size
+            kwargs["mu"] = calculate_shift((shape[2] // patch) * (shape[3] // patch),
+                                           scheduler.config.get("base_image_seq_len", 256),
+                                           scheduler.config.get("max_image_seq_len", 4096),
+                                           scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.16))
+        timesteps, _ = retrieve_timesteps(scheduler, request.steps, device, **kwargs)
+
+        # 5. denoise: latents, guidance and the scheduler step stay on the device
+        transformer = self._stage("transformer")
+        start = _clock(device)
+        steps = _StepTimer(device)
+        guidance = request.guidance
+        with _progress(len(timesteps)) if progress else contextlib.nullcontext() as bar:
+            for t in timesteps:
+                steps.begin()
+                model_input = torch.cat([latents] * 2) if cfg else latents
+                timestep = t.expand(model_input.shape[0])
+                noise = transformer(hidden_states=model_input, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                    timestep=timestep)["noise_pred"]
+                if cfg:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + guidance * (text - uncond)
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+                steps.end()
+                if progress:
+                    bar.advance()
+        timings["denoise_s"] = _clock(device) - start
+        step_times = steps.seconds()
+        timings["step_median_s"] = sorted(step_times)[len(step_times) // 2]
+
+        # 6. decode (the pipeline's own scaling and post-processing)
+        start = _clock(device)
+        images = self.decode(latents, request)
+        timings["vae_decoder_s"] = _clock(device) - start
+        if self.plan is not None and self.plan.sequential:
+            self.runners["vae_decoder"].unload()
+        pil = self.image_processor.postprocess(images, output_type="pil")
+        timings["total_s"] = sum(v for k, v in timings.items() if k != "step_median_s")
+        return GenerateResult(latents=latents.cpu(), images=images, pil=pil,
+                              timings={k: round(v, 4) for k, v in timings.items()},
+                              plan=self.plan.to_dict() if self.plan is not None else None)
+
+
+def _static(profile: dict[str, Any], tensor: str, index: int, dim: Any) -> int:
+    """A fixed width of an input shape: from the engine's profile (every shape in it has it), else -1."""
+    if isinstance(dim, int):
+        return dim
+    shapes = profile.get(tensor)
+    return int(shapes[0][index]) if shapes else -1
+
+
+def truncated_text(tokenizer: Any, prompt: str, max_length: int) -> str:
+    """The words of ``prompt`` past ``max_length`` tokens (special tokens included), as the tokenizer splits
+    them: what the text encoder never sees. Empty when the prompt fits."""
+    ids = tokenizer(prompt, add_special_tokens=True).input_ids
+    if len(ids) <= max_length:
+        return ""
+    specials = set(tokenizer.all_special_ids)
+    return tokenizer.decode([i for i in ids[max_length - 1:] if i not in specials], skip_special_tokens=True).strip()
+
+
+def _clip_text(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clock(device: Any) -> float:
+    """A wall clock that waits for the device (so stage times are real on a GPU)."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class _StepTimer:
+    """Per-step times without a host sync per step: CUDA events on a GPU (read once, after the loop)."""
+
+    def __init__(self, device: Any):
+        self.cuda = getattr(device, "type", device) == "cuda"
+        self.marks: list[Any] = []
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self) -> None:
+        self.marks.append([self._mark(), None])
+
+    def end(self) -> None:
+        self.marks[-1][1] = self._mark()
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000.0 for a, b in self.marks]
+        return [b - a for a, b in self.marks]
+
+
+class _progress:
+    """A rich progress bar on stderr, one tick per denoising step."""
+
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("denoise"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TimeElapsedColumn(), console=log.console, transient=True)
+        self.total = total
+
+    def __enter__(self):
+        self.progress.start()
+        self.task = self.progress.add_task("denoise", total=self.total)
+        return self
+
+    def advance(self):
+        self.progress.advance(self.task)
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+        return False

@@ -1,0 +1,362 @@
+"""Component runners: the same call (spec input names → spec output names, torch tensors in and out) over
+PyTorch modules, onnxruntime on exported ONNX, or TensorRT / TensorRT-RTX engines.
+
+The denoising loop only sees ``ComponentRunner``; which backend executes a network is a choice made when the
+runners are created (``runners_from_*``). Every runner can ``load()`` and ``unload()`` (the VRAM plan keeps only
+some resident), knows the shapes it accepts (``profile``) and what it weighs. Engine and onnxruntime runners
+are thin adapters over one ``EngineSession`` each: their outputs live in the session's buffers, valid until the
+runner's next call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
+from sd35trt.core.manifests import MANIFEST, BundleManifest, OnnxManifest, WorkDir
+from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
+from sd35trt.core.targets import RUNNER_VARIANTS, runner_variant
+from sd35trt.runtime.session import EngineSession, SharedDeviceMemory, profile_problem
+
+if TYPE_CHECKING:
+    import torch
+
+
+Profile = dict[str, Sequence[Sequence[int]]]  # input name -> [min, opt, max] shapes
+
+
+class ComponentRunner:
+    """Run one network. ``kind`` and ``precision`` describe it for reports; ``weight_bytes`` is what it holds
+    on its device while loaded; ``profile`` the shapes it accepts (None: any)."""
+
+    kind = "base"
+    streamable = False  # an engine built with weight streaming
+
+    def __init__(self, spec: ComponentSpec, precision: str, *, profile: Profile | None = None, weight_bytes: int = 0):
+        self.spec = spec
+        self.precision = precision
+        self.profile = profile
+        self.weight_bytes = weight_bytes
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    def load(self) -> None:
+        return None
+
+    def unload(self) -> None:
+        return None
+
+    def accepts(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """Why these input shapes would be refused (empty when they fit the profile)."""
+        if self.profile is None:
+            return []
+        return [why for name, shape in shapes.items() if name in self.profile
+                for why in [profile_problem(name, shape, self.profile[name])] if why]
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "precision": self.precision}
+
+
+class TorchRunner(ComponentRunner):
+    """diffusers' own module. ``offload`` (the sequential VRAM plan): kept on the CPU, moved to ``device`` for
+    its stage only, as diffusers' model CPU offload does."""
+
+    kind = "torch"
+
+    def __init__(self, spec: ComponentSpec, pipe: Any, *, device: str | None = None, offload: bool = False):
+        import torch
+
+        self.module = spec.module(pipe)
+        param = next(self.module.parameters())
+        self.dtype = param.dtype
+        self._device = torch.device(device) if device else param.device
+        self.offload = offload
+        weights = sum(p.numel() * p.element_size() for p in self.module.parameters())
+        super().__init__(spec, str(self.dtype).removeprefix("torch."), weight_bytes=weights)
+        self._torch = torch
+        if offload:
+            self.unload()
+        elif param.device != self._device:
+            self.module.to(self._device)
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def loaded(self) -> bool:
+        return next(self.module.parameters()).device == self._device
+
+    def load(self) -> None:
+        if not self.loaded:
+            self.module.to(self._device)
+
+    def unload(self) -> None:
+        if self.offload and self._device.type != "cpu":
+            self.module.to("cpu")
+            self._torch.cuda.empty_cache()
+
+    def __call__(self, **inputs):
+        torch = self._torch
+        self.load()
+        args = [inputs[n].to(self._device, self.dtype) if inputs[n].is_floating_point() else inputs[n].to(self._device)
+                for n in self.spec.input_names]
+        with torch.no_grad():
+            out = self.module(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return {n: o.float() for n, o in zip(self.spec.output_names, out)}
+
+    def describe(self):
+        return super().describe() | ({"offload": True} if self.offload else {})
+
+
+class SessionRunner(ComponentRunner):
+    """One ``EngineSession``: a TensorRT / TensorRT-RTX engine, or onnxruntime on an ONNX file (or one of a
+    component's parts, with its own ``inputs``/``outputs``)."""
+
+    def __init__(self, spec: ComponentSpec, session: EngineSession, kind: str, precision: str, *,
+                 profile: Profile | None, weight_bytes: int, info: dict[str, Any], streamable: bool = False):
+        super().__init__(spec, precision, profile=profile, weight_bytes=weight_bytes)
+        self.session, self.kind, self.info, self.streamable = session, kind, info, streamable
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.session.inputs
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.session.outputs
+
+    @property
+    def device(self) -> str:
+        return self.session.device
+
+    @property
+    def loaded(self) -> bool:
+        return self.session.loaded
+
+    def load(self) -> None:
+        self.session.load()
+
+    def unload(self) -> None:
+        self.session.unload()
+
+    def __call__(self, **inputs):
+        return self.session.run({n: inputs[n] for n in self.session.inputs})
+
+    def describe(self):
+        extra = {"provider": self.session.adapter.provider} if self.kind == "onnxruntime" and self.session.loaded else {}
+        return super().describe() | self.info | extra
+
+
+class ChainRunner(ComponentRunner):
+    """A component built in parts (``sd35trt.producers.parts``): its part sessions back to back, each fed the
+    component's inputs and the earlier parts' outputs it names, in their own dtype (no float32 round trip)."""
+
+    def __init__(self, spec: ComponentSpec, parts: list[SessionRunner]):
+        super().__init__(spec, parts[0].precision, profile=_chain_profile(spec, parts),
+                         weight_bytes=sum(p.weight_bytes for p in parts))
+        self.parts, self.kind = parts, parts[0].kind
+
+    @property
+    def device(self) -> str:
+        return self.parts[0].device
+
+    @property
+    def loaded(self) -> bool:
+        return all(p.loaded for p in self.parts)
+
+    def load(self) -> None:
+        for part in self.parts:
+            part.load()
+
+    def unload(self) -> None:
+        for part in self.parts:
+            part.unload()
+
+    def __call__(self, **inputs):
+        return run_chain(self.parts, inputs, self.spec.output_names)
+
+    def describe(self):
+        return super().describe() | {"parts": len(self.parts)}
+
+
+def _chain_profile(spec: ComponentSpec, parts: list[SessionRunner]) -> Profile | None:
+    """The component inputs' profiles, from the first part that takes each."""
+    found: Profile = {}
+    for part in parts:
+        for name, shapes in (part.profile or {}).items():
+            if name in spec.input_names:
+                found.setdefault(name, shapes)
+    return found or None
+
+
+def run_chain(parts: Sequence[Any], inputs: dict[str, Any], outputs: Sequence[str]) -> dict[str, Any]:
+    """Run callables with ``inputs``/``outputs`` names one after another, each on the tensors named so far."""
+    known = dict(inputs)
+    for part in parts:
+        known.update(part(**{n: known[n] for n in part.inputs}))
+    return {n: known[n] for n in outputs}
+
+
+# --- building runner sets ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunnerSet:
+    """The runners of one generate/bench/compare, with what the loop needs to know about where they came from."""
+
+    runners: dict[str, ComponentRunner]
+    ranges: ShapeRanges
+    source: str  # "torch" | the work dir | the bundle folder
+    assets_folder: Path | None = None  # a bundle's own tokenizers and configs
+    bundle: BundleManifest | None = None
+    model: dict[str, Any] | None = None  # what the artifacts were built from
+    settings: dict[str, Any] = field(default_factory=dict)  # read when an engine loads (streaming_budget)
+
+
+def runners_from_torch(pipe: Any, components: tuple[str, ...] = COMPONENTS, *, device: str | None = None,
+                       offload: bool = False) -> dict[str, ComponentRunner]:
+    """diffusers' modules of ``pipe``; components the pipeline lacks (T5 in a CLIP-only pipeline) are left out."""
+    return {name: TorchRunner(SPECS[name], pipe, device=device, offload=offload) for name in components
+            if getattr(pipe, SPECS[name].pipeline_attr, None) is not None}
+
+
+def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: str, provider: str, profile: Profile | None, *,
+               inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
+               weight_bytes: int = 0) -> SessionRunner:
+    from sd35trt.core.onnx_utils import has_float8, resolve_provider
+    from sd35trt.runtime.onnxrt import OrtAdapter
+
+    device = resolve_provider(provider, float8=has_float8(onnx_path))
+    whole = inputs is None
+    names_in, names_out = tuple(inputs or spec.input_names), tuple(outputs or spec.output_names)
+    dtypes = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)} if whole else {}
+    session = EngineSession(spec.name, lambda: OrtAdapter(onnx_path, device, profile), names_in, names_out,
+                            dtypes=dtypes, where=onnx_path, device=device)
+    return SessionRunner(spec, session, "onnxruntime", precision, profile=profile, weight_bytes=weight_bytes,
+                         info={"onnx": str(onnx_path)})
+
+
+def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str, ...] = COMPONENTS,
+                      provider: str = "cpu", *, t5: bool = True) -> RunnerSet:
+    """onnxruntime runners on a work dir's ONNX, the variant per component chosen by ``targets.runner_variant``
+    (the engines' own policy); files are checked against their manifests, and every call against the
+    profile the engines will be built with. ``t5=False``: CLIP-only (T5 embeddings are zeros)."""
+    from sd35trt.core.errors import check_choice
+
+    if not root.is_dir():
+        raise InvalidInputError("ONNX directory not found", path=root, hint="pass the --out of export/calibrate")
+    check_choice("--precision", precision, tuple(RUNNER_VARIANTS))
+    work = WorkDir(root)
+    runners: dict[str, ComponentRunner] = {}
+    ranges, model = None, None
+    for name in components:
+        if name == "t5" and not t5:
+            continue
+        have = {p for p in Precision if (work.onnx_folder(p, name) / MANIFEST).is_file()}
+        chosen = runner_variant(name, precision, have)
+        if chosen is None:
+            raise ArtifactError(f"no {'/'.join(p.value for p in RUNNER_VARIANTS[precision])} ONNX for {name}", path=root,
+                                hint="run `sd35trt calibrate` then `sd35trt export` (`--precision fp32` for FP32) with this --out first")
+        manifest = OnnxManifest.load(work.onnx_folder(chosen, name), name, chosen)
+        manifest.verify()
+        runners[name] = ort_runner(SPECS[name], manifest.onnx_path, chosen.value, provider, manifest.profile,
+                                   weight_bytes=sum(e["bytes"] for e in manifest.files.values()))
+        ranges = ranges or (ShapeRanges.from_dict(manifest.ranges) if manifest.ranges else None)
+        model = model or manifest.model
+    assets = work.root / "assets"
+    return RunnerSet(runners, ranges or ShapeRanges(), str(root), assets if assets.is_dir() else None, model=model)
+
+
+def check_bundle_host(manifest: BundleManifest, folder: Path) -> str:
+    """The installed runtime module that runs this bundle here, or one line why it cannot (with the ONNX to use
+    instead). Where a GPU and the runtime are present but our table says no (TensorRT-RTX on compute capability
+    9.0), the runtime itself is asked: its own refusal is the message."""
+    from sd35trt.core.host import host_report
+    from sd35trt.core.portability import RuntimeRecord, bundle_fit, runtime_module
+
+    host = host_report()
+    ok, why = bundle_fit(manifest, host)
+    record = RuntimeRecord.of_bundle(manifest.data)
+    module = runtime_module(record, host["runtimes"])
+    if ok:
+        assert module is not None
+        return module
+    work_dirs = sorted({str(e.work_dir.root) for e in manifest.components.values() if e.work_dir})
+    hint = (f"run the same loop on the bundle's ONNX instead: --onnx {work_dirs[0] if work_dirs else '<work dir>'} "
+            f"(or run on a GPU with compute capability {', '.join(manifest.compute_capabilities)})")
+    if module is not None and host["compute_capability"] is not None:
+        first = next(iter(manifest.components.values())).plans[0]
+        from sd35trt.runtime.trt import TensorRTAdapter
+
+        try:  # the runtime's own words are the authority; a success means our table was too strict
+            TensorRTAdapter(folder / first.file, module, manifest.backend).close()
+            return module
+        except ArtifactError as err:
+            raise RuntimeUnavailableError(f"the engines of this bundle cannot run on this host: {err.what} "
+                                          f"(sd35trt predicted: {why})", path=folder, hint=hint) from None
+    raise RuntimeUnavailableError(f"the engines of this bundle cannot run on this host: {why}", path=folder, hint=hint)
+
+
+def runners_from_bundle(folder: Path, *, cuda_graph: bool = False, t5: bool = True,
+                        streaming_budget: int | None = None) -> RunnerSet:
+    """Engine runners for a bundle after checking it (sha256 of every plan) and that it fits this host. The
+    engines load lazily (the VRAM plan decides which stay resident) and share one activation block."""
+    from sd35trt.runtime.trt import TensorRTAdapter
+
+    manifest = BundleManifest.load(folder)
+    manifest.verify()
+    module = check_bundle_host(manifest, folder)
+    memory = SharedDeviceMemory()
+    cache = folder / "runtime-cache" if manifest.backend == "tensorrt-rtx" else None
+    settings: dict[str, Any] = {"streaming_budget": streaming_budget}
+    runners: dict[str, ComponentRunner] = {}
+    for name, entry in manifest.components.items():
+        if name == "t5" and not t5:
+            continue
+        spec = SPECS[name]
+        engines = []
+        for plan in entry.plans:
+            whole = plan.inputs is None
+            streams = name == "transformer" and entry.weight_streaming
+
+            def opener(path=folder / plan.file, streams=streams):
+                return TensorRTAdapter(path, module, manifest.backend, cuda_graph=cuda_graph,
+                                       streaming_budget=settings["streaming_budget"] if streams else None,
+                                       runtime_cache=cache / f"{path.stem}.cache" if cache else None)
+
+            dtypes = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)} if whole else {}
+            session = EngineSession(name, opener, plan.inputs or spec.input_names, plan.outputs or spec.output_names,
+                                    dtypes=dtypes, memory=memory, where=folder / plan.file)
+            engines.append(SessionRunner(spec, session, "engine", entry.precision,
+                                         profile=plan.profile or entry.profile, weight_bytes=plan.bytes,
+                                         info={"plan": plan.file, "backend": manifest.backend},
+                                         streamable=entry.weight_streaming))
+        runners[name] = ChainRunner(spec, engines) if entry.parted else engines[0]
+    assets = folder / "assets"
+    return RunnerSet(runners, ranges_of_bundle(manifest), str(folder), assets if assets.is_dir() else None,
+                     bundle=manifest, model=manifest.model, settings=settings)
+
+
+def ranges_of_bundle(manifest: BundleManifest) -> ShapeRanges:
+    """Shape ranges every engine of a bundle accepts: the exported ranges recorded per component."""
+    recorded = [e.ranges for e in manifest.components.values()]
+    if not recorded or any(r is None for r in recorded) or any(r != recorded[0] for r in recorded):
+        raise ArtifactError("bundle manifest lacks consistent shape ranges for its engines",
+                            hint="rebuild the bundle from one export (sd35trt build --force)")
+    first = recorded[0]
+    assert first is not None
+    return ShapeRanges.from_dict(first)

@@ -1,0 +1,191 @@
+"""TensorRT / TensorRT-RTX under ``EngineSession``: the only runtime module that calls TensorRT.
+
+Written against the TensorRT 11.4 and TensorRT-RTX 1.7 Python APIs (``make lint`` type-checks it against both
+stubs in ``typings/``). No machine here can execute an engine (CI has no GPU; TensorRT-RTX refuses the GPU
+machine's compute capability 9.0; full TensorRT is not installable), so everything around these calls is
+backend-independent and runs in CI through ``sd35trt.runtime.onnxrt``.
+
+* one ``Logger`` and ``Runtime`` per backend module for the whole process;
+* plans are memory-mapped, never copied into Python bytes (``deserialize_cuda_engine`` takes a buffer);
+* contexts are ``USER_MANAGED``: ``EngineSession`` hands them the bundle's one shared activation block;
+* TensorRT-RTX's runtime cache (its JIT-compiled kernels) is read from and written back beside the plan;
+* a weight-streaming budget for engines built with ``build --weight-streaming``;
+* execution failures raise ``EngineExecutionError`` (a failure inside TensorRT: exit 1, traceback kept).
+"""
+
+from __future__ import annotations
+
+import importlib
+import mmap
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sd35trt.core import log
+from sd35trt.core.errors import ArtifactError, RuntimeUnavailableError
+from sd35trt.core.typecheck import CHECK_RTX
+from sd35trt.runtime.session import IO_DTYPES, TensorInfo
+
+# TensorRT ``DataType`` member name → torch dtype name
+TRT_TYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+
+
+class EngineExecutionError(RuntimeError):
+    """TensorRT refused or failed an execution: a failure inside the library, reported with its traceback."""
+
+
+def _module(module_name: str) -> Any:
+    if TYPE_CHECKING:  # `make lint` checks this file against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
+        if CHECK_RTX:
+            import tensorrt_rtx_bindings as trt
+        else:
+            import tensorrt_bindings as trt
+        return trt
+    return importlib.import_module(module_name)
+
+
+@cache
+def process_runtime(module_name: str) -> tuple[Any, Any]:
+    """The process's one (logger, runtime) for a backend module; the logger keeps the last errors it saw."""
+    if TYPE_CHECKING:
+        if CHECK_RTX:
+            import tensorrt_rtx_bindings as trt
+        else:
+            import tensorrt_bindings as trt
+    else:
+        trt = _module(module_name)
+
+    class KeepingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):  # noqa: A003 - TensorRT's interface
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors = [*self.errors[-4:], msg]
+            elif severity <= trt.ILogger.Severity.WARNING:
+                log.warn(f"{module_name}: {msg}")
+
+    logger = KeepingLogger()
+    return logger, trt.Runtime(logger)
+
+
+def runtime_words(module_name: str) -> str:
+    """The backend's own last error message (its compute-capability refusal, say), for one error line."""
+    logger, _ = process_runtime(module_name)
+    return " | ".join(logger.errors[-2:]) or "no message from the runtime"
+
+
+def graph_mode(backend: str, requested: bool) -> str:
+    """How an engine uses CUDA graphs: ``off`` unless asked (``--cuda-graph``); TensorRT-RTX then uses its runtime's
+    own ``cuda_graph_strategy`` (a manual capture would freeze its dynamic-shape fallback kernels); TensorRT gets
+    ``EngineSession``'s capture after a warm run."""
+    if not requested:
+        return "off"
+    return "runtime" if backend == "tensorrt-rtx" else "capture"
+
+
+class TensorRTAdapter:
+    """One deserialized engine and its execution context."""
+
+    device = "cuda"
+
+    def __init__(self, plan_path: Path, module_name: str, backend: str, *, cuda_graph: bool = False,
+                 runtime_cache: Path | None = None, streaming_budget: int | None = None):
+        if TYPE_CHECKING:
+            if CHECK_RTX:
+                import tensorrt_rtx_bindings as trt
+            else:
+                import tensorrt_bindings as trt
+        else:
+            trt = _module(module_name)
+        self.path, self.module_name, self.backend = plan_path, module_name, backend
+        self._trt = trt
+        _, runtime = process_runtime(module_name)
+        with open(plan_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            self.engine = runtime.deserialize_cuda_engine(mapped)
+        if self.engine is None:
+            raise ArtifactError(f"{backend} cannot load this engine: {runtime_words(module_name)}", path=plan_path,
+                                hint="run `sd35trt doctor` on this bundle; rebuild it for this GPU and runtime")
+        if streaming_budget is not None:
+            if self.engine.streamable_weights_size == 0:
+                raise RuntimeUnavailableError("this engine was not built for weight streaming", path=plan_path,
+                                              hint="rebuild with `sd35trt build --weight-streaming`, or choose another --vram plan")
+            self.engine.weight_streaming_budget_v2 = streaming_budget
+        # TensorRT-RTX: its own CUDA-graph strategy (a manual capture would freeze its dynamic-shape fallback
+        # kernels); TensorRT: EngineSession captures after a warm run.
+        self.graph_mode = graph_mode(backend, cuda_graph)
+        config = self.engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        self._cache, self._cache_path = None, runtime_cache
+        if CHECK_RTX or not TYPE_CHECKING:
+            if backend == "tensorrt-rtx":
+                if cuda_graph:
+                    config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+                self._cache = self._runtime_cache(config)
+        self.context = self.engine.create_execution_context(config)
+        if self.context is None:
+            raise RuntimeUnavailableError(f"{backend} could not create an execution context: {runtime_words(module_name)}",
+                                          path=plan_path, hint="the GPU may be out of memory: choose a smaller --vram plan")
+
+    def _runtime_cache(self, config: Any) -> Any:
+        """TensorRT-RTX compiles kernels for the GPU it finds on first use; the cache beside the plan keeps them
+        for the next process (rejected by the runtime itself on another GPU, driver or version)."""
+        if not (CHECK_RTX or not TYPE_CHECKING):
+            return None
+        cache = config.create_runtime_cache()
+        if self._cache_path is not None and self._cache_path.is_file():
+            if not cache.deserialize(self._cache_path.read_bytes()):
+                log.info(f"  {self._cache_path.name}: runtime cache from another GPU/driver/version, recompiling")
+        config.set_runtime_cache(cache)
+        return cache
+
+    def tensors(self) -> list[TensorInfo]:
+        trt, engine = self._trt, self.engine
+        found = []
+        for index in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(index)
+            kind = engine.get_tensor_dtype(name).name
+            found.append(TensorInfo(name, engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
+                                    TRT_TYPES.get(kind, kind if kind in IO_DTYPES else f"TensorRT {kind}")))
+        return found
+
+    def profile(self, name: str) -> list[tuple[int, ...]] | None:
+        return [tuple(d) for d in self.engine.get_tensor_profile_shape(name, 0)]
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        return bool(self.context.set_input_shape(name, shape))
+
+    def output_shape(self, name: str) -> tuple[int, ...] | None:
+        dims = self.context.get_tensor_shape(name)
+        shape = tuple(dims[i] for i in range(len(dims)))
+        if any(d < 0 for d in shape):
+            raise EngineExecutionError(f"{self.path.name}: output {name} shape {shape} is unresolved after the input shapes")
+        return shape
+
+    def run_unbound(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        raise EngineExecutionError("TensorRT knows output shapes before it runs")
+
+    def bind(self, name: str, tensor: Any) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise EngineExecutionError(f"{self.path.name}: TensorRT refused the buffer of {name}")
+
+    def execute(self, stream: Any) -> None:
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EngineExecutionError(f"{self.path.name}: execute_async_v3 failed: {runtime_words(self.module_name)}")
+
+    def device_memory(self) -> int:
+        return int(self.engine.device_memory_size_v2)
+
+    def use_device_memory(self, pointer: int, size: int) -> None:
+        self.context.set_device_memory(pointer, size)
+
+    def close(self) -> None:
+        if self._cache is not None and self._cache_path is not None:
+            try:
+                from sd35trt.core.artifacts import write_bytes_atomic
+
+                write_bytes_atomic(self._cache_path, bytes(memoryview(self._cache.serialize())))  # type: ignore[arg-type]
+            except OSError as err:  # a read-only bundle still runs; it recompiles next time
+                log.warn(f"could not keep the runtime cache {self._cache_path}: {err.strerror}")
+        del self.context, self.engine
