@@ -51,10 +51,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@echo "creating $(VENV) with the pinned stack (requirements.lock: torch CPU, diffusers, ModelOpt, TensorRT-RTX, ...):"
 	@echo "  about 1.5 min and 1.9 GB the first time; later runs reuse it"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -m pip install -q -r requirements.lock 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c "import sd35trt, torch, diffusers, modelopt" || { echo "the install of $(VENV) failed (see above)"; exit 1; }
+	@{ $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -r requirements.lock && \
+	   $(PY) -m pip install -q --no-deps --no-build-isolation -e . ; } > $(VENV)/install.log 2>&1 || \
+	   { grep -v '^WARNING: Location' $(VENV)/install.log | tail -30; echo "installing $(VENV) failed: $(VENV)/install.log has it all"; exit 1; }
 	@touch $@
 
 install: $(VENV)/.installed

@@ -43,3 +43,50 @@ def diagnose(path: Path | None) -> dict[str, Any]:
         report["advice"] = ("no engine of this bundle can run on this host; run the same loop on the bundle's ONNX: "
                             "sd35trt generate --onnx <work dir> ...")
     return report
+
+
+def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, width: int = 1024, batch: int = 1,
+                t5: bool = True) -> dict[str, Any]:
+    """What each VRAM plan needs for one image of ``height``×``width`` on this bundle (the model's default steps
+    and guidance), from its manifest alone: engine sizes as built, activations estimated
+    (``ComponentSpec.activation_bytes``); the plan chosen for ``budget_gib`` (the GPU's free memory by default),
+    or why none fits."""
+    from sd35trt.core.errors import Sd35TrtError
+    from sd35trt.core.models import PipelineAssets, load_assets, resolve_model
+    from sd35trt.core.specs import SPECS
+    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.runners import ComponentRunner
+    from sd35trt.runtime.vram import GIB, MODES, choose_plan, gpu_budget, peak
+
+    manifest = BundleManifest.load(folder)
+    assets_dir = folder / BUNDLE_MANIFEST.replace("manifest.json", "assets")
+    if (assets_dir / "assets.json").is_file():
+        assets = PipelineAssets.load(assets_dir)
+    else:  # a bundle from before assets existed: the preset it names, or its model directory
+        assets = load_assets(resolve_model(manifest.model.get("path") or manifest.model["id"],
+                                           turbo=manifest.turbo or None))
+    stand_ins = {name: ComponentRunner(SPECS[name], entry.precision, profile=entry.profile, weight_bytes=entry.bytes)
+                 for name, entry in manifest.components.items() if t5 or name != "t5"}
+    for name, entry in manifest.components.items():
+        if name in stand_ins:
+            stand_ins[name].streamable = entry.weight_streaming
+    loop = Sd35Loop(assets, stand_ins)
+    request = GenerateRequest(prompt="", height=height, width=width, batch=batch).resolved(assets.defaults)
+    needs = loop.needs(request)
+    report: dict[str, Any] = {
+        "request": {"height": height, "width": width, "batch": batch, "steps": request.steps,
+                    "guidance": request.guidance, "t5": "t5" in stand_ins},
+        "bundle_gib": round(sum(n.weights for n in needs.values()) / GIB, 2),
+        "plans_gib": {m: None if p is None else round(p / GIB, 2) for m in MODES[1:] for p in [peak(m, needs)]},
+        "needs": {k: v.to_dict() for k, v in needs.items()},
+        "activations": "estimated (ComponentSpec.activation_bytes); TensorRT reports its own when the engine loads"}
+    budget = gpu_budget(budget_gib)
+    if budget is None:
+        report["plan"] = None
+        report["why"] = "no CUDA GPU here and no --vram: the plans' needs are above"
+        return report
+    try:
+        report["plan"] = choose_plan(needs, budget).to_dict()
+    except Sd35TrtError as err:
+        report["plan"], report["error"] = None, str(err)
+    return report

@@ -23,6 +23,12 @@ bundle_app = typer.Typer(help="Inspect and verify engine bundles.", no_args_is_h
 app.add_typer(bundle_app, name="bundle")
 
 ModelOpt = typer.Option("tiny", "--model", "-m", help="tiny | sd3.5-medium | sd3.5-large (random weights) | path to a local diffusers SD3.5 directory")
+ModelRunOpt = typer.Option(None, "--model", "-m", help="tiny | sd3.5-medium | sd3.5-large | sd3.5-large-turbo | a local diffusers directory; with --bundle/--onnx only a check (they carry their tokenizers and configs) [default: tiny with --torch]")
+T5Opt = typer.Option(True, "--t5/--no-t5", help="--no-t5: CLIP-only, T5 embeddings are zeros (as diffusers with text_encoder_3=None); a bundle built without T5 is CLIP-only anyway")
+TurboOpt = typer.Option(None, "--turbo/--no-turbo", help="the model is (not) a Turbo distillation: 4 steps, guidance 0 by default [default: what the model or bundle says]")
+VramOpt = typer.Option(None, "--vram", help="GiB of GPU memory this run may use [default: the GPU's free memory]")
+VramPlanOpt = typer.Option("auto", "--vram-plan", help="auto | resident | sequential | streaming (doctor BUNDLE shows what each needs)")
+TilingOpt = typer.Option("auto", "--vae-tiling", help="auto (tiles only past what the VAE decoder takes whole) | on | off")
 DeviceOpt = typer.Option("auto", "--device", help="torch device for export/calibration: auto, cpu or cuda")
 
 

@@ -8,7 +8,18 @@ from typing import Optional
 
 import typer
 
-from sd35trt.cli.app import app, bundle_app, echo, emit
+from sd35trt.cli.app import (
+    ModelRunOpt,
+    T5Opt,
+    TilingOpt,
+    TurboOpt,
+    VramOpt,
+    VramPlanOpt,
+    app,
+    bundle_app,
+    echo,
+    emit,
+)
 from sd35trt.producers.build import BuildConfig
 from sd35trt.runtime.pipeline import GenerateRequest
 
@@ -80,11 +91,22 @@ def bundle_verify(folder: Path = typer.Argument(..., help="engines/<model>/<targ
 
 
 @app.command()
-def doctor(bundle: Optional[Path] = typer.Argument(None, help="a bundle folder, or a model folder holding several")) -> None:
-    """Report this host's GPU, driver and runtimes, and which engines of a bundle can run here."""
-    from sd35trt.checks.doctor import diagnose
+def doctor(
+    bundle: Optional[Path] = typer.Argument(None, help="a bundle folder, or a model folder holding several"),
+    vram: Optional[float] = typer.Option(None, "--vram", help="GiB of GPU memory to plan for [default: this GPU's free memory]"),
+    height: int = typer.Option(1024, "--height", help="image height the VRAM plan is made for"),
+    width: int = typer.Option(1024, "--width", help="image width the VRAM plan is made for"),
+    t5: bool = T5Opt,
+) -> None:
+    """This host's GPU, driver and runtimes; which engines of a bundle can run here and why not; what each VRAM
+    plan (resident / sequential / streaming) needs for the bundle. Exit 3 when no engine of the bundle can run on
+    this host (the report says why, and which ONNX to run instead)."""
+    from sd35trt.checks.doctor import diagnose, vram_report
+    from sd35trt.core.manifests import BUNDLE_MANIFEST
 
     report = diagnose(bundle)
+    if bundle is not None and (bundle / BUNDLE_MANIFEST).is_file():
+        report["vram"] = vram_report(bundle, vram, height=height, width=width, t5=t5)
     emit(report)
     if bundle is not None and not report.get("runnable_bundles"):
         raise typer.Exit(code=3)
@@ -102,12 +124,6 @@ def _loop_options(model, bundle, onnx, torch_, precision="auto", provider="auto"
     return options
 
 
-ModelRunOpt = typer.Option(None, "--model", "-m", help="tiny | sd3.5-medium | sd3.5-large | sd3.5-large-turbo | a local diffusers directory; with --bundle/--onnx only a check (they carry their tokenizers and configs) [default: tiny with --torch]")
-T5Opt = typer.Option(True, "--t5/--no-t5", help="--no-t5: CLIP-only, T5 embeddings are zeros (as diffusers with text_encoder_3=None); a bundle built without T5 is CLIP-only anyway")
-TurboOpt = typer.Option(None, "--turbo/--no-turbo", help="the model is (not) a Turbo distillation: 4 steps, guidance 0 by default [default: what the model or bundle says]")
-VramOpt = typer.Option(None, "--vram", help="GiB of GPU memory this run may use [default: the GPU's free memory]")
-VramPlanOpt = typer.Option("auto", "--vram-plan", help="auto | resident | sequential | streaming (doctor BUNDLE shows what each needs)")
-TilingOpt = typer.Option("auto", "--vae-tiling", help="auto (tiles only past what the VAE decoder takes whole) | on | off")
 
 
 @app.command()

@@ -59,7 +59,7 @@ class RuntimeRecord:
     @classmethod
     def of_bundle(cls, data: dict[str, Any]) -> RuntimeRecord:
         """The record of a bundle manifest; bundles from before ``runtime`` existed were plain engines."""
-        if isinstance(data.get("runtime"), dict):
+        if isinstance(data.get("runtime"), dict) and data["runtime"]:
             return cls.from_dict(data["runtime"])
         return cls(data["backend"], data["backend_version"], False, "none", tuple(data["compute_capabilities"]))
 

@@ -8,7 +8,7 @@ enforced here too: a call an engine would refuse fails here first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(b
 class OrtAdapter:
     graph_mode = "off"
 
-    def __init__(self, onnx_path: Path, provider: str = "cpu", profile: dict[str, Sequence[Sequence[int]]] | None = None):
+    def __init__(self, onnx_path: Path, provider: str = "cpu", profile: Mapping[str, Sequence[Sequence[int]]] | None = None):
         import numpy as np
 
         from sd35trt.core.onnx_utils import ort_session, session_provider

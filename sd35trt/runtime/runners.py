@@ -10,7 +10,7 @@ runner's next call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 
-Profile = dict[str, Sequence[Sequence[int]]]  # input name -> [min, opt, max] shapes
+Profile = Mapping[str, Sequence[Sequence[int]]]  # input name -> [min, opt, max] shapes
 
 
 class ComponentRunner:
@@ -157,7 +157,8 @@ class SessionRunner(ComponentRunner):
         return self.session.run({n: inputs[n] for n in self.session.inputs})
 
     def describe(self):
-        extra = {"provider": self.session.adapter.provider} if self.kind == "onnxruntime" and self.session.loaded else {}
+        provider = getattr(self.session.adapter, "provider", None)
+        extra = {"provider": provider} if provider else {}
         return super().describe() | self.info | extra
 
 
@@ -195,7 +196,7 @@ class ChainRunner(ComponentRunner):
 
 def _chain_profile(spec: ComponentSpec, parts: list[SessionRunner]) -> Profile | None:
     """The component inputs' profiles, from the first part that takes each."""
-    found: Profile = {}
+    found: dict[str, Sequence[Sequence[int]]] = {}
     for part in parts:
         for name, shapes in (part.profile or {}).items():
             if name in spec.input_names:

@@ -14,7 +14,7 @@ Outputs are the session's own buffers: valid until the session's next ``run``, a
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -135,7 +135,7 @@ class EngineSession:
     against the engine when it loads. ``keep_shapes`` buffer sets are kept (most recent first)."""
 
     def __init__(self, name: str, open_adapter: Callable[[], Adapter], inputs: Sequence[str], outputs: Sequence[str],
-                 *, dtypes: dict[str, str | None] | None = None, memory: SharedDeviceMemory | None = None,
+                 *, dtypes: Mapping[str, str | None] | None = None, memory: SharedDeviceMemory | None = None,
                  keep_shapes: int = 2, where: Any = None, device: str = "cuda"):
         self.name, self.inputs, self.outputs = name, tuple(inputs), tuple(outputs)
         self.expected = dict(dtypes or {})
@@ -281,7 +281,8 @@ class EngineSession:
             first = adapter.run_unbound(ins)
             outs = {n: first[n].to(device=device, dtype=getattr(torch, self.dtypes[n])).clone() for n in self.outputs}
         else:
-            outs = {n: torch.empty(shapes[n], dtype=getattr(torch, self.dtypes[n]), device=device) for n in self.outputs}
+            outs = {n: torch.empty(shape, dtype=getattr(torch, self.dtypes[n]), device=device)
+                    for n, shape in shapes.items() if shape is not None}
         self.stats.allocations += 1
         self.stats.shapes.append(key)
         buffers = _Buffers(ins, outs)

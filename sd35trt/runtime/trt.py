@@ -101,12 +101,13 @@ class TensorRTAdapter:
             trt = _module(module_name)
         self.path, self.module_name, self.backend = plan_path, module_name, backend
         self._trt = trt
-        _, runtime = process_runtime(module_name)
+        runtime: trt.Runtime = process_runtime(module_name)[1]
         with open(plan_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            self.engine = runtime.deserialize_cuda_engine(mapped)
-        if self.engine is None:
+            engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(mapped)
+        if engine is None:
             raise ArtifactError(f"{backend} cannot load this engine: {runtime_words(module_name)}", path=plan_path,
                                 hint="run `sd35trt doctor` on this bundle; rebuild it for this GPU and runtime")
+        self.engine: trt.ICudaEngine = engine
         if streaming_budget is not None:
             if self.engine.streamable_weights_size == 0:
                 raise RuntimeUnavailableError("this engine was not built for weight streaming", path=plan_path,
@@ -123,10 +124,11 @@ class TensorRTAdapter:
                 if cuda_graph:
                     config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
                 self._cache = self._runtime_cache(config)
-        self.context = self.engine.create_execution_context(config)
-        if self.context is None:
+        context: trt.IExecutionContext | None = self.engine.create_execution_context(config)
+        if context is None:
             raise RuntimeUnavailableError(f"{backend} could not create an execution context: {runtime_words(module_name)}",
                                           path=plan_path, hint="the GPU may be out of memory: choose a smaller --vram plan")
+        self.context: trt.IExecutionContext = context
 
     def _runtime_cache(self, config: Any) -> Any:
         """TensorRT-RTX compiles kernels for the GPU it finds on first use; the cache beside the plan keeps them
@@ -151,7 +153,7 @@ class TensorRTAdapter:
         return found
 
     def profile(self, name: str) -> list[tuple[int, ...]] | None:
-        return [tuple(d) for d in self.engine.get_tensor_profile_shape(name, 0)]
+        return [tuple(d[i] for i in range(len(d))) for d in self.engine.get_tensor_profile_shape(name, 0)]
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         return bool(self.context.set_input_shape(name, shape))

@@ -115,11 +115,17 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
     fits = [p for p in peaks.values() if p is not None]
     least = min(fits) if fits else 0
     named = "" if mode == "auto" else f" with --vram-plan {mode}"
-    hint = ("build the transformer with `sd35trt build --weight-streaming`, drop T5 (--no-t5), or lower the size/batch"
-            if peaks["streaming"] is None else "drop T5 (--no-t5), or lower the image size or batch")
+    largest = max(needs.values(), key=lambda n: n.weights + n.activations)
+    if largest.component == "transformer" and peaks["streaming"] is None:
+        hint = "build the transformer with `sd35trt build --weight-streaming`, or lower the image size or batch"
+    elif largest.component == "t5":
+        hint = "drop T5 (--no-t5 / make engines T5=0), or build T5 in FP8 (make engines FP8=transformer,t5)"
+    else:
+        hint = "lower the image size or batch (--vae-tiling on shrinks the VAE's share)"
     raise InvalidInputError(f"this run does not fit {budget / GIB:.1f} GiB of GPU memory{named}: it needs at least "
-                            f"{least / GIB:.1f} GiB ({', '.join(f'{m} {p / GIB:.1f}' for m, p in peaks.items() if p)} GiB)",
-                            hint=hint)
+                            f"{least / GIB:.1f} GiB ({', '.join(f'{m} {p / GIB:.1f}' for m, p in peaks.items() if p)} GiB; "
+                            f"the largest network is {largest.component}, "
+                            f"{(largest.weights + largest.activations) / GIB:.1f} GiB)", hint=hint)
 
 
 def gpu_budget(requested_gib: float | None) -> int | None:
