@@ -131,7 +131,14 @@ def test_export_unwritable_out(capsys, prompts_dir):
     code, err = run_cli(capsys, ["export", "--out", prompts_dir / "a_file", "--components", "clip_l"])
     assert_user_error(code, err, "output")
     code, err = run_cli(capsys, ["export", "--out", prompts_dir / "a_file" / "sub", "--components", "clip_l"])
-    assert_user_error(code, err, "cannot create output directory")
+    assert_user_error(code, err, "a_file is a file, not a directory")
+
+
+def test_a_refused_build_leaves_no_empty_out_folder(capsys, tmp_path):
+    (tmp_path / "nothing").mkdir()
+    code, err = run_cli(capsys, ["build", "--onnx", tmp_path / "nothing", "--out", tmp_path / "engines"])
+    assert_user_error(code, err, f"no exported ONNX found ({tmp_path / 'nothing'}): run `sd35trt calibrate --out")
+    assert not (tmp_path / "engines").exists()
     if os.geteuid() != 0:  # root ignores permission bits
         locked = prompts_dir / "locked"
         locked.mkdir(mode=0o500)

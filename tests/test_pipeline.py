@@ -71,11 +71,23 @@ def test_request_outside_exported_ranges(pipe):
     loop.check(GenerateRequest(prompt="x", height=1344, width=768))  # SD3's aspect buckets fit
 
 
-def test_long_prompt_is_truncated_with_a_warning(pipe, capsys):
+def test_long_prompt_warns_with_the_words_it_drops(pipe, capsys):
+    """A 5000-character prompt names, per encoder kind, the real text past the token limit (never the padding of
+    the empty negative prompt, never twice); an ordinary 216-character prompt is not cut."""
+    from sd35trt.core.prompts import DEFAULT_PROMPTS
+
+    lines = DEFAULT_PROMPTS.read_text().splitlines()
+    long_prompt = " ".join(lines)[:5000]
     loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe))
-    loop(GenerateRequest(prompt=" ".join(["word"] * 120), steps=1, height=512, width=512), progress=False)
-    err = capsys.readouterr().err
-    assert "truncated to 77 CLIP tokens" in err and err.count("CLIP tokens") == 1
+    loop(GenerateRequest(prompt=long_prompt, steps=1, height=512, width=512), progress=False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("truncated to 77 CLIP tokens") == 1 and err.count("truncated to 256 T5 tokens") == 1
+    assert "<|endoftext|>" not in err and "<pad>" not in err
+    clip_dropped = err.split("truncated to 77 CLIP tokens (as diffusers does); dropped: '")[1].split("'")[0]
+    assert len(clip_dropped) > 40 and clip_dropped.rstrip("…") in long_prompt, "the prompt's own words, verbatim"
+    ordinary = next(line for line in lines if 200 <= len(line) <= 230)
+    loop(GenerateRequest(prompt=ordinary, steps=1, height=512, width=512), progress=False)
+    assert "truncated" not in capsys.readouterr().err
 
 
 def test_bundle_cannot_run_without_gpu_and_points_to_onnx(calibrated, tmp_path):

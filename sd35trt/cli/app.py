@@ -78,3 +78,21 @@ def ranges_from_options(batch: str, height: str, width: str, t5_tokens: str, *, 
     return ShapeRanges(batch=Range.parse(batch, "--batch"), height=Range.parse(height, "--height"),
                        width=Range.parse(width, "--width"), t5_tokens=Range.parse(t5_tokens, "--t5-tokens"), cfg=cfg,
                        vae_max=vae_max)
+
+
+def click_command() -> Any:
+    """The click command typer builds from ``app``, with plain flags shown without a ``<bool>`` metavar
+    (typer 0.29's vendored click prints one after every flag)."""
+    import typer.main
+
+    command = typer.main.get_command(app)
+
+    def plain(node: Any) -> None:
+        for param in getattr(node, "params", []):
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        for sub in getattr(node, "commands", {}).values():
+            plain(sub)
+
+    plain(command)
+    return command

@@ -169,6 +169,7 @@ def generate(
                               seed=seed, height=height, width=width, batch=batch)
     loop = open_loop(options, request)
     result = loop(request)
+    out.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(result.pil):
         path = out if len(result.pil) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")

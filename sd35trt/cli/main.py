@@ -18,7 +18,16 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sd35trt.cli import commands  # noqa: E402, F401  (registers build, bundle, doctor, generate, compare, bench)
-from sd35trt.cli.app import DeviceOpt, ModelOpt, app, echo, emit, ranges_from_options, results_on_stdout  # noqa: E402
+from sd35trt.cli.app import (  # noqa: E402
+    DeviceOpt,
+    ModelOpt,
+    app,
+    click_command,
+    echo,
+    emit,
+    ranges_from_options,
+    results_on_stdout,
+)
 from sd35trt.core.errors import Sd35TrtError  # noqa: E402
 from sd35trt.core.specs import ShapeRanges  # noqa: E402
 from sd35trt.producers.calibrate import CalibrationConfig as Calib  # noqa: E402  (defaults live in the configs)
@@ -151,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = results_on_stdout() if args and not {"--help", "-h"} & set(args) else contextlib.nullcontext()
     try:
         with quiet:
-            code = app(args=args, standalone_mode=False)  # non-standalone click returns typer.Exit's code
+            code = click_command().main(args=args, standalone_mode=False, prog_name="sd35trt")  # returns Exit's code
     except Sd35TrtError as err:
         if debug:
             raise

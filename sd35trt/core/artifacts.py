@@ -77,21 +77,19 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def ensure_writable_dir(path: Path, option: str = "--out") -> Path:
-    """Create ``path`` (and parents) or fail with one line naming the option."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (PermissionError, FileExistsError, NotADirectoryError, OSError) as exc:
-        raise InvalidInputError(f"cannot create output directory ({exc.strerror or exc.__class__.__name__})",
-                                path=path, hint=f"choose a writable {option}") from None
-    if not path.is_dir():
-        raise InvalidInputError("output path is not a directory", path=path, hint=f"choose a directory for {option}")
-    probe = path / f".sd35trt-write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InvalidInputError(f"output directory is not writable ({exc.strerror})", path=path,
-                                hint=f"choose a writable {option}") from None
+    """Fail with one line naming the option unless ``path`` is (or can become) a writable directory. Nothing is
+    created here: a step creates its folder when it writes, so a command refused later leaves no empty folder."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "output path is not a directory" if probe == path else f"{probe} is a file, not a directory"
+        raise InvalidInputError(what, path=path, hint=f"choose a directory for {option}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"output directory is not writable ({probe} does not allow writing)", path=path,
+                                hint=f"choose a writable {option}")
     return path
 
 

@@ -144,7 +144,8 @@ def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str
             found[name][precision] = OnnxManifest.load(folder, name, precision)
     if not any(found.values()):
         raise ArtifactError("no exported ONNX found", path=onnx_root,
-                            hint="run `sd35trt calibrate` then `sd35trt export` with this --out first")
+                            hint=f"run `sd35trt calibrate --out {onnx_root}` and `sd35trt export --out {onnx_root}` first "
+                                 "(build's --onnx is their --out), or `make engines`")
     return found
 
 

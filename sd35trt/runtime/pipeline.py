@@ -333,13 +333,13 @@ def _static(profile: dict[str, Any], tensor: str, index: int, dim: Any) -> int:
 
 
 def truncated_text(tokenizer: Any, prompt: str, max_length: int) -> str:
-    """The words of ``prompt`` past ``max_length`` tokens (special tokens included), as the tokenizer splits
-    them: what the text encoder never sees. Empty when the prompt fits."""
-    ids = tokenizer(prompt, add_special_tokens=True).input_ids
-    if len(ids) <= max_length:
+    """The part of ``prompt`` past ``max_length`` tokens (special tokens included), cut from the prompt itself at
+    the first token the text encoder never sees. Empty when the prompt fits."""
+    encoded = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    if len(encoded.input_ids) <= max_length:
         return ""
-    specials = set(tokenizer.all_special_ids)
-    return tokenizer.decode([i for i in ids[max_length - 1:] if i not in specials], skip_special_tokens=True).strip()
+    kept = [end for start, end in encoded.offset_mapping[: max_length - 1] if end > start]
+    return prompt[max(kept, default=0):].strip()
 
 
 def _clip_text(text: str, limit: int = 80) -> str:
