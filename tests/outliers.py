@@ -37,3 +37,38 @@ def save_outlier_model(dest: Path, **kwargs) -> Path:
     inject_outliers(pipe, **kwargs)
     pipe.save_pretrained(dest)
     return dest
+
+
+def inject_boundary_outliers(pipe, site: str, scale: float = SCALE) -> None:
+    """Outliers at an island boundary (#22): ``last_block_output`` puts the last joint block's output stream past
+    FP16 range, so it meets ``norm_out`` in FP32; ``context_embedder`` puts the T5/CLIP context embedding past
+    it, so the first block receives it."""
+    import torch
+
+    with torch.no_grad():
+        if site == "last_block_output":
+            ff = pipe.transformer.transformer_blocks[-1].ff
+            ff.net[2].weight.mul_(scale)
+            ff.net[2].bias.mul_(scale)
+        elif site == "context_embedder":
+            pipe.transformer.context_embedder.weight.mul_(scale)
+            pipe.transformer.context_embedder.bias.mul_(scale)
+        else:
+            raise ValueError(site)
+
+
+def save_boundary_model(dest: Path, site: str, *, layers: int = 2) -> Path:
+    """The tiny preset (its transformer with ``layers`` joint blocks) saved with outliers at ``site``."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from sd35trt.core.models import PRESET_SEED, TINY, build_pipeline, resolve_model
+
+    pipe = build_pipeline(resolve_model("tiny"))
+    if layers != TINY.transformer["num_layers"]:
+        torch.manual_seed(PRESET_SEED)
+        pipe.transformer = SD3Transformer2DModel(**{**TINY.transformer, "num_layers": layers,
+                                                    "dual_attention_layers": [0]}).eval().requires_grad_(False)
+    inject_boundary_outliers(pipe, site)
+    pipe.save_pretrained(dest)
+    return dest

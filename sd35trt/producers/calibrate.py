@@ -25,7 +25,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -285,11 +285,20 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
             log.warn(f"{name}: {island.module} runs as an FP32 island ({island.why})")
 
     # 3. Calibrate every requested component in one pass of the real denoising loop (islands excluded); with
-    #    shards, each runs its own prompt batches and ModelOpt all-reduces every amax with MAX.
+    #    shards, each runs its own prompt batches and ModelOpt all-reduces every amax with MAX. A component whose
+    #    every quantizable layer is excluded or inside an island has nothing to run in FP8: it stays FP16.
+    for name in list(cfg.components):
+        if not recipe.quantizable(name, getattr(pipe, SPECS[name].pipeline_attr), islands.get(name, [])):
+            log.warn(f"{name}: every quantizable layer is excluded by the recipe or inside an FP32 island; it is "
+                     "not calibrated to FP8 (its engines use FP16 with the islands)")
+            cfg = replace(cfg, components=tuple(c for c in cfg.components if c != name))
     share_note = f", {shard} of the batches" if shard.distributed else ""
-    with log.step(f"calibrate {','.join(cfg.components)}: {cfg.num_prompts} prompts × {cfg.steps} steps "
-                  f"at {cfg.height}×{cfg.width} ({compute}{share_note})") as calib_timing:
-        quantized, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts, islands, compute=compute, shard=shard)
+    quantized, scales, calib_timing = None, {}, {"seconds": 0.0}
+    if cfg.components:
+        with log.step(f"calibrate {','.join(cfg.components)}: {cfg.num_prompts} prompts × {cfg.steps} steps "
+                      f"at {cfg.height}×{cfg.width} ({compute}{share_note})") as calib_timing:
+            quantized, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts, islands, compute=compute,
+                                                   shard=shard)
     if not shard.main:
         return None
     assert held_out is not None
@@ -299,18 +308,20 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     # 4. FP8 (fake-quant) vs FP32 per component on held-out traffic, and end to end.
     fp8_checks = {name: _check_calls(SPECS[name].module(pipe), SPECS[name], traffic[name], references[name],
                                      Precision.FP8) for name in cfg.components}
-    with log.step("FP8 (fake-quant) loop on held-out prompts"), computing(torch_device, compute):
-        q_latents = run_pipeline(pipe, holdout_prompts, cfg, seed=cfg.seed + 10_000, steps=report_steps,
-                                 label="fp8 fake-quant")
-        _, q_images = decode_latents(pipe, q_latents)
-    end_to_end = {
+    end_to_end: dict[str, Any] = {
         "prompts": holdout_prompts, "steps": report_steps,
         "reference": f"diffusers pipeline, FP32 weights, {compute} compute on {torch_device}",
-        "candidate": "the same with ModelOpt FP8 fake-quant (same seeds)",
-        "latents": error_stats(ref_latents.numpy(), q_latents.numpy()).to_dict(),
-        "image_psnr_db": [round(psnr(r.numpy(), c.numpy()), 2) for r, c in zip(ref_images, q_images)],
-    }
-    state = quant_state(quantized)
+        "candidate": "the same with ModelOpt FP8 fake-quant (same seeds)"}
+    if cfg.components:
+        with log.step("FP8 (fake-quant) loop on held-out prompts"), computing(torch_device, compute):
+            q_latents = run_pipeline(pipe, holdout_prompts, cfg, seed=cfg.seed + 10_000, steps=report_steps,
+                                     label="fp8 fake-quant")
+            _, q_images = decode_latents(pipe, q_latents)
+        end_to_end |= {"latents": error_stats(ref_latents.numpy(), q_latents.numpy()).to_dict(),
+                       "image_psnr_db": [round(psnr(r.numpy(), c.numpy()), 2) for r, c in zip(ref_images, q_images)]}
+    else:
+        end_to_end["candidate"] = "none: no component runs in FP8"
+    state = quant_state(quantized) if quantized is not None else None
 
     # 5. FP16 with islands vs FP32 (in place, last: the pipeline is not used in FP32 afterwards).
     fp16_checks, decisions = {}, {}
@@ -320,7 +331,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
 
     with atomic_dir(folder) as tmp:
         write_json_atomic(tmp / "scales.json", {k: v.hex() for k, v in sorted(scales.items())})
-        torch.save(state, tmp / "quant_state.pt")
+        if state is not None:
+            torch.save(state, tmp / "quant_state.pt")
         torch.save({name: {"calls": traffic[name], "reference": [[torch.from_numpy(o) for o in outs]
                                                                  for outs in references[name]]}
                     for name in present}, tmp / "traffic.pt")
@@ -507,7 +519,10 @@ def format_report(report: dict[str, Any]) -> str:
         for island in found:
             lines.append(f"FP32 island  {name}: {island['module']} (max |x| {island['max_abs']:.4g}; {island['why']})")
     e2e = report["end_to_end"]
-    lines.append(f"end to end ({len(e2e['prompts'])} held-out prompts, {e2e['steps']} steps): latents rel-L2 "
-                 f"{e2e['latents']['rel_l2']:.4%}, image PSNR {', '.join(f'{p:.1f}' for p in e2e['image_psnr_db'])} dB")
+    if "latents" in e2e:
+        lines.append(f"end to end ({len(e2e['prompts'])} held-out prompts, {e2e['steps']} steps): latents rel-L2 "
+                     f"{e2e['latents']['rel_l2']:.4%}, image PSNR {', '.join(f'{p:.1f}' for p in e2e['image_psnr_db'])} dB")
+    else:
+        lines.append(f"end to end: {e2e['candidate']}")
     lines.append(f"reference: {report['reference']}")
     return "\n".join(lines)

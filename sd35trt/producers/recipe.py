@@ -96,3 +96,14 @@ class Recipe:
             for pattern in patterns:
                 cfg.append({"quantizer_name": f"{prefix}.{pattern}.*", "enable": False})
         return {"quant_cfg": cfg, "algorithm": self.algorithm}
+
+    def quantizable(self, component: str, network: Any, islands: list[Island]) -> list[str]:
+        """Modules of ``network`` that get FP8 quantizers under this recipe (every Linear/Conv2d outside the
+        excludes and the FP32 islands): empty when islands cover what the excludes leave (a model whose only
+        joint block is an island)."""
+        import torch
+
+        patterns = [*self.exclude[component], *(f"{i.module}" for i in islands)]
+        return [name for name, module in network.named_modules()
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name and
+                not any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)]
