@@ -29,7 +29,7 @@ def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path)
     grid = Image.open(tmp_path / "compare.png")
     assert grid.size == (256 * 7, 256 + 20 + 18), "reference, then each variant with its amplified difference"
     pixels = grid.crop((256 * 4, 38, 256 * 5, 38 + 256)).convert("L")  # the fp16 difference tile: visible, not black
-    assert max(pixels.getdata()) > 200
+    assert max(pixels.getdata()) > 100, "amplified to the visible range (it was black at x8)"
 
 
 def test_compare_fails_loudly_when_a_tolerance_breaks(calibrated, tiny_source, tmp_path, monkeypatch):

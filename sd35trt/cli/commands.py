@@ -247,51 +247,77 @@ def bench(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="time the engines of this bundle (on its GPU)"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="time onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="time the PyTorch modules"),
+    against: Optional[str] = typer.Option(None, "--against", help="peers timed in the same run, after the runner above: torch, compile, torchao-fp8 (comma-separated; torchao from '.[peers]')"),
     precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     steps: int = typer.Option(20, "--steps", help="timed transformer steps (after warm-up)"),
     loop_steps: Optional[int] = typer.Option(None, "--loop-steps", help="denoising steps of each end-to-end image [default: 28; Turbo 4]"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale [default: 4.5; Turbo 0]"),
-    images: int = typer.Option(2, "--images", help="end-to-end images timed"),
+    images: int = typer.Option(2, "--images", help="end-to-end images timed per row"),
     height: int = typer.Option(1024, "--height"),
     width: int = typer.Option(1024, "--width"),
-    batch: int = typer.Option(1, "--batch"),
-    device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
+    batch: str = typer.Option("1", "--batch", help="images per call, one row each: e.g. 1,4 (throughput from the largest)"),
+    device: str = typer.Option("auto", "--device", help="torch runners and peers: auto | cpu | cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="torch runners and peers: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --bundle: CUDA graphs (TensorRT-RTX: its runtime strategy; TensorRT: a guarded capture)"),
     t5: bool = T5Opt,
     turbo: Optional[bool] = TurboOpt,
     vram: Optional[float] = VramOpt,
     vram_plan: str = VramPlanOpt,
-    json_out: bool = typer.Option(False, "--json", help="print the full result as JSON instead of a summary"),
+    sample: bool = typer.Option(True, "--sample/--no-sample", help="NVML power/memory/temperature/energy sampling at 20 Hz"),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="append the table's rows to this CSV file (header on a new file)"),
+    json_out: bool = typer.Option(False, "--json", help="print the full report as JSON instead of the table"),
 ) -> None:
-    """Latency: transformer step (median of --steps after warm-up), end to end per image, images/s, GPU memory."""
-    from sd35trt.core.errors import InvalidInputError
-    from sd35trt.runtime.launch import open_loop
+    """The table users compare on: step latency, s/image, images/s, peak GPU memory, power, energy, temperature —
+    for one runner and its peers, one after another in this process, on the same requests."""
+    from sd35trt.core.errors import InvalidInputError, check_choice
+    from sd35trt.runtime.launch import TorchPeers, open_loop
     from sd35trt.runtime.pipeline import GenerateRequest
-    from sd35trt.runtime.timing import bench_loop
+    from sd35trt.runtime.timing import COLUMNS, CSV_HEADER, PEERS, Peer, bench_peers, csv_lines, table_rows
 
-    options = _loop_options(model, bundle, onnx, torch_, precision, provider, device, dtype, cuda_graph, t5, turbo,
-                            vram, vram_plan)
+    peers_named = [p.strip() for p in (against or "").split(",") if p.strip()]
+    for name in peers_named:
+        check_choice("--against", name, PEERS)
+    subject = bundle is not None or onnx is not None or torch_
+    options = _loop_options(model, bundle, onnx, torch_ or not subject, precision, provider, device, dtype, cuda_graph,
+                            t5, turbo, vram, vram_plan)
     if steps < 1 or images < 1:
         raise InvalidInputError("--steps and --images must be ≥ 1", hint="e.g. --steps 20 --images 2")
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise InvalidInputError(f"--batch '{batch}' is not a list of integers", hint="e.g. --batch 1,4") from None
     request = GenerateRequest(prompt="a lighthouse on a basalt cliff at golden hour, 35mm film photograph",
-                              steps=loop_steps, guidance=guidance, height=height, width=width, batch=batch)
-    loop = open_loop(options, request)
-    result = bench_loop(loop, request, steps=steps, images=images)
+                              steps=loop_steps, guidance=guidance, height=height, width=width, batch=batches[0])
+    torch_peers = TorchPeers(options)
+    rows: list[Peer] = []
+    if subject:
+        name = "engine" if bundle else "onnx" if onnx else "torch"
+        rows.append(Peer(name, (torch_peers.torch if name == "torch" else lambda r: open_loop(options, r)),
+                         str(bundle or onnx or "diffusers modules")))
+    for name in peers_named:
+        if not (name == "torch" and rows and rows[0].name == "torch"):  # --torch --against torch: one row
+            rows.append(Peer(name, torch_peers.opener(name), {"torch": "diffusers modules, eager",
+                                                                "compile": "torch.compile(transformer)",
+                                                                "torchao-fp8": "torchao float8 dynamic per-row + compile"}[name]))
+    if not rows:
+        rows.append(Peer("torch", torch_peers.torch, "diffusers modules, eager"))
+    report = bench_peers(rows, request, batches, steps=steps, images=images, sample=sample)
+    if csv is not None:
+        new = not csv.exists()
+        with open(csv, "a", encoding="utf-8") as handle:
+            handle.write(("" if not new else CSV_HEADER + "\n") + "\n".join(csv_lines(report)) + "\n")
     if json_out:
-        emit(result)
+        emit(report)
         return
-    step, e2e = result["transformer_step_ms"], result["end_to_end_s"]
-    runners = ", ".join(f"{k} {v['kind']} {v['precision']}" for k, v in result["runners"].items())
-    lines = [f"runners: {runners}",
-             f"transformer step ({step['batch_with_cfg']} × {height}×{width}): median {step['median']:.1f} ms "
-             f"(min {step['min']:.1f}, {step['timed_steps']} timed, {step['timer']})",
-             f"end to end ({result['request']['steps']} steps): {e2e['median']:.2f} s / image, "
-             f"{result['images_per_s']:.3f} images/s"]
-    if "peak_gpu_gib" in result:
-        lines.append(f"GPU memory: torch peak {result['peak_gpu_gib']['torch_allocator_peak']:.1f} GiB, "
-                     f"device used at end {result['peak_gpu_gib']['device_used_at_end']:.1f} GiB")
+    widths = [max(len(c), *(len(r[i]) for r in table_rows(report))) for i, c in enumerate(COLUMNS)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in table_rows(report)]
+    env = report["environment"]
+    gpu = env["gpu"].get("name") or env["gpu"].get("why", "no GPU")
+    done = next((r["request"] for r in report["rows"] if "request" in r), None)
+    lines.append(f"{height}x{width}" + (f", {done['steps']} steps, guidance {done['guidance']:g}" if done else "")
+                 + f"; GPU: {gpu}; ×: speed-up over the first row at that batch")
     echo("\n".join(lines))
 
 

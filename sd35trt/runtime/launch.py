@@ -123,3 +123,71 @@ def _torch_loop(options: LoopOptions, request: GenerateRequest, budget: int | No
 
 def describe_runners(runners: dict[str, Any]) -> dict[str, Any]:
     return {k: r.describe() for k, r in runners.items()}
+
+
+# --- bench peers: what users would run instead, on the same pipeline -------------------------------------
+
+
+class TorchPeers:
+    """PyTorch peers of one model on one pipeline (built once, BF16 on the GPU): ``torch`` (diffusers' modules,
+    eager), ``compile`` (the transformer under ``torch.compile``) and ``torchao-fp8`` (torchao's float8 dynamic
+    activation + weight quantization of the transformer's Linear layers, per row, then ``torch.compile``; the
+    recipe's high-precision modules — embedders, final norm, proj_out — are left out, as in sd35trt's own FP8).
+    torchao rewrites the transformer in place, so it is the last peer."""
+
+    def __init__(self, options: LoopOptions):
+        self.options, self.pipe, self.compiled, self.quantized = options, None, None, None
+
+    def _base(self, request: GenerateRequest) -> Sd35Loop:
+        from sd35trt.core.host import pick_device, pick_dtype
+        from sd35trt.core.models import build_pipeline
+
+        source = resolve_model(self.options.model or "tiny", turbo=self.options.turbo)
+        if self.pipe is None:
+            device = pick_device(self.options.device)
+            attrs = {SPECS[c].pipeline_attr for c in COMPONENTS if (self.options.t5 and source.has_t5) or c != "t5"}
+            self.pipe = build_pipeline(source, device=device, dtype=pick_dtype(self.options.dtype, device, on_gpu="bf16"),
+                                       components=attrs)
+            self.assets = load_assets(source, t5="text_encoder_3" in attrs)
+        loop = Sd35Loop(self.assets, runners_from_torch(self.pipe))
+        loop.check(request)
+        return loop
+
+    def torch(self, request: GenerateRequest) -> Sd35Loop:
+        return self._base(request)
+
+    def compile(self, request: GenerateRequest) -> Sd35Loop:
+        import torch
+
+        loop = self._base(request)
+        runner = loop.runners["transformer"]
+        if self.compiled is None:
+            self.compiled = torch.compile(runner.module)  # type: ignore[attr-defined]
+        runner.module = self.compiled  # type: ignore[attr-defined]
+        return loop
+
+    def torchao_fp8(self, request: GenerateRequest) -> Sd35Loop:
+        import fnmatch
+
+        import torch
+
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError:
+            raise InvalidInputError("the torchao-fp8 peer needs torchao", hint="pip install 'sd35trt[peers]'") from None
+        loop = self._base(request)
+        runner = loop.runners["transformer"]
+        if self.quantized is None:
+            keep = ("pos_embed*", "context_embedder*", "time_text_embed*", "norm_out*", "proj_out")
+
+            def quantizable(module: Any, name: str) -> bool:
+                return isinstance(module, torch.nn.Linear) and not any(fnmatch.fnmatchcase(name, k) for k in keep)
+
+            quantize_(self.pipe.transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                      filter_fn=quantizable)
+            self.quantized = torch.compile(SPECS["transformer"].module(self.pipe))
+        runner.module = self.quantized  # type: ignore[attr-defined]
+        return loop
+
+    def opener(self, name: str):
+        return {"torch": self.torch, "compile": self.compile, "torchao-fp8": self.torchao_fp8}[name]
