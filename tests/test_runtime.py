@@ -187,3 +187,17 @@ def test_the_loop_keeps_latents_on_the_execution_device(pipe_tiny):
     assert all(kw["timestep"].device == kw["hidden_states"].device for kw in inputs)
     assert inputs[0]["encoder_hidden_states"].data_ptr() == inputs[-1]["encoder_hidden_states"].data_ptr(), \
         "the prompt embeddings are made once and stay put"
+
+
+def test_results_outlive_the_next_call(exported, pipe_tiny):
+    """Engine sessions reuse their output buffers; what the loop hands back (images, latents) is its own."""
+    from sd35trt.core.models import PipelineAssets
+    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+
+    out, _ = exported
+    found = runners_from_onnx(out, "fp32")
+    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe_tiny), found.runners, found.ranges)
+    first = loop(GenerateRequest(prompt="a fox", steps=2, seed=1, height=512, width=512), progress=False)
+    kept = first.images.clone()
+    loop(GenerateRequest(prompt="a lighthouse", steps=2, seed=2, height=512, width=512), progress=False)
+    assert torch.equal(first.images, kept), "the first image was overwritten by the second call"

@@ -241,11 +241,13 @@ class Sd35Loop:
 
     def decode(self, latents: Any, request: GenerateRequest) -> Any:
         """The pipeline's own un-scaling, then the VAE decoder whole or in tiles; images on the CPU."""
+        import torch
+
         vae = self._stage("vae_decoder")
         scaled = latents / self.assets.vae["scaling_factor"] + self.assets.vae["shift_factor"]
         tile = self.vae_tile(request)
-        if tile is None:
-            return vae(latent=scaled)["images"].float().cpu()
+        if tile is None:  # a copy: an engine's output buffer is overwritten by its next call
+            return vae(latent=scaled)["images"].to("cpu", torch.float32, copy=True)
         return tiled_decode(lambda z: vae(latent=z.contiguous())["images"], scaled, tile=tile, scale=self.vae_scale).cpu()
 
     # the whole call -------------------------------------------------------------------------------------
