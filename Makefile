@@ -83,7 +83,8 @@ test-fast: $(STAMP)
 selftest: $(STAMP)
 	$(CLI) selftest --out build/selftest
 
-ENGINE_CODE := sd35trt/producers/builder.py sd35trt/runtime/trt.py sd35trt/runtime/session.py sd35trt/runtime/runners.py
+ENGINE_CODE := sd35trt/producers/builder.py sd35trt/producers/refit.py sd35trt/runtime/trt.py sd35trt/runtime/session.py \
+  sd35trt/runtime/runners.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check sd35trt tests bench

@@ -29,6 +29,7 @@ TurboOpt = typer.Option(None, "--turbo/--no-turbo", help="the model is (not) a T
 VramOpt = typer.Option(None, "--vram", help="GiB of GPU memory this run may use [default: the GPU's free memory]")
 VramPlanOpt = typer.Option("auto", "--vram-plan", help="auto | resident | sequential | streaming (doctor BUNDLE shows what each needs)")
 TilingOpt = typer.Option("auto", "--vae-tiling", help="auto (tiles only past what the VAE decoder takes whole) | on | off")
+LoraOpt = typer.Option(None, "--lora", help="LoRA adapters fused into the model first: adapter.safetensors[:scale][,more] (diffusers' SD3 LoRA loader; part of every cache key)")
 DeviceOpt = typer.Option("auto", "--device", help="torch device for export/calibration: auto, cpu or cuda")
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from sd35trt.cli.app import (
+    LoraOpt,
     ModelRunOpt,
     T5Opt,
     TilingOpt,
@@ -42,6 +43,8 @@ def build(
     max_build_memory: Optional[float] = typer.Option(None, "--max-build-memory", help="GiB: build each component in as many parts as keep every builder's peak RSS under this (estimated 2.8x its weights + 1 GiB)"),
     t5: bool = typer.Option(True, "--t5/--no-t5", help="--no-t5: a CLIP-only bundle without T5-XXL (zero T5 embeddings at run time, as diffusers without text_encoder_3)"),
     weight_streaming: bool = typer.Option(False, "--weight-streaming", help="build the transformer for weight streaming (the VRAM plan's streaming mode on small GPUs)"),
+    refittable: bool = typer.Option(False, "--refittable", help="refittable engines (BuilderFlag.REFIT): `sd35trt refit` puts a LoRA's weights in on the deploy host"),
+    strip_weights: bool = typer.Option(False, "--strip-weights", help="refittable and weight-stripped plans (STRIP_PLAN): smaller bundles, weights from the ONNX at refit"),
     force: bool = typer.Option(False, "--force", help="rebuild even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
@@ -56,6 +59,7 @@ def build(
     names = tuple(c for c in parse_components(components) if t5 or c != "t5")
     config = BuildConfig(target=parse_target(gpu), backend=parse_backend(backend), components=names,
                          weight_streaming=weight_streaming,
+                         refit="stripped" if strip_weights else "refit" if refittable else "none",
                          precision=None if precision == "auto" else Precision(precision), workspace_gib=workspace_gib,
                          portable=portable, hardware_compat=hardware_compat, memory_check=memory_check,
                          parts=parse_parts(parts), max_build_memory_gib=max_build_memory)
@@ -113,13 +117,13 @@ def doctor(
 
 
 def _loop_options(model, bundle, onnx, torch_, precision="auto", provider="auto", device="auto", dtype="auto",
-                  cuda_graph=False, t5=True, turbo=None, vram=None, vram_plan="auto", vae_tiling="auto"):
+                  cuda_graph=False, t5=True, turbo=None, vram=None, vram_plan="auto", vae_tiling="auto", lora=None):
     from sd35trt.runtime.launch import LoopOptions
 
     options = LoopOptions(model=model if model is not None or not torch_ else "tiny", bundle=bundle, onnx=onnx,
                           torch=torch_, precision=precision, provider=provider, device=device, dtype=dtype,
                           cuda_graph=cuda_graph, t5=t5, turbo=turbo, vram_gib=vram, vram_plan=vram_plan,
-                          vae_tiling=vae_tiling)
+                          vae_tiling=vae_tiling, lora=lora)
     options.check()
     return options
 
@@ -151,6 +155,7 @@ def generate(
     vram: Optional[float] = VramOpt,
     vram_plan: str = VramPlanOpt,
     vae_tiling: str = TilingOpt,
+    lora: Optional[str] = LoraOpt,
     json_out: bool = typer.Option(False, "--json", help="print timings and paths as JSON"),
 ) -> None:
     """Prompt → PNG: CLIP-L/G (+ T5) → MMDiT loop (CFG, flow matching) → VAE, on engines, ONNX or torch."""
@@ -159,7 +164,7 @@ def generate(
     from sd35trt.runtime.pipeline import GenerateRequest
 
     options = _loop_options(model, bundle, onnx, torch_, precision, provider, device, dtype, cuda_graph, t5, turbo,
-                            vram, vram_plan, vae_tiling)
+                            vram, vram_plan, vae_tiling, lora)
     if out.suffix.lower() != ".png":
         raise InvalidInputError("--out must end in .png", path=out, hint="e.g. --out image.png")
     from sd35trt.core.artifacts import ensure_writable_dir
@@ -199,6 +204,7 @@ def compare(
     width: int = typer.Option(512, "--width"),
     seed: int = typer.Option(0, "--seed"),
     t5: bool = T5Opt,
+    lora: Optional[str] = LoraOpt,
     out: Path = typer.Option(Path("compare"), "--out", "-o", help="folder for compare.json and compare.png"),
     verbose: bool = typer.Option(False, "--verbose", help="polygraphy's per-iteration log (on stderr)"),
     json_out: bool = typer.Option(False, "--json", help="print compare.json instead of the table"),
@@ -217,7 +223,7 @@ def compare(
     cfg = CompareConfig(variants=tuple(v.strip() for v in (variants or "").split(",") if v.strip()),
                         components=parse_components(components), prompts=prompts, steps=steps, height=height,
                         width=width, seed=seed, t5=t5)
-    source = resolve_model(model)
+    source = resolve_model(model, lora=lora)
     if bundle is not None:
         from sd35trt.core.manifests import require_model
         from sd35trt.runtime.runners import runners_from_bundle
@@ -264,6 +270,7 @@ def bench(
     turbo: Optional[bool] = TurboOpt,
     vram: Optional[float] = VramOpt,
     vram_plan: str = VramPlanOpt,
+    lora: Optional[str] = LoraOpt,
     sample: bool = typer.Option(True, "--sample/--no-sample", help="NVML power/memory/temperature/energy sampling at 20 Hz"),
     csv: Optional[Path] = typer.Option(None, "--csv", help="append the table's rows to this CSV file (header on a new file)"),
     json_out: bool = typer.Option(False, "--json", help="print the full report as JSON instead of the table"),
@@ -280,7 +287,7 @@ def bench(
         check_choice("--against", name, PEERS)
     subject = bundle is not None or onnx is not None or torch_
     options = _loop_options(model, bundle, onnx, torch_ or not subject, precision, provider, device, dtype, cuda_graph,
-                            t5, turbo, vram, vram_plan)
+                            t5, turbo, vram, vram_plan, lora=lora)
     if steps < 1 or images < 1:
         raise InvalidInputError("--steps and --images must be ≥ 1", hint="e.g. --steps 20 --images 2")
     try:
@@ -346,7 +353,7 @@ def preflight(
     backend: str = typer.Option("auto", "--backend", help="auto | tensorrt | tensorrt-rtx"),
     fp8: str = typer.Option("transformer", "--fp8", help="components calibrated to FP8 (make's FP8=)"),
     t5: bool = T5Opt,
-    lora: Optional[str] = typer.Option(None, "--lora", help="adapter.safetensors[:scale][,more] (make's LORA=)"),
+    lora: Optional[str] = LoraOpt,
     work: Optional[Path] = typer.Option(None, "--work", help="the work dir make uses"),
     engines: Path = typer.Option(Path("engines"), "--engines", help="the engines root make uses"),
 ) -> None:
@@ -357,17 +364,13 @@ def preflight(
     from sd35trt.producers.build import resolve_target
     from sd35trt.producers.builder import choose_backend
 
-    source = resolve_model(model)
+    source = resolve_model(model, lora=lora)
     target = resolve_target(parse_target(gpu))
     calibrated = parse_components(fp8, CALIBRATABLE)
     if not t5 and "t5" in calibrated:
         from sd35trt.core.errors import InvalidInputError
 
         raise InvalidInputError("FP8=... names t5 but T5=0 leaves T5 out", hint="drop t5 from FP8= or set T5=1")
-    if lora:
-        from sd35trt.producers.lora import parse_adapters
-
-        parse_adapters(lora)
     chosen = choose_backend(parse_backend(backend), target)
     names = tuple(c for c in COMPONENTS if (t5 and source.has_t5) or c != "t5")
     have = {c: {Precision.FP16} | ({Precision.FP8} if c in calibrated else set()) for c in names}
@@ -378,3 +381,22 @@ def preflight(
          f"{chosen.kind.value} {chosen.version}: " + ", ".join(f"{n} {c.precision.value}" for n, c in plan.items())
          + ("" if "t5" in names else "; CLIP-only (no T5)") + (f"; LoRA {lora}" if lora else "")
          + (f"; work dir {work}" if work else "") + f" -> {where}")
+
+
+@app.command()
+def refit(
+    bundle: Path = typer.Argument(..., help="a bundle built with --refittable or --strip-weights"),
+    onnx: Path = typer.Option(..., "--onnx", help="a work dir exported from the same model with the adapter: sd35trt export --lora ..."),
+    lora: str = typer.Option(..., "--lora", help="the adapters that work dir was exported with: adapter.safetensors[:scale][,more]"),
+    out: Path = typer.Option(Path("engines"), "--out", "-o", help="engines root; the refit bundle goes to OUT/<model>-lora-<hash>/<target>-<backend>/"),
+) -> None:
+    """On the deploy host: the bundle's refittable engines with a LoRA's weights (TensorRT's Refitter and
+    OnnxParserRefitter), written as a new bundle; no engine build."""
+    from sd35trt.core.artifacts import ensure_writable_dir
+    from sd35trt.core.lora import parse_adapters
+    from sd35trt.producers.refit import refit_bundle
+
+    adapters = parse_adapters(lora)
+    ensure_writable_dir(out)
+    folder = refit_bundle(bundle, onnx, out, [a.sha256 for a in adapters])
+    echo(str(folder))

@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from sd35trt.cli import commands  # noqa: E402, F401  (registers build, bundle, doctor, generate, compare, bench)
 from sd35trt.cli.app import (  # noqa: E402
     DeviceOpt,
+    LoraOpt,
     ModelOpt,
     app,
     click_command,
@@ -49,6 +50,7 @@ def export(
     vae_max: int = typer.Option(0, "--vae-max", help="largest image side (px) the VAE decoder takes whole; larger images are decoded in tiles [default: the --height/--width maximum]"),
     t5: bool = typer.Option(True, "--t5/--no-t5", help="--no-t5: leave T5-XXL out (CLIP-only bundles)"),
     turbo: Optional[bool] = typer.Option(None, "--turbo/--no-turbo", help="a Turbo model: engine profiles optimised for batch 1 (no guidance) [default: what the model says]"),
+    lora: Optional[str] = LoraOpt,
     precision: str = typer.Option("auto", "--precision", help="auto (what engines use: FP16 for every component, FP8 for the calibrated ones) | fp16 | fp8 | fp32, comma-separated"),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="compare every output with PyTorch in onnxruntime (and on calibrate's held-out traffic)"),
     provider: str = typer.Option("auto", "--provider", help="onnxruntime for validation: auto (CUDA when onnxruntime-gpu sees a GPU) | cpu | cuda"),
@@ -67,7 +69,7 @@ def export(
     plan_variants(precision, (), None, {})  # a bad --precision fails before any work
     if validate:
         resolve_provider(provider)  # an explicit --provider cuda that cannot run fails before any export
-    source = resolve_model(model, turbo=turbo)
+    source = resolve_model(model, turbo=turbo, lora=lora)
     names = tuple(c for c in parse_components(components) if t5 and source.has_t5 or c != "t5")
     config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider,
                           ranges=ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo,
@@ -111,6 +113,7 @@ def calibrate(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="classifier-free guidance scale [default: 4.5; Turbo 0]"),
     t5: bool = typer.Option(True, "--t5/--no-t5", help="--no-t5: calibrate on CLIP-only traffic (zero T5 embeddings), for bundles without T5"),
     turbo: Optional[bool] = typer.Option(None, "--turbo/--no-turbo", help="a Turbo model: 4 steps, no guidance by default [default: what the model says]"),
+    lora: Optional[str] = LoraOpt,
     calib_batch: int = typer.Option(Calib.batch, "--calib-batch", help="prompts per pipeline call"),
     holdout: int = typer.Option(Calib.holdout, "--holdout", help="held-out prompts for the report"),
     dtype: str = typer.Option(Calib.dtype, "--dtype", help="compute dtype of the loops (weights stay FP32): auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"),
@@ -133,7 +136,7 @@ def calibrate(
     )
     from sd35trt.producers.recipe import DEFAULT_RECIPE
 
-    source = resolve_model(model, turbo=turbo)
+    source = resolve_model(model, turbo=turbo, lora=lora)
     default_prompts, default_steps, default_size = calibration_size(source)
     cfg = CalibrationConfig(
         prompts_file=prompts or DEFAULT_PROMPTS, num_prompts=default_prompts if num_prompts is None else num_prompts,

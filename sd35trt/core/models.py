@@ -189,6 +189,7 @@ class ModelSource:
     preset: PresetConfig | None = None
     path: Path | None = None
     turbo: bool = False
+    adapters: tuple[Any, ...] = ()  # core.lora.Adapter: LoRA fused into the networks before anything else
 
     @property
     def defaults(self) -> Defaults:
@@ -205,7 +206,7 @@ class ModelSource:
 
     @property
     def slug(self) -> str:
-        return model_slug({"id": self.id, "path": str(self.path) if self.path else None})
+        return model_slug(self.describe(fingerprint=False))
 
     def fingerprint(self) -> str:
         """sha256 over everything that decides the weights: preset config + seed, or the directory's files.
@@ -226,27 +227,46 @@ class ModelSource:
                     digest.update(file.read_bytes())
                 else:
                     digest.update(str(file.stat().st_size).encode())
+        if self.adapters:  # a model with LoRA fused is another model (never mixed with the base's artifacts)
+            digest.update(json.dumps([[a.sha256, a.scale] for a in self.adapters]).encode())
         return digest.hexdigest()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, fingerprint: bool = True) -> dict[str, Any]:
         return {
             "id": self.id,
             "random_weights": self.random_weights,
-            "fingerprint": self.fingerprint(),
+            **({"fingerprint": self.fingerprint()} if fingerprint else {}),
             **({"config": self.preset.to_dict()} if self.preset else {"path": str(self.path)}),
             **({"turbo": True} if self.turbo else {}),
+            **({"lora": [a.describe() for a in self.adapters]} if self.adapters else {}),
         }
 
 
 def model_slug(described: dict[str, Any]) -> str:
-    """A file-system-safe folder name for a model, from ``ModelSource.describe()`` (as manifests store it)."""
+    """A file-system-safe folder name for a model, from ``ModelSource.describe()`` (as manifests store it); a
+    model with LoRA adapters fused gets its own (``tiny-lora-1a2b3c4d``), so bundles never overwrite the base's."""
     name = Path(described["path"]).name if described.get("path") else described["id"]
+    if described.get("lora"):
+        name += "-lora-" + hashlib.sha256(json.dumps([[a["sha256"], a["scale"]] for a in described["lora"]]).encode()
+                                          ).hexdigest()[:8]
     return "".join(c if c.isalnum() or c in "-._" else "_" for c in name) or "model"
 
 
-def resolve_model(model: str, *, turbo: bool | None = None) -> ModelSource:
+def resolve_model(model: str, *, turbo: bool | None = None, lora: str | None = None) -> ModelSource:
     """Turn ``--model`` into a ModelSource, checking a directory has every component before any heavy work.
-    ``turbo`` (``--turbo``) overrides what the preset or directory says."""
+    ``turbo`` (``--turbo``) overrides what the preset or directory says; ``lora`` (``--lora``) names adapters to
+    fuse (each file checked now)."""
+    source = _resolve(model, turbo)
+    if lora:
+        from dataclasses import replace
+
+        from sd35trt.core.lora import parse_adapters
+
+        source = replace(source, adapters=parse_adapters(lora))
+    return source
+
+
+def _resolve(model: str, turbo: bool | None) -> ModelSource:
     if model in PRESETS:
         preset = PRESETS[model]
         return ModelSource(id=model, preset=preset, turbo=preset.turbo if turbo is None else turbo)
@@ -379,6 +399,14 @@ def build_pipeline(source: ModelSource, *, device: str = "cpu", dtype: torch.dty
 
     quiet_libraries()
     dtype = dtype or torch.float32
+    if source.adapters and device != "meta":  # fuse in FP32 (the adapters' deltas added exactly), then cast
+        from dataclasses import replace
+
+        from sd35trt.core.lora import fuse_adapters
+
+        pipe = build_pipeline(replace(source, adapters=()), device=device, dtype=torch.float32, components=components)
+        fuse_adapters(pipe, source.adapters)
+        return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
     wanted = set(components) if components is not None else {
         "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"}
     if source.path is not None:

@@ -40,7 +40,7 @@ from sd35trt.core.manifests import (
     PlanFile,
     WorkDir,
 )
-from sd35trt.core.models import ASSETS_FILE, PipelineAssets, model_slug
+from sd35trt.core.models import ASSETS_FILE, PipelineAssets
 from sd35trt.core.portability import RuntimeRecord, check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
 from sd35trt.core.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
@@ -51,6 +51,7 @@ from sd35trt.producers.builder import (
     local_compute_capability,
     summarize_layers,
 )
+from sd35trt.producers.refit import describe_refit, model_slug
 
 if TYPE_CHECKING:
     from sd35trt.producers.parts import PartPlan
@@ -69,8 +70,13 @@ class BuildConfig:
     parts: tuple[tuple[str, int], ...] = ()  # (component, count): build it in parts (producers.parts)
     max_build_memory_gib: float | None = None  # build in as many parts as keep each builder's peak RSS under this
     weight_streaming: bool = False  # the transformer with BuilderFlag.WEIGHT_STREAMING (the VRAM plan's streaming mode)
+    refit: str = "none"  # "refit": refittable engines (LoRA on the deploy host, producers.refit); "stripped": and weightless
 
     def __post_init__(self):
+        from sd35trt.core.errors import check_choice
+        from sd35trt.producers.refit import REFIT_MODES
+
+        check_choice("--refit", self.refit, REFIT_MODES)
         for name, count in self.parts:
             if name not in self.components or not 1 <= count <= MAX_PARTS:
                 raise InvalidInputError(f"--parts {name}={count}: expected a component being built "
@@ -86,7 +92,7 @@ class BuildConfig:
                 "precision": self.precision.value if self.precision else "auto", "workspace_gib": self.workspace_gib,
                 "portable": self.portable, "hardware_compat": self.hardware_compat, "memory_check": self.memory_check,
                 "parts": dict(self.parts), "max_build_memory_gib": self.max_build_memory_gib,
-                "weight_streaming": self.weight_streaming, "t5": "t5" in self.components}
+                "weight_streaming": self.weight_streaming, "t5": "t5" in self.components, "refit": self.refit}
 
     @property
     def flavour(self) -> str:
@@ -156,7 +162,8 @@ def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_m
                       "ccs": ccs, "onnx_files": onnx_manifest.files, "profile": onnx_manifest.profile,
                       "workspace_gib": config.workspace_gib, "portable": config.portable,
                       "hardware_compat": config.hardware_compat, **({"parts": parts} if parts > 1 else {}),
-                      **({"weight_streaming": True} if streams else {})})
+                      **({"weight_streaming": True} if streams else {}),
+                      **({"refit": config.refit} if config.refit != "none" else {})})
 
 
 def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, flavour: str = "") -> Path:
@@ -318,7 +325,7 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                                                       workspace_gib=config.workspace_gib,
                                                       version_compatible=config.portable,
                                                       hardware_compat=config.hardware_compat,
-                                                      weight_streaming=streams)
+                                                      weight_streaming=streams, refit=config.refit)
                     if built.timing_cache:
                         timing_cache = built.timing_cache
                     layers += built.layers
@@ -345,7 +352,8 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 profile=source.profile, ranges=source.ranges, io={"inputs": source.inputs, "outputs": source.outputs},
                 layers=summary, build_seconds=round(timing["seconds"], 2),
                 warnings=[w for _, _, b in built_parts for w in b.warnings][-5:],
-                parts_reason=parts[name].reason if len(files) > 1 else None, weight_streaming=streams)
+                parts_reason=parts[name].reason if len(files) > 1 else None, weight_streaming=streams,
+                refit=describe_refit(config.refit, sum(f.bytes for f in files)))
             rebuilt.append(name)
         runtime = RuntimeRecord(backend.kind.value, backend.version, config.portable, config.hardware_compat,
                                 tuple(f"{a}.{b}" for a, b in ccs)).to_dict()

@@ -268,7 +268,7 @@ def summarize_layers(layers: list[dict[str, Any]], islands: list[str] | None = N
 def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
                  ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
                  workspace_gib: float | None = None, stream: bool = True, version_compatible: bool = False,
-                 hardware_compat: str = "none", weight_streaming: bool = False) -> BuiltEngine:
+                 hardware_compat: str = "none", weight_streaming: bool = False, refit: str = "none") -> BuiltEngine:
     """Parse ``onnx_path`` into a strongly typed network, build a serialized engine for ``ccs`` and write it to
     ``plan_path``: streamed by the builder (``build_serialized_network_to_stream``), or with ``stream=False``
     from the builder's ``IHostMemory`` (buffer protocol, no copy). ``memory`` records where the peak lies."""
@@ -310,6 +310,10 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     if weight_streaming:  # the deploy host may then stream weights under a budget (the VRAM plan's streaming mode)
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if refit != "none":  # REFIT: refit with other weights (a LoRA); REFIT_IDENTICAL would only allow the same ones
+        config.set_flag(trt.BuilderFlag.REFIT)
+        if refit == "stripped":
+            config.set_flag(trt.BuilderFlag.STRIP_PLAN)
     parsed_gib = _RssSampler.read().get("VmRSS", 0.0)
     sampler = _RssSampler()
     streamed = stream and hasattr(builder, "build_serialized_network_to_stream")
@@ -336,8 +340,12 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         sampler.stop()
         plan_path.unlink(missing_ok=True)
         detail = " | ".join(logger.problems[-3:])[:500] or "no message"
-        raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path,
-                         hint="check the target supports this precision (FP8 needs ada/hopper/blackwell)")
+        needs_gpu = "cudaError 35" in detail or "CUDA driver version is insufficient" in detail
+        hint = ("this build needs a CUDA driver (TensorRT-RTX builds refittable or weight-stripped plans only on a GPU "
+                "host): build there, or drop --refittable/--strip-weights" if needs_gpu and refit != "none" else
+                "this build needs a CUDA driver: build on a GPU host" if needs_gpu else
+                "check the target supports this precision (FP8 needs ada/hopper/blackwell)")
+        raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path, hint=hint)
     layers, layer_source = parse_layers(logger.layer_reports), "builder log"
     if backend.kind is Backend.TENSORRT:  # full TensorRT: the engine inspector, not log lines that change per version
         inspected = inspect_layers(trt, logger, plan_path)
@@ -445,7 +453,8 @@ def _build_child(conn: Any, kind: str, args: tuple, kwargs: dict) -> None:
 def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
                           ccs: tuple[tuple[int, int], ...], plan_path: Path, *, timing_cache: bytes | None = None,
                           workspace_gib: float | None = None, stream: bool = True, version_compatible: bool = False,
-                          hardware_compat: str = "none", weight_streaming: bool = False) -> BuiltEngine:
+                          hardware_compat: str = "none", weight_streaming: bool = False,
+                          refit: str = "none") -> BuiltEngine:
     """``build_engine`` in a child process: a builder that crashes (TensorRT-RTX 1.7 segfaults on some graphs)
     becomes one clear error instead of killing sd35trt, and the builder's memory is returned to the system
     after every engine."""
@@ -460,7 +469,7 @@ def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[st
         send, backend.kind.value, (onnx_path, profile, ccs, plan_path),
         {"timing_cache": timing_cache, "workspace_gib": workspace_gib, "stream": stream,
          "version_compatible": version_compatible, "hardware_compat": hardware_compat,
-         "weight_streaming": weight_streaming}))
+         "weight_streaming": weight_streaming, "refit": refit}))
     child.start()
     send.close()
     try:

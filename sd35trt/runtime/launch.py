@@ -37,6 +37,7 @@ class LoopOptions:
     vram_gib: float | None = None  # the budget; None: the GPU's free memory
     vram_plan: str = "auto"
     vae_tiling: str = "auto"
+    lora: str | None = None  # adapters fused into the model (torch), or that the artifacts must have been built with
 
     def check(self) -> None:
         chosen = [n for n, v in (("--bundle", self.bundle), ("--onnx", self.onnx), ("--torch", self.torch)) if v]
@@ -49,7 +50,7 @@ def _assets(options: LoopOptions, found: RunnerSet | None) -> PipelineAssets:
     """The bundle's or work dir's own assets, else the model's (checked to be what the artifacts came from)."""
     from sd35trt.core.manifests import require_model
 
-    source = resolve_model(options.model, turbo=options.turbo) if options.model else None
+    source = resolve_model(options.model, turbo=options.turbo, lora=options.lora) if options.model else None
     if found is not None and source is not None and found.model is not None:
         require_model(found.model, source.fingerprint(), source.id, Path(found.source))
     if found is not None and found.assets_folder is not None:
@@ -96,7 +97,7 @@ def _torch_loop(options: LoopOptions, request: GenerateRequest, budget: int | No
 
     if options.model is None:
         raise InvalidInputError("--torch needs --model", hint="e.g. --torch --model tiny")
-    source = resolve_model(options.model, turbo=options.turbo)
+    source = resolve_model(options.model, turbo=options.turbo, lora=options.lora)
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, on_gpu="bf16")
     attrs = {SPECS[c].pipeline_attr for c in COMPONENTS if options.t5 or c != "t5"}
@@ -142,7 +143,7 @@ class TorchPeers:
         from sd35trt.core.host import pick_device, pick_dtype
         from sd35trt.core.models import build_pipeline
 
-        source = resolve_model(self.options.model or "tiny", turbo=self.options.turbo)
+        source = resolve_model(self.options.model or "tiny", turbo=self.options.turbo, lora=self.options.lora)
         if self.pipe is None:
             device = pick_device(self.options.device)
             attrs = {SPECS[c].pipeline_attr for c in COMPONENTS if (self.options.t5 and source.has_t5) or c != "t5"}

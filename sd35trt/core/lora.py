@@ -1,0 +1,116 @@
+"""LoRA style adapters, fused into the model before anything is measured.
+
+``--lora adapter.safetensors[:scale][,more]`` names one or more adapters; each becomes part of the model a
+``ModelSource`` describes (its sha256 and scale are in the fingerprint, so every calibration, ONNX and bundle
+built with it is keyed on it and never reused for another). ``fuse_adapters`` uses diffusers' own SD3 LoRA
+loader (``load_lora_weights`` + ``fuse_lora``, PEFT underneath) on the FP32 networks, then removes the adapter
+layers: FP8 scales are then measured on the fused weights, as ModelOpt's diffusers example advises ("fuse LoRA
+before quantization"). Bad files are refused in one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sd35trt.core.errors import InvalidInputError, ModelLoadError
+
+# Networks of StableDiffusion3Pipeline an SD3 LoRA file may hold weights for (diffusers' key prefixes).
+LORA_PREFIXES = {"transformer": "transformer", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    path: Path
+    scale: float
+    sha256: str
+    networks: tuple[str, ...]  # pipeline attributes the file has weights for
+
+    @property
+    def name(self) -> str:
+        return f"lora_{self.sha256[:12]}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"file": self.path.name, "sha256": self.sha256, "scale": self.scale, "networks": list(self.networks)}
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header alone (8-byte length + JSON)."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            if not 2 <= size <= 100_000_000:
+                raise ValueError("header size")
+            header = json.loads(handle.read(size))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        raise InvalidInputError("LoRA adapter is not a safetensors file", path=path,
+                                hint="pass the .safetensors file diffusers' save_lora_weights (or a trainer) wrote") from None
+    return [k for k in header if k != "__metadata__"]
+
+
+def parse_adapters(text: str | None) -> tuple[Adapter, ...]:
+    """``a.safetensors[:scale][,b.safetensors[:scale]]`` → adapters, each file checked: it exists, is
+    safetensors, and holds LoRA weights for SD3's transformer or text encoders."""
+    from sd35trt.core.artifacts import sha256_file
+
+    adapters = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        location, scale = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                location, scale = head, float(tail)
+            except ValueError:
+                location = item  # a ':' in the path itself
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise InvalidInputError("LoRA adapter not found", path=path, hint="pass --lora path/to/adapter.safetensors[:scale]")
+        keys = _safetensors_keys(path)
+        lora = [k for k in keys if "lora" in k.lower()]
+        if not lora:
+            raise InvalidInputError("this safetensors file holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up "
+                                    "keys)", path=path, hint="pass a LoRA adapter, not a model checkpoint")
+        networks = tuple(attr for attr, prefix in LORA_PREFIXES.items()
+                         if any(k.startswith(prefix + ".") for k in lora))
+        adapters.append(Adapter(path.resolve(), scale, sha256_file(path), networks or ("transformer",)))
+    return tuple(adapters)
+
+
+def fuse_adapters(pipe: Any, adapters: tuple[Adapter, ...]) -> None:
+    """Load every adapter with diffusers' SD3 LoRA loader, fuse them at their scales into the networks ``pipe``
+    has, and drop the adapter layers (the fused weights stay). An adapter that fits none of the networks, or
+    whose shapes do not match, is refused in one line naming its file."""
+    present = [attr for attr in LORA_PREFIXES if getattr(pipe, attr, None) is not None]
+    if not adapters or not present:
+        return
+    for adapter in adapters:
+        before = _peft_layers(pipe)
+        try:
+            pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ModelLoadError(f"LoRA adapter does not fit this model ({first})", path=adapter.path,
+                                 hint="use an adapter trained for this SD3.5 model (same architecture and size)") from None
+        if _peft_layers(pipe) == before and any(n in present for n in adapter.networks):
+            raise ModelLoadError("LoRA adapter matched no layer of this model", path=adapter.path,
+                                 hint="use an adapter trained for this SD3.5 model (its keys name other modules)")
+    names = [a.name for a in adapters]
+    pipe.set_adapters(names, adapter_weights=[a.scale for a in adapters])
+    pipe.fuse_lora(components=present, lora_scale=1.0, adapter_names=names)
+    pipe.unload_lora_weights()
+
+
+def _peft_layers(pipe: Any) -> int:
+    """How many adapter layers the pipeline's networks hold (PEFT's tuner layers)."""
+    count = 0
+    for attr in LORA_PREFIXES:
+        network = getattr(pipe, attr, None)
+        if network is not None:
+            count += sum(1 for m in network.modules() if type(m).__module__.startswith("peft.tuners"))
+    return count

@@ -1,0 +1,143 @@
+"""LoRA on FP8 engines (#26): a style adapter made here with PEFT and saved with diffusers' save_lora_weights,
+fused by diffusers' own SD3 LoRA loader before calibration; every cache key carries it; bad files are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd35trt.core.models import build_pipeline, resolve_model
+from tests.conftest import needs_rtx
+
+
+def make_adapter(dest: Path, *, seed: int = 0, config: dict | None = None) -> Path:
+    """A LoRA on the tiny transformer's attention projections, random (non-zero) up-projections."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from sd35trt.core.models import TINY
+
+    transformer = SD3Transformer2DModel(**{**TINY.transformer, **(config or {})})
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    StableDiffusion3Pipeline.save_lora_weights(dest, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return dest / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    return make_adapter(tmp_path_factory.mktemp("lora"))
+
+
+def test_lora_changes_the_model_and_is_part_of_its_identity(adapter):
+    from sd35trt.core.metrics import error_stats
+    from sd35trt.core.models import PipelineAssets
+    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.runners import runners_from_torch
+
+    base, styled = resolve_model("tiny"), resolve_model("tiny", lora=f"{adapter}:0.8")
+    assert "lora" not in base.describe() and resolve_model("tiny", lora="").fingerprint() == base.fingerprint()
+    assert styled.fingerprint() != base.fingerprint() != resolve_model("tiny", lora=f"{adapter}:0.5").fingerprint()
+    assert styled.describe()["lora"][0]["scale"] == 0.8 and styled.slug.startswith("tiny-lora-")
+    latents = []
+    for source in (base, styled):
+        pipe = build_pipeline(source)
+        assert not any("lora" in n for n, _ in pipe.transformer.named_parameters()), "fused, adapter layers gone"
+        loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe))
+        latents.append(loop(GenerateRequest(prompt="a koi pond", steps=2, height=512, width=512), progress=False).latents)
+    assert error_stats(latents[0].numpy(), latents[1].numpy()).rel_l2 > 1e-2, "the adapter changes the image"
+
+
+@pytest.fixture(scope="module")
+def lora_work(adapter, tmp_path_factory):
+    from sd35trt.cli.main import main
+
+    work = tmp_path_factory.mktemp("lora-work")
+    small = ["--num-prompts", "2", "--steps", "2", "--height", "512", "--width", "512", "--calib-batch", "2"]
+    assert main(["calibrate", "--model", "tiny", "--lora", f"{adapter}:0.8", "--out", str(work), *small]) == 0
+    assert main(["export", "--model", "tiny", "--lora", f"{adapter}:0.8", "--out", str(work),
+                 "--components", "transformer,clip_l,clip_g,vae_decoder"]) == 0
+    return work
+
+
+def test_fp8_onnx_with_lora_matches_the_fused_torch_model(lora_work, adapter, capsys, tmp_path):
+    from sd35trt.cli.main import main
+
+    for variant in ("onnx-fp8", "onnx-fp16"):
+        manifest = json.loads((lora_work / variant / "transformer" / "manifest.json").read_text())
+        assert manifest["model"]["lora"][0]["file"] == adapter.name, "keyed on the adapter"
+        assert manifest["validation"]["outputs"]["noise_pred"]["passed"] and manifest["traffic_check"]["passed"]
+    calibration = json.loads((lora_work / "calibration" / "calibration.json").read_text())
+    assert calibration["model"]["lora"][0]["sha256"] == calibration["model"]["lora"][0]["sha256"]
+    capsys.readouterr()
+    assert main(["compare", "--onnx", str(lora_work), "--lora", f"{adapter}:0.8", "--components", "transformer",
+                 "--prompts", "1", "--steps", "2", "--out", str(tmp_path / "cmp"), "--no-t5"]) == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert data["passed"] and data["model"]["lora"], "compared against the same fused pipeline"
+
+
+def test_artifacts_of_one_adapter_are_never_used_for_another(lora_work, adapter, capsys, tmp_path):
+    from tests.test_bad_inputs import assert_user_error, run_cli
+
+    code, err = run_cli(capsys, ["export", "--model", "tiny", "--out", lora_work, "--components", "transformer"])
+    assert_user_error(code, err, "artifacts were built from model")
+    other = make_adapter(tmp_path / "other", seed=1)
+    code, err = run_cli(capsys, ["export", "--model", "tiny", "--lora", other, "--out", lora_work,
+                                 "--components", "transformer"])
+    assert_user_error(code, err, "artifacts were built from model")
+
+
+@needs_rtx
+def test_a_lora_bundle_has_its_own_folder(lora_work, capsys, tmp_path):
+    from sd35trt.cli.main import main
+
+    assert main(["build", "--onnx", str(lora_work), "--out", str(tmp_path), "--components", "transformer"]) == 0
+    folders = [p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(folders) == 1 and folders[0].startswith("tiny-lora-")
+    manifest = json.loads((tmp_path / folders[0] / "ada-tensorrt-rtx" / "manifest.json").read_text())
+    assert manifest["model"]["lora"][0]["scale"] == 0.8
+
+
+def test_bad_adapters_are_one_line_naming_the_file(tmp_path, capsys, adapter):
+    from safetensors.torch import save_file
+
+    from tests.test_bad_inputs import assert_user_error, run_cli
+
+    (tmp_path / "notes.txt").write_text("not a tensor file")
+    save_file({"transformer.proj_out.weight": torch.zeros(2, 2)}, str(tmp_path / "checkpoint.safetensors"))
+    wrong = make_adapter(tmp_path / "wrong", config={"attention_head_dim": 8})  # another architecture's shapes
+    cases = [(tmp_path / "missing.safetensors", "LoRA adapter not found"),
+             (tmp_path / "notes.txt", "not a safetensors file"),
+             (tmp_path / "checkpoint.safetensors", "holds no LoRA weights"),
+             (wrong, "does not fit this model")]
+    for path, message in cases:
+        code, err = run_cli(capsys, ["calibrate", "--model", "tiny", "--lora", str(path), "--out", tmp_path / "w",
+                                     "--num-prompts", "1", "--steps", "1", "--holdout", "1", "--calib-batch", "1"])
+        assert_user_error(code, err, message)
+        assert str(path.name) in err
+    code, err = run_cli(capsys, ["preflight", "--lora", f"{adapter}:x0.8"])
+    assert_user_error(code, err, "LoRA adapter not found")
+
+
+@needs_rtx
+def test_refittable_builds_need_a_gpu_here_and_say_so(calibrated, capsys, tmp_path):
+    """TensorRT-RTX builds refittable and weight-stripped plans only with a CUDA driver (it JIT-compiles them):
+    on the CPU box that is one line naming the cause, and nothing is left behind. The GPU machine builds them
+    (docs/BENCHMARKS.md: stripped vs full plan sizes)."""
+    from sd35trt.core.host import local_compute_capability
+    from tests.test_bad_inputs import assert_user_error, run_cli
+
+    if local_compute_capability() is not None:
+        pytest.skip("this host has a GPU: the refittable build is measured in bench/")
+    out, _ = calibrated
+    code, err = run_cli(capsys, ["build", "--onnx", out, "--out", tmp_path / "e", "--components", "clip_l",
+                                 "--strip-weights"])
+    assert_user_error(code, err, "needs a CUDA driver (TensorRT-RTX builds refittable or weight-stripped plans only")
+    assert not list((tmp_path / "e").rglob("*.plan"))
