@@ -21,6 +21,7 @@ BACKEND ?= auto
 WORK ?= build/$(notdir $(patsubst %/,%,$(MODEL)))
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
+ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
 # FP8 components (transformer,t5 adds T5-XXL in FP8: docs/BENCHMARKS.md has its measured error), calibration
 # workers (SHARDS=2: one per GPU), and extra build options (BUILD_FLAGS=--portable for full TensorRT).
 FP8 ?= transformer
@@ -54,6 +55,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@{ $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -r requirements.lock && \
 	   $(PY) -m pip install -q --no-deps --no-build-isolation -e . ; } > $(VENV)/install.log 2>&1 || \
 	   { grep -v '^WARNING: Location' $(VENV)/install.log | tail -30; echo "installing $(VENV) failed: $(VENV)/install.log has it all"; exit 1; }
+	@# A GPU host validates exports on onnxruntime's CUDA provider: the same version, GPU build, in place of the CPU one.
+	@if nvidia-smi -L > /dev/null 2>&1; then echo "  NVIDIA GPU found: onnxruntime-gpu $(ORT_VERSION) replaces the CPU onnxruntime"; \
+	   $(PY) -m pip uninstall -q -y onnxruntime >> $(VENV)/install.log 2>&1; \
+	   $(PY) -m pip install -q onnxruntime-gpu==$(ORT_VERSION) >> $(VENV)/install.log 2>&1 || \
+	   { echo "installing onnxruntime-gpu failed ($(VENV)/install.log)"; exit 1; }; fi
 	@touch $@
 
 install: $(VENV)/.installed

@@ -132,3 +132,26 @@ def test_not_enough_disk_is_one_line_before_any_write(capsys, work_copy, tmp_pat
         assert_user_error(code, err, "not enough disk for the t5 engine")
         assert not list((tmp_path / "engines").rglob("*.plan"))
     assert tree_digest(work_copy) == before
+
+
+def test_traffic_checks_stay_inside_their_memory_budget():
+    """Export's held-out check at SD3.5 size: every row where the attention fits the budget, else whole prompts
+    (a negative row and its positive row) until it does; what was checked is recorded."""
+    import torch
+
+    from sd35trt.core.specs import SPECS
+    from sd35trt.producers.export import plan_traffic_check
+
+    def call(rows, size):
+        return {"hidden_states": torch.zeros(rows, 16, size // 8, size // 8), "encoder_hidden_states": torch.zeros(rows, 333, 8)}
+
+    spec = SPECS["transformer"]
+    tiny = plan_traffic_check(spec, call(8, 512), heads=2)
+    assert tiny.rows is None and "every row (8)" in tiny.why
+    medium = plan_traffic_check(spec, call(8, 1024), heads=24)  # SD3.5-Medium, calibration batch 4 with guidance
+    assert medium.rows == (0, 4) and "2 of 8 rows" in medium.why and "budget 8 GiB" in medium.why
+    large = plan_traffic_check(spec, call(8, 1024), heads=38, budget_gib=4)
+    assert large.rows == (0, 4), "one whole prompt is always checked, never none"
+    assert plan_traffic_check(SPECS["t5"], {"input_ids": torch.zeros(8, 256)}, heads=64).rows is None
+    x = torch.arange(8)
+    assert medium.select(x).tolist() == [0, 4]

@@ -119,6 +119,48 @@ class Traffic:
     reference: list[list[Any]]
     census: dict[str, Any]
     islands: list[Island]
+    heads: int = 0  # attention heads of the network (the check's memory estimate)
+
+
+# What onnxruntime's activations may take during export's checks on the CPU provider: at SD3.5 size a held-out
+# transformer call (8 rows at 1024^2: 4 prompts with guidance) makes attention-score tensors of 8 x 24 x 4429^2
+# floats, which is what peaked export at 45 GiB on the Medium FP8 check. The check keeps whole prompts (their
+# negative and positive rows) until the estimate fits, and records how many rows it checked.
+CHECK_MEMORY_GIB = 8.0
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """Which rows of each held-out call export checks, and why."""
+
+    rows: tuple[int, ...] | None  # None: every row
+    why: str
+
+    def select(self, tensor: Any) -> Any:
+        return tensor if self.rows is None else tensor[list(self.rows)]
+
+
+def plan_traffic_check(spec: ComponentSpec, call: dict[str, Any], heads: int, budget_gib: float = CHECK_MEMORY_GIB
+                       ) -> CheckPlan:
+    """Rows of a held-out ``call`` to run: all when its attention scores fit ``budget_gib`` (estimated 3 x rows x
+    heads x tokens^2 floats: scores, softmax, their product), else as many whole prompts (a negative row and its
+    positive row) as fit, at least one. Text encoders and the VAE are checked whole."""
+    if spec.name != "transformer" or not heads:
+        return CheckPlan(None, "every row of every held-out call")
+    rows = call["hidden_states"].shape[0]
+    tokens = (call["hidden_states"].shape[2] // 2) * (call["hidden_states"].shape[3] // 2) + call["encoder_hidden_states"].shape[1]
+    per_row = 3 * heads * tokens**2 * 4
+    if rows * per_row <= budget_gib * 2**30:
+        return CheckPlan(None, f"every row ({rows}) of every held-out call: about {rows * per_row / 2**30:.1f} GiB of attention")
+    pairs = rows // 2 if rows % 2 == 0 else 0  # guidance: negatives first, then positives
+    keep = max(1, int(budget_gib * 2**30 // (2 * per_row))) if pairs else 0
+    chosen = tuple(range(min(keep, pairs))) + tuple(pairs + i for i in range(min(keep, pairs))) if pairs else (0,)
+    if pairs and 2 * per_row > budget_gib * 2**30:
+        chosen = (0, pairs)  # one whole prompt even past the budget: a check of real traffic is never skipped
+    return CheckPlan(tuple(sorted(chosen)), f"{len(chosen)} of {rows} rows of each held-out call (whole prompts: "
+                                            f"negative and positive), about {len(chosen) * per_row / 2**30:.1f} GiB of "
+                                            f"attention; all {rows} would need {rows * per_row / 2**30:.0f} GiB "
+                                            f"(budget {budget_gib:g} GiB)")
 
 
 def export_component(
@@ -246,17 +288,21 @@ def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision:
     """The ONNX on held-out pipeline traffic vs the FP32 reference outputs, within the spec's tolerance for
     ``precision`` and finite; on failure one line names the module with the largest activation outside
     the FP32 islands (from the census), the likely cause."""
+    import torch
+
     from sd35trt.core.onnx_utils import run_ort
 
     per_call = []
+    plan = plan_traffic_check(spec, traffic.calls[0], traffic.heads) if traffic.calls else CheckPlan(None, "no calls")
     with log.progress("held-out traffic check", len(traffic.calls)) as advance:
         for call, ref in zip(traffic.calls, traffic.reference):
-            outs = run_ort(session, {k: v.numpy() for k, v in call.items()})
-            per_call.append({n: error_stats(r.numpy() if hasattr(r, "numpy") else r, outs[n])
+            outs = run_ort(session, {k: plan.select(v).numpy() for k, v in call.items()})
+            per_call.append({n: error_stats(plan.select(torch.as_tensor(r)).numpy(), outs[n])
                              for n, r in zip(spec.output_names, ref)})
             advance()
     summary = summarize(per_call, spec.output_names, spec.tolerances[precision])
     summary["calls"] = len(per_call)
+    summary["checked"] = plan.why
     summary["reference"] = "FP32 network (TF32 off) on held-out pipeline traffic recorded by calibrate"
     if not summary["passed"]:
         bad = next(n for n in spec.output_names if not summary[n]["passed"])
@@ -342,8 +388,23 @@ def load_traffic(work: WorkDir, calibration: CalibrationManifest | None) -> dict
 
     data = torch.load(work.calibration / "traffic.pt", map_location="cpu", weights_only=True)
     census = json.loads((work.calibration / "census.json").read_text())["components"]
-    return {c: Traffic(v["calls"], v["reference"], census.get(c, {}), calibration.islands.get(c, []))
-            for c, v in data.items()}
+    heads = _transformer_heads(calibration)
+    return {c: Traffic(v["calls"], v["reference"], census.get(c, {}), calibration.islands.get(c, []),
+                       heads if c == "transformer" else 0) for c, v in data.items()}
+
+
+def _transformer_heads(calibration: CalibrationManifest) -> int:
+    """The transformer's attention heads, from the model the calibration describes (preset config or directory)."""
+    import json
+
+    model = calibration.model
+    config = model.get("config", {}).get("transformer") if model.get("config") else None
+    if config is None and model.get("path"):
+        try:
+            config = json.loads((Path(model["path"]) / "transformer" / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+    return int(config.get("num_attention_heads", 0)) if config else 0
 
 
 def _param_bytes(network: Any, weights: str) -> int:
