@@ -273,6 +273,7 @@ def bench(
     lora: Optional[str] = LoraOpt,
     sample: bool = typer.Option(True, "--sample/--no-sample", help="NVML power/memory/temperature/energy sampling at 20 Hz"),
     csv: Optional[Path] = typer.Option(None, "--csv", help="append the table's rows to this CSV file (header on a new file)"),
+    save: Optional[Path] = typer.Option(None, "--save", help="write the JSON report to this file after every row (a long run that is cut off keeps its finished rows)"),
     json_out: bool = typer.Option(False, "--json", help="print the full report as JSON instead of the table"),
 ) -> None:
     """The table users compare on: step latency, s/image, images/s, peak GPU memory, power, energy, temperature —
@@ -309,7 +310,20 @@ def bench(
                                                                 "torchao-fp8": "torchao float8 dynamic per-row + compile"}[name]))
     if not rows:
         rows.append(Peer("torch", torch_peers.torch, "diffusers modules, eager"))
-    report = bench_peers(rows, request, batches, steps=steps, images=images, sample=sample)
+    def saved(_row):
+        if save is not None:
+            from sd35trt.core.artifacts import write_json_atomic
+            from sd35trt.runtime.timing import environment
+
+            write_json_atomic(save, {"kind": "bench", "rows": done_rows, "environment": environment(), "partial": True})
+
+    done_rows: list = []
+    report = bench_peers(rows, request, batches, steps=steps, images=images, sample=sample,
+                         on_row=lambda row: (done_rows.append(row), saved(row)))
+    if save is not None:
+        from sd35trt.core.artifacts import write_json_atomic
+
+        write_json_atomic(save, report)
     if csv is not None:
         new = not csv.exists()
         with open(csv, "a", encoding="utf-8") as handle:

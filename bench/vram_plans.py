@@ -1,0 +1,72 @@
+"""What each VRAM plan needs for the SD3.5 FP8 bundles, from the manifests of the bundles built on the GPU
+machine (bench/results: runs 6-8; engine sizes as built, the engines themselves not kept), through
+``sd35trt doctor``'s own report. Combinations are assembled from those manifests: Medium without T5, Medium with
+T5 in FP8 (run 7), Large's FP8 transformer (run 8) with Medium's CLIP-L/CLIP-G/VAE engines (the same networks),
+the Large transformer marked as built with --weight-streaming (the flag changes the plan's options, not the
+engine's size).
+
+    python bench/vram_plans.py [OUT_DIR]      prints a table; writes OUT_DIR/vram-plans.json when given
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MEDIUM = RESULTS / "2026-11-22-h100-run6/sd3.5-medium-make_engines/engines/sd3.5-medium/ada-tensorrt-rtx/manifest.json"
+LARGE_TRANSFORMER = RESULTS / "2026-11-22-h100-run8/engines-fp8-transformer-p1/manifest.json"
+LARGE_T5 = RESULTS / "2026-11-22-h100-run8/engines-fp16-t5-p1/manifest.json"
+T5_FP8 = RESULTS / "2026-11-22-h100-run7/t5-fp8/engines-fp8-t5/sd3.5-medium/ada-tensorrt-rtx/manifest.json"
+BUDGETS = (8, 12, 16, 24)
+
+
+def bundles() -> dict[str, dict]:
+    medium = json.loads(MEDIUM.read_text())
+    large = json.loads(LARGE_TRANSFORMER.read_text())
+    t5_fp8 = json.loads(T5_FP8.read_text())["components"]["t5"]
+    t5_large = json.loads(LARGE_T5.read_text())["components"]["t5"]
+    clip_vae = {k: medium["components"][k] for k in ("clip_l", "clip_g", "vae_decoder")}
+    streamable = {**large["components"]["transformer"], "weight_streaming": True}
+    return {
+        "Medium FP8, T5 FP16": medium,
+        "Medium FP8, T5 FP8": {**medium, "components": {**medium["components"], "t5": t5_fp8}},
+        "Medium FP8, CLIP-only": {**medium, "components": {"transformer": medium["components"]["transformer"], **clip_vae}},
+        "Large FP8, T5 FP16": {**large, "components": {"transformer": large["components"]["transformer"], **clip_vae,
+                                                       "t5": t5_large}},
+        "Large FP8, CLIP-only": {**large, "components": {"transformer": large["components"]["transformer"], **clip_vae}},
+        "Large FP8 (--weight-streaming), CLIP-only": {**large, "components": {"transformer": streamable, **clip_vae}},
+    }
+
+
+def main() -> int:
+    from sd35trt.checks.doctor import vram_report
+
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    rows, report = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, manifest in bundles().items():
+            folder = Path(tmp) / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+            folder.mkdir()
+            (folder / "manifest.json").write_text(json.dumps(manifest))
+            entry = {"size_gb": round(sum(c["bytes"] for c in manifest["components"].values()) / 1e9, 2)}
+            for budget in BUDGETS:
+                plan = vram_report(folder, budget)
+                entry[f"{budget}"] = plan["plan"]["mode"] if plan["plan"] else "does not fit"
+                entry["plans_gib"] = plan["plans_gib"]
+            here = vram_report(folder, None)  # this GPU's free memory (None without a GPU)
+            entry["this_gpu"] = here["plan"]["mode"] if here.get("plan") else here.get("why") or here.get("error")
+            report[name] = entry
+            rows.append(f"{name:<44} {entry['size_gb']:>7.2f} GB  " + "  ".join(
+                f"{b} GiB: {entry[str(b)]:<12}" for b in BUDGETS) + "  needs (GiB) " + ", ".join(
+                f"{m} {v}" for m, v in entry["plans_gib"].items()))
+    print("\n".join(rows))
+    if out is not None:
+        (out / "vram-plans.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
