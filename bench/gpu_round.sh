@@ -33,7 +33,7 @@ plans)  # #23: Medium CLIP-only under an 8 GiB cap (sequential plan), and doctor
   done
   python3 bench/vram_plans.py "$OUT" > "$OUT/doctor-plans.txt" 2>&1 ;;
 rtx)  # #21: an RTX bundle on this GPU (CC 9.0): TensorRT-RTX's own refusal; #26: refittable / stripped builds
-  $CLI generate --bundle engines/tiny/ada-tensorrt-rtx --prompt "a koi pond" --out "$OUT/x.png" > "$OUT/rtx-generate.txt" 2>&1
+  $CLI generate --bundle build/engines-rtx/tiny/ada-tensorrt-rtx --prompt "a koi pond" --out "$OUT/x.png" > "$OUT/rtx-generate.txt" 2>&1
   echo "rc $?" >> "$OUT/rtx-generate.txt"
   for mode in "" --refittable --strip-weights; do
     $CLI build --gpu ada --onnx build/tiny --out "/tmp/eng$mode" --components transformer,clip_l,vae_decoder $mode --json \

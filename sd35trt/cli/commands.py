@@ -281,7 +281,7 @@ def bench(
     from sd35trt.core.errors import InvalidInputError, check_choice
     from sd35trt.runtime.launch import TorchPeers, open_loop
     from sd35trt.runtime.pipeline import GenerateRequest
-    from sd35trt.runtime.timing import COLUMNS, CSV_HEADER, PEERS, Peer, bench_peers, csv_lines, table_rows
+    from sd35trt.runtime.timing import CSV_HEADER, PEERS, Peer, bench_peers, csv_lines
 
     peers_named = [p.strip() for p in (against or "").split(",") if p.strip()]
     for name in peers_named:
@@ -328,9 +328,21 @@ def bench(
         new = not csv.exists()
         with open(csv, "a", encoding="utf-8") as handle:
             handle.write(("" if not new else CSV_HEADER + "\n") + "\n".join(csv_lines(report)) + "\n")
+    failed = [f"{r['peer']} (batch {r['batch']})" for r in report["rows"] if "error" in r]
     if json_out:
         emit(report)
-        return
+    else:
+        _print_bench(report, height, width)
+    if failed:
+        import sys
+
+        sys.stderr.write(f"bench: {len(failed)} row(s) failed: {', '.join(failed)} (their errors are in the report)\n")
+        raise typer.Exit(code=1)
+
+
+def _print_bench(report, height: int, width: int) -> None:
+    from sd35trt.runtime.timing import COLUMNS, table_rows
+
     widths = [max(len(c), *(len(r[i]) for r in table_rows(report))) for i, c in enumerate(COLUMNS)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in table_rows(report)]

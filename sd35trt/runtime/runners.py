@@ -82,6 +82,8 @@ class TorchRunner(ComponentRunner):
         param = next(self.module.parameters())
         self.dtype = param.dtype
         self._device = torch.device(device) if device else param.device
+        if self._device.type == "cuda" and self._device.index is None:  # "cuda" is the current GPU, by index
+            self._device = torch.device("cuda", torch.cuda.current_device())
         self.offload = offload
         weights = sum(p.numel() * p.element_size() for p in self.module.parameters())
         super().__init__(spec, str(self.dtype).removeprefix("torch."), weight_bytes=weights)

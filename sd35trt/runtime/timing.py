@@ -128,8 +128,9 @@ class Peer:
 
 def bench_peers(peers: Sequence[Peer], request: GenerateRequest, batches: Sequence[int], *, steps: int, images: int,
                 sample: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Every peer at every batch, in order, in this process; rows keep their place when one peer fails (its
-    error is the row), so a peer that cannot run here does not cost the others."""
+    """Every peer at every batch, in order, in this process. The first peer is what the others are compared
+    with: its failure stops the run; a later peer's failure is its row (its error), so a peer that cannot run
+    here does not cost the others."""
     from dataclasses import replace
 
     from sd35trt.core.errors import Sd35TrtError
@@ -144,6 +145,8 @@ def bench_peers(peers: Sequence[Peer], request: GenerateRequest, batches: Sequen
                 row["open_s"] = round(time.perf_counter() - started, 2)
                 row |= bench_loop(loop, replace(request, batch=batch), steps=steps, images=images, sample=sample)
             except (Sd35TrtError, RuntimeError, ImportError) as exc:
+                if peer is peers[0]:
+                    raise
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
             rows.append(row)
             if on_row is not None:
