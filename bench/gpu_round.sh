@@ -32,6 +32,13 @@ plans)  # #23: Medium CLIP-only under an 8 GiB cap (sequential plan), and doctor
     echo "rc $?" >> "$OUT/vram-cap-8-$plan.err"
   done
   python3 bench/vram_plans.py "$OUT" > "$OUT/doctor-plans.txt" 2>&1 ;;
+again)  # the auto plan under the cap once more, and the FP16 components' refittable / stripped builds
+  timeout 200 python3 bench/vram_cap.py --cap 8 --model sd3.5-medium --no-t5 --plan auto > "$OUT/vram-cap-8-auto.json" \
+    2> "$OUT/vram-cap-8-auto.err"; echo "rc $?" >> "$OUT/vram-cap-8-auto.err"
+  for mode in "" --refittable --strip-weights; do
+    python3 -m sd35trt build --gpu ada --onnx build/tiny --out "/tmp/fp16eng$mode" --components clip_l,vae_decoder $mode --json \
+      > "$OUT/build16${mode:-_full}.json" 2> "$OUT/build16${mode:-_full}.err"; echo "rc $?" >> "$OUT/build16${mode:-_full}.err"
+  done ;;
 rtx)  # #21: an RTX bundle on this GPU (CC 9.0): TensorRT-RTX's own refusal; #26: refittable / stripped builds
   $CLI generate --bundle build/engines-rtx/tiny/ada-tensorrt-rtx --prompt "a koi pond" --out "$OUT/x.png" > "$OUT/rtx-generate.txt" 2>&1
   echo "rc $?" >> "$OUT/rtx-generate.txt"

@@ -201,17 +201,18 @@ def test_bench_command_on_onnx_runners(capsys, exported):
             "--height", "512", "--width", "512"]
     assert main(args) == 0
     summary = capsys.readouterr().out
-    assert "transformer step (2 × 512×512): median" in summary and "images/s" in summary
+    assert "step ms" in summary and "img/s" in summary and "512x512, 2 steps, guidance 4.5" in summary
     code = main([*args, "--json"])
-    result = json.loads(capsys.readouterr().out)
+    row = json.loads(capsys.readouterr().out)["rows"][0]
     assert code == 0
-    assert result["transformer_step_ms"]["timed_steps"] == 3 and result["transformer_step_ms"]["median"] > 0
-    assert result["images_per_s"] > 0 and result["runners"]["transformer"]["kind"] == "onnxruntime"
+    assert row["transformer_step_ms"]["timed_steps"] == 3 and row["transformer_step_ms"]["median"] > 0
+    assert row["transformer_step_ms"]["batch_with_cfg"] == 2
+    assert row["images_per_s"] > 0 and row["runners"]["transformer"]["kind"] == "onnxruntime"
     from sd35trt.core.onnx_utils import _cuda_ep_usable
 
     # --provider auto (the default) runs on CUDA exactly when onnxruntime-gpu sees a GPU.
     expected = "cpu" if _cuda_ep_usable() else "cuda"
-    assert {r["provider"] for r in result["runners"].values()} == {expected}
+    assert {r["provider"] for r in row["runners"].values()} == {expected}
 
 
 def test_selftest_without_gpu_is_one_line(capsys, tmp_path):

@@ -89,14 +89,20 @@ def fuse_adapters(pipe: Any, adapters: tuple[Adapter, ...]) -> None:
     present = [attr for attr in LORA_PREFIXES if getattr(pipe, attr, None) is not None]
     if not adapters or not present:
         return
+    import diffusers
+
     for adapter in adapters:
         before = _peft_layers(pipe)
+        level = diffusers.utils.logging.get_verbosity()
+        diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)  # its own traceback before it raises
         try:
             pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
         except (ValueError, RuntimeError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ModelLoadError(f"LoRA adapter does not fit this model ({first})", path=adapter.path,
                                  hint="use an adapter trained for this SD3.5 model (same architecture and size)") from None
+        finally:
+            diffusers.utils.logging.set_verbosity(level)
         if _peft_layers(pipe) == before and any(n in present for n in adapter.networks):
             raise ModelLoadError("LoRA adapter matched no layer of this model", path=adapter.path,
                                  hint="use an adapter trained for this SD3.5 model (its keys name other modules)")

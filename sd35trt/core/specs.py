@@ -149,9 +149,13 @@ def check_pixels(value: int, option: str) -> None:
                                 hint=f"SD3.5 is trained for about 1 megapixel, {MIN_PIXELS}..{MAX_PIXELS} px per side")
 
 
-# Activation estimates (16-bit activations) for VRAM plans; see ComponentSpec.activation_bytes.
-ACTIVATION_PER_TOKEN_CHANNEL = 24.0
-VAE_ACTIVATION_PER_PIXEL = 1280.0
+# Activation estimates (16-bit activations) for VRAM plans; see ComponentSpec.activation_bytes. Measured with torch's
+# allocator on the H200, SD3.5-Medium shapes, BF16, 1024² (bench/activation_peaks.py, docs/BENCHMARKS.md round 9):
+# transformer 0.334 GiB at batch 2 (26 bytes per token-channel), CLIP-L 0.038 GiB at batch 2 (345), VAE decoder
+# 2.38 GiB (2550 bytes per pixel); rounded up.
+ACTIVATION_PER_TOKEN_CHANNEL = 27.0
+TEXT_ACTIVATION_PER_TOKEN_CHANNEL = 360.0
+VAE_ACTIVATION_PER_PIXEL = 2600.0
 
 # Axes that vary at run time; every other string in a TensorSpec shape is a width read off the model config.
 DYNAMIC_DIMS = ("batch", "latent_height", "latent_width", "height", "width", "t5_tokens", "text_tokens")
@@ -477,7 +481,7 @@ def _clip_spec(name: str, attr: str, key: str, description: str) -> ComponentSpe
         inputs=(TensorSpec("input_ids", "int64", ("batch", CLIP_MAX_TOKENS)),),
         outputs=(TensorSpec("text_embeds", "float32", ("batch", f"{key}_proj")),
                  TensorSpec("hidden_states", "float32", ("batch", CLIP_MAX_TOKENS, f"{key}_hidden"))),
-        wrapper=_clip_wrapper, tolerances=_TEXT_TOL, calibratable=True,
+        wrapper=_clip_wrapper, tolerances=_TEXT_TOL, calibratable=True, activation_factor=TEXT_ACTIVATION_PER_TOKEN_CHANNEL,
         island_units=(r"text_model\.encoder\.layers\.\d+",),
     )
 
@@ -503,7 +507,7 @@ SPECS: dict[str, ComponentSpec] = {
         name="t5", pipeline_attr="text_encoder_3", description="T5-XXL v1.1 encoder",
         inputs=(TensorSpec("input_ids", "int64", ("batch", "t5_tokens")),),
         outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "t5_tokens", "t5_hidden")),),
-        wrapper=_t5_wrapper, tolerances=_TEXT_TOL, calibratable=True,
+        wrapper=_t5_wrapper, tolerances=_TEXT_TOL, calibratable=True, activation_factor=TEXT_ACTIVATION_PER_TOKEN_CHANNEL,
         island_units=(r"encoder\.block\.\d+\.layer\.\d+",),
     ),
     "vae_decoder": ComponentSpec(

@@ -115,7 +115,10 @@ def _torch_loop(options: LoopOptions, request: GenerateRequest, budget: int | No
                                     hint="use --vram-plan sequential, or a larger --vram")
         log.info(plan.summary())
     offload = plan is not None and plan.sequential
-    pipe = build_pipeline(source, device="cpu" if offload else device, dtype=dtype, components=attrs)
+    # Presets initialise each network in FP32 before casting it (the same weights in every dtype), so under a
+    # memory cap (--vram) they are built on the CPU and moved: the FP32 transformer alone may exceed the cap.
+    on_cpu = offload or options.vram_gib is not None
+    pipe = build_pipeline(source, device="cpu" if on_cpu else device, dtype=dtype, components=attrs)
     runners = runners_from_torch(pipe, device=device, offload=offload)
     loop = Sd35Loop(assets, runners, batch_text=batch_text, plan=plan, vae_tiling=options.vae_tiling)
     loop.check(request)
