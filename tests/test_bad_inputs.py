@@ -427,3 +427,21 @@ def test_library_prints_go_to_stderr_and_results_stay_on_stdout(capsys, monkeypa
     assert "host" in json.loads(captured.out)
     assert "Loading extension" in captured.err
     assert main(["--help"]) == 0 and "Usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [(["GPU=foo"], "unknown GPU target 'foo'"),
+                                          (["MODEL=/nonexistent"], "no such model directory '/nonexistent'"),
+                                          (["T5=0", "FP8=transformer,t5"], "FP8=... names t5 but T5=0")])
+def test_make_engines_refuses_bad_options_before_any_step(tmp_path, args, message):
+    """`make engines` runs preflight first: a bad target or model is one line before calibrate starts."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run(["make", "engines", *args, "SYSTEM_PYTHON=1", f"PYTHON={sys.executable}",
+                           f"WORK={tmp_path / 'work'}", f"ENGINES={tmp_path / 'engines'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert " calibrate " not in done.stdout and not (tmp_path / "work").exists(), "nothing ran after the check"

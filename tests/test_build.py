@@ -57,6 +57,8 @@ def test_ampere_falls_back_to_fp16(calibrated, tmp_path):
     entry = result.manifest.components["transformer"].data
     assert entry["precision"] == "fp16" and entry["layers"]["gemm_fp8"] == 0
     assert result.manifest.compute_capabilities == ["8.0", "8.6"]
+    text = plan_precisions(TARGETS[GpuTarget.AMPERE], ("clip_l",), {"clip_l": {Precision.FP16}})["clip_l"].reason
+    assert "no FP8 tensor cores" in text and "calibrate" not in text, "never advice that cannot help on this GPU"
 
 
 @needs_rtx

@@ -202,6 +202,7 @@ def test_bench_command_on_onnx_runners(capsys, exported):
     assert main(args) == 0
     summary = capsys.readouterr().out
     assert "step ms" in summary and "img/s" in summary and "512x512, 2 steps, guidance 4.5" in summary
+    assert "\x1b[" not in summary, "a plain table on stdout"
     code = main([*args, "--json"])
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert code == 0

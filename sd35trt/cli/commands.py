@@ -341,17 +341,25 @@ def bench(
 
 
 def _print_bench(report, height: int, width: int) -> None:
+    """The table as rich draws it (plain characters, no colour: it is a result on stdout)."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
     from sd35trt.runtime.timing import COLUMNS, table_rows
 
-    widths = [max(len(c), *(len(r[i]) for r in table_rows(report))) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in table_rows(report)]
     env = report["environment"]
     gpu = env["gpu"].get("name") or env["gpu"].get("why", "no GPU")
     done = next((r["request"] for r in report["rows"] if "request" in r), None)
-    lines.append(f"{height}x{width}" + (f", {done['steps']} steps, guidance {done['guidance']:g}" if done else "")
-                 + f"; GPU: {gpu}; ×: speed-up over the first row at that batch")
-    echo("\n".join(lines))
+    table = Table(*COLUMNS, title=f"{height}x{width}" + (f", {done['steps']} steps, guidance {done['guidance']:g}"
+                                                           if done else "") + f"; GPU: {gpu}",
+                  caption="×: speed-up over the first row at that batch; GPU GiB: NVML's device-wide peak")
+    for cells in table_rows(report):
+        table.add_row(*cells)
+    buffer = io.StringIO()
+    Console(file=buffer, width=200, color_system=None, highlight=False).print(table)
+    echo(buffer.getvalue().rstrip())
 
 
 @app.command()

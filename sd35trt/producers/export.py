@@ -39,7 +39,15 @@ from sd35trt.core.artifacts import (
     write_json_atomic,
 )
 from sd35trt.core.errors import ExportValidationError, InvalidInputError, check_choice
-from sd35trt.core.manifests import MANIFEST, CalibrationManifest, WorkDir, load_calibration, load_current, require_model
+from sd35trt.core.manifests import (
+    MANIFEST,
+    CalibrationManifest,
+    OnnxManifest,
+    WorkDir,
+    load_calibration,
+    load_current,
+    require_model,
+)
 from sd35trt.core.metrics import error_stats, summarize
 from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import Island, fp32_islands, hottest_module, plan_islands
@@ -541,14 +549,16 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
                 record["validation"], record["traffic_check"] = validate_onnx(
                     reference(), spec, pipe_dims, tmp / "model.onnx", check_dims, precision, config.provider,
                     traffic.get(name))
-            manifest = {
-                "kind": "onnx", "toolkit": __version__, "inputs_hash": hashes[key],
-                "model": source.describe(), **record, **plan.extra, "weights_precision": plan.weights,
-                "precision_reason": plan.reason, "fp32_islands": [i.to_dict() for i in islands],
-                "files": file_entries(tmp), "versions": package_versions("torch", "diffusers", "transformers", "onnx",
-                                                                       "onnxruntime", "nvidia-modelopt"),
-                "host": platform.node(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
+            described = OnnxManifest(
+                folder=folder, component=name, precision=precision, model=source.describe(), inputs_hash=hashes[key],
+                files=file_entries(tmp), profile=record["profile"], ranges=record["ranges"], inputs=record["inputs"],
+                outputs=record["outputs"], weights_precision=plan.weights,
+                fp32_islands=[i.to_dict() for i in islands], calibration_hash=plan.extra.get("calibration_hash"),
+                data={"kind": "onnx", "toolkit": __version__, **record, **plan.extra, "precision_reason": plan.reason,
+                      "versions": package_versions("torch", "diffusers", "transformers", "onnx", "onnxruntime",
+                                                   "nvidia-modelopt"),
+                      "host": platform.node(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            manifest = described.to_dict()
             write_json_atomic(tmp / MANIFEST, manifest)
         results.append(ComponentExport(name, precision.value, folder / "model.onnx", False, timing["seconds"], manifest))
         if reference is not None:  # the FP16 network was upcast in place to validate; it is not used again

@@ -273,7 +273,7 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
         chosen = runner_variant(name, precision, have)
         if chosen is None:
             raise ArtifactError(f"no {'/'.join(p.value for p in RUNNER_VARIANTS[precision])} ONNX for {name}", path=root,
-                                hint="run `sd35trt calibrate` then `sd35trt export` (`--precision fp32` for FP32) with this --out first")
+                                hint=f"run `sd35trt calibrate --out {root}` then `sd35trt export --out {root}` (`--precision fp32` for FP32) first")
         manifest = OnnxManifest.load(work.onnx_folder(chosen, name), name, chosen)
         manifest.verify()
         runners[name] = ort_runner(SPECS[name], manifest.onnx_path, chosen.value, provider, manifest.profile,
