@@ -42,7 +42,8 @@ SIZE ?= $(if $(filter tiny%,$(MODEL)),512,1024)
 .PHONY: install preflight engines export calibrate build test test-fast lint selftest lock clean help
 
 help:
-	@echo "make engines GPU=ada [MODEL=tiny]   calibrate -> export -> build one engine bundle (steps skip when unchanged)"
+	@echo "make engines GPU=ada [MODEL=tiny]   preflight -> calibrate -> export -> build one engine bundle (steps skip when unchanged)"
+	@echo "  knobs: MODEL= GPU= T5=0 FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 BUILD_FLAGS=..."
 	@echo "make test                           run the test suite (CPU, tiny preset; what CI runs)"
 	@echo "make test-fast                      the pure-function tier (no model, no build): under 90 s"
 	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"
