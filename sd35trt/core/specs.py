@@ -214,6 +214,11 @@ class ComponentSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    @property
+    def io_dtypes(self) -> dict[str, str]:
+        """Every input's and output's dtype name: what an engine session of the whole network must have."""
+        return {t.name: t.dtype for t in (*self.inputs, *self.outputs)}
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: {i: d for i, d in enumerate(t.shape) if d in DYNAMIC_DIMS}
                 for t in (*self.inputs, *self.outputs)}

@@ -125,10 +125,6 @@ def _torch_loop(options: LoopOptions, request: GenerateRequest, budget: int | No
     return loop
 
 
-def describe_runners(runners: dict[str, Any]) -> dict[str, Any]:
-    return {k: r.describe() for k, r in runners.items()}
-
-
 # --- bench peers: what users would run instead, on the same pipeline -------------------------------------
 
 

@@ -246,7 +246,7 @@ def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: str, provider: s
     device = resolve_provider(provider, float8=has_float8(onnx_path))
     whole = inputs is None
     names_in, names_out = tuple(inputs or spec.input_names), tuple(outputs or spec.output_names)
-    dtypes = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)} if whole else {}
+    dtypes = spec.io_dtypes if whole else {}
     session = EngineSession(spec.name, lambda: OrtAdapter(onnx_path, device, profile), names_in, names_out,
                             dtypes=dtypes, where=onnx_path, device=device)
     return SessionRunner(spec, session, "onnxruntime", precision, profile=profile, weight_bytes=weight_bytes,
@@ -341,7 +341,7 @@ def runners_from_bundle(folder: Path, *, cuda_graph: bool = False, t5: bool = Tr
                                        streaming_budget=settings["streaming_budget"] if streams else None,
                                        runtime_cache=cache / f"{path.stem}.cache" if cache else None)
 
-            dtypes = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)} if whole else {}
+            dtypes = spec.io_dtypes if whole else {}
             session = EngineSession(name, opener, plan.inputs or spec.input_names, plan.outputs or spec.output_names,
                                     dtypes=dtypes, memory=memory, where=folder / plan.file)
             engines.append(SessionRunner(spec, session, "engine", entry.precision,

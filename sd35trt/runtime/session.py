@@ -13,6 +13,7 @@ Outputs are the session's own buffers: valid until the session's next ``run``, a
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -231,7 +232,7 @@ class EngineSession:
         key = tuple(tuple(inputs[n].shape) for n in self.inputs)
         self.stats.runs += 1
         caller = torch.cuda.current_stream() if self._stream is not None else None
-        with torch.cuda.stream(self._stream) if self._stream is not None else _nothing():
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             if self._stream is not None:
                 self._stream.wait_stream(caller)
             buffers, done = self._buffers_for(key, inputs)
@@ -326,10 +327,3 @@ class EngineSession:
             log.warn(f"{self.name}: CUDA graph capture failed ({str(exc)[:120]}); running without CUDA graphs")
             adapter.graph_mode, self._graph = "off", None
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

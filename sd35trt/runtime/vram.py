@@ -38,6 +38,11 @@ class Need:
     activations: int
     streamable: bool = False
 
+    @property
+    def total(self) -> int:
+        """Weights and activations: what the network needs while it runs alone."""
+        return self.weights + self.activations
+
     def to_dict(self) -> dict[str, Any]:
         return {"weights_gib": round(self.weights / GIB, 3), "activations_gib": round(self.activations / GIB, 3),
                 "streamable": self.streamable}
@@ -52,12 +57,12 @@ def peak(mode: str, needs: dict[str, Need]) -> int | None:
         return sum(n.weights for n in needs.values()) + max((n.activations for n in needs.values()), default=0) \
             + RUNTIME_OVERHEAD
     if mode == "sequential":
-        return max((n.weights + n.activations for n in needs.values()), default=0) + RUNTIME_OVERHEAD
+        return max((n.total for n in needs.values()), default=0) + RUNTIME_OVERHEAD
     if mode == "streaming":
         transformer = needs.get("transformer")
         if transformer is None or not transformer.streamable:
             return None
-        others = max((n.weights + n.activations for k, n in needs.items() if k != "transformer"), default=0)
+        others = max((n.total for k, n in needs.items() if k != "transformer"), default=0)
         floor = int(transformer.weights * STREAMING_RESIDENT_FRACTION) + transformer.activations
         return max(others, floor) + RUNTIME_OVERHEAD
     raise ValueError(mode)
@@ -115,7 +120,7 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
     fits = [p for p in peaks.values() if p is not None]
     least = min(fits) if fits else 0
     named = "" if mode == "auto" else f" with --vram-plan {mode}"
-    largest = max(needs.values(), key=lambda n: n.weights + n.activations)
+    largest = max(needs.values(), key=lambda n: n.total)
     if largest.component == "transformer" and peaks["streaming"] is None:
         hint = "build the transformer with `sd35trt build --weight-streaming`, or lower the image size or batch"
     elif largest.component == "t5":
@@ -125,7 +130,7 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
     raise InvalidInputError(f"this run does not fit {budget / GIB:.1f} GiB of GPU memory{named}: it needs at least "
                             f"{least / GIB:.1f} GiB ({', '.join(f'{m} {p / GIB:.1f}' for m, p in peaks.items() if p)} GiB; "
                             f"the largest network is {largest.component}, "
-                            f"{(largest.weights + largest.activations) / GIB:.1f} GiB)", hint=hint)
+                            f"{largest.total / GIB:.1f} GiB)", hint=hint)
 
 
 def gpu_budget(requested_gib: float | None) -> int | None:
