@@ -30,7 +30,7 @@ from sd35trt.core import log
 from sd35trt.core.errors import InvalidInputError
 from sd35trt.core.metrics import aggregate, error_stats, psnr
 from sd35trt.core.models import ModelSource
-from sd35trt.core.specs import COMPONENTS, SPECS, Precision, vae_input
+from sd35trt.core.specs import COMPONENTS, SPECS, Precision, eager_text_attention, pipeline_attrs, vae_input
 
 # Decoded-image PSNR an end-to-end variant must reach against diffusers FP32 (same seeds, random weights).
 E2E_MIN_PSNR_DB = {Precision.FP32: 60.0, Precision.FP16: 30.0, Precision.FP8: 25.0}
@@ -419,12 +419,9 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
     from sd35trt.core.models import build_pipeline
 
     t5 = cfg.t5 and all("t5" in r for r in runners_by_variant.values())
-    attrs = {"transformer", "text_encoder", "text_encoder_2", "vae"} | ({"text_encoder_3"} if t5 else set())
-    pipe = build_pipeline(source, device="cpu", components=attrs)
+    pipe = build_pipeline(source, device="cpu", components=pipeline_attrs(t5))
     pipe.set_progress_bar_config(disable=True)
-    for spec in SPECS.values():  # text encoders run with the exported (eager) attention on both sides
-        if getattr(pipe, spec.pipeline_attr, None) is not None:
-            spec.module(pipe)
+    eager_text_attention(pipe)  # text encoders run with the exported (eager) attention on both sides
     runners_by_variant = {v: {k: r for k, r in runners.items() if t5 or k != "t5"} for v, runners in runners_by_variant.items()}
     start = time.perf_counter()
     label = "StableDiffusion3Pipeline" + ("" if t5 else " with text_encoder_3=None")

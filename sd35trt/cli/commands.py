@@ -51,12 +51,12 @@ def build(
     """Build one engine bundle for a GPU target (FP8 where the GPU has it, FP16 fallback where not)."""
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.errors import check_choice
-    from sd35trt.core.specs import Precision, parse_components
+    from sd35trt.core.specs import Precision, parse_components, with_t5
     from sd35trt.core.targets import parse_backend, parse_target
     from sd35trt.producers.build import BuildConfig, build_bundle, parse_parts
 
     check_choice("--precision", precision, ("auto", *(p.value for p in Precision)))
-    names = tuple(c for c in parse_components(components) if t5 or c != "t5")
+    names = with_t5(parse_components(components), t5)
     config = BuildConfig(target=parse_target(gpu), backend=parse_backend(backend), components=names,
                          weight_streaming=weight_streaming,
                          refit="stripped" if strip_weights else "refit" if refittable else "none",
@@ -393,7 +393,7 @@ def preflight(
 ) -> None:
     """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
     from sd35trt.core.models import resolve_model
-    from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, Precision, parse_components
+    from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, Precision, parse_components, with_t5
     from sd35trt.core.targets import parse_backend, parse_target, plan_precisions
     from sd35trt.producers.build import resolve_target
     from sd35trt.producers.builder import choose_backend
@@ -406,7 +406,7 @@ def preflight(
 
         raise InvalidInputError("FP8=... names t5 but T5=0 leaves T5 out", hint="drop t5 from FP8= or set T5=1")
     chosen = choose_backend(parse_backend(backend), target)
-    names = tuple(c for c in COMPONENTS if (t5 and source.has_t5) or c != "t5")
+    names = with_t5(COMPONENTS, t5 and source.has_t5)
     have = {c: {Precision.FP16} | ({Precision.FP8} if c in calibrated else set()) for c in names}
     plan = plan_precisions(target, names, have)
     where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}"

@@ -63,14 +63,14 @@ def export(
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.models import resolve_model
     from sd35trt.core.onnx_utils import resolve_provider
-    from sd35trt.core.specs import parse_components
+    from sd35trt.core.specs import parse_components, with_t5
     from sd35trt.producers.export import ExportConfig, export_model, plan_variants
 
     plan_variants(precision, (), None, {})  # a bad --precision fails before any work
     if validate:
         resolve_provider(provider)  # an explicit --provider cuda that cannot run fails before any export
     source = resolve_model(model, turbo=turbo, lora=lora)
-    names = tuple(c for c in parse_components(components) if t5 and source.has_t5 or c != "t5")
+    names = with_t5(parse_components(components), t5 and source.has_t5)
     config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider,
                           ranges=ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo,
                                                      vae_max=vae_max))

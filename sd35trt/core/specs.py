@@ -8,7 +8,7 @@ Shape ranges are user-facing (batch, image height/width, T5 tokens) and turned i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -529,6 +529,17 @@ SPECS: dict[str, ComponentSpec] = {
 
 COMPONENTS = tuple(SPECS)
 CALIBRATABLE = tuple(name for name, spec in SPECS.items() if spec.calibratable)
+
+
+def with_t5(components: Iterable[str], t5: bool) -> tuple[str, ...]:
+    """``components`` in order, T5 left out unless ``t5`` (CLIP-only: zero T5 embeddings, as diffusers with
+    ``text_encoder_3=None``)."""
+    return tuple(c for c in components if t5 or c != "t5")
+
+
+def pipeline_attrs(t5: bool) -> set[str]:
+    """The pipeline attributes of every component, T5's only with ``t5``: what ``build_pipeline`` materialises."""
+    return {SPECS[c].pipeline_attr for c in with_t5(COMPONENTS, t5)}
 
 
 def vae_input(latents: Any, vae_config: Any) -> Any:

@@ -47,7 +47,16 @@ from sd35trt.core.metrics import error_stats, psnr, summarize
 from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import ActivationCensus, Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
-from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, CastIO, Precision, eager_text_attention, vae_input
+from sd35trt.core.specs import (
+    CALIBRATABLE,
+    COMPONENTS,
+    SPECS,
+    CastIO,
+    Precision,
+    eager_text_attention,
+    pipeline_attrs,
+    vae_input,
+)
 from sd35trt.core.traffic import TrafficRecorder, spread
 from sd35trt.producers.quantize import collect_scales, quant_state
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
@@ -261,7 +270,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     calib_prompts = prompts[: cfg.num_prompts]
     holdout_prompts = prompts[cfg.num_prompts: cfg.num_prompts + cfg.holdout]
     report_steps = cfg.report_steps or cfg.steps
-    attrs = {SPECS[c].pipeline_attr for c in COMPONENTS if (cfg.t5 and source.has_t5) or c != "t5"}
+    attrs = pipeline_attrs(cfg.t5 and source.has_t5)
     with log.step(f"build {source.id} pipeline on {torch_device} (FP32 weights, {compute} compute"
                   f"{'' if 'text_encoder_3' in attrs else ', CLIP-only: zero T5 embeddings'})"):
         pipe = build_pipeline(source, device=torch_device, dtype=torch.float32, components=attrs)

@@ -12,7 +12,7 @@ from typing import Any
 from sd35trt.core import log
 from sd35trt.core.errors import InvalidInputError
 from sd35trt.core.models import PipelineAssets, load_assets, resolve_model
-from sd35trt.core.specs import COMPONENTS, SPECS
+from sd35trt.core.specs import COMPONENTS, SPECS, pipeline_attrs
 from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 from sd35trt.runtime.runners import ComponentRunner, RunnerSet, runners_from_bundle, runners_from_onnx, runners_from_torch
 from sd35trt.runtime.vram import VramPlan, choose_plan, gpu_budget
@@ -100,9 +100,7 @@ def _torch_loop(options: LoopOptions, request: GenerateRequest, budget: int | No
     source = resolve_model(options.model, turbo=options.turbo, lora=options.lora)
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, on_gpu="bf16")
-    attrs = {SPECS[c].pipeline_attr for c in COMPONENTS if options.t5 or c != "t5"}
-    if not source.has_t5:
-        attrs.discard("text_encoder_3")
+    attrs = pipeline_attrs(options.t5 and source.has_t5)
     assets = load_assets(source, t5="text_encoder_3" in attrs)
     plan: VramPlan | None = None
     if device == "cuda" and budget is not None:
@@ -142,10 +140,10 @@ class TorchPeers:
         from sd35trt.core.host import pick_device, pick_dtype
         from sd35trt.core.models import build_pipeline
 
-        source = resolve_model(self.options.model or "tiny", turbo=self.options.turbo, lora=self.options.lora)
-        if self.pipe is None:
+        if self.pipe is None:  # once: the model (its LoRA files hashed) and its pipeline serve every peer and batch
+            source = resolve_model(self.options.model or "tiny", turbo=self.options.turbo, lora=self.options.lora)
             device = pick_device(self.options.device)
-            attrs = {SPECS[c].pipeline_attr for c in COMPONENTS if (self.options.t5 and source.has_t5) or c != "t5"}
+            attrs = pipeline_attrs(self.options.t5 and source.has_t5)
             self.pipe = build_pipeline(source, device=device, dtype=pick_dtype(self.options.dtype, device, on_gpu="bf16"),
                                        components=attrs)
             self.assets = load_assets(source, t5="text_encoder_3" in attrs)
