@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -491,6 +492,9 @@ def vae_scale_factor(pipe: StableDiffusion3Pipeline) -> int:
 
 ASSETS_FILE = "assets.json"
 ASSET_TOKENIZERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
+ENCODER_ATTRS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+# The VAE numbers the loop applies, with SD3.5's values where a directory's config leaves one out.
+VAE_NUMBERS = {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16}
 
 
 @dataclass
@@ -552,25 +556,32 @@ class PipelineAssets:
                                  path=folder, hint="rebuild the bundle with this sd35trt (sd35trt build --force)") from None
 
     @classmethod
+    def of_configs(cls, tokenizers: dict[str, Any], scheduler: dict[str, Any], transformer: Mapping[str, Any] | None,
+                   vae: Mapping[str, Any], encoders: Mapping[str, Mapping[str, Any]],
+                   source: ModelSource | None = None) -> PipelineAssets:
+        """The assets from the networks' configs, however they were read (a pipeline's, a preset's, a directory's
+        JSON): the VAE numbers the loop applies and each network's width (``encoders``: component → config of
+        the text encoders present). Without a transformer config, SD3.5's joint width and patch size."""
+        widths = {"transformer": transformer["num_attention_heads"] * transformer["attention_head_dim"]} \
+            if transformer is not None else {}
+        widths |= {key: config.get("hidden_size") or config.get("d_model") or 0 for key, config in encoders.items()}
+        widths["vae_decoder"] = max(vae["block_out_channels"])
+        numbers = {key: vae.get(key, default) for key, default in VAE_NUMBERS.items()}
+        return cls(tokenizers, scheduler, numbers | {"block_out_channels": list(vae["block_out_channels"])},
+                   transformer["joint_attention_dim"] if transformer is not None else 4096,
+                   transformer.get("patch_size", 2) if transformer is not None else 2,
+                   source.turbo if source is not None else False, widths, source.describe() if source is not None else {})
+
+    @classmethod
     def of_pipeline(cls, pipe: Any, source: ModelSource | None = None) -> PipelineAssets:
         tokenizers = {"clip_l": pipe.tokenizer, "clip_g": pipe.tokenizer_2}
         if getattr(pipe, "tokenizer_3", None) is not None and getattr(pipe, "text_encoder_3", None) is not None:
             tokenizers["t5"] = pipe.tokenizer_3
-        vae = pipe.vae.config
-        transformer = pipe.transformer.config if pipe.transformer is not None else None
-        widths = {"vae_decoder": max(vae.block_out_channels)}
-        if transformer is not None:
-            widths["transformer"] = transformer.num_attention_heads * transformer.attention_head_dim
-        for key, attr in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5", "text_encoder_3")):
-            encoder = getattr(pipe, attr, None)
-            if encoder is not None:
-                widths[key] = getattr(encoder.config, "hidden_size", None) or encoder.config.d_model
-        return cls(tokenizers, dict(pipe.scheduler.config),
-                   {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
-                    "latent_channels": vae.latent_channels, "block_out_channels": list(vae.block_out_channels)},
-                   transformer.joint_attention_dim if transformer is not None else 4096,
-                   transformer.patch_size if transformer is not None else 2,
-                   source.turbo if source is not None else False, widths, source.describe() if source is not None else {})
+        encoders = {key: getattr(pipe, attr).config.to_dict() for key, attr in ENCODER_ATTRS.items()
+                    if getattr(pipe, attr, None) is not None}
+        return cls.of_configs(tokenizers, dict(pipe.scheduler.config),
+                              pipe.transformer.config if pipe.transformer is not None else None, pipe.vae.config,
+                              encoders, source)
 
 
 def load_assets(source: ModelSource, *, t5: bool = True) -> PipelineAssets:
@@ -585,13 +596,8 @@ def load_assets(source: ModelSource, *, t5: bool = True) -> PipelineAssets:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         scheduler = dict(FlowMatchEulerDiscreteScheduler(**preset.scheduler).config)
-        vae = {k: preset.vae[k] for k in ("scaling_factor", "shift_factor", "latent_channels", "block_out_channels")}
-        t = preset.transformer
-        widths = {"transformer": t["num_attention_heads"] * t["attention_head_dim"], "clip_l": preset.clip_l["hidden_size"],
-                  "clip_g": preset.clip_g["hidden_size"], "t5": preset.t5["d_model"],
-                  "vae_decoder": max(preset.vae["block_out_channels"])}
-        return PipelineAssets(tokenizers, scheduler, vae, t["joint_attention_dim"], t["patch_size"], source.turbo, widths,
-                              source.describe())
+        return PipelineAssets.of_configs(tokenizers, scheduler, preset.transformer, preset.vae,
+                                         {"clip_l": preset.clip_l, "clip_g": preset.clip_g, "t5": preset.t5}, source)
     assert source.path is not None
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -610,18 +616,10 @@ def load_assets(source: ModelSource, *, t5: bool = True) -> PipelineAssets:
             if isinstance(exc, FileNotFoundError) and missing else f"{type(exc).__name__}: {str(exc)[:160]}"
         raise ModelLoadError(f"cannot read the model's tokenizers or configs ({what})", path=path,
                              hint="check the directory is a complete SD3.5 download") from None
-    vae = {"scaling_factor": vae_cfg.get("scaling_factor", 1.5305), "shift_factor": vae_cfg.get("shift_factor", 0.0609),
-           "latent_channels": vae_cfg.get("latent_channels", 16), "block_out_channels": vae_cfg["block_out_channels"]}
-    widths = {"transformer": transformer["num_attention_heads"] * transformer["attention_head_dim"],
-              "vae_decoder": max(vae_cfg["block_out_channels"])}
-    for key, folder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5", "text_encoder_3")):
-        config = path / folder / "config.json"
-        if config.is_file():
-            data = json.loads(config.read_text())
-            widths[key] = data.get("hidden_size") or data.get("d_model") or 0
-    return PipelineAssets(tokenizers, {k: v for k, v in scheduler.items() if not k.startswith("_")}, vae,
-                          transformer["joint_attention_dim"], transformer.get("patch_size", 2), source.turbo, widths,
-                          source.describe())
+    encoders = {key: json.loads((path / folder / "config.json").read_text()) for key, folder in ENCODER_ATTRS.items()
+                if (path / folder / "config.json").is_file()}
+    return PipelineAssets.of_configs(tokenizers, {k: v for k, v in scheduler.items() if not k.startswith("_")},
+                                     transformer, vae_cfg, encoders, source)
 
 
 def weight_bytes(source: ModelSource, dtype: Any, components: set[str] | None = None) -> dict[str, int]:
