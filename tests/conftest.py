@@ -34,6 +34,17 @@ def tiny_source():
 
 
 @pytest.fixture(scope="session")
+def tiny_pipe(tiny_source):
+    """The tiny preset's diffusers pipeline (random weights, FP32, CPU), shared by the loop tests, which only
+    read it (its text encoders switch to eager attention on first use, as every torch runner does)."""
+    from sd35trt.core.models import build_pipeline
+
+    pipe = build_pipeline(tiny_source)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
 def chain(tmp_path_factory, tiny_source):
     """`make engines`' chain on the tiny model: calibrate (small), then export every variant (FP32 too)."""
     from sd35trt.producers.calibrate import CalibrationConfig, calibrate_model
@@ -71,7 +82,7 @@ def work_copy(calibrated, tmp_path):
 # `make test-fast`: the tests that build no model pipeline, export no ONNX and start no worker process (pure
 # functions, parsers, plans, CLI refusals), marked here from the fixtures they use and the modules they live in.
 HEAVY_FIXTURES = {"chain", "exported", "calibrated", "work_copy", "outlier_chain", "boundary_chain", "turbo_work",
-                  "lora_work", "adapter", "pipe", "pipe_tiny"}
+                  "lora_work", "adapter", "tiny_pipe"}
 SLOW_MODULES = {"test_shards", "test_interrupts"}
 SLOW_TESTS = {"test_runtime_imports_on_a_host_without_the_build_stack", "test_tiny_preset_is_deterministic_and_uses_diffusers_classes",
               "test_fp16_last_resort_is_whole_fp32_with_why", "test_lora_changes_the_model_and_is_part_of_its_identity",

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
-from sd35trt.core.models import PipelineAssets, build_pipeline, resolve_model
+from sd35trt.core.models import PipelineAssets
 from sd35trt.core.specs import ShapeRanges
 from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 from sd35trt.runtime.runners import runners_from_bundle, runners_from_onnx, runners_from_torch
@@ -18,39 +18,32 @@ def _diffusers(pipe, request):
     return out.images
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = build_pipeline(resolve_model("tiny"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def test_torch_loop_is_bit_identical_to_diffusers(pipe):
+def test_torch_loop_is_bit_identical_to_diffusers(tiny_pipe):
     """Same math as StableDiffusion3Pipeline: tokenizers, CFG, FlowMatchEulerDiscreteScheduler, latents."""
-    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe), batch_text=False)
+    loop = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), runners_from_torch(tiny_pipe), batch_text=False)
     request = GenerateRequest(prompt="a red fox in fresh snow", negative_prompt="blurry", steps=4, seed=3,
                               height=512, width=576)
     ours = loop(request, progress=False)
-    assert torch.equal(_diffusers(pipe, request), ours.latents)
-    batched = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe))(request, progress=False)  # one text-encoder call
+    assert torch.equal(_diffusers(tiny_pipe, request), ours.latents)
+    batched = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), runners_from_torch(tiny_pipe))(request, progress=False)  # one text-encoder call
     assert torch.allclose(batched.latents, ours.latents, rtol=0, atol=1e-4)
     assert ours.pil[0].size == (576, 512) and set(ours.timings) >= {"denoise_s", "text_encoders_s", "vae_decoder_s"}
 
 
-def test_onnx_loop_matches_diffusers(pipe, exported):
+def test_onnx_loop_matches_diffusers(tiny_pipe, exported):
     from sd35trt.core.metrics import psnr
 
     out, _ = exported
     found = runners_from_onnx(out, "fp32")
     assert {r.kind for r in found.runners.values()} == {"onnxruntime"}
     request = GenerateRequest(prompt="a lighthouse on a basalt cliff", steps=3, seed=1, height=512, width=512)
-    ours = Sd35Loop(PipelineAssets.of_pipeline(pipe), found.runners, found.ranges, batch_text=False)(request, progress=False)
-    ref = _diffusers(pipe, request)
+    ours = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), found.runners, found.ranges, batch_text=False)(request, progress=False)
+    ref = _diffusers(tiny_pipe, request)
     assert psnr(ref.numpy(), ours.latents.numpy(), data_range=float(ref.max() - ref.min())) > 60
 
 
-def test_no_guidance_and_batch(pipe):
-    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe))
+def test_no_guidance_and_batch(tiny_pipe):
+    loop = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), runners_from_torch(tiny_pipe))
     out = loop(GenerateRequest(prompt="cat", guidance=1.0, steps=2, batch=2, height=512, width=512), progress=False)
     assert out.latents.shape == (2, 16, 64, 64) and len(out.pil) == 2
 
@@ -64,21 +57,21 @@ def test_bad_requests(kwargs, match):
         GenerateRequest(prompt="x", **kwargs)
 
 
-def test_request_outside_exported_ranges(pipe):
-    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe), ShapeRanges(), vae_tiling="off")
+def test_request_outside_exported_ranges(tiny_pipe):
+    loop = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), runners_from_torch(tiny_pipe), ShapeRanges(), vae_tiling="off")
     with pytest.raises(InvalidInputError, match="height 2048 outside 512..1536"):
         loop.check(GenerateRequest(prompt="x", height=2048))
     loop.check(GenerateRequest(prompt="x", height=1344, width=768))  # SD3's aspect buckets fit
 
 
-def test_long_prompt_warns_with_the_words_it_drops(pipe, capsys):
+def test_long_prompt_warns_with_the_words_it_drops(tiny_pipe, capsys):
     """A 5000-character prompt names, per encoder kind, the real text past the token limit (never the padding of
     the empty negative prompt, never twice); an ordinary 216-character prompt is not cut."""
     from sd35trt.core.prompts import DEFAULT_PROMPTS
 
     lines = DEFAULT_PROMPTS.read_text().splitlines()
     long_prompt = " ".join(lines)[:5000]
-    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe), runners_from_torch(pipe))
+    loop = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), runners_from_torch(tiny_pipe))
     loop(GenerateRequest(prompt=long_prompt, steps=1, height=512, width=512), progress=False)
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("truncated to 77 CLIP tokens") == 1 and err.count("truncated to 256 T5 tokens") == 1

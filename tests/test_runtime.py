@@ -116,7 +116,7 @@ def test_every_request_the_loop_accepts_fits_every_engine_profile(calibrated, tm
     assert checked == 990  # 90 requests, 2 ways of encoding: 5 calls each, 8 with guidance encoded apart
 
 
-def test_calls_the_loop_makes_are_the_calls_it_plans(pipe_tiny, exported):
+def test_calls_the_loop_makes_are_the_calls_it_plans(tiny_pipe, exported):
     """What ``check`` verifies is what runs: every call the loop really makes (recorded on real onnxruntime
     runners) is one of ``planned_calls``, with and without guidance, batched or encoded apart."""
     from sd35trt.core.models import PipelineAssets
@@ -141,7 +141,7 @@ def test_calls_the_loop_makes_are_the_calls_it_plans(pipe_tiny, exported):
 
     runners = {n: recording(n, r) for n, r in found.runners.items()}
     for batch_text, guidance, batch in ((True, 4.5, 2), (False, 4.5, 1), (True, 0.0, 1)):
-        loop = Sd35Loop(PipelineAssets.of_pipeline(pipe_tiny), runners, found.ranges, batch_text=batch_text)
+        loop = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), runners, found.ranges, batch_text=batch_text)
         request = GenerateRequest(prompt="a fox", steps=1, guidance=guidance, batch=batch, height=512, width=576)
         seen.clear()
         loop(request, progress=False)
@@ -150,16 +150,7 @@ def test_calls_the_loop_makes_are_the_calls_it_plans(pipe_tiny, exported):
         assert {name for name, _ in seen} == set(SPECS)
 
 
-@pytest.fixture(scope="module")
-def pipe_tiny():
-    from sd35trt.core.models import build_pipeline, resolve_model
-
-    pipe = build_pipeline(resolve_model("tiny"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def test_the_loop_keeps_latents_on_the_execution_device(pipe_tiny):
+def test_the_loop_keeps_latents_on_the_execution_device(tiny_pipe):
     """Latents, the guidance combine and the scheduler step stay where the transformer runs: no tensor the loop
     hands the transformer after the first step comes from the host (on CPU the device is the host, so this
     checks the code path: every step's input is the previous step's output, not a copy)."""
@@ -167,7 +158,7 @@ def test_the_loop_keeps_latents_on_the_execution_device(pipe_tiny):
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
     from sd35trt.runtime.runners import runners_from_torch
 
-    runners = runners_from_torch(pipe_tiny)
+    runners = runners_from_torch(tiny_pipe)
     transformer = runners["transformer"]
     inputs = []
     original = transformer.__call__
@@ -181,7 +172,7 @@ def test_the_loop_keeps_latents_on_the_execution_device(pipe_tiny):
             return original(**kw)
 
     runners["transformer"] = Spy()
-    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe_tiny), runners)
+    loop = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), runners)
     assert loop.device == "cpu"
     loop(GenerateRequest(prompt="x", steps=3, height=512, width=512), progress=False)
     assert all(kw["timestep"].device == kw["hidden_states"].device for kw in inputs)
@@ -189,14 +180,14 @@ def test_the_loop_keeps_latents_on_the_execution_device(pipe_tiny):
         "the prompt embeddings are made once and stay put"
 
 
-def test_results_outlive_the_next_call(exported, pipe_tiny):
+def test_results_outlive_the_next_call(exported, tiny_pipe):
     """Engine sessions reuse their output buffers; what the loop hands back (images, latents) is its own."""
     from sd35trt.core.models import PipelineAssets
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 
     out, _ = exported
     found = runners_from_onnx(out, "fp32")
-    loop = Sd35Loop(PipelineAssets.of_pipeline(pipe_tiny), found.runners, found.ranges)
+    loop = Sd35Loop(PipelineAssets.of_pipeline(tiny_pipe), found.runners, found.ranges)
     first = loop(GenerateRequest(prompt="a fox", steps=2, seed=1, height=512, width=512), progress=False)
     kept = first.images.clone()
     loop(GenerateRequest(prompt="a lighthouse", steps=2, seed=2, height=512, width=512), progress=False)
