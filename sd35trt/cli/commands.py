@@ -285,7 +285,7 @@ def bench(
 
     peers_named = [p.strip() for p in (against or "").split(",") if p.strip()]
     for name in peers_named:
-        check_choice("--against", name, PEERS)
+        check_choice("--against", name, tuple(PEERS))
     subject = bundle is not None or onnx is not None or torch_
     options = _loop_options(model, bundle, onnx, torch_ or not subject, precision, provider, device, dtype, cuda_graph,
                             t5, turbo, vram, vram_plan, lora=lora)
@@ -305,11 +305,10 @@ def bench(
                          str(bundle or onnx or "diffusers modules")))
     for name in peers_named:
         if not (name == "torch" and rows and rows[0].name == "torch"):  # --torch --against torch: one row
-            rows.append(Peer(name, torch_peers.opener(name), {"torch": "diffusers modules, eager",
-                                                                "compile": "torch.compile(transformer)",
-                                                                "torchao-fp8": "torchao float8 dynamic per-row + compile"}[name]))
+            rows.append(Peer(name, torch_peers.opener(name), PEERS[name]))
     if not rows:
-        rows.append(Peer("torch", torch_peers.torch, "diffusers modules, eager"))
+        rows.append(Peer("torch", torch_peers.torch, PEERS["torch"]))
+
     def saved(_row):
         if save is not None:
             from sd35trt.core.artifacts import write_json_atomic

@@ -22,7 +22,9 @@ from typing import Any
 from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 from sd35trt.runtime.telemetry import GpuSampler, gpu_info
 
-PEERS = ("torch", "compile", "torchao-fp8")
+# The peers `bench --against` knows, and what each is (the table's setup column).
+PEERS = {"torch": "diffusers modules, eager", "compile": "torch.compile(transformer)",
+         "torchao-fp8": "torchao float8 dynamic per-row + compile"}
 
 
 def _timer(device: str):
