@@ -34,26 +34,18 @@ class EngineExecutionError(RuntimeError):
     """TensorRT refused or failed an execution: a failure inside the library, reported with its traceback."""
 
 
-def _module(module_name: str) -> Any:
-    if TYPE_CHECKING:  # `make lint` checks this file against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
-        if CHECK_RTX:
-            import tensorrt_rtx_bindings as trt
-        else:
-            import tensorrt_bindings as trt
-        return trt
-    return importlib.import_module(module_name)
+if TYPE_CHECKING:  # `make lint` checks this file against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
+    if CHECK_RTX:
+        import tensorrt_rtx_bindings as trt
+    else:
+        import tensorrt_bindings as trt
 
 
 @cache
 def process_runtime(module_name: str) -> tuple[Any, Any]:
     """The process's one (logger, runtime) for a backend module; the logger keeps the last errors it saw."""
-    if TYPE_CHECKING:
-        if CHECK_RTX:
-            import tensorrt_rtx_bindings as trt
-        else:
-            import tensorrt_bindings as trt
-    else:
-        trt = _module(module_name)
+    if not TYPE_CHECKING:  # the backend's own module at run time; mypy reads the stubs' ``trt`` above
+        trt = importlib.import_module(module_name)
 
     class KeepingLogger(trt.ILogger):
         def __init__(self):
@@ -92,13 +84,8 @@ class TensorRTAdapter:
 
     def __init__(self, plan_path: Path, module_name: str, backend: str, *, cuda_graph: bool = False,
                  runtime_cache: Path | None = None, streaming_budget: int | None = None):
-        if TYPE_CHECKING:
-            if CHECK_RTX:
-                import tensorrt_rtx_bindings as trt
-            else:
-                import tensorrt_bindings as trt
-        else:
-            trt = _module(module_name)
+        if not TYPE_CHECKING:  # as in process_runtime
+            trt = importlib.import_module(module_name)
         self.path, self.module_name, self.backend = plan_path, module_name, backend
         self._trt = trt
         runtime: trt.Runtime = process_runtime(module_name)[1]
