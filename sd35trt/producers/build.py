@@ -40,7 +40,7 @@ from sd35trt.core.manifests import (
     PlanFile,
     WorkDir,
 )
-from sd35trt.core.models import ASSETS_FILE, PipelineAssets
+from sd35trt.core.models import ASSETS_FILE, PipelineAssets, model_slug
 from sd35trt.core.portability import RuntimeRecord, check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
 from sd35trt.core.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
@@ -51,7 +51,7 @@ from sd35trt.producers.builder import (
     local_compute_capability,
     summarize_layers,
 )
-from sd35trt.producers.refit import describe_refit, model_slug
+from sd35trt.producers.refit import describe_refit
 
 if TYPE_CHECKING:
     from sd35trt.producers.parts import PartPlan
