@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sd35trt.runtime.session import TensorInfo
+from sd35trt.runtime.session import TensorInfo, profile_problem
 
 # onnxruntime's type strings → torch dtype names
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -32,6 +32,7 @@ class OrtAdapter:
         self.provider = session_provider(self.session)
         self.device = "cuda" if self.provider == "cuda" else "cpu"
         self.binding = self.session.io_binding()
+        self._inputs = {i.name for i in self.session.get_inputs()}
         self._profile = {k: [tuple(s) for s in v] for k, v in (profile or {}).items()}
         self._np = np
 
@@ -44,10 +45,7 @@ class OrtAdapter:
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         profile = self._profile.get(name)
-        if profile is None:
-            return True
-        low, high = profile[0], profile[-1]
-        return len(shape) == len(low) and all(a <= s <= b for s, a, b in zip(shape, low, high))
+        return profile is None or profile_problem(name, shape, profile) is None
 
     def output_shape(self, name: str) -> tuple[int, ...] | None:
         return None
@@ -63,7 +61,7 @@ class OrtAdapter:
         dtype = self._np.dtype(str(tensor.dtype).removeprefix("torch."))
         device = tensor.device.type
         index = tensor.device.index or 0
-        if name in {i.name for i in self.session.get_inputs()}:
+        if name in self._inputs:
             self.binding.bind_input(name, device, index, dtype, tuple(tensor.shape), tensor.data_ptr())
         else:
             self.binding.bind_output(name, device, index, dtype, tuple(tensor.shape), tensor.data_ptr())
