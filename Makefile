@@ -74,7 +74,7 @@ calibrate: preflight
 	  --height $(SIZE) --width $(SIZE) --components $(FP8) --shards $(SHARDS) $(T5_FLAG) $(LORA_FLAG)
 
 export: calibrate
-	$(CLI) export --model $(MODEL) --out $(WORK) $(T5_FLAG) $(LORA_FLAG)
+	$(CLI) export --model $(MODEL) --out $(WORK) --gpu $(GPU) $(T5_FLAG) $(LORA_FLAG)
 
 build: export
 	$(CLI) build --gpu $(GPU) --backend $(BACKEND) --onnx $(WORK) --out $(ENGINES) $(T5_FLAG) $(BUILD_FLAGS)

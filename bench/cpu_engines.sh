@@ -9,10 +9,10 @@ WORK=$(mktemp -d)
 RESULTS=${RESULTS:-bench/results/cpu-engines-$(date +%Y-%m-%d).jsonl}
 M="$PY bench/measure.py $RESULTS"
 CLI="$PY -m sd35trt"
-# The same three commands as `make engines GPU=ada` (Makefile: calibrate, export, build).
+# The same three commands as `make engines GPU=ada` (Makefile: calibrate, export --gpu ada, build).
 run_all() {
   $M "tiny calibrate ($1)" -- $CLI calibrate --model tiny --out "$WORK/build" --num-prompts 8 --steps 4 --height 512 --width 512
-  $M "tiny export ($1)" -- $CLI export --model tiny --out "$WORK/build"
+  $M "tiny export --gpu ada ($1)" -- $CLI export --model tiny --out "$WORK/build" --gpu ada
   $M "tiny build ada ($1)" -- $CLI build --gpu ada --onnx "$WORK/build" --out "$WORK/engines"
 }
 run_all "fresh" > /dev/null

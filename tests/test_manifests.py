@@ -66,6 +66,30 @@ def test_export_plans_follow_the_calibration(calibrated):
     assert plans[("vae_decoder", Precision.FP16)].weights == "fp16"
 
 
+def test_export_for_a_gpu_makes_what_its_build_picks(calibrated):
+    """`export --gpu T` (what `make engines GPU=T` runs): one variant per component, the one build then picks for
+    T from all that `--precision auto` would make, so an FP8 target never traces the FP16 twin of its FP8
+    transformer and an FP16 target never exports FP8."""
+    from sd35trt.core.targets import TARGETS, GpuTarget, plan_precisions
+    from sd35trt.producers.export import plan_variants
+
+    out, _ = calibrated
+    manifest = load_calibration(WorkDir(out))
+    comps = ("transformer", "clip_l", "t5", "vae_decoder")
+    every = {c: {p.precision for p in plan_variants("auto", comps, manifest, {}) if p.component == c} for c in comps}
+    assert every["transformer"] == {Precision.FP16, Precision.FP8}
+    for target, transformer in ((GpuTarget.ADA, Precision.FP8), (GpuTarget.HOPPER, Precision.FP8),
+                                (GpuTarget.AMPERE, Precision.FP16), (GpuTarget.TURING, Precision.FP16)):
+        info = TARGETS[target]
+        made = {(p.component, p.precision) for p in plan_variants("auto", comps, manifest, {}, info)}
+        assert made == {("transformer", transformer), ("clip_l", Precision.FP16), ("t5", Precision.FP16),
+                        ("vae_decoder", Precision.FP16)}, target
+        picked = plan_precisions(info, comps, every)
+        assert made == {(c, choice.precision) for c, choice in picked.items()}, target
+    named = plan_variants("fp16", comps, manifest, {}, TARGETS[GpuTarget.ADA])
+    assert {p.precision for p in named} == {Precision.FP16} and len(named) == 4, "--precision fp16 is what it says"
+
+
 def test_artifacts_of_another_model_are_refused(capsys, work_copy, tmp_path):
     from tests.outliers import save_outlier_model
 

@@ -100,9 +100,8 @@ def test_bundle_cannot_run_without_gpu_and_points_to_onnx(calibrated, tmp_path):
 def test_engine_runner_executes_on_a_matching_gpu(calibrated, tmp_path):
     """Build the tiny bundle for this host's GPU with whichever backend can, and generate through its engines."""
     from sd35trt.core.errors import Sd35TrtError
-    from sd35trt.core.host import local_compute_capability
+    from sd35trt.core.host import local_compute_capability, resolve_target
     from sd35trt.core.targets import Backend, GpuTarget
-    from sd35trt.producers.build import resolve_target
     from sd35trt.producers.builder import choose_backend
 
     if local_compute_capability() is None:
@@ -129,9 +128,8 @@ def test_selftest_passes_on_this_gpu(tmp_path):
     builds for the local GPU."""
     from sd35trt.checks.selftest import run_selftest
     from sd35trt.core.errors import Sd35TrtError
-    from sd35trt.core.host import local_compute_capability
+    from sd35trt.core.host import local_compute_capability, resolve_target
     from sd35trt.core.targets import Backend, GpuTarget
-    from sd35trt.producers.build import resolve_target
     from sd35trt.producers.builder import choose_backend
 
     if local_compute_capability() is None:

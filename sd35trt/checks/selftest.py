@@ -71,8 +71,8 @@ def run_selftest(out: Path) -> SelftestReport:
     def target() -> str:
         """The local GPU's target, and which backend can build it: a missing backend is the build step's FAIL
         (with its real reason), so calibration and export still run on this GPU."""
+        from sd35trt.core.host import resolve_target
         from sd35trt.core.targets import Backend, GpuTarget
-        from sd35trt.producers.build import resolve_target
         from sd35trt.producers.builder import choose_backend
 
         info = resolve_target(GpuTarget.AUTO)

@@ -391,10 +391,10 @@ def preflight(
     engines: Path = typer.Option(Path("engines"), "--engines", help="the engines root make uses"),
 ) -> None:
     """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
+    from sd35trt.core.host import resolve_target
     from sd35trt.core.models import resolve_model
     from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, Precision, parse_components, with_t5
     from sd35trt.core.targets import parse_backend, parse_target, plan_precisions
-    from sd35trt.producers.build import resolve_target
     from sd35trt.producers.builder import choose_backend
 
     source = resolve_model(model, lora=lora)

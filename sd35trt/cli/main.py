@@ -54,6 +54,7 @@ def export(
     precision: str = typer.Option("auto", "--precision", help="auto (what engines use: FP16 for every component, FP8 for the calibrated ones) | fp16 | fp8 | fp32, comma-separated"),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="compare every output with PyTorch in onnxruntime (and on calibrate's held-out traffic)"),
     provider: str = typer.Option("auto", "--provider", help="onnxruntime for validation: auto (CUDA when onnxruntime-gpu sees a GPU) | cpu | cuda"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="only what this target's engines use (FP8 target: no FP16 twin of an FP8 component; FP16 target: no FP8 ONNX): ada|hopper|blackwell|ampere|turing|auto [default: every variant]"),
     device: str = DeviceOpt,
     force: bool = typer.Option(False, "--force", help="re-export even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
@@ -61,17 +62,20 @@ def export(
     """ONNX for the engines: FP16 (FP32 islands where the census needs them) and FP8 from calibrate, each
     validated against PyTorch in onnxruntime at another shape and on held-out traffic."""
     from sd35trt.core.artifacts import ensure_writable_dir
+    from sd35trt.core.host import resolve_target
     from sd35trt.core.models import resolve_model
     from sd35trt.core.onnx_utils import resolve_provider
     from sd35trt.core.specs import parse_components, with_t5
+    from sd35trt.core.targets import parse_target
     from sd35trt.producers.export import ExportConfig, export_model, plan_variants
 
     plan_variants(precision, (), None, {})  # a bad --precision fails before any work
     if validate:
         resolve_provider(provider)  # an explicit --provider cuda that cannot run fails before any export
+    target = resolve_target(parse_target(gpu)) if gpu else None
     source = resolve_model(model, turbo=turbo, lora=lora)
     names = with_t5(parse_components(components), t5 and source.has_t5)
-    config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider,
+    config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider, target=target,
                           ranges=ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo,
                                                      vae_max=vae_max))
     ensure_writable_dir(out)

@@ -7,9 +7,12 @@ import importlib
 import importlib.util
 import shutil
 import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd35trt.core.errors import InvalidInputError, check_choice
+
+if TYPE_CHECKING:
+    from sd35trt.core.targets import GpuTarget, TargetInfo
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -88,6 +91,23 @@ def local_compute_capability() -> tuple[int, int] | None:
     if not torch.cuda.is_available():
         return None
     return tuple(torch.cuda.get_device_capability(0))  # type: ignore[return-value]
+
+
+def resolve_target(target: GpuTarget) -> TargetInfo:
+    """The named target, or for ``auto`` the one of this host's GPU (its own compute capability)."""
+    from sd35trt.core.targets import TARGETS, GpuTarget, TargetInfo, target_for_cc
+
+    if target is not GpuTarget.AUTO:
+        return TARGETS[target]
+    cc = local_compute_capability()
+    if cc is None:
+        raise InvalidInputError("--gpu auto needs a local CUDA GPU and none was found",
+                                hint="name the target: --gpu ada|hopper|blackwell|ampere|turing")
+    found = target_for_cc(cc)
+    if found is None:
+        raise InvalidInputError(f"local GPU SM{cc[0]}{cc[1]} is not a supported target",
+                                hint="supported: SM75, SM80, SM86, SM89, SM90, SM100, SM120")
+    return TargetInfo(found, (cc,), TARGETS[found].example_gpus)
 
 
 def host_report() -> dict[str, Any]:

@@ -142,10 +142,13 @@ RUNNER_VARIANTS: dict[str, tuple[Precision, ...]] = {
     "fp16": (Precision.FP16,), "fp32": (Precision.FP32,)}
 
 
-def exported_variants(requested: str, components: tuple[str, ...], calibrated: set[str]) -> list[tuple[str, Precision]]:
+def exported_variants(requested: str, components: tuple[str, ...], calibrated: set[str],
+                      target: TargetInfo | None = None) -> list[tuple[str, Precision]]:
     """(component, precision) pairs ``export --precision`` produces: ``auto`` (what engines use) is FP16 for
-    every component and FP8 for the calibrated ones whose preference has FP8; otherwise the named ones (FP8
-    only where calibrated). Ordered FP32, FP16, FP8."""
+    every component and FP8 for the calibrated ones whose preference has FP8; with a ``target`` (``--gpu``), just
+    the one variant per component that ``plan_precisions`` gives that target's engines (an FP8 target skips the
+    FP16 twin of an FP8 component: 16 GB and minutes at SD3.5-Large size; an FP16 target skips the FP8 ONNX);
+    otherwise the named ones (FP8 only where calibrated). Ordered FP32, FP16, FP8."""
     from sd35trt.core.errors import check_choice
 
     names = [v.strip() for v in requested.split(",") if v.strip()]
@@ -160,6 +163,10 @@ def exported_variants(requested: str, components: tuple[str, ...], calibrated: s
             if precision is Precision.FP8 and (name not in calibrated or Precision.FP8 not in PRECISION_PREFERENCE[name]):
                 continue
             pairs.append((name, precision))
+    if target is not None and "auto" in names:
+        offered = {c: {p for n, p in pairs if n == c} for c in components}
+        chosen = plan_precisions(target, components, offered)
+        pairs = [(c, p) for c, p in pairs if chosen[c].precision is p or p is Precision.FP32]
     return pairs
 
 

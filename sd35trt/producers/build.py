@@ -29,6 +29,7 @@ from sd35trt.core.artifacts import (
     write_json_atomic,
 )
 from sd35trt.core.errors import ArtifactError, BuildError, InvalidInputError
+from sd35trt.core.host import resolve_target
 from sd35trt.core.manifests import (
     BUNDLE_ASSETS,
     BUNDLE_MANIFEST,
@@ -43,7 +44,7 @@ from sd35trt.core.manifests import (
 from sd35trt.core.models import ASSETS_FILE, PipelineAssets, model_slug
 from sd35trt.core.portability import RuntimeRecord, check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
-from sd35trt.core.targets import TARGETS, Backend, GpuTarget, TargetInfo, plan_precisions, target_for_cc
+from sd35trt.core.targets import Backend, GpuTarget, TargetInfo, plan_precisions
 from sd35trt.producers.builder import (
     TrtBackend,
     build_engine_isolated,
@@ -119,20 +120,6 @@ class BundleResult:
     manifest: BundleManifest
     skipped: bool
     rebuilt: list[str] = field(default_factory=list)
-
-
-def resolve_target(target: GpuTarget) -> TargetInfo:
-    if target is not GpuTarget.AUTO:
-        return TARGETS[target]
-    cc = local_compute_capability()
-    if cc is None:
-        raise InvalidInputError("--gpu auto needs a local CUDA GPU and none was found",
-                                hint="name the target: --gpu ada|hopper|blackwell|ampere|turing")
-    found = target_for_cc(cc)
-    if found is None:
-        raise InvalidInputError(f"local GPU SM{cc[0]}{cc[1]} is not a supported target",
-                                hint="supported: SM75, SM80, SM86, SM89, SM90, SM100, SM120")
-    return TargetInfo(found, (cc,), TARGETS[found].example_gpus)
 
 
 def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str, dict[Precision, OnnxManifest]]:

@@ -53,7 +53,7 @@ from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.core.onnx_utils import PROVIDERS
 from sd35trt.core.specs import COMPONENTS, SPECS, CastIO, ComponentSpec, PipeDims, Precision, ShapeRanges
-from sd35trt.core.targets import exported_variants
+from sd35trt.core.targets import TargetInfo, exported_variants
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +70,7 @@ class ExportConfig:
     ranges: ShapeRanges = field(default_factory=ShapeRanges)
     validate: bool = True
     provider: str = "auto"  # onnxruntime execution provider for validation; not part of the artifact
+    target: TargetInfo | None = None  # --gpu: only the variants that target's engines use; None: every variant
 
     def __post_init__(self):
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -137,6 +138,19 @@ class Traffic:
 CHECK_MEMORY_GIB = 8.0
 
 
+def check_budget(provider: str) -> tuple[float, str]:
+    """(GiB, where) the held-out check's activations may take: ``CHECK_MEMORY_GIB`` of host memory on the CPU
+    provider; on CUDA half of what the GPU has free with the network and the session's weights loaded (onnxruntime's
+    arena grows into it; a 24 GB card checks fewer rows than an H200, never runs out)."""
+    if provider != "cuda":
+        return CHECK_MEMORY_GIB, "host memory"
+    import torch
+
+    torch.cuda.empty_cache()  # the torch reference's cached blocks go back before onnxruntime's arena grows
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2 / 2**30, "GPU memory (half of what is free)"
+
+
 @dataclass(frozen=True)
 class CheckPlan:
     """Which rows of each held-out call export checks, and why."""
@@ -148,8 +162,8 @@ class CheckPlan:
         return tensor if self.rows is None else tensor[list(self.rows)]
 
 
-def plan_traffic_check(spec: ComponentSpec, call: dict[str, Any], heads: int, budget_gib: float = CHECK_MEMORY_GIB
-                       ) -> CheckPlan:
+def plan_traffic_check(spec: ComponentSpec, call: dict[str, Any], heads: int, budget_gib: float = CHECK_MEMORY_GIB,
+                       where: str = "host memory") -> CheckPlan:
     """Rows of a held-out ``call`` to run: all when its attention scores fit ``budget_gib`` (estimated 3 x rows x
     heads x tokens^2 floats: scores, softmax, their product), else as many whole prompts (a negative row and its
     positive row) as fit, at least one. Text encoders and the VAE are checked whole."""
@@ -168,7 +182,7 @@ def plan_traffic_check(spec: ComponentSpec, call: dict[str, Any], heads: int, bu
     return CheckPlan(tuple(sorted(chosen)), f"{len(chosen)} of {rows} rows of each held-out call (whole prompts: "
                                             f"negative and positive), about {len(chosen) * per_row / 2**30:.1f} GiB of "
                                             f"attention; all {rows} would need {rows * per_row / 2**30:.0f} GiB "
-                                            f"(budget {budget_gib:g} GiB)")
+                                            f"(budget {budget_gib:.3g} GiB of {where})")
 
 
 def export_component(
@@ -298,10 +312,12 @@ def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision:
     the FP32 islands (from the census), the likely cause."""
     import torch
 
-    from sd35trt.core.onnx_utils import run_ort
+    from sd35trt.core.onnx_utils import run_ort, session_provider
 
     per_call = []
-    plan = plan_traffic_check(spec, traffic.calls[0], traffic.heads) if traffic.calls else CheckPlan(None, "no calls")
+    provider = session_provider(session)
+    plan = plan_traffic_check(spec, traffic.calls[0], traffic.heads, *check_budget(provider)) if traffic.calls else \
+        CheckPlan(None, "no calls")
     with log.progress("held-out traffic check", len(traffic.calls)) as advance:
         for call, ref in zip(traffic.calls, traffic.reference):
             outs = run_ort(session, {k: plan.select(v).numpy() for k, v in call.items()})
@@ -311,6 +327,7 @@ def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision:
     summary = summarize(per_call, spec.output_names, spec.tolerances[precision])
     summary["calls"] = len(per_call)
     summary["checked"] = plan.why
+    summary["provider"] = provider
     summary["reference"] = "FP32 network (TF32 off) on held-out pipeline traffic recorded by calibrate"
     if not summary["passed"]:
         bad = next(n for n in spec.output_names if not summary[n]["passed"])
@@ -349,15 +366,16 @@ class VariantPlan:
 
 
 def plan_variants(requested: str, components: tuple[str, ...], calibration: CalibrationManifest | None,
-                  recipe_islands: dict[str, list[Island]]) -> list[VariantPlan]:
+                  recipe_islands: dict[str, list[Island]], target: TargetInfo | None = None) -> list[VariantPlan]:
     """Which variants ``--precision`` asks for, with the islands and weights each is built with.
 
     ``auto`` (what engines use): FP16 for every component and FP8 for the calibrated ones (``fp8`` alone:
-    the calibrated ones, an error when none of ``components`` is calibrated). FP16 takes the
+    the calibrated ones, an error when none of ``components`` is calibrated); ``target`` keeps what that GPU's
+    engines use (``targets.exported_variants``). FP16 takes the
     calibration's islands and its FP16/FP32 decision; without a calibration, the recipe's known sites."""
     calibrated = set(calibration.components) if calibration else set()
     names = [v.strip() for v in requested.split(",") if v.strip()]
-    pairs = exported_variants(requested, components, calibrated)
+    pairs = exported_variants(requested, components, calibrated, target)
     if "fp8" in names and "auto" not in names and components and not calibrated & set(components):
         raise InvalidInputError(f"no FP8 calibration for {', '.join(components)} in this work dir",
                                 hint=f"run `sd35trt calibrate --components {','.join(c for c in components if SPECS[c].calibratable) or 'transformer'}` "
@@ -444,7 +462,7 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
     recipe = Recipe.load()
     recipe_islands = {c: [Island(p, 0.0, f"recipe: upcast '{p}' (known FP16 overflow site)") for p in recipe.upcast[c]]
                       for c in recipe.upcast}
-    plans = plan_variants(precision, config.components, calibration, recipe_islands)
+    plans = plan_variants(precision, config.components, calibration, recipe_islands, config.target)
     write_assets(source, work)
     hashes = {(p.component, p.precision): export_inputs_hash(source, config, p.component, p.precision, p.extra)
               for p in plans}

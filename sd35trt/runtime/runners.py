@@ -240,10 +240,10 @@ def runners_from_torch(pipe: Any, components: tuple[str, ...] = COMPONENTS, *, d
 def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: str, provider: str, profile: Profile | None, *,
                inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
                weight_bytes: int = 0) -> SessionRunner:
-    from sd35trt.core.onnx_utils import has_float8, resolve_provider
+    from sd35trt.core.onnx_utils import resolve_provider
     from sd35trt.runtime.onnxrt import OrtAdapter
 
-    device = resolve_provider(provider, float8=has_float8(onnx_path))
+    device = resolve_provider(provider)
     whole = inputs is None
     names_in, names_out = tuple(inputs or spec.input_names), tuple(outputs or spec.output_names)
     dtypes = spec.io_dtypes if whole else {}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# `make engines GPU=ada` at real size on the GPU machine (#25), as a user runs it, each make step measured by
+# bench/measure.py (wall time, peak RSS of the whole process tree) plus the disk used after it.
+#
+#   bash bench/gpu_engines.sh launch MODEL [MODEL ...]   start the chain in its own process session (setsid), so it
+#                                                        outlives the 10-minute command limit; returns at once
+#   bash bench/gpu_engines.sh wait SECONDS               wait until the chain ends or SECONDS pass, then copy what
+#                                                        it has so far to $OUT (results.jsonl, chain.log, facts.tgz)
+#
+# Models run one after another; a model's work dir and bundle are deleted once its facts are kept (the machine has
+# 64 GB of disk). Every model has RANDOM weights (no download is possible); say so in every table.
+# SYSTEM_PYTHON=1: the machine's own torch/CUDA stack plus the staged wheels (onnxruntime-gpu among them).
+set -uo pipefail
+STAGE=${1:?stage}; shift
+RUN=${RUN:-/tmp/gpu-engines}; PY=${PY:-python3}
+mkdir -p "$RUN/facts"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+chain() {
+  for model in "$@"; do
+    local work=$RUN/work/$model engines=$RUN/engines/$model
+    for step in calibrate export build; do
+      "$PY" bench/measure.py "$RUN/results.jsonl" "make engines MODEL=$model GPU=ada: $step" -- \
+        make "$step" MODEL="$model" GPU=ada WORK="$work" ENGINES="$engines" SYSTEM_PYTHON=1 PYTHON="$PY" \
+        || { echo "$model $step failed" >> "$RUN/chain.log"; break; }
+      "$PY" - "$RUN/results.jsonl" "$model" "$step" "$work" "$engines" <<'PYEOF'
+import json, subprocess, sys, time
+results, model, step, *dirs = sys.argv[1:]
+used = sum(int(subprocess.run(["du", "-sb", d], capture_output=True, text=True).stdout.split()[0] or 0)
+           for d in dirs if subprocess.run(["test", "-d", d]).returncode == 0)
+with open(results, "a") as f:
+    f.write(json.dumps({"label": f"make engines MODEL={model} GPU=ada: disk used after {step}", "disk_used_gb":
+                        round(used / 1e9, 2), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+PYEOF
+    done
+    # the facts: every manifest and report (JSON), the engines' layer summaries; never weights or plans
+    (cd "$RUN" && find "work/$model" "engines/$model" \( -name '*.json' -o -name '*.txt' \) -size -4M 2>/dev/null \
+      | grep -v '/assets/' | tar czf "facts/$model.tgz" -T -)
+    du -sb "$work"/* "$engines"/*/* >> "$RUN/facts/$model-sizes.txt" 2>/dev/null
+    rm -rf "$work" "$engines"
+  done
+  touch "$RUN/done"
+}
+
+case "$STAGE" in
+launch)
+  rm -rf "$RUN"; mkdir -p "$RUN/facts"
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc; free -g | head -2; df -h /tmp | tail -1
+    "$PY" -c "import torch, onnxruntime as o; print(torch.__version__, o.__version__, o.get_available_providers())"; } \
+    > "$RUN/facts/env.txt" 2>&1
+  setsid nohup bash "$0" chain "$@" > "$RUN/chain.log" 2>&1 < /dev/null &
+  echo "launched: $*" ;;
+chain) chain "$@" ;;
+wait)
+  limit=${1:?seconds}; start=$SECONDS
+  while [ ! -e "$RUN/done" ] && [ $((SECONDS - start)) -lt "$limit" ]; do sleep 5; done
+  [ -e "$RUN/done" ] && echo "chain done" || echo "chain still running after ${limit}s"
+  grep -h '\[measure\]\|failed\|Error\|error:' "$RUN/chain.log" | tail -20
+  cp "$RUN/results.jsonl" "$OUT/" 2>/dev/null; tail -c 4000000 "$RUN/chain.log" > "$OUT/chain.log"
+  (cd "$RUN" && tar czf "$OUT/facts.tgz" facts) ;;
+*) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
