@@ -161,3 +161,21 @@ def test_traffic_checks_stay_inside_their_memory_budget():
     assert plan_traffic_check(SPECS["t5"], {"input_ids": torch.zeros(8, 256)}, heads=64).rows is None
     x = torch.arange(8)
     assert medium.select(x).tolist() == [0, 4]
+
+
+def test_a_bounded_traffic_check_says_what_it_checked(work_copy, monkeypatch):
+    """The held-out check's report: every row on the chain's own export; when the rows do not fit the budget, export
+    still checks one whole prompt (negative and positive rows), passes on it, and the manifest says how many rows,
+    on which provider, within which budget."""
+    import sd35trt.producers.export as export
+    from sd35trt.cli.main import main
+
+    manifest = work_copy / "onnx-fp8" / "transformer" / "manifest.json"
+    whole = json.loads(manifest.read_text())["traffic_check"]
+    assert whole["passed"] and whole["provider"] == "cpu" and whole["checked"].startswith("every row (4)"), whole
+    monkeypatch.setattr(export, "CHECK_MEMORY_GIB", 1e-6)
+    assert main(["export", "--model", "tiny", "--out", str(work_copy), "--components", "transformer",
+                 "--precision", "fp8", "--force", "--provider", "cpu"]) == 0
+    bounded = json.loads(manifest.read_text())["traffic_check"]
+    assert bounded["passed"] and bounded["calls"] == whole["calls"] == 2
+    assert "2 of 4 rows" in bounded["checked"] and "budget 1e-06 GiB of host memory" in bounded["checked"], bounded
