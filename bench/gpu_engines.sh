@@ -10,6 +10,9 @@
 # Models run one after another; a model's work dir and bundle are deleted once its facts are kept (the machine has
 # 64 GB of disk). Every model has RANDOM weights (no download is possible); say so in every table.
 # SYSTEM_PYTHON=1: the machine's own torch/CUDA stack plus the staged wheels (onnxruntime-gpu among them).
+# Wheels (../shared/tools/device-wheels' default set + onnxruntime-gpu==1.31.1) went over as one tar split into 58 MB
+# parts (`tar cf - *.whl | split -b 58000000`): the tool's 60 MiB parts plus this 6.5 MB repo pass the 64 MiB limit.
+# On the machine: cat the parts | tar xf -, pip install --no-deps --target /tmp/site, PYTHONPATH=/tmp/site:$PWD.
 set -uo pipefail
 STAGE=${1:?stage}; shift
 RUN=${RUN:-/tmp/gpu-engines}; PY=${PY:-python3}
