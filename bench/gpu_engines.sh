@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make engines GPU=ada` at real size on the GPU machine (#25), as a user runs it, each make step measured by
-# bench/measure.py (wall time, peak RSS of the whole process tree) plus the disk used after it.
+# `make engines GPU=ada` at real size on the GPU machine (#25), as a user runs it: bench/real_size.sh make_engines per
+# model (each make step under bench/measure.py: wall time, peak RSS of the whole process tree; the disk used after it).
 #
 #   bash bench/gpu_engines.sh launch MODEL [MODEL ...]   start the chain in its own process session (setsid), so it
 #                                                        outlives the 10-minute command limit; returns at once
@@ -19,28 +19,16 @@ RUN=${RUN:-/tmp/gpu-engines}; PY=${PY:-python3}
 mkdir -p "$RUN/facts"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-chain() {
+chain() {  # bench/real_size.sh make_engines: the three make steps, each measured, with the disk used after it
   for model in "$@"; do
-    local work=$RUN/work/$model engines=$RUN/engines/$model
-    for step in calibrate export build; do
-      "$PY" bench/measure.py "$RUN/results.jsonl" "make engines MODEL=$model GPU=ada: $step" -- \
-        make "$step" MODEL="$model" GPU=ada WORK="$work" ENGINES="$engines" SYSTEM_PYTHON=1 PYTHON="$PY" \
-        || { echo "$model $step failed" >> "$RUN/chain.log"; break; }
-      "$PY" - "$RUN/results.jsonl" "$model" "$step" "$work" "$engines" <<'PYEOF'
-import json, subprocess, sys, time
-results, model, step, *dirs = sys.argv[1:]
-used = sum(int(subprocess.run(["du", "-sb", d], capture_output=True, text=True).stdout.split()[0] or 0)
-           for d in dirs if subprocess.run(["test", "-d", d]).returncode == 0)
-with open(results, "a") as f:
-    f.write(json.dumps({"label": f"make engines MODEL={model} GPU=ada: disk used after {step}", "disk_used_gb":
-                        round(used / 1e9, 2), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-PYEOF
-    done
+    local work=$RUN/work/$model
+    WORK=$work RESULTS=$RUN/results.jsonl PY=$PY bash bench/real_size.sh make_engines "$model" \
+      || echo "$model: make engines failed" >> "$RUN/chain.log"
     # the facts: every manifest and report (JSON), the engines' layer summaries; never weights or plans
-    (cd "$RUN" && find "work/$model" "engines/$model" \( -name '*.json' -o -name '*.txt' \) -size -4M 2>/dev/null \
+    (cd "$RUN" && find "work/$model" \( -name '*.json' -o -name '*.txt' \) -size -4M 2>/dev/null \
       | grep -v '/assets/' | tar czf "facts/$model.tgz" -T -)
-    du -sb "$work"/* "$engines"/*/* >> "$RUN/facts/$model-sizes.txt" 2>/dev/null
-    rm -rf "$work" "$engines"
+    du -sb "$work"/* "$work"/engines/*/* >> "$RUN/facts/$model-sizes.txt" 2>/dev/null
+    rm -rf "$work"
   done
   touch "$RUN/done"
 }

@@ -147,7 +147,7 @@ def exported_variants(requested: str, components: tuple[str, ...], calibrated: s
     """(component, precision) pairs ``export --precision`` produces: ``auto`` (what engines use) is FP16 for
     every component and FP8 for the calibrated ones whose preference has FP8; with a ``target`` (``--gpu``), just
     the one variant per component that ``plan_precisions`` gives that target's engines (an FP8 target skips the
-    FP16 twin of an FP8 component: 16 GB and minutes at SD3.5-Large size; an FP16 target skips the FP8 ONNX);
+    FP16 twin of an FP8 component: 15 GB and minutes at SD3.5-Large size; an FP16 target skips the FP8 ONNX);
     otherwise the named ones (FP8 only where calibrated). Ordered FP32, FP16, FP8."""
     from sd35trt.core.errors import check_choice
 
