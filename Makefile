@@ -18,7 +18,7 @@ GPU ?= ada
 MODEL ?= tiny
 BACKEND ?= auto
 # A preset's name, or a model directory's own name (MODEL=/data/sd3.5-large/ -> build/sd3.5-large).
-WORK ?= build/$(notdir $(patsubst %/,%,$(MODEL)))
+WORK ?= build/$(shell basename -- "$(MODEL)")
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
 ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
@@ -27,17 +27,23 @@ ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
 FP8 ?= transformer
 SHARDS ?= 1
 BUILD_FLAGS ?=
+# Engine shape ranges (export's --height/--width, MIN:OPT:MAX pixels; default 512:1024:1536): checked by preflight.
+HEIGHT ?=
+WIDTH ?=
+RANGE_FLAGS := $(if $(HEIGHT),--height "$(HEIGHT)") $(if $(WIDTH),--width "$(WIDTH)")
 # T5=0: a CLIP-only bundle (no T5-XXL: 9.5 GB less at SD3.5 size), calibrated on CLIP-only traffic.
 T5 ?= 1
 T5_FLAG := $(if $(filter 0,$(T5)),--no-t5,)
 # LORA=adapter.safetensors[:scale][,more]: style adapters fused into the model before calibration.
 LORA ?=
-LORA_FLAG := $(if $(LORA),--lora $(LORA),)
-# Calibration size (sd35trt.producers.calibrate.calibration_size says why): tiny 8 x 4 at 512 px, real SD3.5 32 prompts
-# x 20 steps at 1024 px.
-NUM_PROMPTS ?= $(if $(filter tiny%,$(MODEL)),8,32)
-STEPS ?= $(if $(filter tiny%,$(MODEL)),4,$(if $(findstring turbo,$(MODEL)),4,20))
-SIZE ?= $(if $(filter tiny%,$(MODEL)),512,1024)
+LORA_FLAG := $(if $(LORA),--lora "$(LORA)",)
+# Calibration size: by default calibrate chooses it from the model (sd35trt.producers.calibrate.calibration_size:
+# a test-size model 8 x 4 at 512 px, real SD3.5 32 prompts x 20 steps at 1024 px, Turbo its 4 steps); set to override.
+NUM_PROMPTS ?=
+STEPS ?=
+SIZE ?=
+CALIB_SIZE := $(if $(NUM_PROMPTS),--num-prompts $(NUM_PROMPTS)) $(if $(STEPS),--steps $(STEPS)) \
+  $(if $(SIZE),--height $(SIZE) --width $(SIZE))
 
 .PHONY: install preflight engines export calibrate build test test-fast lint selftest lock clean help
 
@@ -67,17 +73,18 @@ install: $(VENV)/.installed
 
 # Model, target and options are checked before any step (a bad GPU= or MODEL= fails in seconds, not after export).
 preflight: $(STAMP)
-	@$(CLI) preflight --model $(MODEL) --gpu $(GPU) --backend $(BACKEND) --fp8 $(FP8) --work $(WORK) --engines $(ENGINES) $(T5_FLAG) $(LORA_FLAG)
+	@$(CLI) preflight --model "$(MODEL)" --gpu "$(GPU)" --backend "$(BACKEND)" --fp8 "$(FP8)" --work "$(WORK)" \
+	  --engines "$(ENGINES)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG)
 
 calibrate: preflight
-	$(CLI) calibrate --model $(MODEL) --out $(WORK) --prompts $(PROMPTS) --num-prompts $(NUM_PROMPTS) --steps $(STEPS) \
-	  --height $(SIZE) --width $(SIZE) --components $(FP8) --shards $(SHARDS) $(T5_FLAG) $(LORA_FLAG)
+	$(CLI) calibrate --model "$(MODEL)" --out "$(WORK)" --prompts "$(PROMPTS)" $(strip $(CALIB_SIZE)) \
+	  --components "$(FP8)" --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG)
 
 export: calibrate
-	$(CLI) export --model $(MODEL) --out $(WORK) --gpu $(GPU) $(T5_FLAG) $(LORA_FLAG)
+	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG)
 
 build: export
-	$(CLI) build --gpu $(GPU) --backend $(BACKEND) --onnx $(WORK) --out $(ENGINES) $(T5_FLAG) $(BUILD_FLAGS)
+	$(CLI) build --gpu "$(GPU)" --backend "$(BACKEND)" --onnx "$(WORK)" --out "$(ENGINES)" $(T5_FLAG) $(BUILD_FLAGS)
 
 engines: build
 

@@ -82,13 +82,13 @@ def work_copy(calibrated, tmp_path):
 # `make test-fast`: the tests that build no model pipeline, export no ONNX and start no worker process (pure
 # functions, parsers, plans, CLI refusals), marked here from the fixtures they use and the modules they live in.
 HEAVY_FIXTURES = {"chain", "exported", "calibrated", "work_copy", "outlier_chain", "boundary_chain", "turbo_work",
-                  "lora_work", "adapter", "tiny_pipe"}
-SLOW_MODULES = {"test_shards", "test_interrupts"}
+                  "lora_work", "adapter", "tiny_pipe", "lora_model", "plain"}
+SLOW_MODULES = {"test_shards", "test_interrupts", "test_journeys"}
 SLOW_TESTS = {"test_runtime_imports_on_a_host_without_the_build_stack", "test_tiny_preset_is_deterministic_and_uses_diffusers_classes",
               "test_fp16_last_resort_is_whole_fp32_with_why", "test_lora_changes_the_model_and_is_part_of_its_identity",
               "test_tiled_decode_blends_overlapping_tiles_close_to_the_whole_decode",
               "test_a_2048_image_from_a_vae_profile_capped_at_1024", "test_bad_adapters_are_one_line_naming_the_file",
-              "test_calibration_size_per_model_matches_the_makefile", "test_peers_in_one_run_with_ratios_table_json_and_csv"}
+              "test_calibration_size_per_model_and_the_makefile_leaves_it_to_calibrate", "test_peers_in_one_run_with_ratios_table_json_and_csv"}
 
 
 def pytest_collection_modifyitems(config, items):

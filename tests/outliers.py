@@ -72,3 +72,50 @@ def save_boundary_model(dest: Path, site: str, *, layers: int = 2) -> Path:
     inject_boundary_outliers(pipe, site)
     pipe.save_pretrained(dest)
     return dest
+
+
+def inject_ring_outliers(pipe, value: float = 1e5, inner: int = 48) -> None:
+    """Outliers only larger images see: the transformer's position table gets ``value`` in two channels outside
+    its centre ``inner`` x ``inner`` patches (1e5: past FP16 itself, so an FP16 table holds inf there). SD3 crops the table's centre to the latent, so calibration at 512 px
+    (32 x 32 patches) and export's 576x640 check never read them; 1024 px and up do. An overflow past
+    calibration's inputs: only the census's range probes (1536 px) can find it."""
+    import torch
+
+    embed = pipe.transformer.pos_embed
+    size = embed.pos_embed_max_size
+    grid = embed.pos_embed.view(1, size, size, -1)
+    lo, hi = (size - inner) // 2, (size + inner) // 2
+    ring = torch.ones(size, size, dtype=torch.bool)
+    ring[lo:hi, lo:hi] = False
+    with torch.no_grad():
+        grid[0, ring, :2] = value
+
+
+def save_model(dest: Path, edit=None, *, preset: str = "tiny", clip_only: bool = False, **kwargs) -> Path:
+    """``save_pretrained`` of a tiny preset, its weights first edited by ``edit(pipe, **kwargs)``: a directory loaded by
+    ``from_pretrained`` like a user's checkpoint. ``clip_only``: saved without T5-XXL (text_encoder_3/tokenizer_3),
+    as users who never download it have it."""
+    from sd35trt.core.models import build_pipeline, resolve_model
+
+    pipe = build_pipeline(resolve_model(preset))
+    if edit is not None:
+        edit(pipe, **kwargs)
+    if clip_only:
+        pipe.text_encoder_3, pipe.tokenizer_3 = None, None
+        pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(dest)
+    return dest
+
+
+def inject_stream_outliers(pipe, scale: float = 2e5) -> None:
+    """The last joint block overflows inside (``inject_outliers``) and its output stream leaves the margin while it
+    stays inside FP16 on calibration traffic (~4e4 at 512 px), as SD3.5-Large's block 35 feeding ``norm_out``; T5's
+    last feed-forward overflows too. Islands: the block, ``norm_out`` (it receives the stream), T5's layer and final
+    norm; the stream between the two transformer islands must stay FP32."""
+    import torch
+
+    inject_outliers(pipe)
+    with torch.no_grad():
+        ff = pipe.transformer.transformer_blocks[-1].ff
+        ff.net[2].weight.mul_(scale)
+        ff.net[2].bias.mul_(scale)

@@ -118,8 +118,9 @@ def test_unchanged_calibration_is_skipped(calibrated, tiny_source):
     assert calibration_inputs_hash(tiny_source, CalibrationConfig(**CALIB), prompts, recipe, "cuda") != first.inputs_hash
 
 
-def test_calibration_size_per_model_matches_the_makefile():
-    """Tiny stays fast; real models calibrate on 32 prompts x 20 steps; `make -n` shows the same numbers."""
+def test_calibration_size_per_model_and_the_makefile_leaves_it_to_calibrate():
+    """Tiny stays fast; real models calibrate on 32 prompts x 20 steps (Turbo on its 4); `make -n` passes no size
+    (calibrate chooses it from the model, directories included) unless NUM_PROMPTS/STEPS/SIZE are set."""
     import subprocess
 
     from sd35trt.core.models import resolve_model
@@ -128,9 +129,12 @@ def test_calibration_size_per_model_matches_the_makefile():
     for model, expected in (("tiny", (8, 4, 512)), ("sd3.5-medium", (32, 20, 1024)), ("sd3.5-large", (32, 20, 1024)),
                             ("sd3.5-large-turbo", (32, 4, 1024))):  # Turbo calibrates on the 4 steps it serves
         assert calibration_size(resolve_model(model)) == expected
-        dry = subprocess.run(["make", "-n", "engines", f"MODEL={model}", "GPU=ada", "SYSTEM_PYTHON=1"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout
-        assert f"--num-prompts {expected[0]} --steps {expected[1]} --height {expected[2]} --width {expected[2]}" in \
-            " ".join(dry.replace("\\\n", " ").split()), dry
-        order = [line.split()[3] for line in dry.splitlines() if " -m sd35trt " in line]
-        assert order == ["preflight", "calibrate", "export", "build"], "model and target are checked first"
+    dry = subprocess.run(["make", "-n", "engines", "MODEL=sd3.5-medium", "GPU=ada", "SYSTEM_PYTHON=1"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    flat = " ".join(dry.replace("\\\n", " ").split())
+    assert "--num-prompts" not in flat and "--steps" not in flat and "--height" not in flat, dry
+    order = [line.split()[3] for line in dry.splitlines() if " -m sd35trt " in line]
+    assert order == ["preflight", "calibrate", "export", "build"], "model and target are checked first"
+    dry = subprocess.run(["make", "-n", "calibrate", "MODEL=tiny", "NUM_PROMPTS=4", "STEPS=2", "SIZE=576",
+                          "SYSTEM_PYTHON=1"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "--num-prompts 4 --steps 2 --height 576 --width 576" in " ".join(dry.replace("\\\n", " ").split()), dry

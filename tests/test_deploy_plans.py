@@ -134,13 +134,16 @@ def test_a_2048_image_from_a_vae_profile_capped_at_1024(tmp_path, tiny_source):
 
 @pytest.fixture(scope="module")
 def turbo_work(tmp_path_factory):
-    """The tiny Turbo preset through the CLI: calibrate (its 4 steps, no guidance) and export."""
+    """A Turbo model directory (the tiny Turbo preset saved as `my-sd3.5-turbo`: Turbo by its name, as a downloaded
+    SD3.5-Large-Turbo is) through the CLI: calibrate (its 4 steps, no guidance) and export."""
     from sd35trt.cli.main import main
+    from tests.outliers import save_model
 
-    work = tmp_path_factory.mktemp("turbo")
-    assert main(["calibrate", "--model", "tiny-turbo", "--out", str(work), "--num-prompts", "2", "--calib-batch", "2",
+    root = tmp_path_factory.mktemp("turbo")
+    model, work = save_model(root / "my-sd3.5-turbo", preset="tiny-turbo"), root / "work"
+    assert main(["calibrate", "--model", str(model), "--out", str(work), "--num-prompts", "2", "--calib-batch", "2",
                  "--height", "512", "--width", "512"]) == 0
-    assert main(["export", "--model", "tiny-turbo", "--out", str(work)]) == 0
+    assert main(["export", "--model", str(model), "--out", str(work)]) == 0
     return work
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from sd35trt import __version__
 from sd35trt.core import log
-from sd35trt.core.errors import InvalidInputError
+from sd35trt.core.errors import InvalidInputError, check_choice
 from sd35trt.core.metrics import aggregate, error_stats, psnr
 from sd35trt.core.models import ModelSource
 from sd35trt.core.specs import COMPONENTS, SPECS, Precision, eager_text_attention, pipeline_attrs, vae_input
@@ -47,6 +47,7 @@ class CompareConfig:
     guidance: float = 4.5
     seed: int = 0
     t5: bool = True  # False: CLIP-only, against diffusers' own pipeline with text_encoder_3=None
+    device: str = "auto"  # where the FP32 reference runs: auto (the GPU when there is one) | cpu | cuda
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in ("fp32", "fp16", "fp8")]
@@ -54,6 +55,9 @@ class CompareConfig:
             raise InvalidInputError(f"unknown variant(s) {', '.join(bad)}", hint="choose from fp32,fp16,fp8")
         if self.prompts < 1 or self.steps < 1:
             raise InvalidInputError("--prompts and --steps must be ≥ 1", hint="e.g. --prompts 2 --steps 4")
+        from sd35trt.core.host import DEVICES
+
+        check_choice("--device", self.device, DEVICES)
 
 
 @dataclass
@@ -334,7 +338,8 @@ def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
 
     vae = pipe.vae
     with torch.no_grad():
-        ref_images = [vae.decode(vae_input(lat, vae.config), return_dict=False)[0] for lat in ref_latents]
+        ref_images = [vae.decode(vae_input(lat.to(vae.device, vae.dtype), vae.config), return_dict=False)[0].float().cpu()
+                      for lat in ref_latents]
     assets = PipelineAssets.of_pipeline(pipe)
     results, failures, images = {}, [], {"reference": ref_images}
     for variant, runners in runners_by_variant.items():
@@ -363,6 +368,14 @@ def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
                             "passed": passed}
         images[variant] = variant_images
     return results, failures, images
+
+
+def _device_name(device: str) -> str:
+    if device != "cuda":
+        return "the CPU"
+    import torch
+
+    return torch.cuda.get_device_name(0)
 
 
 def diff_gain(diff: Any) -> float:
@@ -416,10 +429,13 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
     """Compare ``runners_by_variant`` (ONNX variants, or one engine bundle) with diffusers/PyTorch FP32 (CLIP-only
     runners against diffusers' own pipeline without T5)."""
     from sd35trt.core.artifacts import write_json_atomic
+    from sd35trt.core.host import pick_device, strict_fp32
     from sd35trt.core.models import build_pipeline
 
     t5 = cfg.t5 and all("t5" in r for r in runners_by_variant.values())
-    pipe = build_pipeline(source, device="cpu", components=pipeline_attrs(t5))
+    device = pick_device(cfg.device)
+    strict_fp32()  # the reference is FP32: no TF32 in cuBLAS or cuDNN
+    pipe = build_pipeline(source, device=device, components=pipeline_attrs(t5))
     pipe.set_progress_bar_config(disable=True)
     eager_text_attention(pipe)  # text encoders run with the exported (eager) attention on both sides
     runners_by_variant = {v: {k: r for k, r in runners.items() if t5 or k != "t5"} for v, runners in runners_by_variant.items()}
@@ -436,7 +452,9 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
         "kind": "compare", "toolkit": __version__, "model": source.describe(), "random_weights": source.random_weights,
         "candidate": candidate_label,
         "config": cfg.__dict__ | {"variants": list(runners_by_variant), "components": list(cfg.components)},
-        "reference": f"diffusers {label}, FP32, CPU", "t5": t5, "components": per_component, "end_to_end": e2e,
+        "reference": f"diffusers {label}, FP32 weights and compute"
+                     + (" (TF32 off)" if device == "cuda" else "") + f", on {_device_name(device)}",
+        "reference_device": device, "t5": t5, "components": per_component, "end_to_end": e2e,
         "passed": not failures, "failures": failures, "missing": missing or {},
         "seconds": round(time.perf_counter() - start, 1),
         "host": platform.node(), "executed_with": sorted(kinds),

@@ -89,11 +89,29 @@ def click_command() -> Any:
     command = typer.main.get_command(app)
 
     def plain(node: Any) -> None:
+        names = {n for param in getattr(node, "params", []) for n in (*getattr(param, "opts", ()),
+                                                                     *getattr(param, "secondary_opts", ()))}
         for param in getattr(node, "params", []):
             if getattr(param, "is_flag", False):
                 param.metavar = ""
+            elif getattr(param, "opts", None) and param.param_type_name == "option":
+                param.callback = _refuse_option_as_value(param.callback, names)
         for sub in getattr(node, "commands", {}).values():
             plain(sub)
 
     plain(command)
     return command
+
+
+def _refuse_option_as_value(callback: Any, names: set[str]) -> Any:
+    """An option whose value is another option of the command (``--vae-tiling --out x.png``: ``--out`` taken as
+    the value, then "unexpected extra argument x.png") is refused naming the option that lacks its value."""
+
+    def check(ctx: Any, param: Any, value: Any) -> Any:
+        if value is not None and str(value) in names:
+            from typer import BadParameter
+
+            raise BadParameter(f"needs a value, but the next word is the option {value}", ctx=ctx, param=param)
+        return callback(ctx, param, value) if callback is not None else value
+
+    return check

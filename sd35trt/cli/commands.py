@@ -21,10 +21,12 @@ from sd35trt.cli.app import (
     echo,
     emit,
 )
+from sd35trt.core.specs import ShapeRanges
 from sd35trt.producers.build import BuildConfig
 from sd35trt.runtime.pipeline import GenerateRequest
 
 _REQ = GenerateRequest(prompt="")  # generate's defaults are the request's own
+_RANGES = ShapeRanges()  # export's default shape ranges (preflight checks what export will use)
 
 
 @app.command()
@@ -206,6 +208,7 @@ def compare(
     t5: bool = T5Opt,
     lora: Optional[str] = LoraOpt,
     out: Path = typer.Option(Path("compare"), "--out", "-o", help="folder for compare.json and compare.png"),
+    device: str = typer.Option("auto", "--device", help="where the FP32 reference (diffusers, TF32 off) runs: auto (the GPU when there is one) | cpu | cuda"),
     verbose: bool = typer.Option(False, "--verbose", help="polygraphy's per-iteration log (on stderr)"),
     json_out: bool = typer.Option(False, "--json", help="print compare.json instead of the table"),
 ) -> None:
@@ -222,7 +225,7 @@ def compare(
         raise InvalidInputError("choose exactly one of --onnx and --bundle", hint="e.g. --onnx build/tiny")
     cfg = CompareConfig(variants=tuple(v.strip() for v in (variants or "").split(",") if v.strip()),
                         components=parse_components(components), prompts=prompts, steps=steps, height=height,
-                        width=width, seed=seed, t5=t5)
+                        width=width, seed=seed, t5=t5, device=device)
     source = resolve_model(model, lora=lora)
     if bundle is not None:
         from sd35trt.core.manifests import require_model
@@ -389,15 +392,20 @@ def preflight(
     lora: Optional[str] = LoraOpt,
     work: Optional[Path] = typer.Option(None, "--work", help="the work dir make uses"),
     engines: Path = typer.Option(Path("engines"), "--engines", help="the engines root make uses"),
+    height: str = typer.Option(str(_RANGES.height), "--height", help="the pixel height range export will use (make's HEIGHT=)"),
+    width: str = typer.Option(str(_RANGES.width), "--width", help="the pixel width range export will use (make's WIDTH=)"),
 ) -> None:
     """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
+    from sd35trt.cli.app import ranges_from_options
     from sd35trt.core.host import resolve_target
     from sd35trt.core.models import resolve_model
-    from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, Precision, parse_components, with_t5
+    from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, Precision, check_model_side, parse_components, with_t5
     from sd35trt.core.targets import parse_backend, parse_target, plan_precisions
     from sd35trt.producers.builder import choose_backend
 
     source = resolve_model(model, lora=lora)
+    check_model_side(ranges_from_options(str(_RANGES.batch), height, width, str(_RANGES.t5_tokens.max)),
+                     source.largest_side(), source.id)
     target = resolve_target(parse_target(gpu))
     calibrated = parse_components(fp8, CALIBRATABLE)
     if not t5 and "t5" in calibrated:

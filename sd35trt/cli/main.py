@@ -65,7 +65,7 @@ def export(
     from sd35trt.core.host import resolve_target
     from sd35trt.core.models import resolve_model
     from sd35trt.core.onnx_utils import resolve_provider
-    from sd35trt.core.specs import parse_components, with_t5
+    from sd35trt.core.specs import check_model_side, parse_components, with_t5
     from sd35trt.core.targets import parse_target
     from sd35trt.producers.export import ExportConfig, export_model, plan_variants
 
@@ -78,6 +78,7 @@ def export(
     config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider, target=target,
                           ranges=ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo,
                                                      vae_max=vae_max))
+    check_model_side(config.ranges, source.largest_side(), source.id)
     ensure_writable_dir(out)
     results = export_model(source, out, config, device=device, force=force, precision=precision)
     rows = {f"{r.component}/{r.precision}": {

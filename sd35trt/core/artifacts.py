@@ -35,6 +35,49 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def cache_dir() -> Path:
+    """sd35trt's per-user cache (``$SD35TRT_CACHE``, else ``$XDG_CACHE_HOME/sd35trt``, else ``~/.cache/sd35trt``)."""
+    if os.environ.get("SD35TRT_CACHE"):
+        return Path(os.environ["SD35TRT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd35trt"
+
+
+def file_stamp(path: Path) -> list[int]:
+    """What changes when a file's bytes are replaced or edited in place: size, modification time, inode, device."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev]
+
+
+def known_sha256(path: Path) -> str:
+    """sha256 of ``path``, read from the per-user cache while the file's stamp (size, mtime, inode) is unchanged:
+    a model directory's weights (tens of GB) are hashed once, not by every command that names the model."""
+    store = cache_dir() / "sha256.json"
+    key = str(path.resolve())
+    stamp = file_stamp(path)
+    try:
+        cached = json.loads(store.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        cached = None
+    if isinstance(cached, list) and len(cached) == 2 and cached[0] == stamp:
+        return str(cached[1])
+    digest = sha256_file(path)
+    remember_sha256({key: [stamp, digest]})
+    return digest
+
+
+def remember_sha256(entries: dict[str, Any]) -> None:
+    """Add ``{resolved path: [stamp, sha256]}`` to the per-user cache (best effort: a read-only home only costs a
+    re-hash next time)."""
+    store = cache_dir() / "sha256.json"
+    try:
+        data = json.loads(store.read_text()) if store.is_file() else {}
+        data = data if isinstance(data, dict) else {}
+        data.update(entries)
+        write_json_atomic(store, data)
+    except (OSError, ValueError):
+        pass
+
+
 def hash_json(data: Any) -> str:
     """Stable hash of a JSON-able value (sorted keys), used for 'inputs unchanged?' decisions."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -79,39 +79,57 @@ def parse_adapters(text: str | None) -> tuple[Adapter, ...]:
 
 
 def fuse_adapters(pipe: Any, adapters: tuple[Adapter, ...]) -> None:
-    """Load every adapter with diffusers' SD3 LoRA loader, fuse them at their scales into the networks ``pipe``
-    has, and drop the adapter layers (the fused weights stay). An adapter that fits none of the networks, or
-    whose shapes do not match, is refused in one line naming its file."""
+    """Load every adapter with diffusers' SD3 LoRA loader into the networks ``pipe`` has, fuse them at their
+    scales and drop the adapter layers (the fused weights stay). A pipeline built with some networks only (export
+    builds the text encoders apart from the transformer) gets each adapter's weights for those networks; an
+    adapter with none for them is skipped there. An adapter whose shapes do not match, or that matches no layer,
+    is refused in one line naming its file."""
     present = [attr for attr in LORA_PREFIXES if getattr(pipe, attr, None) is not None]
-    if not adapters or not present:
+    loaded = [a for a in adapters if set(a.networks) & set(present)]
+    if not loaded:
         return
     import diffusers
 
-    for adapter in adapters:
-        before = _peft_layers(pipe)
+    for adapter in loaded:
+        targets = [attr for attr in present if attr in adapter.networks]
+        before = _peft_layers(pipe, targets)
         level = diffusers.utils.logging.get_verbosity()
         diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)  # its own traceback before it raises
         try:
-            pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+            _load_into(pipe, adapter, targets)
         except (ValueError, RuntimeError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise ModelLoadError(f"LoRA adapter does not fit this model ({first})", path=adapter.path,
                                  hint="use an adapter trained for this SD3.5 model (same architecture and size)") from None
         finally:
             diffusers.utils.logging.set_verbosity(level)
-        if _peft_layers(pipe) == before and any(n in present for n in adapter.networks):
+        if _peft_layers(pipe, targets) == before:
             raise ModelLoadError("LoRA adapter matched no layer of this model", path=adapter.path,
                                  hint="use an adapter trained for this SD3.5 model (its keys name other modules)")
-    names = [a.name for a in adapters]
-    pipe.set_adapters(names, adapter_weights=[a.scale for a in adapters])
+    names = [a.name for a in loaded]
+    pipe.set_adapters(names, adapter_weights=[a.scale for a in loaded])
     pipe.fuse_lora(components=present, lora_scale=1.0, adapter_names=names)
     pipe.unload_lora_weights()
 
 
-def _peft_layers(pipe: Any) -> int:
-    """How many adapter layers the pipeline's networks hold (PEFT's tuner layers)."""
+def _load_into(pipe: Any, adapter: Adapter, targets: list[str]) -> None:
+    """diffusers' ``load_lora_weights`` network by network: it loads into the transformer and both CLIP encoders
+    unconditionally, and a pipeline built without one of them (``None``) has no loader to call."""
+    state, metadata = pipe.lora_state_dict(str(adapter.path), return_lora_metadata=True)
+    for attr in targets:
+        if attr == "transformer":
+            pipe.load_lora_into_transformer(state, transformer=pipe.transformer, adapter_name=adapter.name,
+                                            metadata=metadata, _pipeline=pipe)
+        else:
+            pipe.load_lora_into_text_encoder(state, network_alphas=None, text_encoder=getattr(pipe, attr), prefix=attr,
+                                             lora_scale=pipe.lora_scale, adapter_name=adapter.name, metadata=metadata,
+                                             _pipeline=pipe)
+
+
+def _peft_layers(pipe: Any, attrs: list[str]) -> int:
+    """How many adapter layers the networks ``attrs`` of the pipeline hold (PEFT's tuner layers)."""
     count = 0
-    for attr in LORA_PREFIXES:
+    for attr in attrs:
         network = getattr(pipe, attr, None)
         if network is not None:
             count += sum(1 for m in network.modules() if type(m).__module__.startswith("peft.tuners"))

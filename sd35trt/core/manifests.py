@@ -40,6 +40,24 @@ class WorkDir:
     def onnx_path(self, precision: Precision, component: str) -> Path:
         return self.onnx_folder(precision, component) / "model.onnx"
 
+    @property
+    def assets(self) -> Path:
+        """The loop's tokenizers and configs (``core.models.PipelineAssets``), written by export."""
+        return self.root / "assets"
+
+    def clip_only(self) -> bool:
+        """Exported from a model without T5-XXL (a CLIP-only download): no T5 ONNX, and assets without its
+        tokenizer. Build and the runners then leave T5 out without being told."""
+        import json
+
+        if any((self.onnx_folder(p, "t5") / MANIFEST).is_file() for p in VARIANT_DIRS):
+            return False
+        try:
+            tokenizers = json.loads((self.assets / "assets.json").read_text()).get("tokenizers", [])
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(tokenizers, list) and "t5" not in tokenizers and "clip_l" in tokenizers
+
     @staticmethod
     def of_onnx(onnx_path: Path) -> WorkDir:
         """The work dir an ``onnx*/<component>/model.onnx`` lives in."""

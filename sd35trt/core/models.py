@@ -8,10 +8,11 @@ is loaded with ``from_pretrained``. ``ModelSource.fingerprint`` identifies the w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import string
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,25 +210,53 @@ class ModelSource:
     def slug(self) -> str:
         return model_slug(self.describe(fingerprint=False))
 
-    def fingerprint(self) -> str:
-        """sha256 over everything that decides the weights: preset config + seed, or the directory's files.
+    def config(self, folder: str) -> dict[str, Any]:
+        """A network's config: a preset's, or the directory's ``<folder>/config.json`` ({} if unreadable: loading
+        the network reports a broken one). ``folder``: transformer, vae, text_encoder, text_encoder_2, text_encoder_3."""
+        if self.preset is not None:
+            keys = {"transformer": "transformer", "vae": "vae", "text_encoder": "clip_l", "text_encoder_2": "clip_g",
+                    "text_encoder_3": "t5"}
+            return dict(getattr(self.preset, keys[folder]))
+        assert self.path is not None
+        try:
+            data = json.loads((self.path / folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
-        For a directory the configs are hashed by content and weight files by name and size: hashing tens of
-        GB of safetensors on every command would cost minutes, and a changed checkpoint changes its size or
-        its index in practice. ``sd35trt bundle verify`` hashes what was actually built.
+    def transformer_config(self) -> dict[str, Any]:
+        return self.config("transformer")
+
+    def largest_side(self) -> int | None:
+        """The largest image side in pixels this model's transformer takes: SD3 crops its position table
+        (``pos_embed_max_size`` patches per side) to the latent, so a larger image has no positions (None: no
+        limit known)."""
+        transformer, vae = self.transformer_config(), self.config("vae")
+        patches = transformer.get("pos_embed_max_size")
+        if not patches or not vae.get("block_out_channels"):
+            return None
+        return int(patches) * int(transformer.get("patch_size", 2)) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+    def fingerprint(self) -> str:
+        """sha256 over everything that decides the weights: preset config + seed, or every file of the directory.
+
+        A directory's files are hashed by content (edited weights are another model, whatever their size); the
+        sha256 of each file is kept in the per-user cache by its size, modification time and inode
+        (``artifacts.known_sha256``), so tens of GB are read once per model, not by every command. Hidden files
+        and folders (``.cache/``, editor state) are not the model.
         """
+        from sd35trt.core.artifacts import known_sha256
+
         digest = hashlib.sha256()
         if self.preset is not None:
             digest.update(json.dumps(self.preset.to_dict(), sort_keys=True).encode())
         else:
             assert self.path is not None
-            for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
-                rel = file.relative_to(self.path).as_posix()
-                digest.update(rel.encode())
-                if file.suffix in {".json", ".txt", ".model"}:
-                    digest.update(file.read_bytes())
-                else:
-                    digest.update(str(file.stat().st_size).encode())
+            files = sorted(p for p in self.path.rglob("*") if p.is_file() and not any(
+                part.startswith(".") for part in p.relative_to(self.path).parts))
+            for file in files:
+                digest.update(file.relative_to(self.path).as_posix().encode())
+                digest.update(known_sha256(file).encode())
         if self.adapters:  # a model with LoRA fused is another model (never mixed with the base's artifacts)
             digest.update(json.dumps([[a.sha256, a.scale] for a in self.adapters]).encode())
         return digest.hexdigest()
@@ -468,6 +497,28 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Loading a model directory without diffusers' "Loading pipeline components" bars, its deprecation
+    FutureWarnings and transformers' notices: a directory loads as quietly as a preset (sd35trt logs the step)."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    quiet_libraries()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
+
+
 def _load_local(path: Path, *, device: str, dtype: torch.dtype, wanted: set[str]) -> StableDiffusion3Pipeline:
     from diffusers import StableDiffusion3Pipeline
 
@@ -476,12 +527,49 @@ def _load_local(path: Path, *, device: str, dtype: torch.dtype, wanted: set[str]
     if not (path / "text_encoder_3").is_dir():  # a CLIP-only download
         skip.update(text_encoder_3=None, tokenizer_3=None)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **skip)
+        with quiet_loading():
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **skip)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load the diffusers pipeline: {first}", path=path,
                              hint="check the directory is a complete SD3.5 download") from exc
     return pipe.to(device)
+
+
+def island_weights(source: ModelSource, attr: str, islands: list[Any], device: str) -> tuple[dict[str, Any], str]:
+    """The FP32 weights of the modules in ``islands`` (``numerics.Island``) of network ``attr``, for an export that
+    builds the network in FP16: an island must compute with its FP32 weights, not FP16-rounded (or overflowed) ones.
+    A directory without LoRA: the island's tensors read from its safetensors files, as stored. Otherwise (presets,
+    LoRA fused in FP32): that network built in FP32, its island tensors kept. Returns (tensors by full name, where
+    they came from)."""
+    if not islands:
+        return {}, "no islands"
+    prefixes = tuple(i.module + "." for i in islands)
+    if source.path is not None and not source.adapters:
+        found = _stored_tensors(source.path / attr, prefixes)
+        if found:
+            return found, f"read from {attr}/*.safetensors"
+    import torch
+
+    from sd35trt.core.numerics import island_state
+
+    pipe = build_pipeline(source, device=device, dtype=torch.float32, components={attr})
+    tensors = {k: v.cpu() for k, v in island_state(getattr(pipe, attr), islands).items()}
+    del pipe
+    return tensors, f"the {attr} network built in FP32"
+
+
+def _stored_tensors(folder: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """Tensors whose names start with ``prefixes`` from a network folder's safetensors files, upcast to FP32."""
+    from safetensors import safe_open
+
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.startswith(prefixes):
+                    found[key] = handle.get_tensor(key).float()
+    return found
 
 
 def vae_scale_factor(pipe: StableDiffusion3Pipeline) -> int:

@@ -57,17 +57,50 @@ def _output_maxima(output: Any) -> list[Any]:
             and item.numel() else None for item in items]
 
 
+def _tensors(value: Any) -> list[Any]:
+    """Every tensor in ``value`` (a tensor, or tuples/lists/dicts of them), in order."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
 class ActivationCensus:
-    """Running max |input| / max |output| (and per output position) of every module of some networks."""
+    """Running max |input| / max |output| (and per output position) of every module of some networks, and which
+    module's output each module receives (``feeds``: the data flow between modules, by tensor identity, so two
+    islands that hand a value one to the other can keep it FP32 between them)."""
 
     def __init__(self, networks: dict[str, Any]):
         self._in: dict[tuple[str, str], Any] = {}
         self._out: dict[tuple[str, str], list[Any]] = {}
+        self._made: dict[int, tuple[Any, list[tuple[str, str, int]]]] = {}  # id(tensor) -> (weakref, producers)
+        self._feeds: dict[tuple[str, str], set[tuple[str, int]]] = {}
+        self._order: dict[tuple[str, str], int] = {}  # the order modules first finished a call (children first)
         self._handles = []
         for component, network in networks.items():
             for name, module in network.named_modules():
                 if name:
                     self._handles.append(module.register_forward_hook(self._hook(component, name), with_kwargs=True))
+
+    def _producers(self, tensor: Any) -> list[tuple[str, str, int]]:
+        found = self._made.get(id(tensor))
+        return found[1] if found is not None and found[0]() is tensor else []
+
+    def _remember(self, tensor: Any, producer: tuple[str, str, int]) -> None:
+        import weakref
+
+        found = self._made.get(id(tensor))
+        if found is not None and found[0]() is tensor:
+            found[1].append(producer)
+            return
+        if len(self._made) > 50_000:  # forget tensors that no longer exist
+            self._made = {k: v for k, v in self._made.items() if v[0]() is not None}
+        self._made[id(tensor)] = (weakref.ref(tensor), [producer])
 
     def _hook(self, component: str, name: str):
         import torch
@@ -75,6 +108,7 @@ class ActivationCensus:
         key = (component, name)
 
         def hook(_module, args, kwargs, output):
+            self._order.setdefault(key, len(self._order))
             found = _max_abs(args) + _max_abs(kwargs)
             if found:
                 peak = torch.stack(found).max()
@@ -85,12 +119,26 @@ class ActivationCensus:
                 self._out[key] = outs
             else:
                 self._out[key] = [o if n is None else n if o is None else torch.maximum(o, n) for o, n in zip(old, outs)]
+            for tensor in _tensors(args) + _tensors(kwargs):
+                for owner, producer, position in self._producers(tensor):
+                    if owner == component and not _related(producer, name):
+                        self._feeds.setdefault(key, set()).add((producer, position))
+            for position, item in enumerate(output if isinstance(output, tuple) else (output,)):
+                if isinstance(item, torch.Tensor):
+                    self._remember(item, (component, name, position))
         return hook
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def feeds(self) -> dict[str, dict[str, list[list[Any]]]]:
+        """``{component: {module: [[producer, output position], ...]}}``: whose outputs each module received."""
+        table: dict[str, dict[str, list[list[Any]]]] = {}
+        for (component, name), producers in sorted(self._feeds.items()):
+            table.setdefault(component, {})[name] = [[p, i] for p, i in sorted(producers)]
+        return table
 
     def result(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``{component: {module: {"in": x, "out": y, "outs": [...], "headroom": 65504 / max}}}``, largest first."""
@@ -102,9 +150,14 @@ class ActivationCensus:
             out = max((o for o in outs if o is not None), default=0.0)
             peak = max(inp, out)
             table.setdefault(component, {})[name] = {
-                "in": inp, "out": out, "outs": outs,
+                "in": inp, "out": out, "outs": outs, "order": self._order.get(key, -1),
                 "headroom": round(FP16_MAX / peak, 3) if peak > 0 else None}
         return {c: dict(sorted(rows.items(), key=lambda kv: -max(kv[1]["in"], kv[1]["out"]))) for c, rows in table.items()}
+
+
+def _related(a: str, b: str) -> bool:
+    """One module contains the other (or they are the same)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 @dataclass(frozen=True)
@@ -143,10 +196,13 @@ def _holds_units(name: str, names: set[str], units: tuple[str, ...]) -> bool:
 
 
 def plan_islands(census: dict[str, dict[str, Any]], module_names: list[str], *, margin: float,
-                 upcast: tuple[str, ...] = (), units: tuple[str, ...] = ()) -> list[Island]:
+                 upcast: tuple[str, ...] = (), units: tuple[str, ...] = (),
+                 feeds: dict[str, list[list[Any]]] | None = None) -> list[Island]:
     """Islands of one component: the recipe's ``upcast`` patterns present in the model, plus every unit
     holding a module whose input or output max |x| exceeds ``margin`` in the census. A unit whose own
-    output exceeds the margin keeps that output FP32 (its consumer's input exceeds too, so it is an island).
+    output exceeds the margin keeps that output FP32 (its consumer's input exceeds too, so it is an island),
+    and so does an output that another island receives (``feeds``, the census's data flow): two islands in a row
+    are one FP32 stream, never rounded through FP16 between them.
 
     Right by construction at every boundary: a module that *receives* a value past the margin is an island
     whole — not just the hot child the census names inside it — because its forward hands that input to code
@@ -173,15 +229,24 @@ def plan_islands(census: dict[str, dict[str, Any]], module_names: list[str], *, 
         chosen[unit] = (peak, f"census: {name} {where} max |x| {peak:.4g} > margin {margin:g} (FP16 max {FP16_MAX:g})")
     # a container chosen after one of its children (census order is by value): the container alone is the island
     chosen = {u: v for u, v in chosen.items() if not any(u.startswith(c + ".") for c in chosen if c != u)}
+    into_islands: dict[str, dict[int, str]] = {}  # island -> output position -> the island receiving it
+    for consumer, producers in (feeds or {}).items():
+        receiving = next((c for c in chosen if consumer == c or consumer.startswith(c + ".")), None)
+        for producer, position in producers if receiving is not None else ():
+            if producer in chosen and producer != receiving:
+                into_islands.setdefault(producer, {}).setdefault(int(position), receiving)
     islands = []
     for unit, (peak, why) in chosen.items():
         outs = census.get(unit, {}).get("outs", [])
-        keep = tuple(i for i, o in enumerate(outs) if o is not None and o > margin)
-        islands.append(Island(unit, peak, why, keep))
-    return sorted(islands, key=lambda i: _natural_key(i.module))
+        keep = {i for i, o in enumerate(outs) if o is not None and o > margin}
+        streams = {i: c for i, c in into_islands.get(unit, {}).items() if i not in keep}
+        if streams:
+            why += "; " + ", ".join(f"output {i} stays FP32 into {c}" for i, c in sorted(streams.items()))
+        islands.append(Island(unit, peak, why, tuple(sorted(keep | set(streams)))))
+    return sorted(islands, key=lambda i: natural_key(i.module))
 
 
-def _natural_key(name: str) -> list[Any]:
+def natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
@@ -208,11 +273,23 @@ def _cast_floats(value: Any, dtype: Any) -> Any:
     return value
 
 
+def island_state(network: Any, islands: list[Island]) -> dict[str, Any]:
+    """FP32 copies of every parameter and buffer inside ``islands`` (full names in ``network``), taken while the
+    network still has its FP32 weights: what ``fp32_islands`` runs them with after the network is cast to FP16."""
+    inside = tuple(i.module + "." for i in islands)
+    tensors = {**dict(network.named_parameters()), **dict(network.named_buffers())}
+    return {name: t.detach().float().clone() for name, t in tensors.items() if name.startswith(inside)}
+
+
 @contextlib.contextmanager
-def fp32_islands(network: Any, islands: list[Island], low_dtype: Any) -> Iterator[None]:
-    """Run ``islands`` of ``network`` (whose other weights are in ``low_dtype``) in FP32: weights upcast,
-    inputs cast to FP32, outputs cast back to ``low_dtype`` except positions in ``fp32_outputs``.
-    Restores the weights' dtype and removes the hooks on exit. Traced by ``torch.onnx.export`` as Casts.
+def fp32_islands(network: Any, islands: list[Island], low_dtype: Any,
+                 weights: dict[str, Any] | None = None) -> Iterator[None]:
+    """Run ``islands`` of ``network`` (whose other weights are in ``low_dtype``) in FP32: inputs cast to FP32,
+    outputs cast back to ``low_dtype`` except positions in ``fp32_outputs``, and the island's parameters and buffers
+    FP32 — the FP32 originals from ``weights`` (``island_state``, or read from the model's files) where given, else
+    the low-precision ones upcast (FP16-rounded). Everything is put back as it was on exit (the very tensors, so
+    the next use of the context still finds the FP32 originals in ``weights``). Traced by ``torch.onnx.export``
+    as Casts and FP32 initializers.
 
     Outside the islands, a module with weights that is handed a tensor of another dtype (an island's FP32
     output reaching it through code between modules) gets it cast to its weights' dtype: by the census that
@@ -223,12 +300,26 @@ def fp32_islands(network: Any, islands: list[Island], low_dtype: Any) -> Iterato
     modules = dict(network.named_modules())
     handles = []
     inside = [i.module for i in islands]
+    saved: list[tuple[Any, str, str, Any]] = []  # (module, "_parameters" | "_buffers", name, original tensor)
 
     def match_weights(module, args, kwargs):
         weight = next(module.parameters(recurse=False), None)
         if weight is None or not weight.is_floating_point():
             return None
         return _cast_floats(args, weight.dtype), _cast_floats(kwargs, weight.dtype)
+
+    def upcast(island: str) -> None:
+        for prefix, module in modules[island].named_modules():
+            full = f"{island}.{prefix}" if prefix else island
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in list(getattr(module, kind).items()):
+                    if tensor is None or not tensor.is_floating_point():
+                        continue
+                    saved.append((module, kind, name, tensor))
+                    source = (weights or {}).get(f"{full}.{name}")
+                    value = source.to(tensor.device, torch.float32) if source is not None else tensor.detach().float()
+                    getattr(module, kind)[name] = torch.nn.Parameter(value, requires_grad=False) \
+                        if kind == "_parameters" else value
 
     try:
         if islands:
@@ -238,7 +329,7 @@ def fp32_islands(network: Any, islands: list[Island], low_dtype: Any) -> Iterato
                     handles.append(module.register_forward_pre_hook(match_weights, with_kwargs=True))
         for island in islands:
             module = modules[island.module]
-            module.float()
+            upcast(island.module)
             keep = set(island.fp32_outputs)
 
             def pre(_m, args, kwargs):
@@ -255,5 +346,5 @@ def fp32_islands(network: Any, islands: list[Island], low_dtype: Any) -> Iterato
     finally:
         for handle in handles:
             handle.remove()
-        for island in islands:
-            modules[island.module].to(low_dtype)
+        for module, kind, name, tensor in reversed(saved):
+            getattr(module, kind)[name] = tensor

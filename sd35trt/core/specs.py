@@ -138,6 +138,18 @@ class ShapeRanges:
         return problems
 
 
+def check_model_side(ranges: ShapeRanges, largest: int | None, model: str) -> None:
+    """Refuse ranges past the largest side ``model`` takes (``ModelSource.largest_side``) before any work: an
+    engine would accept the shape and then fail inside the network."""
+    if largest is None:
+        return
+    top = max(ranges.height.max, ranges.width.max)
+    if top > largest:
+        raise InvalidInputError(f"--height/--width reach {top} px, but {model} takes at most {largest} px per side "
+                                "(its transformer's position table, pos_embed_max_size)",
+                                hint=f"keep the --height/--width maximum at {largest} or below")
+
+
 def check_pixels(value: int, option: str) -> None:
     """Reject sizes SD3.5 can't take, suggesting the nearest valid one (diffusers' check_inputs does the same)."""
     if value % 16 != 0:

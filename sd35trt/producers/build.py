@@ -11,7 +11,7 @@ from __future__ import annotations
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,6 +235,9 @@ def check_memory(onnx_bytes: int, what: str, available: int | None) -> None:
 def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, force: bool = False) -> BundleResult:
     """``sd35trt build``: choose precisions and backend, verify the ONNX, build what changed, swap in."""
     target = resolve_target(config.target)
+    if "t5" in config.components and WorkDir(onnx_root).clip_only():
+        log.info("t5: the work dir's model has no T5-XXL (a CLIP-only download): the bundle is CLIP-only")
+        config = replace(config, components=tuple(c for c in config.components if c != "t5"))
     variants = load_onnx_variants(onnx_root, config.components)
     plan = plan_precisions(target, config.components, {c: set(v) for c, v in variants.items()}, config.precision)
     fp8 = [name for name, choice in plan.items() if choice.precision is Precision.FP8]

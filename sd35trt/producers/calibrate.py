@@ -25,7 +25,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,9 @@ from sd35trt.core.specs import (
     COMPONENTS,
     SPECS,
     CastIO,
+    PipeDims,
     Precision,
+    ShapeRanges,
     eager_text_attention,
     pipeline_attrs,
     vae_input,
@@ -68,13 +70,19 @@ TRAFFIC_CALLS = {"transformer": 2, "clip_l": 4, "clip_g": 4, "t5": 4, "vae_decod
 
 
 def calibration_size(source: ModelSource) -> tuple[int, int, int]:
-    """(prompts, steps, pixels per side) by model. Tiny: 8 × 4 at 512² (seconds on 2 CPU cores; its attention
-    at 1024² is what costs there). Real SD3.5: 32 prompts (TensorRT's demo calibrates on 32) × 20 steps
-    (ModelOpt's diffusers example README: 20 of its 30) at 1024², SD3.5's training resolution, batch 4. A Turbo
-    model calibrates on the traffic it serves: its own 4 steps."""
-    tiny = source.preset is not None and source.preset.name.startswith("tiny")
-    prompts, steps, size = (8, 4, 512) if tiny else (32, 20, 1024)
+    """(prompts, steps, pixels per side) by model size. A test-size model (the tiny preset, or a directory whose
+    transformer is narrower than SD3.5-Medium's 1536 channels: one saved from the tiny preset): 8 × 4 at 512²
+    (seconds on 2 CPU cores; its attention at 1024² is what costs there). Real SD3.5: 32 prompts (TensorRT's
+    demo calibrates on 32) × 20 steps (ModelOpt's diffusers example README: 20 of its 30) at 1024², SD3.5's
+    training resolution, batch 4. A Turbo model calibrates on the traffic it serves: its own 4 steps."""
+    config = source.transformer_config()
+    width = int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+    prompts, steps, size = (8, 4, 512) if 0 < width < TEST_SIZE_WIDTH else (32, 20, 1024)
     return prompts, min(steps, source.defaults.steps), size
+
+
+# Transformer width (heads x head dim) below which a model is a test-size one (SD3.5-Medium: 24 x 64 = 1536).
+TEST_SIZE_WIDTH = 1024
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -287,7 +295,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     #    the same modules unquantized.
     held_out = _held_out_reference(pipe, cfg, holdout_prompts, report_steps, torch_device, compute) if shard.main else None
     islands = share(shard, {name: plan_islands(held_out.census.get(name, {}), module_names[name], margin=recipe.margin,
-                                               upcast=recipe.upcast.get(name, ()), units=SPECS[name].island_units)
+                                               upcast=recipe.upcast.get(name, ()), units=SPECS[name].island_units,
+                                               feeds=held_out.feeds.get(name))
                             for name in present} if held_out is not None else None)
     for name, found in islands.items():
         for island in found:
@@ -347,7 +356,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
                     for name in present}, tmp / "traffic.pt")
         write_json_atomic(tmp / "census.json", {"kind": "activation-census", "fp16_max": 65504.0,
                                                 "margin": recipe.margin, "compute": compute,
-                                                "components": census_table})
+                                                "probes": held_out.probes, "components": census_table,
+                                                "feeds": held_out.feeds})
         fp32_islands_report = {name: [{"module": i.module, "max_abs": i.max_abs, "why": i.why} for i in found]
                                for name, found in islands.items()}
         report = {
@@ -378,7 +388,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
         manifest = CalibrationManifest(
             inputs_hash=calib_hash, model=source.describe(), components=tuple(cfg.components), islands=islands,
             fp16=decisions, files=file_entries(tmp), reference=report["reference"], margin=recipe.margin,
-            extra={"toolkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            extra={"toolkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "probe_ranges": probe_ranges(cfg).to_dict()})
         write_json_atomic(tmp / "manifest.json", manifest.to_dict())
     return CalibrationResult(False, calib_hash, report, folder, time.perf_counter() - start)
 
@@ -392,6 +403,8 @@ class HeldOut:
     census: dict[str, Any]
     traffic: dict[str, list[dict[str, Any]]]
     references: dict[str, list[list[Any]]]
+    feeds: dict[str, Any] = field(default_factory=dict)  # the census's data flow (ActivationCensus.feeds)
+    probes: dict[str, list[str]] = field(default_factory=dict)  # range probes the census also saw, per component
 
 
 def _held_out_reference(pipe: Any, cfg: CalibrationConfig, prompts: list[str], steps: int, device: str,
@@ -407,13 +420,40 @@ def _held_out_reference(pipe: Any, cfg: CalibrationConfig, prompts: list[str], s
             latents = run_pipeline(pipe, prompts, cfg, seed=cfg.seed + 10_000, steps=steps, label="reference")
             vae_latents, images = decode_latents(pipe, latents)
         recorder.close()
-        census.close()
         traffic = {name: spread(calls, TRAFFIC_CALLS[name]) for name, calls in recorder.calls.items()}
         traffic["vae_decoder"] = spread([{"latent": z[None]} for z in vae_latents], TRAFFIC_CALLS["vae_decoder"])
+        # The census must hold for what the engines accept, not only this traffic: the ends of the default shape
+        # ranges and of the timestep range, and export's own check inputs (sd35trt.core.probes).
+        probed = _probe_census(pipe, present, traffic, device, compute, probe_ranges(cfg))
+        census.close()
     with log.step(f"FP32 reference outputs (TF32 off) on {sum(map(len, traffic.values()))} held-out calls"):
         references = {name: [_run_module(SPECS[name].module(pipe), SPECS[name], call) for call in calls]
                       for name, calls in traffic.items()}
-    return HeldOut(latents, images, census.result(), traffic, references)
+    return HeldOut(latents, images, census.result(), traffic, references, census.feeds(), probed)
+
+
+def probe_ranges(cfg: CalibrationConfig) -> ShapeRanges:
+    """The engine shape ranges the census probes: export's defaults (what `make engines` builds); an export with
+    other ranges probes its own (``export.probe_islands``)."""
+    return ShapeRanges(cfg=cfg.guidance > 1)
+
+
+def _probe_census(pipe: Any, present: tuple[str, ...], traffic: dict[str, list], device: str, compute: str,
+                  ranges: ShapeRanges) -> dict[str, list[str]]:
+    """Run every network on its range probes while the census records (it is hooked to them); their labels."""
+    from sd35trt.core.host import computing
+    from sd35trt.core.probes import range_probes, run_probes
+
+    pipe_dims = PipeDims.from_pipeline(pipe)
+    labels = {}
+    with computing(device, compute):
+        for name in present:
+            spec = SPECS[name]
+            text = traffic.get("transformer", [None])[0] if name == "transformer" else None
+            probes = range_probes(spec, ranges, pipe_dims, text)
+            run_probes(spec.module(pipe), spec, probes)
+            labels[name] = [p.label for p in probes]
+    return labels
 
 
 def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[str],
@@ -481,18 +521,20 @@ def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[
     and with its FP32 islands. FP16 with islands within tolerance → "fp16"; else "fp32" (last resort)."""
     import torch
 
+    from sd35trt.core.numerics import island_state
 
     spec = SPECS[name]
     network = getattr(pipe, spec.pipeline_attr)
     for module in network.modules():
         if type(module).__name__ == "TensorQuantizer":
             module.disable()
+    fp32_weights = island_state(network, islands)  # the islands run on their FP32 weights, as the export will
     network.half()
     module = CastIO(spec.wrapper(network).eval(), torch.float16)
     checks: dict[str, Any] = {}
     if islands:
         checks["without_islands"] = _check_calls(module, spec, calls, refs, Precision.FP16)
-    with fp32_islands(network, islands, torch.float16):
+    with fp32_islands(network, islands, torch.float16, fp32_weights):
         checks["with_islands"] = _check_calls(module, spec, calls, refs, Precision.FP16)
     if checks["with_islands"]["passed"]:
         why = (f"FP16 with {len(islands)} FP32 island(s) within tolerance on held-out traffic" if islands

@@ -52,6 +52,7 @@ from sd35trt.core.metrics import error_stats, summarize
 from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.core.onnx_utils import PROVIDERS
+from sd35trt.core.probes import EXPORT_CHECK_SEED, EXPORT_TRACE_SEED, export_dims
 from sd35trt.core.specs import COMPONENTS, SPECS, CastIO, ComponentSpec, PipeDims, Precision, ShapeRanges
 from sd35trt.core.targets import TargetInfo, exported_variants
 
@@ -93,27 +94,6 @@ class ComponentExport:
     skipped: bool
     seconds: float
     manifest: dict[str, Any]
-
-
-def trace_and_check_dims(spec: ComponentSpec, ranges: ShapeRanges, pipe_dims: PipeDims) -> tuple[dict, dict]:
-    """Trace at the small end of every range; validate at a shape that differs in every dim that can vary.
-
-    Validating at another shape is what proves the axes are really dynamic (a traced constant would pass
-    at the trace shape and fail here).
-    """
-    def pick(rng, step, prefer_other_than):
-        for value in (rng.min + step, rng.max, rng.opt):
-            if rng.min <= value <= rng.max and value != prefer_other_than:
-                return value
-        return prefer_other_than
-
-    dims = spec.dim_ranges(ranges, pipe_dims)  # the component's own ranges (batch from 1, doubled with CFG)
-    trace = spec.concrete_dims(pipe_dims, batch=dims["batch"].min, height=dims["height"].min,
-                               width=dims["width"].min, t5_tokens=ranges.t5_tokens.opt)
-    check = spec.concrete_dims(
-        pipe_dims, batch=pick(dims["batch"], 1, dims["batch"].min), height=pick(dims["height"], 64, dims["height"].min),
-        width=pick(dims["width"], 128, dims["width"].min), t5_tokens=pick(ranges.t5_tokens, -64, ranges.t5_tokens.opt))
-    return trace, check
 
 
 def _to_device(tensors: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -210,8 +190,8 @@ def export_component(
     from sd35trt.core.onnx_utils import consolidate_external_data
 
     device = next(module.parameters()).device
-    trace_dims, check_dims = trace_and_check_dims(spec, ranges, pipe_dims)
-    inputs = _to_device(spec.dummy_inputs(pipe_dims, trace_dims, seed=1), device)
+    trace_dims, check_dims = export_dims(spec, ranges, pipe_dims)
+    inputs = _to_device(spec.dummy_inputs(pipe_dims, trace_dims, seed=EXPORT_TRACE_SEED), device)
     onnx_path = dest / "model.onnx"
     start = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), log.working("tracing to ONNX"):
@@ -259,7 +239,7 @@ def validate_onnx(module: torch.nn.Module, spec: ComponentSpec, pipe_dims: PipeD
     from sd35trt.core.onnx_utils import ort_session, run_ort, session_provider
 
     device = next(module.parameters()).device
-    inputs = spec.dummy_inputs(pipe_dims, dims, seed=2)
+    inputs = spec.dummy_inputs(pipe_dims, dims, seed=EXPORT_CHECK_SEED)
     start = time.perf_counter()
     with torch.no_grad():
         expected = module(*[inputs[n].to(device) for n in spec.input_names])
@@ -279,7 +259,7 @@ def validate_onnx(module: torch.nn.Module, spec: ComponentSpec, pipe_dims: PipeD
     if failures:
         raise ExportValidationError(
             f"{spec.name} {precision.value} ONNX differs from its PyTorch reference at dims {dims}: "
-            + "; ".join(failures), path=onnx_path, hint=_validation_hint(precision, traffic))
+            + "; ".join(failures), path=onnx_path, hint=_validation_hint(precision, traffic, spec.name))
     validation = {"dims": dims, "provider": used, "reference": _reference_label(precision, module),
                   "outputs": results, "tolerance": {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs},
                   "seconds": round(time.perf_counter() - start, 3)}
@@ -295,14 +275,18 @@ def _reference_label(precision: Precision, module: Any) -> str:
     return f"the PyTorch network in {dtype}" + (" (TF32 off)" if dtype == "float32" else "")
 
 
-def _validation_hint(precision: Precision, traffic: Traffic | None) -> str:
+def _validation_hint(precision: Precision, traffic: Traffic | None, component: str = "") -> str:
+    """What to do about a failed check, naming the real cause: the module past FP16's range outside the islands
+    (the recipe's upcast list takes it; the recipe is part of calibrate's inputs, so calibrate then re-runs with
+    it), else a precision error without an overflow (FP32 is the export that needs no islands)."""
     if precision is Precision.FP32:
         return "report this with the manifest (the exporter mis-traced an op); try another --opset"
     hot = hottest_module(traffic.census, traffic.islands) if traffic is not None else None
     if hot is not None and hot[1] > 2.0**14:
-        return (f"{hot[0]} reaches {hot[1]:.4g} (FP16 max 65504): add it to its component's upcast list in "
-                "calibration/fp8.toml or lower [fp32_islands] margin, then re-run calibrate")
-    return "re-run `sd35trt calibrate` (its census chooses FP32 islands), then export again"
+        return (f"{hot[0]} reaches {hot[1]:.4g} outside the FP32 islands (FP16 max 65504): add it to "
+                f"[{component or 'its component'}] upcast in calibration/fp8.toml, then run make engines again")
+    return (f"no activation outside the FP32 islands leaves FP16 range, so this is {precision.value} rounding: "
+            "export this component with --precision fp32, and report it with the manifest")
 
 
 def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision: Precision,
@@ -338,7 +322,7 @@ def check_traffic(session: Any, spec: ComponentSpec, onnx_path: Path, precision:
         cause = f"; largest activation outside FP32 islands: {hot[0]} max |x| {hot[1]:.4g}" if hot else ""
         raise ExportValidationError(
             f"{spec.name} {precision.value} ONNX on held-out traffic: {bad} {what}{cause}", path=onnx_path,
-            hint=_validation_hint(precision, traffic))
+            hint=_validation_hint(precision, traffic, spec.name))
     return summary
 
 
@@ -363,6 +347,7 @@ class VariantPlan:
     islands: tuple[Island, ...]
     reason: str
     extra: dict[str, Any]
+    islands_from_recipe: bool = False  # no calibration: the recipe's upcast patterns, matched against the model
 
 
 def plan_variants(requested: str, components: tuple[str, ...], calibration: CalibrationManifest | None,
@@ -396,7 +381,7 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
                 islands = ()
             plans.append(VariantPlan(c, Precision.FP16, weights, islands, reason, {
                 "fp32_islands": [i.to_dict() for i in islands], "weights_precision": weights,
-                "islands_from": source}))
+                "islands_from": source}, islands_from_recipe=calibration is None))
         else:
             assert calibration is not None
             islands = tuple(calibration.islands.get(c, []))
@@ -475,7 +460,9 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
     for variant in (Precision.FP32, Precision.FP16, Precision.FP8):
         group = [p for p in plans if p.precision is variant]
         if group:
-            results += _export_group(source, work, config, group, hashes, current, traffic, device, fp8_attrs)
+            results += _export_group(source, work, config, group, hashes, current, traffic, device, fp8_attrs,
+                                     calibration.margin if calibration is not None else recipe.margin,
+                                     calibration.extra.get("probe_ranges") if calibration is not None else None)
     return results
 
 
@@ -497,17 +484,119 @@ def write_assets(source: ModelSource, work: WorkDir) -> Path:
 
 
 def _resolve_islands(plan: VariantPlan, network: Any) -> list[Island]:
-    """Calibration islands are module names already; the recipe's (no calibration) are patterns, applied
-    when the model has them (SD3.5-Large's block 35)."""
-    if not plan.extra.get("islands_from", "").startswith("recipe"):
-        return list(plan.islands)
+    """Calibration islands are module names already (each must exist in the network: one line naming the one
+    that does not); the recipe's (no calibration) are patterns, applied when the model has them (SD3.5-Large's
+    block 35)."""
     names = [n for n, _ in network.named_modules()]
-    return plan_islands({}, names, margin=float("inf"), upcast=tuple(i.module for i in plan.islands))
+    if plan.islands_from_recipe:
+        return plan_islands({}, names, margin=float("inf"), upcast=tuple(i.module for i in plan.islands))
+    missing = [i.module for i in plan.islands if i.module not in set(names)]
+    if missing:
+        raise ExportValidationError(f"the calibration names FP32 island {missing[0]}, which this {plan.component} "
+                                    "does not have", hint="the calibration state was edited or comes from another "
+                                    "model layout; remove its calibration/ folder and calibrate this model")
+    return list(plan.islands)
+
+
+PROBE_ROUNDS = 4  # islands added by export's probes, one round after another, before it gives up
+
+
+def _island_weights(source: ModelSource, spec: ComponentSpec, islands: list[Island], have: dict[str, Any],
+                    device: str) -> tuple[dict[str, Any], str]:
+    """``have`` plus the FP32 weights of the islands that have none there yet (``models.island_weights``)."""
+    from sd35trt.core.models import island_weights
+
+    missing = [i for i in islands if not any(k.startswith(i.module + ".") for k in have)]
+    if not missing:
+        return have, "no islands" if not islands else ""
+    found, where = island_weights(source, spec.pipeline_attr, missing, device)
+    return have | found, where
+
+
+def probe_islands(network: Any, module: Any, spec: ComponentSpec, pipe_dims: PipeDims, ranges: ShapeRanges,
+                  islands: list[Island], margin: float, low: Any, text: dict[str, Any] | None = None,
+                  weights: dict[str, Any] | None = None) -> tuple[list[Island], list[str]]:
+    """The islands of the network being exported, checked on the inputs its engine will accept (``range_probes``:
+    the ends of the shape and timestep ranges, export's own check inputs), run in the exported precision with the
+    islands in place. A module past the margin there, or the first to give NaN/Inf, becomes an island too (its unit),
+    and an island output another island receives stays FP32, until the probes run clean. Returns the islands and
+    the probe labels; a network that still overflows after ``PROBE_ROUNDS`` rounds is one line naming the module."""
+    import math
+
+    from sd35trt.core.numerics import ActivationCensus, island_unit, natural_key
+    from sd35trt.core.probes import range_probes
+
+    probes = range_probes(spec, ranges, pipe_dims, text)
+    names = [n for n, _ in network.named_modules()]
+    islands = sorted(islands, key=lambda i: natural_key(i.module))
+    for _ in range(PROBE_ROUNDS):
+        census = ActivationCensus({spec.name: network})
+        bad_probe = None
+        try:
+            with fp32_islands(network, islands, low, weights), torch_no_grad():
+                for probe in probes:
+                    out = module(*[probe.inputs[n].to(next(network.parameters()).device) for n in spec.input_names])
+                    if bad_probe is None and not all(bool(o.isfinite().all()) for o in (out if isinstance(out, tuple) else (out,))):
+                        bad_probe = probe.label
+        finally:
+            census.close()
+        rows = census.result().get(spec.name, {})
+        finite = {n: r for n, r in rows.items() if math.isfinite(r["in"])}  # downstream of an overflow: not its cause
+        for row in finite.values():
+            row["out"] = row["out"] if math.isfinite(row["out"]) else math.inf
+        first = min((n for n, r in finite.items() if r["out"] == math.inf), key=lambda n: finite[n]["order"], default=None)
+        upcast = tuple(i.module for i in islands) + ((island_unit(first, spec.island_units),) if first else ())
+        found = plan_islands(finite, names, margin=margin, upcast=upcast, units=spec.island_units,
+                             feeds=census.feeds().get(spec.name))
+        merged = _merge_islands(islands, found, first)
+        if merged == islands:
+            if bad_probe is not None:
+                raise ExportValidationError(
+                    f"{spec.name} gives NaN/Inf on {bad_probe} even with FP32 islands "
+                    f"{', '.join(i.module for i in islands) or '(none)'}; first non-finite module output: {first or 'unknown'}",
+                    hint=f"add the module to [{spec.name}] upcast in calibration/fp8.toml, or export --precision fp32 "
+                         "for this component; report it with the work dir's calibration/census.json")
+            return islands, [p.label for p in probes]
+        islands = merged
+        for island in islands:  # an island is never quantized (an FP8 network's quantizers inside it are switched off)
+            for inner in dict(network.named_modules())[island.module].modules():
+                if type(inner).__name__ == "TensorQuantizer":
+                    inner.disable()
+    raise ExportValidationError(f"{spec.name}: FP32 islands did not settle after {PROBE_ROUNDS} rounds of probes "
+                                f"({', '.join(i.module for i in islands)})",
+                                hint=f"add the modules to [{spec.name}] upcast in calibration/fp8.toml, or export "
+                                     "--precision fp32 for this component")
+
+
+def _merge_islands(current: list[Island], found: list[Island], first: str | None) -> list[Island]:
+    """``current`` islands with the outputs ``found`` keeps FP32 added, and ``found``'s new islands (why: export's
+    probes), in module order; equal to ``current`` when the probes found nothing new."""
+    from sd35trt.core.numerics import natural_key
+
+    merged = {i.module: i for i in current}
+    for island in found:
+        old = merged.get(island.module)
+        if old is None:
+            first_here = first is not None and (first == island.module or first.startswith(island.module + "."))
+            cause = f"{first} is the first module to give NaN/Inf in FP16" if first_here else island.why.removeprefix("census: ")
+            merged[island.module] = Island(island.module, island.max_abs,
+                                           f"export probe (inputs past calibration's traffic): {cause}", island.fp32_outputs)
+        elif set(island.fp32_outputs) - set(old.fp32_outputs):
+            outputs = tuple(sorted(set(old.fp32_outputs) | set(island.fp32_outputs)))
+            merged[island.module] = Island(old.module, old.max_abs, old.why + f"; outputs {list(outputs)} stay FP32 "
+                                           "(export probe)", outputs)
+    return sorted(merged.values(), key=lambda i: natural_key(i.module))
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
 
 
 def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, group: list[VariantPlan],
                   hashes: dict, current: dict, traffic: dict[str, Traffic], device: str,
-                  fp8_attrs: set[str]) -> list[ComponentExport]:
+                  fp8_attrs: set[str], margin: float, probed_ranges: dict[str, Any] | None) -> list[ComponentExport]:
     """Export one precision's components; builds the pipeline only if something is to do."""
     precision = group[0].precision
     todo = [p for p in group if current[(p.component, p.precision)] is None]
@@ -550,20 +639,35 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
         check_disk(folder.parent, int(_param_bytes(network, plan.weights) * 1.1) + (64 << 20), f"{name} {precision.value} ONNX")
         module, reference = _module_and_reference(spec, pipe, plan)
         islands = _resolve_islands(plan, network)
-        label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
-            (", FP32 weights" if plan.weights == "fp32" and precision is Precision.FP16 else "") + f", opset {config.opset})"
         low = next(network.parameters()).dtype
         pipe_dims = PipeDims.from_pipeline(pipe)
+        probed: list[str] | str = []
+        weights: dict[str, Any] = {}
+        weights_from = "no islands"
+        if precision is not Precision.FP32 and plan.weights != "fp32":
+            weights, weights_from = _island_weights(source, spec, islands, weights, str(network.device))
+            if probed_ranges == config.ranges.to_dict():
+                probed = "calibrate's census probed these ranges (calibration/census.json)"
+            else:  # other ranges than calibrate probed, or no calibration: probe them in this precision now
+                text = traffic[name].calls[0] if name == "transformer" and name in traffic and traffic[name].calls else None
+                with log.step(f"{name} {precision.value}: FP32 islands on the inputs its engine accepts"), \
+                        spec.exporting(pipe, config.ranges, pipe_dims):
+                    islands, probed = probe_islands(network, module, spec, pipe_dims, config.ranges, islands, margin,
+                                                    low, text, weights)
+                weights, more = _island_weights(source, spec, islands, weights, str(network.device))
+                weights_from = more or weights_from
+        label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
+            (", FP32 weights" if plan.weights == "fp32" and precision is Precision.FP16 else "") + f", opset {config.opset})"
         with log.step(label) as timing, atomic_dir(folder) as tmp:
             # FP32/FP8 validate inside the islands (their reference is the traced network itself); FP16
             # validates after, against the FP32 network (the same weights upcast in place).
-            with spec.exporting(pipe, config.ranges, pipe_dims), fp32_islands(network, islands, low):
+            with spec.exporting(pipe, config.ranges, pipe_dims), fp32_islands(network, islands, low, weights):
                 record = export_component(
                     module, spec, pipe_dims, tmp, opset=config.opset, ranges=config.ranges, precision=precision,
                     validate=config.validate and reference is None, provider=config.provider,
                     postprocess=_rewrite_and_count if precision is Precision.FP8 else None, traffic=traffic.get(name))
             if config.validate and reference is not None:
-                _, check_dims = trace_and_check_dims(spec, config.ranges, pipe_dims)
+                _, check_dims = export_dims(spec, config.ranges, pipe_dims)
                 record["validation"], record["traffic_check"] = validate_onnx(
                     reference(), spec, pipe_dims, tmp / "model.onnx", check_dims, precision, config.provider,
                     traffic.get(name))
@@ -573,6 +677,7 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
                 outputs=record["outputs"], weights_precision=plan.weights,
                 fp32_islands=[i.to_dict() for i in islands], calibration_hash=plan.extra.get("calibration_hash"),
                 data={"kind": "onnx", "toolkit": __version__, **record, **plan.extra, "precision_reason": plan.reason,
+                      "island_probes": probed, "island_weights": weights_from,
                       "versions": package_versions("torch", "diffusers", "transformers", "onnx", "onnxruntime",
                                                    "nvidia-modelopt"),
                       "host": platform.node(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -266,8 +266,9 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
     work = WorkDir(root)
     runners: dict[str, ComponentRunner] = {}
     ranges, model = None, None
+    clip_only = work.clip_only()
     for name in components:
-        if name == "t5" and not t5:
+        if name == "t5" and (not t5 or clip_only):
             continue
         have = {p for p in Precision if (work.onnx_folder(p, name) / MANIFEST).is_file()}
         chosen = runner_variant(name, precision, have)
