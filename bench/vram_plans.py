@@ -5,6 +5,12 @@ T5 in FP8 (run 7), Large's FP8 transformer (run 8) with Medium's CLIP-L/CLIP-G/V
 the Large transformer marked as built with --weight-streaming (the flag changes the plan's options, not the
 engine's size).
 
+Every plan counts what the engines allocate: TensorRT's static activation memory at each engine's profile maximum
+(#31; before, the request's). The bundles were built with the VAE decoder's old profile (4 images up to 1536 px),
+which alone holds ~23 GiB; "today's VAE profile" rows give the same bundles with the VAE decoder profile export
+builds by default now (1 image up to 1024 px, tiles above), its engine size as built (weights do not depend on the
+profile).
+
     python bench/vram_plans.py [OUT_DIR]      prints a table; writes OUT_DIR/vram-plans.json when given
 """
 
@@ -41,13 +47,31 @@ def bundles() -> dict[str, dict]:
     }
 
 
+def with_todays_vae(manifest: dict) -> dict:
+    """The bundle with its VAE decoder entry given today's default profile (``ShapeRanges``: 1 image, 1024 px)."""
+    from sd35trt.core.models import SD35_MEDIUM, PipelineAssets
+    from sd35trt.core.specs import SPECS, PipeDims, ShapeRanges
+
+    vae = dict(manifest["components"]["vae_decoder"])
+    ranges = ShapeRanges.from_dict(vae["ranges"])
+    today = ShapeRanges(batch=ranges.batch, height=ranges.height, width=ranges.width, t5_tokens=ranges.t5_tokens,
+                        cfg=ranges.cfg)
+    scale = PipelineAssets.of_configs({}, {}, None, SD35_MEDIUM.vae, {}).vae_scale
+    dims = PipeDims(vae_scale=scale, widths={"latent_channels": 16}, vocab={})
+    vae["profile"] = {k: [list(s) for s in v] for k, v in SPECS["vae_decoder"].profile(today, dims).items()}
+    vae["ranges"] = today.to_dict()
+    return {**manifest, "components": {**manifest["components"], "vae_decoder": vae}}
+
+
 def main() -> int:
     from sd35trt.checks.doctor import vram_report
 
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     rows, report = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, manifest in bundles().items():
+        variants = {f"{name}{suffix}": how(manifest) for name, manifest in bundles().items()
+                    for suffix, how in (("", lambda m: m), (", today's VAE profile", with_todays_vae))}
+        for name, manifest in variants.items():
             folder = Path(tmp) / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
             folder.mkdir()
             (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -59,7 +83,7 @@ def main() -> int:
             here = vram_report(folder, None)  # this GPU's free memory (None without a GPU)
             entry["this_gpu"] = here["plan"]["mode"] if here.get("plan") else here.get("why") or here.get("error")
             report[name] = entry
-            rows.append(f"{name:<44} {entry['size_gb']:>7.2f} GB  " + "  ".join(
+            rows.append(f"{name:<64} {entry['size_gb']:>7.2f} GB  " + "  ".join(
                 f"{b} GiB: {entry[str(b)]:<12}" for b in BUDGETS) + "  needs (GiB) " + ", ".join(
                 f"{m} {v}" for m, v in entry["plans_gib"].items()))
     print("\n".join(rows))

@@ -270,7 +270,7 @@ def test_bundle_verify_and_doctor_bad_inputs(capsys, calibrated, tmp_path):
     assert_user_error(code, err, "not an engine bundle manifest")
     (bundle / "manifest.json").write_text(json.dumps({**manifest, "components": {"clip_l": {"file": "clip_l.plan"}}}))
     code, err = run_cli(capsys, ["bundle", "verify", bundle])
-    assert_user_error(code, err, "lacks 'sha256'")
+    assert_user_error(code, err, "lacks 'components.clip_l.sha256'")
     (bundle / "manifest.json").write_text("\x00\x01binary")
     code, err = run_cli(capsys, ["bundle", "verify", bundle])
     assert_user_error(code, err, "not valid JSON")

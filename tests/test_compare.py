@@ -1,7 +1,6 @@
 import json
 
 from sd35trt.checks.compare import CompareConfig, onnx_variants, run_compare
-from tests.conftest import needs_rtx
 
 
 def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path):
@@ -63,29 +62,6 @@ def test_compare_compares_what_exists_and_lists_what_is_missing(capsys, calibrat
     assert "[I]" not in captured.out and "polygraphy" not in captured.out.lower()
     data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert set(data["missing"]) == {"fp32", "fp8"} and set(data["end_to_end"]) == {"fp16"}
-
-
-@needs_rtx
-def test_polygraphy_trt_runner_loads_tensorrt_rtx_for_rtx_bundles(tmp_path):
-    """compare --bundle's second engine runner is polygraphy's own TrtRunner. What can run here: it is built for a
-    TensorRT-RTX plan with polygraphy's TensorRT module resolved to the installed TensorRT-RTX bindings, and the
-    switch is scoped to the call (the process's polygraphy config and modules are as they were afterwards).
-    Executing it needs a GPU TensorRT-RTX supports (none here)."""
-    import sys
-
-    import polygraphy.config as polygraphy_config
-    from polygraphy.backend.base import BaseRunner
-
-    from sd35trt.checks.compare import polygraphy_trt_runner
-
-    before = polygraphy_config.USE_TENSORRT_RTX
-    runner = polygraphy_trt_runner([tmp_path / "clip_l.plan"], "tensorrt-rtx", "engine-polygraphy:clip_l", ["input_ids"])
-    assert isinstance(runner, BaseRunner) and runner.name == "engine-polygraphy:clip_l"
-    import tensorrt_rtx_bindings
-
-    bound = type(runner.inners[0]).__init__.__globals__["trt"]  # the TrtRunner module's own TensorRT
-    assert bound.__version__ == tensorrt_rtx_bindings.__version__, "the TrtRunner resolved TensorRT-RTX"
-    assert polygraphy_config.USE_TENSORRT_RTX == before and "tensorrt_rtx" not in sys.modules, "scoped to the call"
 
 
 def test_polygraphy_chain_twin_runs_through_the_comparator(calibrated, tmp_path):

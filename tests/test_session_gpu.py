@@ -48,6 +48,9 @@ class TorchModuleAdapter:
         torch.matmul(self.bound["x"], self.weight, out=self.bound["y"])
         torch.nn.functional.gelu(self.bound["y"], out=self.bound["y"])  # in place: no allocation
 
+    def keep_compiled(self):
+        return None
+
     def device_memory(self):
         return self.scratch
 
@@ -93,14 +96,22 @@ def test_cuda_graph_is_captured_after_a_warm_run_and_replayed_with_new_inputs():
     assert session.stats.replays == 2
 
 
-def test_one_activation_block_grows_and_rebinds_every_session():
+def test_one_activation_block_grows_freeing_the_old_first_and_unload_returns_cached_memory():
+    """The shared block is sized by the largest context and rebinds every session; growing frees the old block before
+    allocating the new one (old and new at once is what a card that fits one lacks), and an unloaded session hands
+    torch's cached blocks back (the next engine's own cudaMalloc finds the memory)."""
     memory = SharedDeviceMemory()
-    small, large = TorchModuleAdapter(256, 1 << 20), TorchModuleAdapter(256, 8 << 20)
+    small, large = TorchModuleAdapter(256, 64 << 20), TorchModuleAdapter(256, 256 << 20)
     a = EngineSession("a", lambda: small, ["x"], ["y"], memory=memory).load()
-    assert memory.size == 1 << 20 and small.blocks[-1][1] == 1 << 20
+    assert memory.size == 64 << 20 and small.blocks[-1][1] == 64 << 20
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     b = EngineSession("b", lambda: large, ["x"], ["y"], memory=memory).load()
-    assert memory.size == 8 << 20, "sized by the largest context"
-    assert small.blocks[-1] == large.blocks[-1] == (small.blocks[-1][0], 8 << 20), "both use the one block"
+    assert memory.size == 256 << 20, "sized by the largest context"
+    assert small.blocks[-1] == large.blocks[-1] == (small.blocks[-1][0], 256 << 20), "both use the one block"
+    assert torch.cuda.max_memory_allocated() - base < (256 + 32) << 20, "never the old and the new block at once"
     b.unload()
     a.unload()
     assert memory.size == 0
+    assert torch.cuda.memory_reserved() < (64 << 20), "cached blocks handed back on unload"

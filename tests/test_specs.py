@@ -41,14 +41,20 @@ def test_profiles_derive_from_vae_scale_and_cfg_doubling():
     # batch from 1 (guidance ≤ 1, prompts encoded apart), optimised for the CFG batch, up to twice the largest batch
     assert transformer["hidden_states"] == ((1, 16, 64, 64), (2, 16, 128, 128), (8, 16, 192, 192))
     assert transformer["encoder_hidden_states"][2] == (8, 77 + 256, 4096)
-    assert SPECS["vae_decoder"].profile(ranges, dims)["latent"][2] == (4, 16, 192, 192)  # no CFG doubling
+    # the VAE decoder: no CFG doubling, one image of at most 1024 px by default (static allocation holds the maximum)
+    assert SPECS["vae_decoder"].profile(ranges, dims)["latent"] == ((1, 16, 64, 64), (1, 16, 128, 128), (1, 16, 128, 128))
+    wide = ShapeRanges(vae_max=1536, vae_batch=4)
+    assert SPECS["vae_decoder"].profile(wide, dims)["latent"][2] == (4, 16, 192, 192)
     assert SPECS["clip_l"].profile(ranges, dims)["input_ids"] == ((1, 77), (2, 77), (8, 77))
     turbo = ShapeRanges(cfg=False)  # a Turbo bundle: no guidance, optimised for batch 1
     assert SPECS["transformer"].profile(turbo, dims)["hidden_states"][1] == (1, 16, 128, 128)
     capped = ShapeRanges(height=Range(512, 1024, 2048), width=Range(512, 1024, 2048), vae_max=1024)
-    assert SPECS["vae_decoder"].profile(capped, dims)["latent"][2] == (4, 16, 128, 128), "tiles beyond 1024 px"
+    assert SPECS["vae_decoder"].profile(capped, dims)["latent"][2] == (1, 16, 128, 128), "tiles beyond 1024 px"
     assert SPECS["transformer"].profile(capped, dims)["hidden_states"][2] == (8, 16, 256, 256)
     assert ShapeRanges.from_dict(capped.to_dict()) == capped and ShapeRanges.from_dict(turbo.to_dict()) == turbo
+    assert ShapeRanges.from_dict(wide.to_dict()) == wide and ShapeRanges.from_dict(ranges.to_dict()) == ranges
+    old = ShapeRanges.from_dict({"batch": "1:1:4", "height": "512:1024:1536", "width": "512:1024:1536"})
+    assert old.vae_batch == 4 and old.vae_side == 1536, "a manifest from before the narrow VAE profile means what it meant"
     assert SPECS["t5"].dynamic_axes()["input_ids"] == {0: "batch", 1: "t5_tokens"}
 
 

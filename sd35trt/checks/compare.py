@@ -129,15 +129,21 @@ def _ort_poly_runner(path: Path, name: str, provider: str):
     return OnnxrtRunner(lambda: ort_session(path, provider=provider), name=name)
 
 
+_BOUND_BACKENDS: dict[str, dict[str, Any]] = {}  # polygraphy_trt's one import of polygraphy's TensorRT backend, per backend
+
+
 @contextlib.contextmanager
 def polygraphy_trt(backend: str) -> Iterator[Any]:
+
     """``polygraphy.backend.trt`` bound to ``backend``'s TensorRT module, for this block only.
 
     Polygraphy picks TensorRT or TensorRT-RTX once, when ``polygraphy.backend.trt`` is first imported
     (``config.USE_TENSORRT_RTX``), and imports it as ``tensorrt_rtx``, which the PyPI wheels name
     ``tensorrt_rtx_bindings``. Here the flag, an alias module and a fresh import of polygraphy's TensorRT
     backend are set up for the block (its lazy TensorRT module resolved inside it, so runners made here keep
-    working), and the process's previous state is put back afterwards."""
+    working), and the process's previous state is put back afterwards. The fresh import is made once per backend
+    and kept: importing polygraphy's TensorRT backend twice registers its JSON encoders twice, which polygraphy
+    refuses ("Duplicate serialization function")."""
     import importlib
     import importlib.util
 
@@ -152,11 +158,16 @@ def polygraphy_trt(backend: str) -> Iterator[Any]:
         polygraphy_config.USE_TENSORRT_RTX = backend == "tensorrt-rtx"
         if backend == "tensorrt-rtx" and "tensorrt_rtx" not in sys.modules and importlib.util.find_spec("tensorrt_rtx") is None:
             sys.modules["tensorrt_rtx"], alias = importlib.import_module("tensorrt_rtx_bindings"), True
-        module = importlib.import_module(prefix)
-        for name in list(sys.modules):  # resolve every lazy TensorRT module of the fresh import while bound
-            lazy = getattr(sys.modules[name], "trt", None) if name.startswith(prefix) else None
-            if lazy is not None and type(lazy).__name__ == "LazyModule":
-                lazy.__version__  # noqa: B018
+        if backend in _BOUND_BACKENDS:
+            sys.modules.update(_BOUND_BACKENDS[backend])
+            module = sys.modules[prefix]
+        else:
+            module = importlib.import_module(prefix)
+            for name in list(sys.modules):  # resolve every lazy TensorRT module of the fresh import while bound
+                lazy = getattr(sys.modules[name], "trt", None) if name.startswith(prefix) else None
+                if lazy is not None and type(lazy).__name__ == "LazyModule":
+                    lazy.__version__  # noqa: B018
+            _BOUND_BACKENDS[backend] = {n: m for n, m in sys.modules.items() if n == prefix or n.startswith(prefix + ".")}
         yield module
     finally:
         for name in [n for n in sys.modules if n == prefix or n.startswith(prefix + ".")]:
@@ -216,15 +227,49 @@ def chained_poly_runner(inners: list[Any], name: str, inputs: Sequence[str], out
     return ChainedRunner()
 
 
-def polygraphy_trt_runner(plans: list[Path], backend: str, name: str, inputs: Sequence[str],
+def polygraphy_trt_runner(plans: list[tuple[Path, str, int]], backend: str, name: str, inputs: Sequence[str],
                           outputs: Sequence[str] | None = None):
-    """Polygraphy's own ``TrtRunner`` on a bundle's plans (one per part, chained): the second, independent
-    engine runner ``compare --bundle`` checks sd35trt's against. TensorRT-RTX bundles use polygraphy's RTX mode,
+    """Polygraphy's own ``TrtRunner`` on a bundle's plans (``(path, sha256, bytes)``, one per part, chained): the
+    second, independent engine runner ``compare --bundle`` checks sd35trt's against. The bytes polygraphy
+    deserializes are checked against the manifest's sha256 first. TensorRT-RTX bundles use polygraphy's RTX mode,
     scoped to this call (``polygraphy_trt``)."""
+    def verified(path: Path, sha256: str, size: int) -> bytes:
+        from sd35trt.core.artifacts import check_mapped
+
+        data = path.read_bytes()
+        check_mapped(path, data, sha256, size)
+        return data
+
     with polygraphy_trt(backend) as trt_backend:
-        inners = [trt_backend.TrtRunner(trt_backend.EngineFromBytes(lambda path=path: path.read_bytes()),
-                                        name=f"{name}:part{k}") for k, path in enumerate(plans)]
+        inners = [trt_backend.TrtRunner(trt_backend.EngineFromBytes(lambda plan=plan: verified(*plan)),
+                                        name=f"{name}:part{k}") for k, plan in enumerate(plans)]
     return chained_poly_runner(inners, name, inputs, outputs)
+
+
+def engine_twin(runner: Any, name: str) -> Any:
+    """Polygraphy's own ``TrtRunner`` on the plans an engine runner (or a chain of part runners) loads, by their
+    paths in the bundle; None for a runner that is not an engine."""
+    from sd35trt.runtime.runners import ChainRunner
+
+    engines = runner.parts if isinstance(runner, ChainRunner) else [runner]
+    if not all(getattr(e, "kind", None) == "engine" and e.plan_file is not None for e in engines):
+        return None
+    return polygraphy_trt_runner([(e.plan, e.plan_file.sha256, e.plan_file.bytes) for e in engines], engines[0].backend,
+                                 name, runner.spec.input_names, runner.spec.output_names)
+
+
+def twin_refusal(plan: Path, backend: str, sha256: str, size: int) -> str | None:
+    """What polygraphy's ``TrtRunner`` says when it activates on ``plan`` (None: it loaded): the second engine
+    loader whose refusal ``compare --bundle`` reports beside sd35trt's own (``runners.check_bundle_host``)."""
+    runner = polygraphy_trt_runner([(plan, sha256, size)], backend, "polygraphy-twin", ())
+    try:
+        with polygraphy_quiet():
+            runner.activate()
+    except Exception as exc:  # noqa: BLE001 - polygraphy raises its own exception type, with the runtime's words
+        words = " ".join(str(exc).split())
+        return words[:400] or type(exc).__name__
+    runner.deactivate()
+    return None
 
 
 ENGINE_AGREEMENT_REL_L2 = 1e-3  # our engine session vs polygraphy's TrtRunner on one plan and the same inputs
@@ -269,7 +314,7 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
                        components: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
     from polygraphy.comparator import Comparator, CompareFunc
 
-    from sd35trt.runtime.runners import ChainRunner, SessionRunner, TorchRunner
+    from sd35trt.runtime.runners import SessionRunner, TorchRunner
 
     results: dict[str, Any] = {}
     failures = []
@@ -284,16 +329,13 @@ def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
         for variant, runner in rows:
             label = f"{variant}:{name}"
             onnx = runner.kind == "onnxruntime" and isinstance(runner, SessionRunner)
-            poly_runners.append(_ort_poly_runner(Path(runner.info["onnx"]), label, runner.session.adapter.provider
+            poly_runners.append(_ort_poly_runner(runner.onnx, label, runner.session.adapter.provider
                                                  if runner.loaded else "cpu") if onnx else _poly_runner(runner, label))
             precisions[label] = Precision(runner.precision)
-            engines = runner.parts if isinstance(runner, ChainRunner) else [runner]
-            if all(e.kind == "engine" for e in engines):  # the same plans through polygraphy's TrtRunner
-                twin = f"{variant}-polygraphy:{name}"
-                poly_runners.append(polygraphy_trt_runner([Path(e.info["plan"]) for e in engines],
-                                                          engines[0].info["backend"], twin, spec.input_names,
-                                                          spec.output_names))
-                precisions[twin], twins[label] = Precision(runner.precision), twin
+            twin = engine_twin(runner, f"{variant}-polygraphy:{name}")
+            if twin is not None:  # the same plans through polygraphy's TrtRunner
+                poly_runners.append(twin)
+                precisions[twin.name], twins[label] = Precision(runner.precision), twin.name
         with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"), polygraphy_quiet():
             run_results = Comparator.run(poly_runners, data_loader=feeds)
         reference_name = poly_runners[0].name

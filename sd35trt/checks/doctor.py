@@ -7,7 +7,7 @@ from typing import Any
 
 from sd35trt.core.errors import InvalidInputError
 from sd35trt.core.host import host_report
-from sd35trt.core.manifests import BUNDLE_MANIFEST, BundleManifest
+from sd35trt.core.manifests import BUNDLE_MANIFEST, STATIC_ACTIVATIONS, BundleManifest
 from sd35trt.core.portability import bundle_fit
 
 
@@ -70,6 +70,7 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     for name, entry in manifest.components.items():
         if name in stand_ins:
             stand_ins[name].streamable = entry.weight_streaming
+            stand_ins[name].static_activations = True  # an engine holds its profile's largest activations
     loop = Sd35Loop(assets, stand_ins)
     request = GenerateRequest(prompt="", height=height, width=width, batch=batch).resolved(assets.defaults)
     needs = loop.needs(request)
@@ -79,7 +80,9 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
         "bundle_gib": round(sum(n.weights for n in needs.values()) / GIB, 2),
         "plans_gib": {m: None if p is None else round(p / GIB, 2) for m in MODES[1:] for p in [peak(m, needs)]},
         "needs": {k: v.to_dict() for k, v in needs.items()},
-        "activations": "estimated (ComponentSpec.activation_bytes); TensorRT reports its own when the engine loads"}
+        "activations": "estimated (ComponentSpec.activation_bytes) at each engine's profile maximum, what static "
+                       "allocation holds whatever the request; TensorRT reports its own when the engine loads",
+        "activation_memory": manifest.runtime.get("activation_memory", STATIC_ACTIVATIONS)}
     budget = gpu_budget(budget_gib)
     if budget is None:
         report["plan"] = None

@@ -228,10 +228,14 @@ def compare(
                         width=width, seed=seed, t5=t5, device=device)
     source = resolve_model(model, lora=lora)
     if bundle is not None:
-        from sd35trt.core.manifests import require_model
+        from sd35trt.checks.compare import twin_refusal
+        from sd35trt.core.manifests import BundleManifest, require_model
         from sd35trt.runtime.runners import runners_from_bundle
 
-        found = runners_from_bundle(bundle, t5=t5)  # refuses with the reason and the --onnx to use instead
+        # refuses with the reason and the --onnx to use instead; where the runtime must say, both engine loaders ask it
+        backend = BundleManifest.load(bundle).backend
+        found = runners_from_bundle(bundle, t5=t5, loaders=[("polygraphy TrtRunner", lambda path, plan: twin_refusal(
+            path, backend, plan.sha256, plan.bytes))])
         require_model(found.model or {}, source.fingerprint(), source.id, bundle)
         by_variant, ranges, label, missing = {"engine": found.runners}, found.ranges, str(bundle), {}
     else:
@@ -427,17 +431,19 @@ def preflight(
 @app.command()
 def refit(
     bundle: Path = typer.Argument(..., help="a bundle built with --refittable or --strip-weights"),
-    onnx: Path = typer.Option(..., "--onnx", help="a work dir exported from the same model with the adapter: sd35trt export --lora ..."),
-    lora: str = typer.Option(..., "--lora", help="the adapters that work dir was exported with: adapter.safetensors[:scale][,more]"),
-    out: Path = typer.Option(Path("engines"), "--out", "-o", help="engines root; the refit bundle goes to OUT/<model>-lora-<hash>/<target>-<backend>/"),
+    onnx: Path = typer.Option(..., "--onnx", help="a work dir exported from the same model (with the adapter: sd35trt export --lora ...)"),
+    lora: Optional[str] = typer.Option(None, "--lora", help="the adapters that work dir was exported with: adapter.safetensors[:scale][,more] [default: none: the base weights, which a --strip-weights bundle needs before it runs]"),
+    out: Path = typer.Option(Path("engines"), "--out", "-o", help="engines root; the refit bundle goes to OUT/<model>[-lora-<hash>]/<target>-<backend>/"),
 ) -> None:
-    """On the deploy host: the bundle's refittable engines with a LoRA's weights (TensorRT's Refitter and
-    OnnxParserRefitter), written as a new bundle; no engine build."""
+    """On the deploy host: the bundle's refittable engines with the weights of an ONNX export (a LoRA's, or the
+    base's for a weight-stripped bundle) through TensorRT's Refitter and OnnxParserRefitter, written as a new
+    bundle; no engine build."""
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.lora import parse_adapters
     from sd35trt.producers.refit import refit_bundle
+    from sd35trt.runtime.runners import check_bundle_host
 
     adapters = parse_adapters(lora)
     ensure_writable_dir(out)
-    folder = refit_bundle(bundle, onnx, out, [a.sha256 for a in adapters])
+    folder = refit_bundle(bundle, onnx, out, [a.sha256 for a in adapters], runtime_for=check_bundle_host)
     echo(str(folder))

@@ -47,7 +47,8 @@ def export(
     width: str = typer.Option(str(_RANGES.width), "--width", help="pixel width range MIN:OPT:MAX (multiples of 16)"),
     batch: str = typer.Option(str(_RANGES.batch), "--batch", help="images per prompt MIN:OPT:MAX"),
     t5_tokens: str = typer.Option(str(_RANGES.t5_tokens.max), "--t5-tokens", help="T5 sequence length range"),
-    vae_max: int = typer.Option(0, "--vae-max", help="largest image side (px) the VAE decoder takes whole; larger images are decoded in tiles [default: the --height/--width maximum]"),
+    vae_max: int = typer.Option(0, "--vae-max", help="largest image side (px) the VAE decoder takes whole; larger images are decoded in tiles [default: 1024 within the --height/--width range: an engine holds activation memory for its largest shape]"),
+    vae_batch: int = typer.Option(1, "--vae-batch", help="images per VAE decoder call (more images are decoded one call after another)"),
     t5: bool = typer.Option(True, "--t5/--no-t5", help="--no-t5: leave T5-XXL out (CLIP-only bundles)"),
     turbo: Optional[bool] = typer.Option(None, "--turbo/--no-turbo", help="a Turbo model: engine profiles optimised for batch 1 (no guidance) [default: what the model says]"),
     lora: Optional[str] = LoraOpt,
@@ -77,7 +78,7 @@ def export(
     names = with_t5(parse_components(components), t5 and source.has_t5)
     config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider, target=target,
                           ranges=ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo,
-                                                     vae_max=vae_max))
+                                                     vae_max=vae_max, vae_batch=vae_batch))
     check_model_side(config.ranges, source.largest_side(), source.id)
     ensure_writable_dir(out)
     results = export_model(source, out, config, device=device, force=force, precision=precision)
@@ -160,6 +161,34 @@ def calibrate(
         echo(format_report(result.report))
 
 
+# What to do about an operating-system error on a path the user gave, by errno.
+OS_HINTS = {
+    errno.ENOSPC: "free disk space or choose another --out",
+    errno.EDQUOT: "free disk space (the disk quota is reached) or choose another --out",
+    errno.EROFS: "the file system is read-only: choose a writable --out",
+    errno.EFBIG: "the file system or the process's file-size limit (ulimit -f) is too small; raise it or choose another --out",
+    errno.EACCES: "permission denied: choose a path you may read and write, or fix its permissions",
+    errno.EPERM: "the operation is not permitted there: choose another path",
+    errno.ELOOP: "the path runs into a loop of symbolic links: fix the link",
+    errno.ENAMETOOLONG: "a name in the path is too long for the file system: choose a shorter one",
+    errno.EISDIR: "a folder is where a file was expected: give a file path",
+    errno.ENOTDIR: "a file is where a folder was expected: fix the path",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.EEXIST: "something is already there: remove it or choose another path",
+    errno.ENXIO: "not a regular file (a device or socket): give a file path",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """One line for an operating-system error on a named path, or None (no path: treated as a bug)."""
+    where = exc.filename or getattr(exc, "filename2", None)
+    if not where and exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return None
+    hint = OS_HINTS.get(exc.errno, "check the path and the file system")
+    return f"{exc.strerror or exc}" + (f" ({where})" if where else "") + f": {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the app; a user error prints one line and exits 2, a bug keeps its traceback (exit 1)."""
     debug = os.environ.get("SD35TRT_DEBUG") == "1"
@@ -177,16 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         code = 130
     except OSError as exc:
-        # Environment problems the user fixes (the step's temp folder was already removed on the way out).
-        hints = {errno.ENOSPC: "free disk space or choose another --out",
-                 errno.EDQUOT: "free disk space or choose another --out",
-                 errno.EROFS: "choose a writable --out",
-                 errno.EFBIG: "the file system or the process's file-size limit (ulimit -f) is too small; "
-                              "raise it or choose another --out"}
-        if exc.errno not in hints or debug:
+        # Environment problems the user fixes (the step's temp folder was already removed on the way out): one line
+        # naming the file. An OSError without a file is not about a path the user gave: a bug, traceback kept.
+        line = os_error_line(exc)
+        if line is None or debug:
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        sys.stderr.write(f"error: {exc.strerror or exc}{where}: {hints[exc.errno]}\n")
+        sys.stderr.write(f"error: {line}\n")
         return 2
     except typer.Exit as exc:
         return exc.exit_code or 0

@@ -78,12 +78,35 @@ def remember_sha256(entries: dict[str, Any]) -> None:
         pass
 
 
+def check_mapped(path: Path, mapped: Any, sha256: str, size: int) -> str:
+    """Check the bytes about to be used (a memory map of ``path``: what TensorRT deserializes) against the manifest's
+    ``sha256`` and ``size``; one line naming the file when they differ. The digest of these very bytes is kept in
+    the per-user cache by the file's stamp, so a later load of the unchanged file skips the hashing (about 10 s per
+    16 GB); a file edited or replaced has another stamp and is hashed again. Returns how it was checked."""
+    if len(mapped) != size:
+        raise ArtifactError(f"size {len(mapped)} differs from the manifest ({size} bytes): truncated or replaced",
+                            path=path, hint="rebuild this artifact, or copy the bundle again")
+    key, stamp = str(path.resolve()), file_stamp(path)
+    try:
+        cached = json.loads((cache_dir() / "sha256.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        cached = None
+    if isinstance(cached, list) and len(cached) == 2 and cached[0] == stamp and cached[1] == sha256:
+        return "sha256 checked before (file unchanged since)"
+    digest = hashlib.sha256(mapped).hexdigest()
+    if digest != sha256:
+        raise ArtifactError("sha256 differs from the bundle manifest: the file was modified or corrupted", path=path,
+                            hint="rebuild this artifact, or copy the bundle again")
+    remember_sha256({key: [stamp, digest]})
+    return "sha256 checked now"
+
+
 def hash_json(data: Any) -> str:
     """Stable hash of a JSON-able value (sorted keys), used for 'inputs unchanged?' decisions."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to a unique temp file beside ``path`` (fsync'd), then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -100,18 +123,31 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def write_buffer_atomic(path: Path, data: Any) -> None:
+    """``write_bytes_atomic`` for any buffer (a memoryview of TensorRT's ``IHostMemory``): written as it is, never
+    copied into a Python ``bytes`` first (a Large FP16 engine is 15 GB)."""
+    write_bytes_atomic(path, data)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))
 
 
+MAX_JSON_BYTES = 64 << 20  # a manifest is kilobytes; anything this large is not one
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    """Read a JSON object, turning a missing/corrupt file into one clear line."""
+    """Read a JSON object, turning a missing/corrupt/absurd file into one clear line."""
     if not path.is_file():
         raise ArtifactError(f"{what} not found", path=path, hint="run the step that produces it first")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ArtifactError(f"{what} is {path.stat().st_size / 2**20:.0f} MiB, not a manifest", path=path,
+                            hint="delete it and re-run the step that produces it")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{what} is not valid JSON ({exc.__class__.__name__})", path=path,
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc.__class__.__name__
+        raise ArtifactError(f"{what} is not valid JSON ({why})", path=path,
                             hint="delete it and re-run the step that produces it") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{what} is not a JSON object", path=path,
@@ -133,6 +169,13 @@ def ensure_writable_dir(path: Path, option: str = "--out") -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InvalidInputError(f"output directory is not writable ({probe} does not allow writing)", path=path,
                                 hint=f"choose a writable {option}")
+    try:  # os.access answers yes to root everywhere, and /proc, /sys or a read-only mount still refuse: try it
+        fd, scratch = tempfile.mkstemp(prefix=".sd35trt-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(scratch)
+    except OSError as exc:
+        raise InvalidInputError(f"output directory is not writable ({probe}: {exc.strerror})", path=path,
+                                hint=f"choose a writable {option}") from None
     return path
 
 
@@ -211,10 +254,41 @@ def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
     return entries
 
 
+def inside(folder: Path, rel: Any, manifest: Path) -> Path:
+    """``folder / rel`` for a path a manifest names, refused in one line unless it stays inside ``folder``: relative,
+    no ``..``, and not through a symbolic link that leads out (a bundle is shipped to deploy hosts and its plans are
+    deserialized: a manifest must not point at /etc/passwd or another folder's files)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise ArtifactError(f"{manifest.name} names a file that is not a path ({str(rel)[:60]!r})", path=manifest,
+                            hint="the manifest was edited or damaged: rebuild the artifact")
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts or rel.startswith("~"):
+        raise ArtifactError(f"{manifest.name} names {rel!r}, outside its folder", path=manifest,
+                            hint="a manifest may only name files inside its own folder: rebuild the artifact")
+    path = folder / rel
+    try:
+        resolved, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError):
+        raise ArtifactError(f"{manifest.name} names {rel!r}, which cannot be resolved (a symbolic link loop?)",
+                            path=manifest, hint="fix or remove the link, or rebuild the artifact") from None
+    if resolved != root and root not in resolved.parents:
+        raise ArtifactError(f"{manifest.name} names {rel!r}, which leads outside its folder (to {resolved})",
+                            path=manifest, hint="a symbolic link points out of the folder: replace it with the file")
+    return path
+
+
 def verify_files(folder: Path, entries: dict[str, dict[str, Any]], manifest: Path) -> None:
-    """Raise naming the first file whose size or sha256 differs from ``entries``."""
+    """Raise naming the first file whose size or sha256 differs from ``entries`` (or that lies outside ``folder``);
+    every digest computed is kept in the per-user cache (``check_mapped`` then skips re-hashing the file)."""
+    if not isinstance(entries, dict):
+        raise ArtifactError(f"{manifest.name} lists its files wrongly (not an object)", path=manifest,
+                            hint="the manifest was edited or damaged: rebuild the artifact")
     for rel, entry in entries.items():
-        path = folder / rel
+        path = inside(folder, rel, manifest)
+        if not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int) or \
+                not isinstance(entry.get("sha256"), str):
+            raise ArtifactError(f"{manifest.name} entry for {rel} lacks an integer 'bytes' or a 'sha256'",
+                                path=manifest, hint="the manifest was edited or damaged: rebuild the artifact")
         if not path.is_file():
             raise ArtifactError(f"file listed in {manifest.name} is missing", path=path,
                                 hint="rebuild this artifact; the folder is incomplete")
@@ -222,9 +296,11 @@ def verify_files(folder: Path, entries: dict[str, dict[str, Any]], manifest: Pat
         if size != entry["bytes"]:
             raise ArtifactError(f"size {size} differs from manifest ({entry['bytes']} bytes): truncated or replaced",
                                 path=path, hint="rebuild this artifact")
-        if sha256_file(path) != entry["sha256"]:
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
             raise ArtifactError(f"sha256 differs from {manifest.name}: the file was modified or corrupted",
                                 path=path, hint="rebuild this artifact")
+        remember_sha256({str(path.resolve()): [file_stamp(path), digest]})
 
 
 def package_versions(*names: str) -> dict[str, str | None]:

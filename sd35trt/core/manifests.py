@@ -11,10 +11,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sd35trt.core.artifacts import read_json, verify_files
+from sd35trt.core.artifacts import inside, read_json, verify_files
 from sd35trt.core.errors import ArtifactError
 from sd35trt.core.numerics import Island
-from sd35trt.core.specs import Precision
+from sd35trt.core.specs import SPECS, Precision
 
 MANIFEST = "manifest.json"
 VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8"}
@@ -77,8 +77,13 @@ def load_current(folder: Path, inputs_hash: str, what: str) -> dict[str, Any] | 
     if manifest.get("inputs_hash") != inputs_hash:
         return None
     files = manifest.get("files", {})
-    if any(not (folder / rel).is_file() or (folder / rel).stat().st_size != e["bytes"] for rel, e in files.items()):
-        return None
+    try:
+        if not isinstance(files, dict) or any(not inside(folder, rel, path).is_file() or not isinstance(e, dict) or
+                                              inside(folder, rel, path).stat().st_size != e.get("bytes")
+                                              for rel, e in files.items()):
+            return None
+    except ArtifactError:
+        return None  # a manifest naming files outside its folder is not current: the step runs again
     return manifest
 
 
@@ -207,6 +212,10 @@ class OnnxManifest:
 
 
 BUNDLE_MANIFEST = "manifest.json"
+# How a bundle's engines hold activation memory (the manifest's runtime.activation_memory; doctor and the VRAM plan
+# read it): TensorRT's static allocation, the largest size over the profile, one block shared by the engines.
+STATIC_ACTIVATIONS = ("static: each engine's context needs device_memory_size_v2, its profile's largest shapes; "
+                      "the bundle's engines share one block that size")
 
 
 @dataclass(frozen=True)
@@ -289,23 +298,88 @@ class EngineEntry:
 
     @classmethod
     def from_dict(cls, name: str, entry: dict[str, Any], path: Path) -> EngineEntry:
-        plans = entry.get("parts") or [entry]
-        for key in ("file", "sha256", "bytes", "precision"):
-            if any(key not in (entry if key == "precision" else p) for p in plans):
-                raise ArtifactError(f"bundle manifest entry for {name} lacks '{key}'", path=path, hint="rebuild the bundle")
+        """One ``components`` entry, every field checked for its type (a wrong one is one line naming it)."""
+        where = f"components.{name}"
+        _need(entry, where, dict, path)
         parted = "parts" in entry
-        files = tuple(PlanFile(p["file"], p["sha256"], p["bytes"], tuple(p["inputs"]) if parted else None,
-                               tuple(p["outputs"]) if parted else None, p.get("profile") if parted else None,
-                               p.get("weight_bytes") if parted else None,
-                               p.get("builder_memory", entry.get("builder_memory", {}) if not parted else {}))
-                      for p in plans)
+        plans = _need(entry["parts"], f"{where}.parts", list, path) if parted else [entry]
+        if not plans:
+            raise ArtifactError(f"bundle manifest {where}.parts is empty", path=path, hint="rebuild the bundle")
+        files = []
+        for index, plan in enumerate(plans):
+            at = f"{where}.parts[{index}]" if parted else where
+            _need(plan, at, dict, path)
+            files.append(PlanFile(
+                file=_field(plan, "file", str, path, at), sha256=_sha256(_field(plan, "sha256", str, path, at), at, path),
+                bytes=_count(_field(plan, "bytes", int, path, at), f"{at}.bytes", path),
+                inputs=tuple(_strings(plan, "inputs", path, at)) if parted else None,
+                outputs=tuple(_strings(plan, "outputs", path, at)) if parted else None,
+                profile=_field(plan, "profile", dict, path, at, None) if parted else None,
+                weight_bytes=_field(plan, "weight_bytes", int, path, at, None) if parted else None,
+                builder_memory=_field(plan, "builder_memory", dict, path, at, {}) or
+                (_field(entry, "builder_memory", dict, path, where, {}) if not parted else {})))
+        precision = _field(entry, "precision", str, path, where)
+        if precision not in {p.value for p in Precision}:
+            raise ArtifactError(f"bundle manifest {where}.precision {precision!r} is not fp32, fp16 or fp8", path=path,
+                                hint="rebuild the bundle")
         known = {f.name for f in fields(cls)} | {"file", "sha256", "bytes", "parts", "builder_memory"}
-        return cls(name, files, entry["precision"], entry.get("reason", ""), entry.get("weights_precision", ""),
-                   entry.get("inputs_hash", ""), entry.get("fp32_islands", []), entry.get("onnx", {}),
-                   entry.get("profile"), entry.get("ranges"), entry.get("io", {}), entry.get("layers", {}),
-                   float(entry.get("build_seconds", 0.0)), entry.get("warnings", []), entry.get("parts_reason"),
-                   bool(entry.get("weight_streaming", False)), entry.get("refit"),
-                   {k: v for k, v in entry.items() if k not in known})
+        return cls(
+            name=name, plans=tuple(files), precision=precision, reason=_field(entry, "reason", str, path, where, ""),
+            weights_precision=_field(entry, "weights_precision", str, path, where, ""),
+            inputs_hash=_field(entry, "inputs_hash", str, path, where, ""),
+            fp32_islands=_field(entry, "fp32_islands", list, path, where, []),
+            onnx=_field(entry, "onnx", dict, path, where, {}), profile=_field(entry, "profile", dict, path, where, None),
+            ranges=_field(entry, "ranges", dict, path, where, None), io=_field(entry, "io", dict, path, where, {}),
+            layers=_field(entry, "layers", dict, path, where, {}),
+            build_seconds=float(_field(entry, "build_seconds", (int, float), path, where, 0.0)),
+            warnings=_field(entry, "warnings", list, path, where, []),
+            parts_reason=_field(entry, "parts_reason", str, path, where, None),
+            weight_streaming=_field(entry, "weight_streaming", bool, path, where, False),
+            refit=_field(entry, "refit", dict, path, where, None),
+            extra={k: v for k, v in entry.items() if k not in known})
+
+
+_MISSING = object()
+
+
+def _need(value: Any, where: str, kind: type | tuple[type, ...], path: Path) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ArtifactError(f"bundle manifest {where} is {type(value).__name__}, expected {names}", path=path,
+                            hint="the manifest was edited or damaged: rebuild the bundle")
+    return value
+
+
+def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path, where: str = "",
+           default: Any = _MISSING) -> Any:
+    """``data[key]`` checked to be a ``kind`` (``default`` where absent or null; required without one)."""
+    at = f"{where}.{key}" if where else key
+    if key not in data or data[key] is None:
+        if default is _MISSING:
+            raise ArtifactError(f"bundle manifest lacks '{at}'", path=path, hint="rebuild the bundle")
+        return default
+    return _need(data[key], at, kind, path)
+
+
+def _strings(data: dict[str, Any], key: str, path: Path, where: str) -> list[str]:
+    values = _field(data, key, list, path, where)
+    for value in values:
+        _need(value, f"{where}.{key}[]", str, path)
+    return values
+
+
+def _count(value: int, where: str, path: Path) -> int:
+    if value < 0:
+        raise ArtifactError(f"bundle manifest {where} is negative", path=path, hint="rebuild the bundle")
+    return value
+
+
+def _sha256(value: str, where: str, path: Path) -> str:
+    import re
+
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ArtifactError(f"bundle manifest {where}.sha256 is not a sha256 digest", path=path, hint="rebuild the bundle")
+    return value
 
 
 BUNDLE_ASSETS = "assets"  # the loop's tokenizers and configs (core.models.PipelineAssets), shipped in every bundle
@@ -334,6 +408,7 @@ class BundleManifest:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     MANIFEST_VERSION = 2
+    READS = (1, 2)  # version 1 (before the runtime record and assets) reads the same; anything else is refused
 
     @property
     def has_t5(self) -> bool:
@@ -360,25 +435,52 @@ class BundleManifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], folder: Path) -> BundleManifest:
+        """The bundle manifest, validated once here: known version, every field of its type, every file it names
+        inside ``folder`` (``artifacts.inside``). Whatever is wrong is one line naming the field."""
         path = folder / BUNDLE_MANIFEST
         if data.get("kind") != "engine-bundle":
             raise ArtifactError("not an engine bundle manifest (kind is missing or wrong)", path=path,
                                 hint="point at engines/<model>/<target>-<backend>/")
-        components = data.get("components")
-        if not isinstance(components, dict) or not components:
+        version = data.get("manifest_version")
+        if version not in cls.READS or isinstance(version, bool):
+            raise ArtifactError(f"bundle manifest_version {version!r} is not one this sd35trt reads "
+                                f"({', '.join(map(str, cls.READS))})", path=path,
+                                hint="rebuild the bundle with this sd35trt, or run it with the sd35trt that built it")
+        components = _field(data, "components", dict, path)
+        if not components:
             raise ArtifactError("bundle manifest lists no components", path=path, hint="rebuild the bundle")
+        unknown = [n for n in components if n not in SPECS]
+        if unknown:
+            raise ArtifactError(f"bundle manifest names unknown component {unknown[0]!r}", path=path,
+                                hint=f"a bundle holds {', '.join(SPECS)}: rebuild it")
         entries = {name: EngineEntry.from_dict(name, entry, path) for name, entry in components.items()}
+        ccs = _field(data, "compute_capabilities", list, path)
+        import re
+
+        if not ccs or not all(isinstance(c, str) and re.fullmatch(r"\d{1,2}\.\d", c) for c in ccs):
+            raise ArtifactError("bundle manifest compute_capabilities must be a list like [\"8.9\"]", path=path,
+                                hint="the manifest was edited or damaged: rebuild the bundle")
+        assets = _field(data, "assets", dict, path, "", {})
+        for name, entry in assets.items():
+            _need(entry, f"assets.{name}", dict, path)
+            _sha256(_field(entry, "sha256", str, path, f"assets.{name}"), f"assets.{name}", path)
+            _count(_field(entry, "bytes", int, path, f"assets.{name}"), f"assets.{name}.bytes", path)
         known = {f.name for f in fields(cls)} | {"kind", "manifest_version", "random_weights", "runtime_requirement", "t5"}
-        try:
-            return cls(folder=folder, target=data["target"], compute_capabilities=list(data["compute_capabilities"]),
-                       backend=data["backend"], backend_version=data["backend_version"], model=data["model"],
-                       inputs_hash=data["inputs_hash"], components=entries, runtime=data.get("runtime", {}),
-                       config=data.get("config", {}), assets=data.get("assets", {}), toolkit=data.get("toolkit", ""),
-                       timing_cache=data.get("timing_cache", ""), build_seconds=float(data.get("build_seconds", 0.0)),
-                       host=data.get("host", ""), created=data.get("created", ""),
-                       extra={k: v for k, v in data.items() if k not in known})
-        except KeyError as exc:
-            raise ArtifactError(f"bundle manifest lacks '{exc.args[0]}'", path=path, hint="rebuild the bundle") from None
+        manifest = cls(
+            folder=folder, target=_field(data, "target", str, path), compute_capabilities=list(ccs),
+            backend=_field(data, "backend", str, path), backend_version=_field(data, "backend_version", str, path),
+            model=_field(data, "model", dict, path), inputs_hash=_field(data, "inputs_hash", str, path),
+            components=entries, runtime=_field(data, "runtime", dict, path, "", {}),
+            config=_field(data, "config", dict, path, "", {}), assets=assets,
+            toolkit=_field(data, "toolkit", str, path, "", ""), timing_cache=_field(data, "timing_cache", str, path, "", ""),
+            build_seconds=float(_field(data, "build_seconds", (int, float), path, "", 0.0)),
+            host=_field(data, "host", str, path, "", ""), created=_field(data, "created", str, path, "", ""),
+            extra={k: v for k, v in data.items() if k not in known})
+        for plan in manifest.plans():
+            inside(folder, plan.file, path)
+        for name in assets:
+            inside(folder, f"{BUNDLE_ASSETS}/{name}", path)
+        return manifest
 
     @classmethod
     def load(cls, folder: Path) -> BundleManifest:

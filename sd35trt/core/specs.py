@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 PIXEL_STEP = 64  # engines are built for sizes in steps of 64 px, as SD3.5 is trained on
 MIN_PIXELS, MAX_PIXELS = 512, 1536  # SD3's ~1 MP aspect buckets reach 1536 px per side (1536x640)
 OPT_PIXELS = 1024
+DEFAULT_VAE_SIDE = 1024  # the VAE decoder's profile stops here by default; larger images are tiled (ShapeRanges)
 
 
 class Precision(str, Enum):
@@ -84,8 +85,13 @@ class ShapeRanges:
     With classifier-free guidance the text encoders and the transformer see twice the images (negative and
     positive prompt in one call), without it (guidance ≤ 1, Turbo) the images as they are, and compare's and
     diffusers' own loop encode one prompt at a time: their profiles take batch 1 up to twice the largest
-    batch, optimised for the doubled batch unless ``cfg`` is off (a Turbo bundle). The VAE decoder sees the
-    images; ``vae_max`` caps its pixels per side (larger images are decoded in tiles).
+    batch, optimised for the doubled batch unless ``cfg`` is off (a Turbo bundle).
+
+    The VAE decoder's profile is narrower by default: one image (``vae_batch``) of at most 1024 px per side
+    (``vae_max``; larger images are decoded in tiles, more images one after another). A TensorRT engine allocates
+    its activation memory for the largest shape of its profile whatever it is asked to run (static allocation), and
+    the VAE decoder's is the largest of all: about 2.6 KB per output pixel (measured, SD3.5 VAE, BF16), so the
+    profile of 4 images at 1536² would hold 23 GiB for a decode that needs 2.6 GiB at one 1024² image.
     """
 
     batch: Range = Range(1, 1, 4)
@@ -93,7 +99,9 @@ class ShapeRanges:
     width: Range = Range(MIN_PIXELS, OPT_PIXELS, MAX_PIXELS)
     t5_tokens: Range = Range(T5_MAX_TOKENS, T5_MAX_TOKENS, T5_MAX_TOKENS)
     cfg: bool = True  # optimise the text encoders and the transformer for guidance (the opt batch doubled)
-    vae_max: int = 0  # the VAE decoder's largest side in pixels (0: the height/width maximum)
+    vae_max: int = 0  # the VAE decoder's largest side in pixels (0: DEFAULT_VAE_SIDE, within the height/width range)
+    vae_batch: int = 1  # images per VAE decoder call
+
 
     def __post_init__(self):
         if self.batch.min < 1 or self.batch.max > 16:
@@ -109,11 +117,17 @@ class ShapeRanges:
             if self.vae_max < max(self.height.min, self.width.min):
                 raise InvalidInputError(f"--vae-max {self.vae_max} is below the smallest image side "
                                         f"{max(self.height.min, self.width.min)}", hint="raise it, or leave it out")
+        if not 1 <= self.vae_batch <= self.batch.max:
+            raise InvalidInputError(f"--vae-batch {self.vae_batch} is outside 1..{self.batch.max} (the --batch maximum)",
+                                    hint="e.g. --vae-batch 1")
 
     @property
     def vae_side(self) -> int:
-        """The largest side the VAE decoder takes whole."""
-        return self.vae_max or max(self.height.max, self.width.max)
+        """The largest side the VAE decoder takes whole: ``vae_max``, else 1024 px within the image range."""
+        if self.vae_max:
+            return self.vae_max
+        largest, smallest = max(self.height.max, self.width.max), max(self.height.min, self.width.min)
+        return max(min(largest, DEFAULT_VAE_SIDE), smallest)
 
     def vae_range(self, which: Range) -> Range:
         top = min(which.max, self.vae_side)
@@ -121,12 +135,23 @@ class ShapeRanges:
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": str(self.batch), "height": str(self.height), "width": str(self.width),
-                "t5_tokens": str(self.t5_tokens), "cfg": self.cfg, **({"vae_max": self.vae_max} if self.vae_max else {})}
+                "t5_tokens": str(self.t5_tokens), "cfg": self.cfg, "vae_max": self.vae_max, "vae_batch": self.vae_batch,
+                "vae_side": self.vae_side}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShapeRanges:
-        ranges = {k: Range.parse(v, f"--{k.replace('_', '-')}") for k, v in data.items() if k not in ("cfg", "vae_max")}
-        return cls(**ranges, cfg=bool(data.get("cfg", True)), vae_max=int(data.get("vae_max", 0)))
+        """What ``to_dict`` wrote; a record from before the VAE profile was narrowed (no ``vae_batch``) means what
+        it meant then: the VAE decoder took the whole batch, up to the image ranges' own maximum."""
+        fixed = ("cfg", "vae_max", "vae_batch", "vae_side")
+        ranges = {k: Range.parse(v, f"--{k.replace('_', '-')}") for k, v in data.items() if k not in fixed}
+        if "vae_batch" in data:
+            return cls(**ranges, cfg=bool(data.get("cfg", True)), vae_max=int(data.get("vae_max", 0)),
+                       vae_batch=int(data["vae_batch"]))
+        default = cls()
+        batch = ranges.get("batch", default.batch)
+        height, width = ranges.get("height", default.height), ranges.get("width", default.width)
+        return cls(**ranges, cfg=bool(data.get("cfg", True)),
+                   vae_max=int(data.get("vae_max", 0) or max(height.max, width.max)), vae_batch=batch.max)
 
     def contains(self, *, batch: int, height: int, width: int, t5_tokens: int = T5_MAX_TOKENS) -> list[str]:
         """Reasons a concrete request falls outside these ranges (empty when it fits)."""
@@ -209,9 +234,28 @@ class ComponentSpec:
         batch = dims["batch"]
         if self.name == "vae_decoder":
             return int(self.activation_factor * batch * dims["height"] * dims["width"])
-        tokens = {"transformer": (dims["latent_height"] // 2) * (dims["latent_width"] // 2) + dims["text_tokens"],
-                  "t5": dims["t5_tokens"]}.get(self.name, CLIP_MAX_TOKENS)
+        if self.name == "transformer":
+            tokens = (dims["latent_height"] // 2) * (dims["latent_width"] // 2) + dims["text_tokens"]
+        else:
+            tokens = dims["t5_tokens"] if self.name == "t5" else CLIP_MAX_TOKENS
+
         return int(self.activation_factor * batch * tokens * width)
+
+    def dims_of(self, shapes: dict[str, Any], vae_scale: int) -> dict[str, int]:
+        """The symbolic dims of a call with these input shapes (e.g. a profile's max shapes): what
+        ``activation_bytes`` takes."""
+        dims: dict[str, int] = {}
+        for tensor in self.inputs:
+            shape = shapes.get(tensor.name)
+            for symbol, value in zip(tensor.shape, shape if shape is not None else ()):
+                if isinstance(symbol, str) and symbol in DYNAMIC_DIMS:
+                    dims[symbol] = int(value)
+        for side in ("height", "width"):
+            if f"latent_{side}" in dims:
+                dims.setdefault(side, dims[f"latent_{side}"] * vae_scale)
+        if "text_tokens" in dims:
+            dims.setdefault("t5_tokens", dims["text_tokens"] - CLIP_MAX_TOKENS)
+        return dims
 
     def exporting(self, pipe: StableDiffusion3Pipeline, ranges: ShapeRanges, pipe_dims: PipeDims):
         if self.export_context is None:
@@ -254,6 +298,8 @@ class ComponentSpec:
         batch = ranges.batch
         if self.cfg_batch:
             batch = Range(batch.min, batch.opt * (2 if ranges.cfg else 1), batch.max * 2)
+        else:  # the VAE decoder: at most vae_batch images per call
+            batch = Range(batch.min, min(batch.opt, ranges.vae_batch), ranges.vae_batch)
         height, width = (ranges.vae_range(ranges.height), ranges.vae_range(ranges.width)) if not self.cfg_batch \
             else (ranges.height, ranges.width)
         return {

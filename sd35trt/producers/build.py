@@ -34,6 +34,7 @@ from sd35trt.core.manifests import (
     BUNDLE_ASSETS,
     BUNDLE_MANIFEST,
     MANIFEST,
+    STATIC_ACTIVATIONS,
     VARIANT_DIRS,
     BundleManifest,
     EngineEntry,
@@ -346,7 +347,7 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
                 refit=describe_refit(config.refit, sum(f.bytes for f in files)))
             rebuilt.append(name)
         runtime = RuntimeRecord(backend.kind.value, backend.version, config.portable, config.hardware_compat,
-                                tuple(f"{a}.{b}" for a, b in ccs)).to_dict()
+                                tuple(f"{a}.{b}" for a, b in ccs)).to_dict() | {"activation_memory": STATIC_ACTIVATIONS}
         shipped = _ship_assets(assets, tmp / BUNDLE_ASSETS, t5="t5" in plan)
         manifest = BundleManifest(
             folder=folder, target=target.target.value, compute_capabilities=[f"{a}.{b}" for a, b in ccs],

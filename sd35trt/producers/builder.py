@@ -67,6 +67,13 @@ class TensorRTRTXBackend(TrtBackend):
 
     def buildable_ccs(self, target: TargetInfo) -> tuple[tuple[int, int], ...]:
         ccs = tuple(cc for cc in target.compute_capabilities if cc in RTX_CCS)
+        local = local_compute_capability()
+        if not ccs and local is not None and local in target.compute_capabilities:
+            # a GPU TensorRT-RTX has no target for (Hopper): it builds for the GPU it runs on (CURRENT), so the
+            # engines reach the runtime, whose own words then say whether it runs them (selftest on an H100/H200)
+            log.warn(f"TensorRT-RTX has no ahead-of-time target for SM{local[0]}{local[1]}: building for this GPU "
+                     "(ComputeCapability.CURRENT); its runtime decides whether the engines run here")
+            return (local,)
         if not ccs:
             raise BuildError(
                 f"TensorRT-RTX cannot build for {target.target.value} ({', '.join(target.sm_names)})",
@@ -84,7 +91,8 @@ class TensorRTRTXBackend(TrtBackend):
             trt = self.trt
         config.num_compute_capabilities = len(ccs)
         for index, (major, minor) in enumerate(ccs):
-            config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{major}{minor}"), index)
+            named = getattr(trt.ComputeCapability, f"SM{major}{minor}", None)  # none for Hopper/B200: the local GPU
+            config.set_compute_capability(named if named is not None else trt.ComputeCapability.CURRENT, index)
 
 
 class TensorRTBackend(TrtBackend):
@@ -125,7 +133,8 @@ def choose_backend(requested: Backend, target: TargetInfo) -> TrtBackend:
     local = local_compute_capability()
     if trt_backend.available() and local in target.compute_capabilities:
         return trt_backend
-    if any(cc in RTX_CCS for cc in target.compute_capabilities):
+    if any(cc in RTX_CCS for cc in target.compute_capabilities) or \
+            (local in target.compute_capabilities and rtx_backend.available()):
         rtx_backend.trt  # noqa: B018
         return rtx_backend
     raise BuildError(
@@ -325,7 +334,7 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         if writer.error is not None:
             sampler.stop()
             plan_path.unlink(missing_ok=True)
-            raise writer.error
+            raise OSError(writer.error.errno, writer.error.strerror, str(plan_path))
     else:
         serialized = builder.build_serialized_network(network, config)
         ok = serialized is not None

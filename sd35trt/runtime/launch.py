@@ -84,7 +84,7 @@ def open_loop(options: LoopOptions, request: GenerateRequest, *, batch_text: boo
     if budget is not None and "cuda" in devices:
         loop.plan = choose_plan(loop.needs(request), budget, options.vram_plan)
         if loop.plan.mode == "streaming":
-            found.settings["streaming_budget"] = loop.plan.streaming_budget
+            found.runners["transformer"].set_streaming_budget(loop.plan.streaming_budget)
         log.info(loop.plan.summary())
     return loop
 

@@ -71,6 +71,9 @@ class OrtAdapter:
             stream.synchronize()
         self.session.run_with_iobinding(self.binding)
 
+    def keep_compiled(self) -> None:
+        return None  # nothing compiled to keep
+
     def device_memory(self) -> int:
         return 0  # onnxruntime's arena manages its own
 

@@ -165,9 +165,16 @@ class Sd35Loop:
             self.vae_scale, batch=2 * batch if cfg else batch, height=request.height, width=request.width)))
         tile = self.vae_tile(request)
         for th, tw in tile_shapes(lat_h, lat_w, tile) if tile else [(lat_h, lat_w)]:
-            calls.append(call("vae_decoder", SPECS["vae_decoder"].concrete_dims(
-                self.vae_scale, batch=batch, height=th * self.vae_scale, width=tw * self.vae_scale)))
+            for images in sorted({len(c) for c in _chunks(list(range(batch)), self.vae_batch or batch)}):
+                calls.append(call("vae_decoder", SPECS["vae_decoder"].concrete_dims(
+                    self.vae_scale, batch=images, height=th * self.vae_scale, width=tw * self.vae_scale)))
         return calls
+
+    @property
+    def vae_batch(self) -> int | None:
+        """Images per VAE decoder call: its profile's largest batch (None: any, a torch module)."""
+        profile = self.runners["vae_decoder"].profile
+        return int(profile["latent"][-1][0]) if profile is not None and "latent" in profile else None
 
     def check(self, request: GenerateRequest) -> None:
         """Refuse, before any work, a request some engine's profile would refuse (one line naming it)."""
@@ -181,15 +188,22 @@ class Sd35Loop:
                                          f"{self.ranges.width}; re-export with wider --height/--width/--batch to go beyond")
 
     def needs(self, request: GenerateRequest) -> dict[str, Need]:
-        """What each network needs on the GPU for ``request`` (the VRAM plan's input)."""
+        """What each network needs on the GPU for ``request`` (the VRAM plan's input): its weights, and its activations
+        at the request's shapes, or at its profile's largest shapes for an engine, which allocates for those
+        whatever it runs (static allocation: ``device_memory_size_v2``)."""
         found: dict[str, Need] = {}
         for planned in self.planned_calls(request):
             runner = self.runners[planned.component]
+            spec = SPECS[planned.component]
             width = self.assets.widths.get(planned.component, 0)
-            act = SPECS[planned.component].activation_bytes(planned.dims, width)
+            dims, at = planned.dims, "the request's shapes"
+            if runner.static_activations and runner.profile:
+                dims = spec.dims_of({name: shapes[-1] for name, shapes in runner.profile.items()}, self.vae_scale)
+                at = "the profile's largest shapes (static allocation)"
+            act = spec.activation_bytes(dims, width)
             old = found.get(planned.component)
             found[planned.component] = Need(planned.component, runner.weight_bytes,
-                                            max(act, old.activations if old else 0), runner.streamable)
+                                            max(act, old.activations if old else 0), runner.streamable, at)
         return found
 
     # 1. text ---------------------------------------------------------------------------------------------
@@ -246,9 +260,14 @@ class Sd35Loop:
         vae = self._stage("vae_decoder")
         scaled = latents / self.assets.vae["scaling_factor"] + self.assets.vae["shift_factor"]
         tile = self.vae_tile(request)
-        if tile is None:  # a copy: an engine's output buffer is overwritten by its next call
-            return vae(latent=scaled)["images"].to("cpu", torch.float32, copy=True)
-        return tiled_decode(lambda z: vae(latent=z.contiguous())["images"], scaled, tile=tile, scale=self.vae_scale).cpu()
+        images = []
+        for chunk in scaled.split(self.vae_batch or scaled.shape[0]):  # the decoder's profile takes vae_batch images
+            if tile is None:  # a copy: an engine's output buffer is overwritten by its next call
+                images.append(vae(latent=chunk.contiguous())["images"].to("cpu", torch.float32, copy=True))
+            else:
+                images.append(tiled_decode(lambda z: vae(latent=z.contiguous())["images"], chunk, tile=tile,
+                                           scale=self.vae_scale).cpu())
+        return torch.cat(images)
 
     # the whole call -------------------------------------------------------------------------------------
 
@@ -324,6 +343,10 @@ class Sd35Loop:
         return GenerateResult(latents=latents.cpu(), images=images, pil=pil,
                               timings={k: round(v, 4) for k, v in timings.items()},
                               plan=self.plan.to_dict() if self.plan is not None else None)
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _static(profile: dict[str, Any], tensor: str, index: int, dim: Any) -> int:

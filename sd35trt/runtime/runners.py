@@ -10,13 +10,13 @@ runner's next call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
-from sd35trt.core.manifests import MANIFEST, BundleManifest, OnnxManifest, WorkDir
+from sd35trt.core.manifests import MANIFEST, BundleManifest, OnnxManifest, PlanFile, WorkDir
 from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
 from sd35trt.core.targets import RUNNER_VARIANTS, runner_variant
 from sd35trt.runtime.session import EngineSession, SharedDeviceMemory, profile_problem
@@ -30,10 +30,12 @@ Profile = Mapping[str, Sequence[Sequence[int]]]  # input name -> [min, opt, max]
 
 class ComponentRunner:
     """Run one network. ``kind`` and ``precision`` describe it for reports; ``weight_bytes`` is what it holds
-    on its device while loaded; ``profile`` the shapes it accepts (None: any)."""
+    on its device while loaded; ``profile`` the shapes it accepts (None: any). ``static_activations``: its
+    activation memory is sized once for the largest shape of its profile (a TensorRT engine), not per call."""
 
     kind = "base"
     streamable = False  # an engine built with weight streaming
+    static_activations = False
 
     def __init__(self, spec: ComponentSpec, precision: str, *, profile: Profile | None = None, weight_bytes: int = 0):
         self.spec = spec
@@ -53,6 +55,10 @@ class ComponentRunner:
         return None
 
     def unload(self) -> None:
+        return None
+
+    def set_streaming_budget(self, budget: int | None) -> None:
+        """Bytes of weights kept resident under weight streaming (engines built for it; others ignore it)."""
         return None
 
     def accepts(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
@@ -125,13 +131,24 @@ class TorchRunner(ComponentRunner):
 
 
 class SessionRunner(ComponentRunner):
-    """One ``EngineSession``: a TensorRT / TensorRT-RTX engine, or onnxruntime on an ONNX file (or one of a
-    component's parts, with its own ``inputs``/``outputs``)."""
+    """One ``EngineSession``: a TensorRT / TensorRT-RTX engine (``plan``: its file, ``backend``), or onnxruntime on
+    an ONNX file (``onnx``), or one of a component's parts, with its own ``inputs``/``outputs``. An engine built
+    for weight streaming runs under ``streaming_budget`` bytes of resident weights once it is set (before load)."""
 
     def __init__(self, spec: ComponentSpec, session: EngineSession, kind: str, precision: str, *,
-                 profile: Profile | None, weight_bytes: int, info: dict[str, Any], streamable: bool = False):
+                 profile: Profile | None, weight_bytes: int, plan: Path | None = None, plan_file: PlanFile | None = None,
+                 onnx: Path | None = None, backend: str | None = None, streamable: bool = False,
+                 static_activations: bool = False):
         super().__init__(spec, precision, profile=profile, weight_bytes=weight_bytes)
-        self.session, self.kind, self.info, self.streamable = session, kind, info, streamable
+        self.session, self.kind, self.streamable = session, kind, streamable
+        self.plan, self.plan_file, self.onnx, self.backend = plan, plan_file, onnx, backend
+        self.static_activations = static_activations
+        self.streaming_budget: int | None = None
+
+    def set_streaming_budget(self, budget: int | None) -> None:
+        if self.loaded:
+            raise RuntimeError("the weight-streaming budget is set before the engine loads")
+        self.streaming_budget = budget if self.streamable else None
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -161,7 +178,8 @@ class SessionRunner(ComponentRunner):
     def describe(self):
         provider = getattr(self.session.adapter, "provider", None)
         extra = {"provider": provider} if provider else {}
-        return super().describe() | self.info | extra
+        where = {"plan": str(self.plan), "backend": self.backend} if self.plan else {"onnx": str(self.onnx)}
+        return super().describe() | where | extra
 
 
 class ChainRunner(ComponentRunner):
@@ -172,6 +190,14 @@ class ChainRunner(ComponentRunner):
         super().__init__(spec, parts[0].precision, profile=_chain_profile(spec, parts),
                          weight_bytes=sum(p.weight_bytes for p in parts))
         self.parts, self.kind = parts, parts[0].kind
+        self.streamable = any(p.streamable for p in parts)
+        self.static_activations = any(p.static_activations for p in parts)
+
+    def set_streaming_budget(self, budget: int | None) -> None:
+        """The component's budget shared by its parts in proportion to their weights (each part gets its share,
+        not the whole: a part given as much as it weighs would simply not stream)."""
+        for part, share in zip(self.parts, split_budget(budget, [p.weight_bytes if p.streamable else 0 for p in self.parts])):
+            part.set_streaming_budget(share)
 
     @property
     def device(self) -> str:
@@ -194,6 +220,14 @@ class ChainRunner(ComponentRunner):
 
     def describe(self):
         return super().describe() | {"parts": len(self.parts)}
+
+
+def split_budget(budget: int | None, weights: list[int]) -> list[int | None]:
+    """A weight-streaming budget shared among parts in proportion to their streamable weights (None: no streaming)."""
+    total = sum(weights)
+    if budget is None or total == 0:
+        return [None] * len(weights)
+    return [budget * w // total if w else None for w in weights]
 
 
 def _chain_profile(spec: ComponentSpec, parts: list[SessionRunner]) -> Profile | None:
@@ -227,7 +261,6 @@ class RunnerSet:
     assets_folder: Path | None = None  # a bundle's own tokenizers and configs
     bundle: BundleManifest | None = None
     model: dict[str, Any] | None = None  # what the artifacts were built from
-    settings: dict[str, Any] = field(default_factory=dict)  # read when an engine loads (streaming_budget)
 
 
 def runners_from_torch(pipe: Any, components: tuple[str, ...] = COMPONENTS, *, device: str | None = None,
@@ -250,7 +283,7 @@ def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: str, provider: s
     session = EngineSession(spec.name, lambda: OrtAdapter(onnx_path, device, profile), names_in, names_out,
                             dtypes=dtypes, where=onnx_path, device=device)
     return SessionRunner(spec, session, "onnxruntime", precision, profile=profile, weight_bytes=weight_bytes,
-                         info={"onnx": str(onnx_path)})
+                         onnx=onnx_path)
 
 
 def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str, ...] = COMPONENTS,
@@ -285,10 +318,17 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
     return RunnerSet(runners, ranges or ShapeRanges(), str(root), assets if assets.is_dir() else None, model=model)
 
 
-def check_bundle_host(manifest: BundleManifest, folder: Path) -> str:
+# Another engine loader to ask for its refusal (compare's polygraphy TrtRunner): (name, (plan path, its manifest entry)
+# -> the refusal, or None when it loads).
+Loader = tuple[str, Callable[[Path, PlanFile], "str | None"]]
+
+
+def check_bundle_host(manifest: BundleManifest, *, loaders: Sequence[Loader] = ()) -> str:
     """The installed runtime module that runs this bundle here, or one line why it cannot (with the ONNX to use
-    instead). Where a GPU and the runtime are present but our table says no (TensorRT-RTX on compute capability
-    9.0), the runtime itself is asked: its own refusal is the message."""
+    instead). Where a GPU and the runtime are present but sd35trt's table says no (TensorRT-RTX on compute
+    capability 9.0), the runtime itself is asked — through sd35trt's own engine loader and every other ``loaders``
+    (compare adds polygraphy's ``TrtRunner``) — and their refusals are the message: a table is never the authority
+    over the runtime."""
     from sd35trt.core.host import host_report
     from sd35trt.core.portability import RuntimeRecord, bundle_fit, runtime_module
 
@@ -303,56 +343,98 @@ def check_bundle_host(manifest: BundleManifest, folder: Path) -> str:
     hint = (f"run the same loop on the bundle's ONNX instead: --onnx {work_dirs[0] if work_dirs else '<work dir>'} "
             f"(or run on a GPU with compute capability {', '.join(manifest.compute_capabilities)})")
     if module is not None and host["compute_capability"] is not None:
-        first = next(iter(manifest.components.values())).plans[0]
-        from sd35trt.runtime.trt import TensorRTAdapter
-
-        try:  # the runtime's own words are the authority; a success means our table was too strict
-            TensorRTAdapter(folder / first.file, module, manifest.backend).close()
-            return module
-        except ArtifactError as err:
-            raise RuntimeUnavailableError(f"the engines of this bundle cannot run on this host: {err.what} "
-                                          f"(sd35trt predicted: {why})", path=folder, hint=hint) from None
-    raise RuntimeUnavailableError(f"the engines of this bundle cannot run on this host: {why}", path=folder, hint=hint)
+        refusals = runtime_refusals(manifest, module, loaders)
+        if not refusals:
+            return module  # the runtime loads it: our table was too strict
+        raise RuntimeUnavailableError(f"the engines of this bundle cannot run on this host: {'; '.join(refusals)} "
+                                      f"(sd35trt predicted: {why})", path=manifest.folder, hint=hint)
+    raise RuntimeUnavailableError(f"the engines of this bundle cannot run on this host: {why}", path=manifest.folder,
+                                  hint=hint)
 
 
-def runners_from_bundle(folder: Path, *, cuda_graph: bool = False, t5: bool = True,
-                        streaming_budget: int | None = None) -> RunnerSet:
-    """Engine runners for a bundle after checking it (sha256 of every plan) and that it fits this host. The
-    engines load lazily (the VRAM plan decides which stay resident) and share one activation block."""
+def runtime_refusals(manifest: BundleManifest, module: str, loaders: Sequence[Loader] = ()) -> list[str]:
+    """What the runtime says when the bundle's first plan is loaded, through sd35trt's adapter and each of
+    ``loaders`` (empty: every loader loaded it)."""
+    from sd35trt.core.portability import RuntimeRecord
     from sd35trt.runtime.trt import TensorRTAdapter
 
+    plan = next(iter(manifest.components.values())).plans[0]
+    path = manifest.folder / plan.file
+    refusals = []
+    try:
+        TensorRTAdapter(path, module, manifest.backend, sha256=plan.sha256, size=plan.bytes,
+                        host_code=RuntimeRecord.of_bundle(manifest.data).version_compatible).close()
+    except ArtifactError as err:
+        refusals.append(f"sd35trt: {err.what}")
+    for name, load in loaders:
+        refused = load(path, plan)
+        if refused:
+            refusals.append(f"{name}: {refused}")
+    return refusals
+
+
+def runners_from_bundle(folder: Path, *, cuda_graph: bool = False, t5: bool = True, check_host: bool = True,
+                        loaders: Sequence[Loader] = ()) -> RunnerSet:
+    """Engine runners for a bundle: its manifest validated (every field, every path inside the bundle), refused
+    when it cannot run as it is (weight-stripped plans not refit yet) or on this host (``check_host``: the
+    runtime's own words where it is installed). Plans are not hashed here: each is checked against the manifest
+    when its engine loads, on the very bytes deserialized (``artifacts.check_mapped``, cached by file stamp), so a
+    Large bundle's 20 GB are not read twice before the first step. The engines load lazily (the VRAM plan decides
+    which stay resident) and share one activation block."""
+    from sd35trt.core.portability import RuntimeRecord
+    from sd35trt.runtime.trt import TensorRTAdapter
+
+    folder = folder.absolute()  # every engine runner names its plan by a path that holds from any directory
     manifest = BundleManifest.load(folder)
-    manifest.verify()
-    module = check_bundle_host(manifest, folder)
+    check_refit(manifest)
+    module = check_bundle_host(manifest, loaders=loaders) if check_host else _bundle_module(manifest)
+    host_code = RuntimeRecord.of_bundle(manifest.data).version_compatible
     memory = SharedDeviceMemory()
     cache = folder / "runtime-cache" if manifest.backend == "tensorrt-rtx" else None
-    settings: dict[str, Any] = {"streaming_budget": streaming_budget}
     runners: dict[str, ComponentRunner] = {}
     for name, entry in manifest.components.items():
         if name == "t5" and not t5:
             continue
         spec = SPECS[name]
-        engines = []
+        engines: list[SessionRunner] = []
         for plan in entry.plans:
-            whole = plan.inputs is None
-            streams = name == "transformer" and entry.weight_streaming
+            path = folder / plan.file
+            runner: SessionRunner | None = None
 
-            def opener(path=folder / plan.file, streams=streams):
-                return TensorRTAdapter(path, module, manifest.backend, cuda_graph=cuda_graph,
-                                       streaming_budget=settings["streaming_budget"] if streams else None,
+            def opener(path=path, plan=plan, runner_of=lambda: runner):
+                return TensorRTAdapter(path, module, manifest.backend, sha256=plan.sha256, size=plan.bytes,
+                                       host_code=host_code, cuda_graph=cuda_graph,
+                                       streaming_budget=runner_of().streaming_budget,
                                        runtime_cache=cache / f"{path.stem}.cache" if cache else None)
 
-            dtypes = spec.io_dtypes if whole else {}
+            dtypes = spec.io_dtypes if plan.inputs is None else {}
             session = EngineSession(name, opener, plan.inputs or spec.input_names, plan.outputs or spec.output_names,
-                                    dtypes=dtypes, memory=memory, where=folder / plan.file)
-            engines.append(SessionRunner(spec, session, "engine", entry.precision,
-                                         profile=plan.profile or entry.profile, weight_bytes=plan.bytes,
-                                         info={"plan": plan.file, "backend": manifest.backend},
-                                         streamable=entry.weight_streaming))
+                                    dtypes=dtypes, memory=memory, where=path)
+            runner = SessionRunner(spec, session, "engine", entry.precision, profile=plan.profile or entry.profile,
+                                   weight_bytes=plan.bytes, plan=path, plan_file=plan, backend=manifest.backend,
+                                   streamable=entry.weight_streaming, static_activations=True)
+            engines.append(runner)
         runners[name] = ChainRunner(spec, engines) if entry.parted else engines[0]
     assets = folder / "assets"
     return RunnerSet(runners, ranges_of_bundle(manifest), str(folder), assets if assets.is_dir() else None,
-                     bundle=manifest, model=manifest.model, settings=settings)
+                     bundle=manifest, model=manifest.model)
+
+
+def check_refit(manifest: BundleManifest) -> None:
+    """A bundle built with ``--strip-weights`` has plans without their weights: it must be refit first (running it
+    as it is gives zeros or garbage, with no error from TensorRT)."""
+    stripped = [n for n, e in manifest.components.items() if e.refit and e.refit.get("stripped")]
+    if stripped:
+        raise ArtifactError(f"the {', '.join(stripped)} engine(s) of this bundle are weight-stripped and not refit yet",
+                            path=manifest.folder,
+                            hint=f"refit it first: sd35trt refit {manifest.folder} --onnx <the work dir it was built from>")
+
+
+def _bundle_module(manifest: BundleManifest) -> str:
+    """The runtime module named by the bundle (no host check: tests and plans on hosts that cannot run it)."""
+    from sd35trt.core.portability import RuntimeRecord
+
+    return RuntimeRecord.of_bundle(manifest.data).modules[0]
 
 
 def ranges_of_bundle(manifest: BundleManifest) -> ShapeRanges:

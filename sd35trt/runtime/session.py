@@ -4,7 +4,7 @@
 ordered with the caller's both ways, I/O checked against what the caller expects when it loads, buffers
 allocated once per shape and reused (stable addresses, nothing allocated per step), the activation memory
 shared with the other engines of a bundle, a CUDA graph captured only after a warm run — and leaves the
-calls that differ to a small ``Adapter``: ``sd35trt.runtime.tensorrt`` for TensorRT / TensorRT-RTX engines
+calls that differ to a small ``Adapter``: ``sd35trt.runtime.trt`` for TensorRT / TensorRT-RTX engines
 (the only module that touches TensorRT) and ``sd35trt.runtime.onnxrt`` for onnxruntime's IOBinding, which is
 how CI drives this very code without a GPU.
 
@@ -55,6 +55,8 @@ class Adapter(Protocol):
 
     def execute(self, stream: Any) -> None: ...
 
+    def keep_compiled(self) -> None: ...  # persist what the backend compiled for a new shape (TensorRT-RTX)
+
     def device_memory(self) -> int: ...  # activation memory the context needs (0: managed by the backend)
 
     def use_device_memory(self, pointer: int, size: int) -> None: ...
@@ -97,6 +99,9 @@ class SharedDeviceMemory:
 
             for user in self._users:  # nothing may still run on the old block
                 user.synchronize()
+            # the old block goes back first: old and new at once is what a card that fits one of them lacks
+            self._block, self.size = None, 0
+            torch.cuda.empty_cache()
             self._block = torch.empty(needed, dtype=torch.uint8, device="cuda")
             self.size = needed
             log.info(f"  shared activation memory: {needed / 2**30:.2f} GiB")
@@ -188,7 +193,11 @@ class EngineSession:
         self._buffers.clear()
         self._bound, self._graph, self._graph_key = None, None, None
         self.adapter.close()
-        self.adapter, self._stream = None, None
+        device, self.adapter, self._stream = self.adapter.device, None, None
+        if device == "cuda":  # torch's cached blocks go back, so the next engine's own allocation finds the memory
+            import torch
+
+            torch.cuda.empty_cache()
 
     def synchronize(self) -> None:
         if self._stream is not None:
@@ -235,11 +244,14 @@ class EngineSession:
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             if self._stream is not None:
                 self._stream.wait_stream(caller)
+            new_shape = key not in self._buffers
             buffers, done = self._buffers_for(key, inputs)
             if not done:
                 for name in self.inputs:
                     buffers.inputs[name].copy_(inputs[name], non_blocking=True)
                 self._execute(adapter, key)
+            if new_shape:  # the backend compiled for this shape: keep it for the next process
+                adapter.keep_compiled()
         if caller is not None:
             caller.wait_stream(self._stream)
         return dict(buffers.outputs)

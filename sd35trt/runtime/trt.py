@@ -82,15 +82,26 @@ class TensorRTAdapter:
 
     device = "cuda"
 
-    def __init__(self, plan_path: Path, module_name: str, backend: str, *, cuda_graph: bool = False,
-                 runtime_cache: Path | None = None, streaming_budget: int | None = None):
+    def __init__(self, plan_path: Path, module_name: str, backend: str, *, sha256: str, size: int,
+                 host_code: bool = False, cuda_graph: bool = False, runtime_cache: Path | None = None,
+                 streaming_budget: int | None = None):
+        from sd35trt.core.artifacts import check_mapped
+
         if not TYPE_CHECKING:  # as in process_runtime
             trt = importlib.import_module(module_name)
         self.path, self.module_name, self.backend = plan_path, module_name, backend
         self._trt = trt
         runtime: trt.Runtime = process_runtime(module_name)[1]
         with open(plan_path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(mapped)
+            # the bytes TensorRT deserializes are the bytes whose sha256 is checked against the manifest
+            self.checked = check_mapped(plan_path, mapped, sha256, size)
+            # A version-compatible plan carries the runtime's own code (the lean runtime runs it): TensorRT refuses it
+            # unless host code is allowed, which sd35trt does only for such a plan, after the check above.
+            runtime.engine_host_code_allowed = host_code
+            try:
+                engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(mapped)
+            finally:
+                runtime.engine_host_code_allowed = False
         if engine is None:
             raise ArtifactError(f"{backend} cannot load this engine: {runtime_words(module_name)}", path=plan_path,
                                 hint="run `sd35trt doctor` on this bundle; rebuild it for this GPU and runtime")
@@ -164,17 +175,26 @@ class TensorRTAdapter:
             raise EngineExecutionError(f"{self.path.name}: execute_async_v3 failed: {runtime_words(self.module_name)}")
 
     def device_memory(self) -> int:
+        """The context's activation memory: with static allocation the largest over the engine's profile, whatever
+        the shapes of a call (what the VRAM plan counts for an engine: ``vram.Need.activations`` at the profile max)."""
         return int(self.engine.device_memory_size_v2)
 
     def use_device_memory(self, pointer: int, size: int) -> None:
         self.context.set_device_memory(pointer, size)
 
-    def close(self) -> None:
-        if self._cache is not None and self._cache_path is not None:
-            try:
-                from sd35trt.core.artifacts import write_bytes_atomic
+    def keep_compiled(self) -> None:
+        """TensorRT-RTX compiles kernels for this GPU the first time a shape runs: write its runtime cache now (after
+        each new shape's first run), not only on close, which a resident run never reaches before the process ends."""
+        if self._cache is None or self._cache_path is None:
+            return
+        try:
+            from sd35trt.core.artifacts import write_bytes_atomic
 
-                write_bytes_atomic(self._cache_path, bytes(memoryview(self._cache.serialize())))  # type: ignore[arg-type]
-            except OSError as err:  # a read-only bundle still runs; it recompiles next time
-                log.warn(f"could not keep the runtime cache {self._cache_path}: {err.strerror}")
+            write_bytes_atomic(self._cache_path, bytes(memoryview(self._cache.serialize())))  # type: ignore[arg-type]
+        except OSError as err:  # a read-only bundle still runs; it recompiles next time
+            log.warn(f"could not keep the runtime cache {self._cache_path}: {err.strerror}")
+            self._cache_path = None
+
+    def close(self) -> None:
+        self.keep_compiled()
         del self.context, self.engine

@@ -37,6 +37,7 @@ class Need:
     weights: int
     activations: int
     streamable: bool = False
+    activations_at: str = "the request's shapes"  # or "the profile's largest shapes" (an engine's static allocation)
 
     @property
     def total(self) -> int:
@@ -45,7 +46,7 @@ class Need:
 
     def to_dict(self) -> dict[str, Any]:
         return {"weights_gib": round(self.weights / GIB, 3), "activations_gib": round(self.activations / GIB, 3),
-                "streamable": self.streamable}
+                "activations_at": self.activations_at, "streamable": self.streamable}
 
 
 STAGES = (("clip_l", "clip_g", "t5"), ("transformer",), ("vae_decoder",))
