@@ -88,8 +88,10 @@ build: export
 
 engines: build
 
+# Two test workers (pytest-xdist, one per core of the 2-core CI box), a test module per worker at a time.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m fast tests

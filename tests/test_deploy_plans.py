@@ -121,29 +121,30 @@ def test_tiled_decode_blends_overlapping_tiles_close_to_the_whole_decode():
     assert mine.rel_l2 < 0.02 and mine.rel_l2 < diffusers.rel_l2, (mine, diffusers)
 
 
-def test_a_2048_image_from_a_vae_profile_capped_at_1024(tmp_path, tiny_source):
-    """An ONNX VAE decoder exported to take at most 1024 px per side decodes a 2048² image in tiles, every call
-    inside its profile (onnxruntime enforces it as an engine would)."""
+def test_a_1536_image_from_a_vae_profile_capped_at_768(tmp_path, tiny_source):
+    """An ONNX VAE decoder exported to take at most 768 px per side decodes a 1536² image in tiles, every call
+    inside its profile (onnxruntime enforces it as an engine would), two images one after another (its profile
+    takes one)."""
     from sd35trt.core.models import load_assets
     from sd35trt.core.specs import SPECS, Range, ShapeRanges
     from sd35trt.producers.export import ExportConfig, export_model
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
     from sd35trt.runtime.runners import ComponentRunner, runners_from_onnx
 
-    ranges = ShapeRanges(batch=Range(1, 1, 1), height=Range(512, 1024, 2048), width=Range(512, 1024, 2048), vae_max=1024)
+    ranges = ShapeRanges(batch=Range(1, 1, 2), height=Range(512, 768, 1536), width=Range(512, 768, 1536), vae_max=768)
     export_model(tiny_source, tmp_path, ExportConfig(components=("vae_decoder",), ranges=ranges, validate=False),
                  device="cpu", precision="fp32")
     vae = runners_from_onnx(tmp_path, "fp32", components=("vae_decoder",)).runners["vae_decoder"]
-    assert vae.profile["latent"][-1] == [1, 16, 128, 128]
+    assert vae.profile["latent"][-1] == [1, 16, 96, 96]
     runners = {n: ComponentRunner(SPECS[n], "fp32") for n in ("transformer", "clip_l", "clip_g")} | {"vae_decoder": vae}
     loop = Sd35Loop(load_assets(tiny_source), runners, ranges)
-    request = GenerateRequest(prompt="x", height=2048, width=2048)
-    assert loop.vae_tile(request) == 128
+    request = GenerateRequest(prompt="x", height=1536, width=1536, batch=2)
+    assert loop.vae_tile(request) == 96
     vae_calls = [c for c in loop.planned_calls(request) if c.component == "vae_decoder"]
-    assert [c.shapes["latent"] for c in vae_calls] == [(1, 16, 128, 128)]
-    images = loop.decode(torch.randn(1, 16, 256, 256, generator=torch.Generator().manual_seed(1)), request)
-    assert images.shape == (1, 3, 2048, 2048) and torch.isfinite(images).all()
-    assert vae.session.stats.allocations == 1 and vae.session.stats.runs == 9  # 3 x 3 tiles, one buffer set
+    assert [c.shapes["latent"] for c in vae_calls] == [(1, 16, 96, 96)]
+    images = loop.decode(torch.randn(2, 16, 192, 192, generator=torch.Generator().manual_seed(1)), request)
+    assert images.shape == (2, 3, 1536, 1536) and torch.isfinite(images).all()
+    assert vae.session.stats.allocations == 1 and vae.session.stats.runs == 18  # 2 images x 3 x 3 tiles, one buffer set
     with pytest.raises(InvalidInputError, match="larger than the VAE decoder takes whole"):
         Sd35Loop(load_assets(tiny_source), runners, ranges, vae_tiling="off").check(request)
 

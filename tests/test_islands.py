@@ -36,7 +36,8 @@ def test_a_container_receiving_an_outlier_is_the_island_whole():
         ["context_embedder", "transformer_blocks.0"], "two adjacent islands; the block list is not one"
 
 
-@pytest.fixture(scope="module", params=[("last_block_output", 2), ("context_embedder", 1)], ids=lambda p: p[0])
+# (The last block's output stream into norm_out is tests/test_journeys.py's overflow journey.)
+@pytest.fixture(scope="module", params=[("context_embedder", 1)], ids=lambda p: p[0])
 def boundary_chain(request, tmp_path_factory):
     from sd35trt.cli.main import main
     from tests.outliers import save_boundary_model

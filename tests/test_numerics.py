@@ -1,15 +1,10 @@
-"""FP16 range: census, FP32 islands (pure planning, hooks) and the whole chain on a model with real-SD3.5-like
-activation outliers, through the CLI on a local diffusers directory."""
+"""FP16 range: census and FP32 islands (pure planning, hooks). The whole chain on model directories with
+real-SD3.5-like outliers is tests/test_journeys.py (make engines, compare)."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
 from sd35trt.core.numerics import Island, island_unit, plan_islands
 from sd35trt.core.specs import SPECS
-from tests.conftest import needs_rtx
 
 T5_UNITS = SPECS["t5"].island_units
 MMDIT_UNITS = SPECS["transformer"].island_units
@@ -96,76 +91,3 @@ def test_fp16_last_resort_is_whole_fp32_with_why():
     checks, decision = _fp16_decision(pipe, "t5", recorder.calls["t5"], refs, [], {})
     assert decision.precision == "fp32" and decision.reason.startswith("last resort")
     assert not checks["with_islands"]["passed"]
-
-
-@pytest.fixture(scope="module")
-def outlier_chain(tmp_path_factory):
-    """calibrate → export (→ build with TensorRT-RTX) on a saved tiny SD3.5 with injected outliers, via the CLI."""
-    from sd35trt.cli.main import main
-    from tests.outliers import save_outlier_model
-
-    root = tmp_path_factory.mktemp("outliers")
-    model = save_outlier_model(root / "model")
-    work = root / "work"
-    small = ["--num-prompts", "4", "--steps", "2", "--height", "512", "--width", "512"]
-    assert main(["calibrate", "--model", str(model), "--out", str(work), *small]) == 0
-    assert main(["export", "--model", str(model), "--out", str(work)]) == 0
-    return model, work
-
-
-def test_outliers_get_fp32_islands_not_a_whole_fp32_component(outlier_chain):
-    _, work = outlier_chain
-    report = json.loads((work / "calibration" / "calibration.json").read_text())
-    islands = {c: [i["module"] for i in v] for c, v in report["fp32_islands"].items()}
-    assert islands["transformer"] == ["transformer_blocks.1"]
-    assert islands["t5"] == ["encoder.block.1.layer.1", "encoder.final_layer_norm"]
-    assert islands["clip_l"] == islands["clip_g"] == islands["vae_decoder"] == []
-    for name in ("transformer", "t5"):
-        fp16 = report["fp16"][name]
-        assert fp16["precision"] == "fp16", fp16["reason"]
-        assert not fp16["without_islands"]["passed"], "without islands FP16 overflows (NaN) or clamps (T5)"
-        assert fp16["with_islands"]["passed"]
-    assert report["fp16"]["transformer"]["without_islands"]["noise_pred"]["nonfinite"] > 0
-    why = report["fp32_islands"]["transformer"][0]["why"]
-    assert "ff.net" in why and "> margin 16384" in why
-    census = json.loads((work / "calibration" / "census.json").read_text())["components"]
-    assert census["transformer"]["transformer_blocks.1.ff.net.0.proj"]["out"] > 65504
-
-
-def test_outlier_onnx_is_finite_within_tolerance_and_mostly_fp16(outlier_chain):
-    import onnx
-
-    _, work = outlier_chain
-    for variant, name in (("onnx-fp16", "transformer"), ("onnx-fp16", "t5"), ("onnx-fp8", "transformer")):
-        manifest = json.loads((work / variant / name / "manifest.json").read_text())
-        check = manifest["traffic_check"]
-        assert check["passed"] and check["calls"] >= 1, (variant, name)
-        assert all(v["nonfinite"] == 0 for k, v in check.items() if isinstance(v, dict) and "nonfinite" in v)
-        assert manifest["fp32_islands"], "the manifest names the islands"
-        if variant == "onnx-fp16":
-            assert "float32" in manifest["validation"]["reference"], "FP16 is validated against FP32"
-    model = onnx.load(str(work / "onnx-fp16" / "transformer" / "model.onnx"))
-    weights = [t for t in model.graph.initializer if len(t.dims) == 2]
-    fp32 = [t.name for t in weights if t.data_type == onnx.TensorProto.FLOAT]
-    fp16 = [t for t in weights if t.data_type == onnx.TensorProto.FLOAT16]
-    assert 0 < len(fp32) <= 16 and len(fp16) > 2 * len(fp32), "only the island's weights are FP32"
-    assert all("transformer_blocks.1." in n or n.startswith("onnx::") for n in fp32), fp32
-
-
-@needs_rtx
-def test_outlier_bundle_shows_islands_in_fp32(outlier_chain, tmp_path):
-    from sd35trt.cli.main import main
-
-    model, work = outlier_chain
-    assert main(["build", "--gpu", "ada", "--onnx", str(work), "--out", str(tmp_path),
-                 "--components", "transformer,t5"]) == 0
-    bundle = tmp_path / "model" / "ada-tensorrt-rtx"
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    transformer = manifest["components"]["transformer"]
-    assert transformer["precision"] == "fp8" and transformer["layers"]["gemm_fp8"] > 0
-    assert [i["module"] for i in transformer["fp32_islands"]] == ["transformer_blocks.1"]
-    for name in ("transformer", "t5"):
-        layers = manifest["components"][name]["layers"]
-        assert layers["island_gemm"] > 0 and layers["island_gemm_fp32"] == layers["island_gemm"], name
-        text = (bundle / "layers" / f"{name}.txt").read_text()
-        assert "# FP32 island:" in text

@@ -27,7 +27,7 @@ import numpy as np
 
 from sd35trt import __version__
 from sd35trt.core import log
-from sd35trt.core.errors import InvalidInputError, check_choice
+from sd35trt.core.errors import InvalidInputError, check_choice, check_seed
 from sd35trt.core.metrics import aggregate, error_stats, psnr
 from sd35trt.core.models import ModelSource
 from sd35trt.core.specs import COMPONENTS, SPECS, Precision, eager_text_attention, pipeline_attrs, vae_input
@@ -58,6 +58,7 @@ class CompareConfig:
         from sd35trt.core.host import DEVICES
 
         check_choice("--device", self.device, DEVICES)
+        check_seed(self.seed)
 
 
 @dataclass
@@ -460,9 +461,13 @@ def save_grid(path: Path, images: dict[str, list], e2e: dict[str, Any], prompts:
                     f"{name}: {e2e[name]['prompts'][row]['image_psnr_db']:.1f} dB"
             grid.paste(Image.fromarray(array).resize((tile, tile)), (col * tile, top + header + caption))
             draw.text((col * tile + 4, top + header + 4), label, fill="black")
-    tmp = path.with_suffix(".tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    import io
+
+    from sd35trt.core.artifacts import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: list[str],
@@ -508,11 +513,11 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
 
 
 def onnx_variants(onnx_root: Path, variants: tuple[str, ...], provider: str = "cpu",
-                  t5: bool = True) -> tuple[dict[str, dict[str, Any]], Any, dict[str, str]]:
+                  t5: bool = True, model: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], Any, dict[str, str]]:
     """onnxruntime runners for each variant asked for (none named: every variant the work dir has); a variant
     asked for but absent is listed in ``missing`` with why. An "fp8" variant runs FP8 where a component was
     calibrated and FP16 elsewhere (as an FP8 engine bundle does)."""
-    from sd35trt.core.errors import ArtifactError
+    from sd35trt.core.errors import ArtifactError, VariantMissingError
     from sd35trt.core.manifests import WorkDir
     from sd35trt.runtime.runners import runners_from_onnx
 
@@ -525,11 +530,13 @@ def onnx_variants(onnx_root: Path, variants: tuple[str, ...], provider: str = "c
     for variant in asked:
         try:
             found = runners_from_onnx(onnx_root, variant, provider=provider, t5=t5)
-        except ArtifactError as err:
-            if "no " not in err.what:
-                raise
+        except VariantMissingError as err:
             missing[variant] = err.what
             continue
+        if model is not None and found.model is not None:  # compare --model must be what the work dir was built from
+            from sd35trt.core.manifests import require_model
+
+            require_model(found.model, model["fingerprint"], model["id"], onnx_root)
         if variant == "fp8" and not any(r.precision == "fp8" for r in found.runners.values()):
             missing[variant] = "no fp8 ONNX for any component (run `sd35trt calibrate`, then `sd35trt export`)"
             continue

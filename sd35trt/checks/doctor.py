@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sd35trt.core.errors import InvalidInputError
+from sd35trt.core.errors import InvalidInputError, Sd35TrtError
 from sd35trt.core.host import host_report
 from sd35trt.core.manifests import BUNDLE_MANIFEST, STATIC_ACTIVATIONS, BundleManifest
-from sd35trt.core.portability import bundle_fit
+from sd35trt.core.portability import RuntimeRecord, bundle_fit
 
 
 def diagnose(path: Path | None) -> dict[str, Any]:
@@ -26,13 +26,24 @@ def diagnose(path: Path | None) -> dict[str, Any]:
     siblings = sorted(p for p in folders[0].parent.iterdir() if (p / BUNDLE_MANIFEST).is_file())
     bundles, runnable = {}, []
     for folder in sorted(set(folders) | set(siblings)):
-        manifest = BundleManifest.load(folder)
+        try:
+            manifest = BundleManifest.load(folder)
+        except Sd35TrtError as err:
+            if folder in folders:
+                raise  # the bundle asked about: its own problem, one line
+            bundles[str(folder)] = {"runnable": False, "why": f"its manifest cannot be read: {err}"}
+            continue  # a broken sibling is reported, never the error of the bundle that was asked about
         ok, why = bundle_fit(manifest, host)
+        record = RuntimeRecord.of_bundle(manifest.data)
         bundles[str(folder)] = {
             "target": manifest.target, "compute_capabilities": manifest.compute_capabilities,
             "backend": f"{manifest.backend} {manifest.backend_version}", "runnable": ok, "why": why,
             "engines": {n: e.precision for n, e in manifest.components.items()},
+            "host_code": ("allowed: version-compatible plans carry the runtime's code; sd35trt lets TensorRT load it "
+                          "only after the plan's sha256 matched the manifest" if record.version_compatible else
+                          "none: plain plans, loaded with host code disallowed"),
         }
+
         if ok:
             runnable.append(str(folder))
     report["bundles"] = bundles
@@ -65,8 +76,13 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     else:  # a bundle from before assets existed: the preset it names, or its model directory
         assets = load_assets(resolve_model(manifest.model.get("path") or manifest.model["id"],
                                            turbo=manifest.turbo or None))
+    missing = [c for c in SPECS if c != "t5" and c not in manifest.components]
+    if missing:  # built with --components: some engines of an image are elsewhere
+        return {"plan": None, "why": f"the bundle has no {', '.join(missing)} engine (built with --components): "
+                                     "an image needs every network, so there is no plan for this bundle alone"}
     stand_ins = {name: ComponentRunner(SPECS[name], entry.precision, profile=entry.profile, weight_bytes=entry.bytes)
                  for name, entry in manifest.components.items() if t5 or name != "t5"}
+
     for name, entry in manifest.components.items():
         if name in stand_ins:
             stand_ins[name].streamable = entry.weight_streaming

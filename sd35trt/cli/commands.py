@@ -109,7 +109,9 @@ def doctor(
     this host (the report says why, and which ONNX to run instead)."""
     from sd35trt.checks.doctor import diagnose, vram_report
     from sd35trt.core.manifests import BUNDLE_MANIFEST
+    from sd35trt.runtime.vram import check_vram
 
+    check_vram(vram)
     report = diagnose(bundle)
     if bundle is not None and (bundle / BUNDLE_MANIFEST).is_file():
         report["vram"] = vram_report(bundle, vram, height=height, width=width, t5=t5)
@@ -161,6 +163,7 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="print timings and paths as JSON"),
 ) -> None:
     """Prompt → PNG: CLIP-L/G (+ T5) → MMDiT loop (CFG, flow matching) → VAE, on engines, ONNX or torch."""
+    from sd35trt.core.artifacts import check_output_file
     from sd35trt.core.errors import InvalidInputError
     from sd35trt.runtime.launch import open_loop
     from sd35trt.runtime.pipeline import GenerateRequest
@@ -169,27 +172,32 @@ def generate(
                             vram, vram_plan, vae_tiling, lora)
     if out.suffix.lower() != ".png":
         raise InvalidInputError("--out must end in .png", path=out, hint="e.g. --out image.png")
-    from sd35trt.core.artifacts import ensure_writable_dir
-
-    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
     request = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                               seed=seed, height=height, width=width, batch=batch)
+    targets = [out] if batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(batch)]
+    for target in targets:  # before any work: a bad --out is found now, not after the whole denoising loop
+        check_output_file(target, "--out")
     loop = open_loop(options, request)
     result = loop(request)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(result.pil):
-        path = out if len(result.pil) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        image.save(tmp)
-        tmp.replace(path)
-        paths.append(str(path))
+    paths = [str(save_png(image, target)) for image, target in zip(result.pil, targets)]
     info = {"images": paths, "timings": result.timings, "request": request.resolved(loop.assets.defaults).__dict__,
             "t5": loop.has_t5, "vram_plan": result.plan}
     if json_out:
         emit(info)
     else:
         echo("\n".join(paths))
+
+
+def save_png(image, path: Path) -> Path:
+    """A PIL image written atomically (temp file, fsync, rename; nothing left behind on failure)."""
+    import io
+
+    from sd35trt.core.artifacts import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
 
 
 @app.command()
@@ -223,6 +231,7 @@ def compare(
 
     if (onnx is None) == (bundle is None):
         raise InvalidInputError("choose exactly one of --onnx and --bundle", hint="e.g. --onnx build/tiny")
+    ensure_writable_dir(out)  # before any work
     cfg = CompareConfig(variants=tuple(v.strip() for v in (variants or "").split(",") if v.strip()),
                         components=parse_components(components), prompts=prompts, steps=steps, height=height,
                         width=width, seed=seed, t5=t5, device=device)
@@ -239,11 +248,11 @@ def compare(
         require_model(found.model or {}, source.fingerprint(), source.id, bundle)
         by_variant, ranges, label, missing = {"engine": found.runners}, found.ranges, str(bundle), {}
     else:
-        by_variant, ranges, missing = onnx_variants(onnx, cfg.variants, provider, t5=t5)
+        by_variant, ranges, missing = onnx_variants(onnx, cfg.variants, provider, t5=t5,
+                                                    model={"fingerprint": source.fingerprint(), "id": source.id})
         label = str(onnx)
     compare_mod.VERBOSE = verbose
     texts = read_prompts(DEFAULT_PROMPTS, prompts)[-prompts:]
-    ensure_writable_dir(out)
     report = run_compare(source, out, cfg, texts, by_variant, ranges, label, missing)
     if json_out:
         emit(report.data)
@@ -288,11 +297,12 @@ def bench(
     from sd35trt.core.errors import InvalidInputError, check_choice
     from sd35trt.runtime.launch import TorchPeers, open_loop
     from sd35trt.runtime.pipeline import GenerateRequest
-    from sd35trt.runtime.timing import CSV_HEADER, PEERS, Peer, bench_peers, csv_lines
+    from sd35trt.runtime.timing import CSV_HEADER, PEERS, Peer, bench_peers, check_report_outputs, csv_lines
 
     peers_named = [p.strip() for p in (against or "").split(",") if p.strip()]
     for name in peers_named:
         check_choice("--against", name, tuple(PEERS))
+    check_report_outputs(save, csv)  # before any work; a file of another kind is never overwritten
     subject = bundle is not None or onnx is not None or torch_
     options = _loop_options(model, bundle, onnx, torch_ or not subject, precision, provider, device, dtype, cuda_graph,
                             t5, turbo, vram, vram_plan, lora=lora)
@@ -401,6 +411,7 @@ def preflight(
 ) -> None:
     """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
     from sd35trt.cli.app import ranges_from_options
+    from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.host import resolve_target
     from sd35trt.core.models import resolve_model
     from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, Precision, check_model_side, parse_components, with_t5
@@ -411,7 +422,10 @@ def preflight(
     check_model_side(ranges_from_options(str(_RANGES.batch), height, width, str(_RANGES.t5_tokens.max)),
                      source.largest_side(), source.id)
     target = resolve_target(parse_target(gpu))
-    calibrated = parse_components(fp8, CALIBRATABLE)
+    calibrated = parse_components(fp8, CALIBRATABLE, option="--fp8")
+    if work is not None:
+        ensure_writable_dir(work, "--work")
+    ensure_writable_dir(engines, "--engines")
     if not t5 and "t5" in calibrated:
         from sd35trt.core.errors import InvalidInputError
 

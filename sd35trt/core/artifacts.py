@@ -107,7 +107,9 @@ def hash_json(data: Any) -> str:
 
 
 def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a unique temp file beside ``path`` (fsync'd), then rename it over ``path``."""
+    """Write ``data`` to a unique temp file beside ``path`` (fsync'd), then rename it over ``path``. On any failure
+    the temp file is removed and ``path`` is as it was; a write error names ``path`` (a full disk, a file-size
+    limit), so the one line the user sees says which file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -117,10 +119,47 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise OSError(err.errno, err.strerror, str(path)) from err
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path``, its write failures as an ``OSError`` naming the file (torch reports a full disk as
+    a RuntimeError from its stream writer, which is not the user's one line)."""
+    import errno
+
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if "write" not in str(exc).lower():
+            raise
+        path.unlink(missing_ok=True)
+        full = shutil.disk_usage(path.parent).free < (64 << 20)
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else
+                      "torch could not write the file", str(path)) from exc
+
+
+NAME_MAX = 255  # bytes in one file name on Linux file systems
+
+
+def check_output_file(path: Path, option: str) -> Path:
+    """Before any work: ``path`` can become a file (not a folder, a name the file system takes, in a writable
+    folder reached without a link loop); one line naming ``option`` otherwise."""
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise InvalidInputError(f"{option} file name is too long ({len(os.fsencode(path.name))} bytes; the file "
+                                f"system takes {NAME_MAX})", path=path, hint=f"choose a shorter {option}")
+    if path.is_dir():
+        raise InvalidInputError(f"{option} is a folder, not a file", path=path, hint=f"give a file path for {option}")
+    ensure_writable_dir(path.parent if str(path.parent) else Path("."), option)
+    return path
 
 
 def write_buffer_atomic(path: Path, data: Any) -> None:
@@ -160,6 +199,9 @@ def ensure_writable_dir(path: Path, option: str = "--out") -> Path:
     created here: a step creates its folder when it writes, so a command refused later leaves no empty folder."""
     probe = path
     while not probe.exists():
+        if os.path.lexists(probe):  # a link to nothing or a loop of links: exists() says no, writing would fail
+            raise InvalidInputError(f"{probe} is a broken symbolic link or a loop of links", path=path,
+                                    hint=f"fix the link, or choose another {option}")
         if probe.parent == probe:
             break
         probe = probe.parent

@@ -38,12 +38,38 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator seeds are 64-bit; numpy's up to 2**32 are not used
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    if not 0 <= seed <= SEED_MAX:
+        raise InvalidInputError(f"{option} {seed} is outside 0..2^63-1", hint=f"e.g. {option} 0")
+    return seed
+
+
+def check_range(value: float, option: str, low: float, high: float, example: str) -> float:
+    """``value`` when finite and within [low, high], else the one line every bounded number gives."""
+    import math
+
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise InvalidInputError(f"{option} {value:g} is outside {low:g}..{high:g}", hint=f"e.g. {option} {example}")
+    return value
+
+
+class NonFiniteError(Sd35TrtError):
+    """A run produced NaN/Inf (latents or images): never written as an image; the hint names the likely cause."""
+
+
 class ModelLoadError(Sd35TrtError):
     """A model id or directory cannot be loaded."""
 
 
 class ArtifactError(Sd35TrtError):
     """An artifact (ONNX, manifest, engine, calibration state) is missing, corrupt or does not match."""
+
+
+class VariantMissingError(ArtifactError):
+    """A work dir has no ONNX of the precision asked for (compare lists it as "not compared" instead of failing)."""
 
 
 class ExportValidationError(Sd35TrtError):

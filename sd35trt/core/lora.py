@@ -10,6 +10,7 @@ before quantization"). Bad files are refused in one line naming the file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,21 @@ def _safetensors_keys(path: Path) -> list[str]:
                                 hint="pass the .safetensors file diffusers' save_lora_weights (or a trainer) wrote") from None
 
 
+MAX_SCALE = 10.0  # past this a LoRA's deltas swamp the model's weights: garbage, or NaN
+
+
+def _check_finite(path: Path, keys: list[str]) -> None:
+    """Every LoRA tensor is finite: a NaN in an adapter makes every image NaN (a black PNG), never an error later."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        for key in keys:
+            if not bool(torch.isfinite(handle.get_tensor(key).float()).all()):
+                raise InvalidInputError(f"LoRA adapter holds NaN/Inf weights ({key})", path=path,
+                                        hint="the file is damaged or was trained to divergence: use another adapter")
+
+
 def parse_adapters(text: str | None) -> tuple[Adapter, ...]:
     """``a.safetensors[:scale][,b.safetensors[:scale]]`` → adapters, each file checked: it exists, is
     safetensors, and holds LoRA weights for SD3's transformer or text encoders."""
@@ -59,11 +75,16 @@ def parse_adapters(text: str | None) -> tuple[Adapter, ...]:
             continue
         location, scale = item, 1.0
         head, sep, tail = item.rpartition(":")
-        if sep and head:
+        if sep and head and not Path(item).expanduser().is_file():  # a ':' may also be part of the path itself
             try:
                 location, scale = head, float(tail)
             except ValueError:
-                location = item  # a ':' in the path itself
+                if Path(head).expanduser().is_file():
+                    raise InvalidInputError(f"LoRA scale '{tail}' is not a number", path=Path(head),
+                                            hint="pass --lora adapter.safetensors:0.8") from None
+        if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+            raise InvalidInputError(f"LoRA scale {scale:g} is outside -{MAX_SCALE:g}..{MAX_SCALE:g}", path=Path(location),
+                                    hint="LoRA scales are about 0..1.5; e.g. --lora adapter.safetensors:0.8")
         path = Path(location).expanduser()
         if not path.is_file():
             raise InvalidInputError("LoRA adapter not found", path=path, hint="pass --lora path/to/adapter.safetensors[:scale]")
@@ -72,6 +93,7 @@ def parse_adapters(text: str | None) -> tuple[Adapter, ...]:
         if not lora:
             raise InvalidInputError("this safetensors file holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up "
                                     "keys)", path=path, hint="pass a LoRA adapter, not a model checkpoint")
+        _check_finite(path, lora)
         networks = tuple(attr for attr, prefix in LORA_PREFIXES.items()
                          if any(k.startswith(prefix + ".") for k in lora))
         adapters.append(Adapter(path.resolve(), scale, sha256_file(path), networks or ("transformer",)))

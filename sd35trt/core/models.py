@@ -313,6 +313,11 @@ def _resolve(model: str, turbo: bool | None) -> ModelSource:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError("not a diffusers model directory: model_index.json is missing", path=path,
                              hint="pass the folder that holds model_index.json, transformer/, vae/, ...")
+    index = _read_config(path / "model_index.json", path)
+    kind = index.get("_class_name")
+    if kind is not None and kind not in SD3_PIPELINES:
+        raise ModelLoadError(f"model_index.json names a {kind}, not an SD3/SD3.5 pipeline", path=path,
+                             hint="pass a Stable Diffusion 3.5 diffusers directory")
     optional = {"text_encoder_3", "tokenizer_3"}  # CLIP-only directories: no T5-XXL
     missing = [folder for folder in PIPELINE_FOLDERS.values() if not (path / folder).is_dir() and folder not in optional]
     if (path / "text_encoder_3").is_dir() != (path / "tokenizer_3").is_dir():
@@ -321,8 +326,28 @@ def _resolve(model: str, turbo: bool | None) -> ModelSource:
         raise ModelLoadError(f"model directory lacks component folder(s) {', '.join(missing)}", path=path,
                              hint="download the complete SD3.5 diffusers repository (text_encoder_3/tokenizer_3 may "
                                   "both be left out for CLIP-only use)")
+    for config in CONFIG_FILES:  # a truncated or hand-edited config is one line now, not a traceback at load time
+        if (path / config).is_file():
+            _read_config(path / config, path)
     resolved = path.resolve()
     return ModelSource(id=str(resolved), path=resolved, turbo=looks_turbo(resolved) if turbo is None else turbo)
+
+
+SD3_PIPELINES = ("StableDiffusion3Pipeline",)
+CONFIG_FILES = ("transformer/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json",
+                "text_encoder_3/config.json", "scheduler/scheduler_config.json")
+
+
+def _read_config(file: Path, model: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{file.relative_to(model)} is not valid JSON ({type(exc).__name__})", path=model,
+                             hint="the download is incomplete or the file was edited: fetch it again") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file.relative_to(model)} is not a JSON object", path=model,
+                             hint="the download is incomplete or the file was edited: fetch it again")
+    return data
 
 
 # --- tokenizers -------------------------------------------------------------------------------------------

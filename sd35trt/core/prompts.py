@@ -31,6 +31,7 @@ def read_prompts(path: Path, needed: int) -> list[str]:
         raise InvalidInputError("prompts file is empty", path=path, hint="add one prompt per line")
     if len(prompts) < needed:
         raise InvalidInputError(f"prompts file has {len(prompts)} prompts, {needed} needed "
-                                "(--num-prompts plus --holdout)", path=path,
-                                hint=f"lower --num-prompts to {max(1, len(prompts) - 1)} or add prompts")
+                                "(--num-prompts plus --holdout, or --prompts)", path=path,
+                                hint=f"lower --num-prompts or --holdout to need at most {len(prompts)} together, "
+                                     "or add prompts")
     return prompts

@@ -605,15 +605,16 @@ def vae_input(latents: Any, vae_config: Any) -> Any:
     return latents / vae_config.scaling_factor + vae_config.shift_factor
 
 
-def parse_components(text: str | None, allowed: tuple[str, ...] = COMPONENTS) -> tuple[str, ...]:
-    """``--components a,b`` → ordered tuple, rejecting unknown names with the list of valid ones."""
+def parse_components(text: str | None, allowed: tuple[str, ...] = COMPONENTS, *,
+                     option: str = "--components") -> tuple[str, ...]:
+    """``--components a,b`` (or the ``option`` named) → ordered tuple, rejecting unknown names with the valid ones."""
     if text is None or text.strip() in ("", "all"):
         return allowed
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SPECS]
     if unknown:
-        raise InvalidInputError(f"unknown component(s) {', '.join(unknown)} in --components",
-                                hint=f"choose from {','.join(COMPONENTS)}")
+        raise InvalidInputError(f"unknown component(s) {', '.join(unknown)} in {option}",
+                                hint=f"choose from {','.join(allowed)}")
     not_allowed = [n for n in names if n not in allowed]
     if not_allowed:
         raise InvalidInputError(f"component(s) {', '.join(not_allowed)} not supported here",

@@ -457,6 +457,10 @@ def _build_child(conn: Any, kind: str, args: tuple, kwargs: dict) -> None:
         conn.send(("error", (type(err).__name__, err.what, str(err.path) if err.path else None, err.hint)))
     except OSError as err:
         conn.send(("oserror", (err.errno, err.strerror, err.filename)))
+    except Exception:  # noqa: BLE001 - sd35trt's own bug in the child: sent back with its traceback, not a "crash"
+        import traceback
+
+        conn.send(("bug", traceback.format_exc()))
 
 
 def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[list[int]]],
@@ -497,6 +501,8 @@ def build_engine_isolated(backend: TrtBackend, onnx_path: Path, profile: dict[st
                          path=onnx_path, hint="a builder bug on this graph (an FP32 T5 attention inside FP16 is one); "
                                               "report it with the ONNX manifest; the previous bundle is untouched")
     status, payload = result
+    if status == "bug":
+        raise RuntimeError(f"the build process failed inside sd35trt (not a builder crash); its traceback:\n{payload}")
     if status == "oserror":
         raise OSError(*payload)
     if status == "error":

@@ -37,10 +37,11 @@ from sd35trt.core.artifacts import (
     hash_json,
     package_versions,
     recover_interrupted,
+    save_torch,
     sha256_file,
     write_json_atomic,
 )
-from sd35trt.core.errors import CalibrationError, InvalidInputError, check_choice
+from sd35trt.core.errors import CalibrationError, InvalidInputError, check_choice, check_seed
 from sd35trt.core.host import DTYPES
 from sd35trt.core.manifests import CalibrationManifest, Fp16Decision, WorkDir, load_current
 from sd35trt.core.metrics import error_stats, psnr, summarize
@@ -63,6 +64,8 @@ from sd35trt.core.traffic import TrafficRecorder, spread
 from sd35trt.producers.quantize import collect_scales, quant_state
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
+
+MAX_HOLDOUT = 64  # held-out prompts: each is a full FP32 reference run and a fake-quant run
 
 # Held-out calls kept per component for the reference, the FP16/FP8 checks and export's traffic check
 # (evenly spread over the denoising steps); at SD3.5 size a transformer call is ~30 MB of inputs.
@@ -114,10 +117,13 @@ class CalibrationConfig:
             raise InvalidInputError(f"--steps {self.steps} must be ≥ 1", hint="e.g. --steps 20")
         if self.batch < 1:
             raise InvalidInputError(f"--calib-batch {self.batch} must be ≥ 1", hint="e.g. --calib-batch 4")
-        if self.holdout < 1:
-            raise InvalidInputError(f"--holdout {self.holdout} must be ≥ 1", hint="the report needs held-out prompts")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
-            raise InvalidInputError(f"--guidance {self.guidance} must be a finite number ≥ 0", hint="e.g. --guidance 4.5")
+        if not 1 <= self.holdout <= MAX_HOLDOUT:
+            raise InvalidInputError(f"--holdout {self.holdout} is outside 1..{MAX_HOLDOUT}",
+                                    hint="the report needs a few held-out prompts (each is a whole reference run); "
+                                         "e.g. --holdout 2")
+        if not math.isfinite(self.guidance) or not 0 <= self.guidance <= 100:
+            raise InvalidInputError(f"--guidance {self.guidance} must be a number in 0..100", hint="e.g. --guidance 4.5")
+        check_seed(self.seed)
         check_pixels(self.height, "--height")
         check_pixels(self.width, "--width")
         check_choice("--dtype", self.dtype, DTYPES)
@@ -350,8 +356,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     with atomic_dir(folder) as tmp:
         write_json_atomic(tmp / "scales.json", {k: v.hex() for k, v in sorted(scales.items())})
         if state is not None:
-            torch.save(state, tmp / "quant_state.pt")
-        torch.save({name: {"calls": traffic[name], "reference": [[torch.from_numpy(o) for o in outs]
+            save_torch(state, tmp / "quant_state.pt")
+        save_torch({name: {"calls": traffic[name], "reference": [[torch.from_numpy(o) for o in outs]
                                                                  for outs in references[name]]}
                     for name in present}, tmp / "traffic.pt")
         write_json_atomic(tmp / "census.json", {"kind": "activation-census", "fp16_max": 65504.0,

@@ -40,10 +40,13 @@ class LoopOptions:
     lora: str | None = None  # adapters fused into the model (torch), or that the artifacts must have been built with
 
     def check(self) -> None:
+        from sd35trt.runtime.vram import check_vram
+
         chosen = [n for n, v in (("--bundle", self.bundle), ("--onnx", self.onnx), ("--torch", self.torch)) if v]
         if len(chosen) != 1:
             raise InvalidInputError("choose exactly one of --bundle, --onnx, --torch",
                                     hint="e.g. --onnx build/tiny (onnxruntime) or --torch")
+        check_vram(self.vram_gib)
 
 
 def _assets(options: LoopOptions, found: RunnerSet | None) -> PipelineAssets:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sd35trt.core import log
-from sd35trt.core.errors import InvalidInputError
+from sd35trt.core.errors import InvalidInputError, NonFiniteError, check_seed
 from sd35trt.core.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS, Defaults, PipelineAssets
 from sd35trt.core.specs import COMPONENTS, SPECS, ShapeRanges, check_pixels
 from sd35trt.runtime.runners import ComponentRunner
@@ -26,6 +26,7 @@ from sd35trt.runtime.tiling import DEFAULT_TILE_PIXELS, tile_shapes, tiled_decod
 from sd35trt.runtime.vram import Need, VramPlan
 
 TILING = ("auto", "on", "off")
+MAX_STEPS, MAX_GUIDANCE, MAX_BATCH = 500, 100.0, 16  # past these SD3.5 gives garbage, or runs for hours
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,20 @@ class GenerateRequest:
     batch: int = 1
 
     def __post_init__(self):
-        """Reject bad requests before any work (diffusers' check_inputs, stricter)."""
+        """Reject bad requests before any work (diffusers' check_inputs, stricter: bounds past which SD3.5 can only
+        give garbage or run for hours)."""
         if self.steps is not None and self.steps < 1:
             raise InvalidInputError(f"--steps {self.steps} must be ≥ 1", hint="SD3.5 uses 28-40 steps; e.g. --steps 28")
+        if self.steps is not None and self.steps > MAX_STEPS:
+            raise InvalidInputError(f"--steps {self.steps} is more than {MAX_STEPS}", hint="SD3.5 uses 28-40 steps")
         if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
             raise InvalidInputError(f"--guidance {self.guidance} must be a finite number ≥ 0", hint="e.g. --guidance 4.5")
-        if self.batch < 1:
-            raise InvalidInputError(f"--batch {self.batch} must be ≥ 1", hint="e.g. --batch 1")
+        if self.guidance is not None and self.guidance > MAX_GUIDANCE:
+            raise InvalidInputError(f"--guidance {self.guidance:g} is more than {MAX_GUIDANCE:g}: the noise estimate "
+                                    "overflows to NaN", hint="SD3.5 uses 3.5-7; e.g. --guidance 4.5")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise InvalidInputError(f"--batch {self.batch} is outside 1..{MAX_BATCH}", hint="e.g. --batch 1")
+        check_seed(self.seed)
         check_pixels(self.height, "--height")
         check_pixels(self.width, "--width")
 
@@ -206,6 +214,30 @@ class Sd35Loop:
                                             max(act, old.activations if old else 0), runner.streamable, at)
         return found
 
+    def _finite(self, tensor: Any, what: str, request: GenerateRequest) -> None:
+        """NaN/Inf in ``what`` stops the run before an image is written (it would be black), naming the likely cause:
+        the guidance scale, the LoRA adapters fused into the model, the runner's reduced precision, or the weights."""
+        import torch
+
+        if bool(torch.isfinite(tensor).all()):
+            return
+        stage = what.split("'")[0].removeprefix("the ")
+        component = {"text encoders": "clip_l", "transformer": "transformer", "VAE decoder": "vae_decoder"}[stage]
+        runner = self.runners.get(component)
+        precision = getattr(runner, "precision", "")
+        lora = self.assets.model.get("lora") if isinstance(self.assets.model, dict) else None
+        if request.guidance is not None and request.guidance > 20:
+            cause = f"--guidance {request.guidance:g} is far past SD3.5's 3.5-7: use a smaller one"
+        elif lora:
+            cause = "the LoRA adapters fused into the model: try a smaller :scale, or the model without them"
+        elif precision in ("fp16", "fp8"):
+            cause = (f"an FP16 overflow in the {stage} ({precision}) outside its FP32 islands: run `sd35trt compare` "
+                     "on these artifacts, or the same request with --torch")
+        else:
+            cause = f"the {stage} weights of this model (NaN/Inf in the checkpoint?): check the download"
+        raise NonFiniteError(f"{what} are NaN/Inf ({request.height}x{request.width}, {request.steps} steps, guidance "
+                             f"{request.guidance:g}); no image written", hint=f"likely cause: {cause}")
+
     # 1. text ---------------------------------------------------------------------------------------------
 
     def _tokens(self, tokenizer, prompts: list[str], max_length: int, label: str):
@@ -291,6 +323,7 @@ class Sd35Loop:
             embeds, pooled = torch.cat([neg_e, pos_e]), torch.cat([neg_p, pos_p])
         else:
             embeds, pooled = self.encode_prompt(negatives + prompts if cfg else prompts)
+        self._finite(embeds, "the text encoders' embeddings", request)
         timings["text_encoders_s"] = _clock(device) - start
 
         # 3. prepare latents (diffusers' randn_tensor from a CPU generator, then on the device: the pipeline's noise)
@@ -329,12 +362,14 @@ class Sd35Loop:
                 if progress:
                     bar.advance()
         timings["denoise_s"] = _clock(device) - start
+        self._finite(latents, "the transformer's latents", request)
         step_times = steps.seconds()
         timings["step_median_s"] = sorted(step_times)[len(step_times) // 2]
 
         # 6. decode (the pipeline's own scaling and post-processing)
         start = _clock(device)
         images = self.decode(latents, request)
+        self._finite(images, "the VAE decoder's image", request)
         timings["vae_decoder_s"] = _clock(device) - start
         if self.plan is not None and self.plan.sequential:
             self.runners["vae_decoder"].unload()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
+from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, VariantMissingError
 from sd35trt.core.manifests import MANIFEST, BundleManifest, OnnxManifest, PlanFile, WorkDir
 from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
 from sd35trt.core.targets import RUNNER_VARIANTS, runner_variant
@@ -306,7 +306,7 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
         have = {p for p in Precision if (work.onnx_folder(p, name) / MANIFEST).is_file()}
         chosen = runner_variant(name, precision, have)
         if chosen is None:
-            raise ArtifactError(f"no {'/'.join(p.value for p in RUNNER_VARIANTS[precision])} ONNX for {name}", path=root,
+            raise VariantMissingError(f"no {'/'.join(p.value for p in RUNNER_VARIANTS[precision])} ONNX for {name}", path=root,
                                 hint=f"run `sd35trt calibrate --out {root}` then `sd35trt export --out {root}` (`--precision fp32` for FP32) first")
         manifest = OnnxManifest.load(work.onnx_folder(chosen, name), name, chosen)
         manifest.verify()

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
@@ -204,6 +205,35 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                       num(row["energy_per_image_j"], ".0f"), num(tel["temperature_max_c"], ".0f"),
                       num(vs.get("step_speedup"), ".2f"), num(vs.get("image_speedup"), ".2f"), num(row["warmup_s"], ".1f")])
     return lines
+
+
+def check_report_outputs(save: Path | None, csv: Path | None) -> None:
+    """bench's ``--save`` replaces only a bench report and ``--csv`` appends only to a bench CSV (its header line);
+    any other file there is refused in one line, before any work (``--save engines/.../manifest.json`` replaced a
+    bundle's manifest)."""
+    import json
+
+    from sd35trt.core.artifacts import check_output_file
+    from sd35trt.core.errors import InvalidInputError
+
+    for path, option in ((save, "--save"), (csv, "--csv")):
+        if path is None:
+            continue
+        check_output_file(path, option)
+        if not path.exists():
+            continue
+        try:
+            if option == "--save":
+                ours = json.loads(path.read_text(encoding="utf-8")).get("kind") == "bench"
+            else:
+                with open(path, encoding="utf-8") as handle:
+                    ours = handle.readline().rstrip("\n") == CSV_HEADER
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+            ours = False
+        if not ours:
+            raise InvalidInputError(f"{option} {path} exists and is not a bench {'report' if option == '--save' else 'CSV'}",
+                                    path=path, hint=f"{option} only replaces or extends bench's own output: choose "
+                                                    "another file")
 
 
 def csv_lines(report: dict[str, Any]) -> list[str]:

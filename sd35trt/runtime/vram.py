@@ -134,11 +134,18 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
                             f"{largest.total / GIB:.1f} GiB)", hint=hint)
 
 
+def check_vram(requested_gib: float | None) -> None:
+    """``--vram`` is a positive, finite number of GiB (a GPU with more than 16 TiB does not exist)."""
+    import math
+
+    if requested_gib is not None and (not math.isfinite(requested_gib) or not 0 < requested_gib <= 16384):
+        raise InvalidInputError(f"--vram {requested_gib:g} must be a positive number of GiB", hint="e.g. --vram 8")
+
+
 def gpu_budget(requested_gib: float | None) -> int | None:
     """``--vram GIB``, else the GPU's free memory now (None without a CUDA GPU: nothing to plan)."""
     if requested_gib is not None:
-        if requested_gib <= 0:
-            raise InvalidInputError(f"--vram {requested_gib:g} must be a positive number of GiB", hint="e.g. --vram 8")
+        check_vram(requested_gib)
         return int(requested_gib * GIB)
     from sd35trt.core.host import local_compute_capability
 
