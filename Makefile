@@ -18,7 +18,9 @@ GPU ?= ada
 MODEL ?= tiny
 BACKEND ?= auto
 # A preset's name, or a model directory's own name (MODEL=/data/sd3.5-large/ -> build/sd3.5-large).
-WORK ?= build/$(shell basename -- "$(MODEL)")
+# QUANT=int4|nvfp4: a 4-bit transformer (its own work dir and bundle folder, beside the FP8 ones).
+QUANT ?= fp8
+WORK ?= build/$(shell basename -- "$(MODEL)")$(if $(filter-out fp8,$(QUANT)),-$(QUANT))
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
 ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
@@ -49,7 +51,7 @@ CALIB_SIZE := $(if $(NUM_PROMPTS),--num-prompts $(NUM_PROMPTS)) $(if $(STEPS),--
 
 help:
 	@echo "make engines GPU=ada [MODEL=tiny]   preflight -> calibrate -> export -> build one engine bundle (steps skip when unchanged)"
-	@echo "  knobs: MODEL= GPU= T5=0 FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 BUILD_FLAGS=..."
+	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4 T5=0 FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 BUILD_FLAGS=..."
 	@echo "make test                           run the test suite (CPU, tiny preset; what CI runs)"
 	@echo "make test-fast                      the pure-function tier (no model, no build): under 90 s"
 	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"
@@ -73,12 +75,12 @@ install: $(VENV)/.installed
 
 # Model, target and options are checked before any step (a bad GPU= or MODEL= fails in seconds, not after export).
 preflight: $(STAMP)
-	@$(CLI) preflight --model "$(MODEL)" --gpu "$(GPU)" --backend "$(BACKEND)" --fp8 "$(FP8)" --work "$(WORK)" \
+	@$(CLI) preflight --model "$(MODEL)" --gpu "$(GPU)" --backend "$(BACKEND)" --fp8 "$(FP8)" --format "$(QUANT)" --work "$(WORK)" \
 	  --engines "$(ENGINES)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG)
 
 calibrate: preflight
 	$(CLI) calibrate --model "$(MODEL)" --out "$(WORK)" --prompts "$(PROMPTS)" $(strip $(CALIB_SIZE)) \
-	  --components "$(FP8)" --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG)
+	  --components "$(FP8)" --format "$(QUANT)" --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG)
 
 export: calibrate
 	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG)

@@ -183,9 +183,9 @@ def test_calibrate_recipe_typo_fails_before_any_export(capsys, prompts_dir, tmp_
 BUILD_CASES = [
     (["--gpu", "voodoo"], "unknown GPU target 'voodoo'"),
     (["--backend", "directml"], "unknown backend 'directml'"),
-    (["--precision", "int4"], "--precision 'int4'"),
-    (["--precision", "fp8", "--gpu", "ampere"], "no FP8 tensor cores"),
-    (["--precision", "fp8", "--gpu", "turing"], "no FP8 tensor cores"),
+    (["--precision", "int4"], "no int4 ONNX for transformer"),
+    (["--precision", "fp8", "--gpu", "ampere"], "runs no FP8 GEMM"),
+    (["--precision", "fp8", "--gpu", "turing"], "runs no FP8 GEMM"),
     (["--components", "unet"], "unknown component"),
 ]
 

@@ -18,9 +18,9 @@ def test_precision_table_fp8_where_the_gpu_has_it_fp16_fallback_elsewhere():
     for target in (GpuTarget.AMPERE, GpuTarget.TURING):
         plan = plan_precisions(TARGETS[target], COMPONENTS, have)
         assert plan["transformer"].precision is Precision.FP16
-        assert "no FP8 tensor cores" in plan["transformer"].reason
+        assert "runs no FP8 GEMM" in plan["transformer"].reason
     assert plan_precisions(TARGETS[GpuTarget.HOPPER], COMPONENTS, have)["transformer"].precision is Precision.FP8
-    with pytest.raises(InvalidInputError, match="no FP8 tensor cores"):
+    with pytest.raises(InvalidInputError, match="runs no FP8 GEMM"):
         plan_precisions(TARGETS[GpuTarget.AMPERE], COMPONENTS, have, requested=Precision.FP8)
 
 
@@ -58,7 +58,7 @@ def test_ampere_falls_back_to_fp16(calibrated, tmp_path):
     assert entry["precision"] == "fp16" and entry["layers"]["gemm_fp8"] == 0
     assert result.manifest.compute_capabilities == ["8.0", "8.6"]
     text = plan_precisions(TARGETS[GpuTarget.AMPERE], ("clip_l",), {"clip_l": {Precision.FP16}})["clip_l"].reason
-    assert "no FP8 tensor cores" in text and "calibrate" not in text, "never advice that cannot help on this GPU"
+    assert "runs no FP8 GEMM" in text and "calibrate" not in text, "never advice that cannot help on this GPU"
 
 
 @needs_rtx

@@ -33,7 +33,10 @@ from sd35trt.core.models import ModelSource
 from sd35trt.core.specs import COMPONENTS, SPECS, Precision, eager_text_attention, pipeline_attrs, vae_input
 
 # Decoded-image PSNR an end-to-end variant must reach against diffusers FP32 (same seeds, random weights).
-E2E_MIN_PSNR_DB = {Precision.FP32: 60.0, Precision.FP16: 30.0, Precision.FP8: 25.0}
+# 4-bit weights drift further over the denoising loop than FP8's: their floor is 5 dB lower (set by judgement, not
+# yet measured on real SD3.5 weights: random weights are all this project has).
+E2E_MIN_PSNR_DB = {Precision.FP32: 60.0, Precision.FP16: 30.0, Precision.FP8: 25.0, Precision.INT4: 20.0,
+                   Precision.NVFP4: 20.0}
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,9 @@ class CompareConfig:
     device: str = "auto"  # where the FP32 reference runs: auto (the GPU when there is one) | cpu | cuda
 
     def __post_init__(self):
-        bad = [v for v in self.variants if v not in ("fp32", "fp16", "fp8")]
+        bad = [v for v in self.variants if v not in ("fp32", "fp16", "fp8", "int4")]
         if bad:
-            raise InvalidInputError(f"unknown variant(s) {', '.join(bad)}", hint="choose from fp32,fp16,fp8")
+            raise InvalidInputError(f"unknown variant(s) {', '.join(bad)}", hint="choose from fp32,fp16,fp8,int4 (onnxruntime has no FP4 kernel: NVFP4 is compared through its engines)")
         if self.prompts < 1 or self.steps < 1:
             raise InvalidInputError("--prompts and --steps must be ≥ 1", hint="e.g. --prompts 2 --steps 4")
         from sd35trt.core.host import DEVICES
@@ -524,7 +527,7 @@ def onnx_variants(onnx_root: Path, variants: tuple[str, ...], provider: str = "c
     if not onnx_root.is_dir():
         raise InvalidInputError("ONNX directory not found", path=onnx_root, hint="pass the --out of export/calibrate")
     work = WorkDir(onnx_root)
-    present = [p.value for p in (Precision.FP32, Precision.FP16, Precision.FP8) if work.variant(p).is_dir()]
+    present = [p.value for p in (Precision.FP32, Precision.FP16, Precision.FP8, Precision.INT4) if work.variant(p).is_dir()]
     asked = variants or tuple(present)
     runners_by_variant, ranges, missing = {}, None, {}
     for variant in asked:
@@ -537,9 +540,11 @@ def onnx_variants(onnx_root: Path, variants: tuple[str, ...], provider: str = "c
             from sd35trt.core.manifests import require_model
 
             require_model(found.model, model["fingerprint"], model["id"], onnx_root)
-        if variant == "fp8" and not any(r.precision == "fp8" for r in found.runners.values()):
-            missing[variant] = "no fp8 ONNX for any component (run `sd35trt calibrate`, then `sd35trt export`)"
+        if variant in ("fp8", "int4") and not any(r.precision == variant for r in found.runners.values()):
+            missing[variant] = (f"no {variant} ONNX for any component (run `sd35trt calibrate --format {variant}`, "
+                                "then `sd35trt export`)")
             continue
+
         runners_by_variant[variant], ranges = found.runners, found.ranges
     if not runners_by_variant:
         raise ArtifactError(f"nothing to compare: {'; '.join(missing.values()) or 'no ONNX'}", path=onnx_root,

@@ -69,7 +69,8 @@ def build(
     result = build_bundle(onnx, out, config, force=force)
     m = result.manifest
     rows = {k: {"precision": e.precision, "bytes": e.bytes, "parts": len(e.plans), "gemm_fp8": e.layers["gemm_fp8"],
-                "gemm": e.layers["gemm"],
+                "gemm": e.layers["gemm"], "int4_weights": e.layers.get("int4_weights", 0),
+                "fp4_weights": e.layers.get("fp4_weights", 0),
                 "fp32_islands": [i["module"] for i in e.fp32_islands], "reused": k not in result.rebuilt}
             for k, e in m.components.items()}
     if json_out:
@@ -79,10 +80,14 @@ def build(
         return
     lines = [f"bundle {result.folder} ({m.target}, SM {', '.join(m.compute_capabilities)}, "
              f"{m.backend} {m.backend_version}){' unchanged' if result.skipped else ''}",
-             f"{'component':<12} {'precision':<9} {'size':>10} {'parts':>5} {'FP8 GEMMs':>10}  islands"]
+             f"{'component':<12} {'precision':<9} {'size':>10} {'parts':>5} {'quantized':>10}  islands"]
     for name, row in rows.items():
+        # FP8: GEMMs running FP8 of all GEMMs; 4-bit: weight tensors the plan holds as INT4 / FP4 (dequantized in
+        # generated kernels before FP16 GEMMs, so the layer report counts those GEMMs as FP16)
+        done = row["int4_weights"] or row["fp4_weights"] or row["gemm_fp8"]
         lines.append(f"{name:<12} {row['precision']:<9} {row['bytes'] / 1e6:>8.1f}MB {row['parts']:>5} "
-                     f"{row['gemm_fp8']:>4}/{row['gemm']:<5}  {', '.join(row['fp32_islands']) or '-'}")
+                     f"{done:>4}/{row['gemm']:<5}  {', '.join(row['fp32_islands']) or '-'}")
+
     echo("\n".join(lines))
 
 
@@ -141,7 +146,7 @@ def generate(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="run TensorRT / TensorRT-RTX engines of this bundle"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="run onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="run the PyTorch modules"),
-    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
+    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8 | int4 (NVFP4 has no onnxruntime kernel)"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     negative_prompt: str = typer.Option(_REQ.negative_prompt, "--negative-prompt", "-n"),
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps [default: 28; Turbo 4]"),
@@ -270,7 +275,7 @@ def bench(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="time onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="time the PyTorch modules"),
     against: Optional[str] = typer.Option(None, "--against", help="peers timed in the same run, after the runner above: torch, compile, torchao-fp8 (comma-separated; torchao from '.[peers]')"),
-    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8"),
+    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8 | int4 (NVFP4 has no onnxruntime kernel)"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     steps: int = typer.Option(20, "--steps", help="timed transformer steps (after warm-up)"),
     loop_steps: Optional[int] = typer.Option(None, "--loop-steps", help="denoising steps of each end-to-end image [default: 28; Turbo 4]"),
@@ -402,6 +407,7 @@ def preflight(
     gpu: str = typer.Option("ada", "--gpu", help="the GPU of make engines"),
     backend: str = typer.Option("auto", "--backend", help="auto | tensorrt | tensorrt-rtx"),
     fp8: str = typer.Option("transformer", "--fp8", help="components calibrated to FP8 (make's FP8=)"),
+    fmt: str = typer.Option("fp8", "--format", help="the calibration format: fp8 | int4 | nvfp4 (make's QUANT=)"),
     t5: bool = T5Opt,
     lora: Optional[str] = LoraOpt,
     work: Optional[Path] = typer.Option(None, "--work", help="the work dir make uses"),
@@ -414,8 +420,16 @@ def preflight(
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.host import resolve_target
     from sd35trt.core.models import resolve_model
-    from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, Precision, check_model_side, parse_components, with_t5
-    from sd35trt.core.targets import parse_backend, parse_target, plan_precisions
+    from sd35trt.core.specs import (
+        CALIBRATABLE,
+        COMPONENTS,
+        Precision,
+        check_model_side,
+        parse_components,
+        parse_format,
+        with_t5,
+    )
+    from sd35trt.core.targets import narrow_for_format, parse_backend, parse_target, plan_precisions
     from sd35trt.producers.builder import choose_backend
 
     source = resolve_model(model, lora=lora)
@@ -423,6 +437,12 @@ def preflight(
                      source.largest_side(), source.id)
     target = resolve_target(parse_target(gpu))
     calibrated = parse_components(fp8, CALIBRATABLE, option="--fp8")
+    quant = parse_format(fmt)
+    if quant is not Precision.FP8 and set(calibrated) != {"transformer"}:
+        from sd35trt.core.errors import InvalidInputError
+
+        raise InvalidInputError(f"QUANT={quant.value} quantizes the transformer only, but FP8={','.join(calibrated)}",
+                                hint="leave FP8= at its default (transformer) with QUANT=int4 or nvfp4")
     if work is not None:
         ensure_writable_dir(work, "--work")
     ensure_writable_dir(engines, "--engines")
@@ -432,12 +452,18 @@ def preflight(
         raise InvalidInputError("FP8=... names t5 but T5=0 leaves T5 out", hint="drop t5 from FP8= or set T5=1")
     chosen = choose_backend(parse_backend(backend), target)
     names = with_t5(COMPONENTS, t5 and source.has_t5)
-    have = {c: {Precision.FP16} | ({Precision.FP8} if c in calibrated else set()) for c in names}
-    plan = plan_precisions(target, names, have)
+    have = {c: {Precision.FP16} | ({quant} if c in calibrated else set()) for c in names}
+    ccs = chosen.buildable_ccs(target)
+    if quant is not Precision.FP8:
+        ccs, dropped = narrow_for_format(target, chosen.kind, quant, ccs)
+        if dropped:
+            echo(f"note: {dropped}")
+    plan = plan_precisions(target, names, have, backend=chosen.kind, ccs=ccs)
     where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}"
     echo(f"make engines: {source.id} ({'random weights' if source.random_weights else 'local weights'}"
-         f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(target.sm_names)}) with "
+         f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}) with "
          f"{chosen.kind.value} {chosen.version}: " + ", ".join(f"{n} {c.precision.value}" for n, c in plan.items())
+
          + ("" if "t5" in names else "; CLIP-only (no T5)") + (f"; LoRA {lora}" if lora else "")
          + (f"; work dir {work}" if work else "") + f" -> {where}")
 

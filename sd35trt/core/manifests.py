@@ -17,7 +17,8 @@ from sd35trt.core.numerics import Island
 from sd35trt.core.specs import SPECS, Precision
 
 MANIFEST = "manifest.json"
-VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8"}
+VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8",
+                Precision.INT4: "onnx-int4", Precision.NVFP4: "onnx-nvfp4"}
 CALIBRATION_LAYOUT = 2  # bump when the calibration folder's files change meaning
 
 
@@ -117,12 +118,14 @@ class CalibrationManifest:
     files: dict[str, dict[str, Any]]
     reference: str
     margin: float
+    format: Precision = Precision.FP8  # the calibrated format: fp8 | int4 | nvfp4
     layout: int = CALIBRATION_LAYOUT
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "calibration", "layout": self.layout, "inputs_hash": self.inputs_hash, "model": self.model,
-                "components": list(self.components), "reference": self.reference, "margin": self.margin,
+                "components": list(self.components), "format": self.format.value, "reference": self.reference,
+                "margin": self.margin,
                 "fp32_islands": {c: [i.to_dict() for i in v] for c, v in self.islands.items()},
                 "fp16": {c: d.to_dict() for c, d in self.fp16.items()}, "files": self.files, **self.extra}
 
@@ -137,9 +140,10 @@ class CalibrationManifest:
                 islands={c: [Island.from_dict(i) for i in v] for c, v in data["fp32_islands"].items()},
                 fp16={c: Fp16Decision(d["precision"], d["reason"]) for c, d in data["fp16"].items()},
                 files=data["files"], reference=data["reference"], margin=float(data["margin"]),
+                format=Precision(data.get("format", "fp8")),
                 extra={k: v for k, v in data.items() if k not in {
                     "kind", "layout", "inputs_hash", "model", "components", "reference", "margin", "fp32_islands",
-                    "fp16", "files"}})
+                    "fp16", "files", "format"}})
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"calibration manifest is malformed ({exc.__class__.__name__}: {exc})", path=path,
                                 hint="re-run `sd35trt calibrate --force` with this --out") from None

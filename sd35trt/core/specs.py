@@ -29,7 +29,17 @@ DEFAULT_VAE_SIDE = 1024  # the VAE decoder's profile stops here by default; larg
 class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"
-    FP8 = "fp8"
+    FP8 = "fp8"  # E4M3 weights and activations, per-tensor scales (ModelOpt max calibration)
+    INT4 = "int4"  # weight-only INT4, blocks of up to 128 input channels, AWQ (activations FP16)
+    NVFP4 = "nvfp4"  # weight-only FP4 (E2M1), FP8 scales per 16 weights and one FP32 scale (activations FP16)
+
+    @property
+    def quantized(self) -> bool:
+        """A calibrated format (its ONNX carries Q/DQ nodes); FP16/FP32 are plain casts."""
+        return self in QUANTIZED
+
+
+QUANTIZED = (Precision.FP8, Precision.INT4, Precision.NVFP4)
 
 
 @dataclass(frozen=True)
@@ -561,7 +571,8 @@ SPECS: dict[str, ComponentSpec] = {
         outputs=(TensorSpec("noise_pred", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
         wrapper=_transformer_wrapper,
         tolerances={Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(1e-2, 0.05),
-                    Precision.FP8: Tolerance(0.08, 0.5)},
+                    Precision.FP8: Tolerance(0.08, 0.5), Precision.INT4: Tolerance(0.08, 0.5),
+                    Precision.NVFP4: Tolerance(0.1, 0.5)},
         export_context=crop_pos_embed, calibratable=True, island_units=(r"transformer_blocks\.\d+",),
     ),
     "clip_l": _clip_spec("clip_l", "text_encoder", "clip_l", "CLIP ViT-L/14 text encoder"),
@@ -587,6 +598,14 @@ SPECS: dict[str, ComponentSpec] = {
 
 COMPONENTS = tuple(SPECS)
 CALIBRATABLE = tuple(name for name, spec in SPECS.items() if spec.calibratable)
+
+
+def parse_format(text: str, option: str = "--format") -> Precision:
+    """A calibrated format by name (fp8 | int4 | nvfp4), one line otherwise."""
+    names = tuple(p.value for p in QUANTIZED)
+    if text not in names:
+        raise InvalidInputError(f"{option} '{text}' is not one of {', '.join(names)}", hint=f"e.g. {option} int4")
+    return Precision(text)
 
 
 def with_t5(components: Iterable[str], t5: bool) -> tuple[str, ...]:

@@ -45,7 +45,7 @@ from sd35trt.core.manifests import (
 from sd35trt.core.models import ASSETS_FILE, PipelineAssets, model_slug
 from sd35trt.core.portability import RuntimeRecord, check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
-from sd35trt.core.targets import Backend, GpuTarget, TargetInfo, plan_precisions
+from sd35trt.core.targets import Backend, GpuTarget, TargetInfo, narrow_for_format, plan_precisions
 from sd35trt.producers.builder import (
     TrtBackend,
     build_engine_isolated,
@@ -128,14 +128,20 @@ def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str
     if not onnx_root.is_dir():
         raise InvalidInputError("ONNX directory not found", path=onnx_root,
                                 hint="pass the --out of `sd35trt export` as --onnx")
+    from sd35trt.core.manifests import load_calibration
+
     work = WorkDir(onnx_root)
+    calibration = load_calibration(work, verify=False)
     found: dict[str, dict[Precision, OnnxManifest]] = {c: {} for c in components}
     for precision in VARIANT_DIRS:
         for name in components:
             folder = work.onnx_folder(precision, name)
             if not (folder / "model.onnx").exists() and not (folder / MANIFEST).exists():
                 continue
-            found[name][precision] = OnnxManifest.load(folder, name, precision)
+            manifest = OnnxManifest.load(folder, name, precision)
+            if precision.quantized and calibration is not None and manifest.calibration_hash != calibration.inputs_hash:
+                continue  # a quantized ONNX of an earlier calibration (another --format): not this work dir's now
+            found[name][precision] = manifest
     if not any(found.values()):
         raise ArtifactError("no exported ONNX found", path=onnx_root,
                             hint=f"run `sd35trt calibrate --out {onnx_root}` and `sd35trt export --out {onnx_root}` first "
@@ -240,15 +246,24 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
         log.info("t5: the work dir's model has no T5-XXL (a CLIP-only download): the bundle is CLIP-only")
         config = replace(config, components=tuple(c for c in config.components if c != "t5"))
     variants = load_onnx_variants(onnx_root, config.components)
-    plan = plan_precisions(target, config.components, {c: set(v) for c, v in variants.items()}, config.precision)
-    fp8 = [name for name, choice in plan.items() if choice.precision is Precision.FP8]
-    check_portability(config.backend.value, config.portable, config.hardware_compat, fp8_components=fp8, build_cc=None)
+    available = {c: set(v) for c, v in variants.items()}
     backend = choose_backend(config.backend, target)
-    check_portability(backend.kind.value, config.portable, config.hardware_compat, fp8_components=fp8,
-                      build_cc=local_compute_capability() if backend.kind is Backend.TENSORRT else None)
+    quant = next((p for v in available.values() for p in v if p.quantized), None)
     ccs = backend.buildable_ccs(target)
+    if quant is not None:  # an INT4/NVFP4 engine is built for the CCs whose GEMMs take it (ampere + int4: SM86)
+        ccs, dropped = narrow_for_format(target, backend.kind, quant, ccs)
+        if dropped:
+            log.warn(dropped)
+    plan = plan_precisions(target, config.components, available, config.precision, backend=backend.kind, ccs=ccs)
+    quantized = [name for name, choice in plan.items() if choice.precision.quantized]
+    check_portability(backend.kind.value, config.portable, config.hardware_compat, fp8_components=quantized,
+                      build_cc=local_compute_capability() if backend.kind is Backend.TENSORRT else None)
     model = next(m for v in variants.values() for m in v.values()).model
-    folder = bundle_folder(engines_root, model_slug(model), target, backend, config.flavour)
+    # a 4-bit bundle sits beside the FP8/FP16 one of the same target (engines/<model>/ada-tensorrt-rtx-int4/)
+    four_bit = sorted({c.precision.value for c in plan.values() if c.precision.quantized and c.precision is not Precision.FP8})
+    folder = bundle_folder(engines_root, model_slug(model), target, backend,
+                           config.flavour + "".join(f"-{f}" for f in four_bit))
+
     with exclusive(folder, "build"):  # a second `make engines` for this target waits, then finds it up to date
         return _build_into(folder, engines_root, config, target, backend, ccs, model, variants, plan, force, onnx_root)
 
@@ -425,8 +440,10 @@ def check_layer_report(name: str, precision: Precision, summary: dict[str, Any],
         log.warn(f"{name}: the builder's per-layer report could not be read; layer precisions are unknown")
         return
     summary["report"] = source
-    if precision is Precision.FP8 and summary["gemm_fp8"] == 0:
-        raise BuildError(f"{name}: FP8 requested but the engine has no FP8 GEMM", path=onnx_path,
+    found = {Precision.FP8: ("gemm_fp8", "FP8 GEMM"), Precision.INT4: ("int4_weights", "INT4 weight"),
+             Precision.NVFP4: ("fp4_weights", "FP4 weight")}.get(precision)
+    if found is not None and summary.get(found[0], 0) == 0:
+        raise BuildError(f"{name}: {precision.value} requested but the engine has no {found[1]}", path=onnx_path,
                          hint="the Q/DQ placement was not fused; report this with layers/ and the ONNX manifest")
 
 
@@ -434,7 +451,9 @@ def format_layers(name: str, precision: Precision, summary: dict[str, int], laye
                   islands: list[dict[str, Any]] | None = None) -> str:
     lines = [f"# {name}: built as {precision.value}",
              f"# GEMM layers: {summary['gemm']} total, {summary['gemm_fp8']} FP8, {summary['gemm_fp16']} FP16, "
-             f"{summary['gemm_other']} other; {summary['layers']} layers in all"]
+             f"{summary['gemm_other']} other; {summary['layers']} layers in all"
+             + (f"; 4-bit weight tensors: {summary.get('int4_weights', 0)} INT4, {summary.get('fp4_weights', 0)} FP4"
+                if summary.get("int4_weights") or summary.get("fp4_weights") else "")]
     for island in islands or []:
         lines.append(f"# FP32 island: {island['module']} (max |x| {island['max_abs']:.4g}; {island['why']})")
     if islands:

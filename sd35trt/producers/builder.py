@@ -271,6 +271,11 @@ def summarize_layers(layers: list[dict[str, Any]], islands: list[str] | None = N
     return {"layers": len(layers), "gemm": len(gemms), "gemm_fp8": len(fp8), "gemm_fp16": len(half),
             "gemm_other": len(gemms) - len(fp8) - len(half),
             "fp8_tensors": sum(l["input_dtypes"].count("FP8") + l["weight_dtypes"].count("FP8") for l in layers),
+            # 4-bit weights: layers holding INT4 / FP4 (E2M1) constants. TensorRT-RTX 1.7 keeps them 4-bit in the plan
+            # and dequantizes them in generated kernels ("kgen CastMulCast") ahead of the GEMMs, which its layer
+            # report lists as FP16 GEMMs: these counts say how many 4-bit weight tensors the engine holds.
+            "int4_weights": sum(l["weight_dtypes"].count("Int4") for l in layers),
+            "fp4_weights": sum(l["weight_dtypes"].count("FP4E2M1") for l in layers),
             "island_gemm": len(inside), "island_gemm_fp32": sum(l["input_dtypes"][:1] == ["Float"] for l in inside)}
 
 

@@ -61,7 +61,7 @@ from sd35trt.core.specs import (
     vae_input,
 )
 from sd35trt.core.traffic import TrafficRecorder, spread
-from sd35trt.producers.quantize import collect_scales, quant_state
+from sd35trt.producers.quantize import collect_scales, is_quantizer, quant_state
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
 
@@ -107,6 +107,7 @@ class CalibrationConfig:
     report_steps: int = 0  # denoising steps for the held-out report; 0 = same as --steps
     dtype: str = "auto"  # compute dtype of the loops: auto = BF16 on CUDA, FP32 on CPU (weights stay FP32)
     t5: bool = True  # False: CLIP-only traffic (zero T5 embeddings), for bundles that ship without T5
+    format: Precision = Precision.FP8  # fp8 | int4 (AWQ, weight-only) | nvfp4 (weight-only FP4): calibrate --format
 
     def __post_init__(self):
         from sd35trt.core.specs import check_pixels
@@ -132,6 +133,12 @@ class CalibrationConfig:
             raise InvalidInputError(f"cannot calibrate {', '.join(bad)} in FP8", hint=f"choose from {','.join(CALIBRATABLE)}")
         if not self.t5 and "t5" in self.components:
             raise InvalidInputError("--components names t5 but --no-t5 leaves T5 out", hint="drop one of them")
+        if not self.format.quantized:
+            raise InvalidInputError(f"--format {self.format.value} is not a calibrated format",
+                                    hint="choose fp8, int4 or nvfp4")
+        if self.format is not Precision.FP8 and self.components != ("transformer",):
+            raise InvalidInputError(f"--format {self.format.value} quantizes the transformer only (4-bit text encoders "
+                                    "are not supported)", hint="use --components transformer")
 
 
 @dataclass
@@ -201,7 +208,7 @@ def calibration_inputs_hash(source: ModelSource, cfg: CalibrationConfig, prompts
         "recipe": recipe.sha256, "height": cfg.height, "width": cfg.width, "guidance": cfg.guidance,
         "batch": cfg.batch, "holdout": cfg.holdout, "report_steps": cfg.report_steps, "toolkit": __version__,
         "compute": [device.split(":")[0], compute_dtype_name(cfg.dtype, device)],
-        **({} if cfg.t5 else {"t5": False}),
+        **({} if cfg.t5 else {"t5": False}), **({} if cfg.format is Precision.FP8 else {"format": cfg.format.value}),
     })
 
 
@@ -223,6 +230,9 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
                                 hint="leave --shards out under torchrun; its --nproc-per-node decides")
     workers = launched.world if launched is not None else shards
     check_shards(workers, len(_chunks(prompts[: cfg.num_prompts], cfg.batch)), target_device)
+    if workers > 1 and cfg.format is not Precision.FP8:
+        raise InvalidInputError(f"--shards {workers} with --format {cfg.format.value}: sharded calibration merges FP8 "
+                                "amax only (AWQ's scale search runs in one process)", hint="use --shards 1")
     calib_hash = calibration_inputs_hash(source, cfg, prompts, recipe, target_device)
     folder = WorkDir(out).calibration
     if launched is not None:  # torchrun: rank 0 decides and writes, every rank calibrates its shard
@@ -317,35 +327,47 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
                      "not calibrated to FP8 (its engines use FP16 with the islands)")
             cfg = replace(cfg, components=tuple(c for c in cfg.components if c != name))
     share_note = f", {shard} of the batches" if shard.distributed else ""
+    fmt = cfg.format
     quantized, scales, calib_timing = None, {}, {"seconds": 0.0}
+    four_bit = FourBitState()
     if cfg.components:
-        with log.step(f"calibrate {','.join(cfg.components)}: {cfg.num_prompts} prompts × {cfg.steps} steps "
-                      f"at {cfg.height}×{cfg.width} ({compute}{share_note})") as calib_timing:
-            quantized, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts, islands, compute=compute,
-                                                   shard=shard)
+        with log.step(f"calibrate {','.join(cfg.components)} to {fmt.value}: {cfg.num_prompts} prompts × {cfg.steps} "
+                      f"steps at {cfg.height}×{cfg.width} ({compute}{share_note})") as calib_timing:
+            if fmt is Precision.NVFP4:  # weight-only FP4 is a function of the weights: nothing to run
+                four_bit = FourBitState(nvfp4=nvfp4_layers(pipe, cfg.components, recipe, islands))
+                scales = {name: 0.0 for layers in four_bit.nvfp4.values() for name in layers}
+            else:
+                quantized, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts, islands, compute=compute,
+                                                       shard=shard)
+                if fmt is Precision.INT4:
+                    four_bit = FourBitState(int4=int4_layers_of(quantized))
     if not shard.main:
         return None
     assert held_out is not None
     ref_latents, ref_images, census_table = held_out.latents, held_out.images, held_out.census
     traffic, references = held_out.traffic, held_out.references
 
-    # 4. FP8 (fake-quant) vs FP32 per component on held-out traffic, and end to end.
-    fp8_checks = {name: _check_calls(SPECS[name].module(pipe), SPECS[name], traffic[name], references[name],
-                                     Precision.FP8) for name in cfg.components}
+    # 4. The quantized (fake-quant) networks vs FP32 per component on held-out traffic, and end to end.
+    label = {Precision.FP8: "ModelOpt FP8", Precision.INT4: "ModelOpt INT4 AWQ", Precision.NVFP4: "NVFP4 (sd35trt)"}[fmt]
     end_to_end: dict[str, Any] = {
         "prompts": holdout_prompts, "steps": report_steps,
         "reference": f"diffusers pipeline, FP32 weights, {compute} compute on {torch_device}",
-        "candidate": "the same with ModelOpt FP8 fake-quant (same seeds)"}
-    if cfg.components:
-        with log.step("FP8 (fake-quant) loop on held-out prompts"), computing(torch_device, compute):
-            q_latents = run_pipeline(pipe, holdout_prompts, cfg, seed=cfg.seed + 10_000, steps=report_steps,
-                                     label="fp8 fake-quant")
-            _, q_images = decode_latents(pipe, q_latents)
-        end_to_end |= {"latents": error_stats(ref_latents.numpy(), q_latents.numpy()).to_dict(),
-                       "image_psnr_db": [round(psnr(r.numpy(), c.numpy()), 2) for r, c in zip(ref_images, q_images)]}
-    else:
-        end_to_end["candidate"] = "none: no component runs in FP8"
-    state = quant_state(quantized) if quantized is not None else None
+        "candidate": f"the same with {label} fake-quant (same seeds)"}
+    with four_bit.faked(pipe):
+        quant_checks = {name: _check_calls(SPECS[name].module(pipe), SPECS[name], traffic[name], references[name],
+                                           fmt) for name in cfg.components}
+        if cfg.components:
+            with log.step(f"{fmt.value} (fake-quant) loop on held-out prompts"), computing(torch_device, compute):
+                q_latents = run_pipeline(pipe, holdout_prompts, cfg, seed=cfg.seed + 10_000, steps=report_steps,
+                                         label=f"{fmt.value} fake-quant")
+                _, q_images = decode_latents(pipe, q_latents)
+            end_to_end |= {"latents": error_stats(ref_latents.numpy(), q_latents.numpy()).to_dict(),
+                           "image_psnr_db": [round(psnr(r.numpy(), c.numpy()), 2) for r, c in zip(ref_images, q_images)]}
+        else:
+            end_to_end["candidate"] = f"none: no component runs in {fmt.value}"
+    state = quant_state(quantized) if quantized is not None and fmt is Precision.FP8 else None
+    if fmt is Precision.INT4 and quantized is not None:
+        undo_awq(quantized)  # the FP16 check below runs the model as it is, not AWQ's rescaled weights
 
     # 5. FP16 with islands vs FP32 (in place, last: the pipeline is not used in FP32 afterwards).
     fp16_checks, decisions = {}, {}
@@ -357,6 +379,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
         write_json_atomic(tmp / "scales.json", {k: v.hex() for k, v in sorted(scales.items())})
         if state is not None:
             save_torch(state, tmp / "quant_state.pt")
+        four_bit.save(tmp)
         save_torch({name: {"calls": traffic[name], "reference": [[torch.from_numpy(o) for o in outs]
                                                                  for outs in references[name]]}
                     for name in present}, tmp / "traffic.pt")
@@ -381,7 +404,10 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
             "fp32_islands": fp32_islands_report,
             "fp16": {name: {**decisions[name].to_dict(), **fp16_checks[name]} for name in present},
             "t5": "t5" in present,
-            "components": {name: {"calls": len(traffic[name]), "fp8": fp8_checks[name]} for name in cfg.components},
+            "format": fmt.value,
+            **({"layers": four_bit.layer_formats(pipe, cfg.components, recipe, islands)} if fmt is not Precision.FP8 else {}),
+
+            "components": {name: {"calls": len(traffic[name]), fmt.value: quant_checks[name]} for name in cfg.components},
             "end_to_end": end_to_end,
             "timings": {"calibration_seconds": round(calib_timing["seconds"], 2),
                         "total_seconds": round(time.perf_counter() - start, 2)},
@@ -393,7 +419,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
         write_json_atomic(tmp / "calibration.json", report)
         manifest = CalibrationManifest(
             inputs_hash=calib_hash, model=source.describe(), components=tuple(cfg.components), islands=islands,
-            fp16=decisions, files=file_entries(tmp), reference=report["reference"], margin=recipe.margin,
+            fp16=decisions, files=file_entries(tmp), reference=report["reference"], margin=recipe.margin, format=fmt,
             extra={"toolkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "probe_ranges": probe_ranges(cfg).to_dict()})
         write_json_atomic(tmp / "manifest.json", manifest.to_dict())
@@ -485,7 +511,7 @@ def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompt
             run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=cfg.steps, label="calibration", shard=shard)
 
     with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints progress; stdout carries results only
-        mtq.quantize(networks, recipe.quant_cfg(cfg.components, islands), forward_loop)
+        mtq.quantize(networks, recipe.quant_cfg(cfg.components, islands, dict(networks), cfg.format.value), forward_loop)
     scales = collect_scales(networks)
     bad = [k for k, v in scales.items() if not math.isfinite(v)]
     if bad:
@@ -499,6 +525,112 @@ def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompt
         raise CalibrationError(f"the {shard.world} shards hold different scales after ModelOpt's amax all-reduce",
                                hint="check the workers' warnings above; re-run with --shards 1")
     return networks, scales
+
+
+@dataclass
+class FourBitState:
+    """What a 4-bit calibration keeps (by pipeline attribute, then layer name): INT4's AWQ layers (``Int4Layer``),
+    or the layers NVFP4 quantizes (weight-only: a function of the weights, faked by swapping them in)."""
+
+    int4: dict[str, Any] = field(default_factory=dict)
+    nvfp4: dict[str, list[str]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def faked(self, pipe: Any):
+        """NVFP4's fake-quant networks for the block (the layers swapped for ``QuantizedLinear`` and back);
+        ModelOpt's FP8 and INT4 quantizers are in the networks already."""
+        from sd35trt.producers.weight_quant import swap_in
+
+        saved = []
+        for attr, names in self.nvfp4.items():
+            network = getattr(pipe, attr)
+            modules = dict(network.named_modules())
+            saved += [(network, name, modules[name]) for name in names]
+            swap_in(network, {name: None for name in names}, "nvfp4")
+        try:
+            yield
+        finally:
+            for network, name, module in saved:
+                parent, _, child = name.rpartition(".")
+                setattr(dict(network.named_modules())[parent] if parent else network, child, module)
+
+    def layer_formats(self, pipe: Any, components: tuple[str, ...], recipe: Recipe,
+                      islands: dict[str, list[Island]]) -> dict[str, dict[str, str]]:
+        """What each GEMM (Linear) of the calibrated networks got and why, for the report: its 4-bit format and
+        block, or FP16/FP32 with the reason it was left out."""
+        import torch
+
+        table: dict[str, dict[str, str]] = {}
+        for name in components:
+            attr = SPECS[name].pipeline_attr
+            network = getattr(pipe, attr)
+            wanted = set(recipe.quantizable(name, network, islands.get(name, [])))
+            inside = [i.module for i in islands.get(name, [])]
+            rows = {}
+            for layer, module in network.named_modules():
+                if not isinstance(module, torch.nn.Linear) or not layer:
+                    continue
+                if layer in self.int4.get(attr, {}):
+                    rows[layer] = f"int4 (AWQ, block {self.int4[attr][layer].block})"
+                elif layer in self.nvfp4.get(attr, ()):
+                    rows[layer] = "nvfp4 (E2M1, FP8 scale per 16)"
+                elif any(layer == m or layer.startswith(m + ".") for m in inside):
+                    rows[layer] = "fp32: inside an FP32 island"
+                elif layer not in wanted:
+                    rows[layer] = "fp16: the recipe keeps it out (embedders, norm_out, proj_out)"
+                else:
+                    rows[layer] = "fp16: its input width takes no 4-bit block"
+            table[name] = rows
+        return table
+
+    def save(self, folder: Path) -> None:
+        if self.int4:
+            save_torch({attr: {name: layer.to_state() for name, layer in layers.items()}
+                        for attr, layers in self.int4.items()}, folder / INT4_STATE)
+        if self.nvfp4:
+            write_json_atomic(folder / NVFP4_LAYERS, self.nvfp4)
+
+
+INT4_STATE, NVFP4_LAYERS = "int4_state.pt", "nvfp4_layers.json"
+
+
+def int4_layers_of(networks: Any) -> dict[str, Any]:
+    """The INT4 layers of the calibrated networks, by pipeline attribute, then layer name."""
+    from sd35trt.producers.weight_quant import int4_layers_of as layers_of
+
+    found: dict[str, dict[str, Any]] = {}
+    for name, layer in layers_of(networks).items():
+        attr, _, module = name.partition(".")
+        found.setdefault(attr, {})[module] = layer
+    return found
+
+
+def undo_awq(networks: Any) -> None:
+    """AWQ-lite multiplies each layer's weight by 1/s and scales its input by s (``pre_quant_scale``): put the weights
+    back and switch the input scale off, so the networks are the model again (the scales are kept in the state)."""
+    import torch
+
+    with torch.no_grad():
+        for module in networks.modules():
+            quantizer = getattr(module, "input_quantizer", None)
+            scale = getattr(quantizer, "pre_quant_scale", None)
+            if scale is not None:
+                module.weight.mul_(scale.to(module.weight.dtype).view(1, -1))
+                quantizer._enable_pre_quant_scale = False
+
+
+def nvfp4_layers(pipe: Any, components: tuple[str, ...], recipe: Recipe, islands: dict[str, list[Island]]) -> dict[str, list[str]]:
+    """The layers NVFP4 quantizes: every Linear the recipe quantizes (its excludes and the islands left out) whose
+    width takes FP4's blocks of 16."""
+    from sd35trt.producers.weight_quant import nvfp4_quantizable
+
+    found = {}
+    for name in components:
+        network = getattr(pipe, SPECS[name].pipeline_attr)
+        modules = dict(network.named_modules())
+        found[SPECS[name].pipeline_attr] = [layer for layer in recipe.quantizable(name, network, islands.get(name, []))
+                                            if nvfp4_quantizable(modules[layer])]
+    return found
 
 
 def _run_module(module: Any, spec: Any, call: dict[str, Any]) -> list[Any]:
@@ -532,7 +664,7 @@ def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[
     spec = SPECS[name]
     network = getattr(pipe, spec.pipeline_attr)
     for module in network.modules():
-        if type(module).__name__ == "TensorQuantizer":
+        if is_quantizer(module):
             module.disable()
     fp32_weights = island_state(network, islands)  # the islands run on their FP32 weights, as the export will
     network.half()
@@ -568,7 +700,9 @@ def format_report(report: dict[str, Any]) -> str:
                              f"{s['max_abs']:>9.3g} {'yes' if s['passed'] else 'NO':>3}")
 
     for name, entry in report["components"].items():
-        rows(name, "fp8 fake-quant", entry["fp8"])
+        fmt = report.get("format", "fp8")
+        rows(name, f"{fmt} fake-quant", entry[fmt])
+
     for name, entry in report["fp16"].items():
         rows(name, f"{entry['precision']} islands" if report["fp32_islands"][name] else entry["precision"],
              entry["with_islands"])

@@ -245,6 +245,14 @@ def validate_onnx(module: torch.nn.Module, spec: ComponentSpec, pipe_dims: PipeD
         expected = module(*[inputs[n].to(device) for n in spec.input_names])
     expected = expected if isinstance(expected, tuple) else (expected,)
     expected = [e.float().cpu().numpy() for e in expected]
+    twin = None
+    if precision is Precision.NVFP4:  # onnxruntime has no FP4 DequantizeLinear: its FP4 weights decoded to FP16
+        import tempfile
+
+        from sd35trt.producers.weight_quant import nvfp4_ort_twin
+
+        twin = tempfile.TemporaryDirectory(prefix=".nvfp4-twin-", dir=onnx_path.parent.parent)
+        onnx_path = nvfp4_ort_twin(onnx_path, Path(twin.name))
     session = ort_session(onnx_path, provider=provider)
     used = session_provider(session)
     actual = run_ort(session, {k: v.numpy() for k, v in inputs.items()})
@@ -263,8 +271,13 @@ def validate_onnx(module: torch.nn.Module, spec: ComponentSpec, pipe_dims: PipeD
     validation = {"dims": dims, "provider": used, "reference": _reference_label(precision, module),
                   "outputs": results, "tolerance": {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs},
                   "seconds": round(time.perf_counter() - start, 3)}
+    if twin is not None:
+        validation["onnx_checked"] = ("an onnxruntime twin: every FP4 weight decoded from the ONNX's own FLOAT4E2M1 "
+                                      "codes and FP8 scales to FP16 (onnxruntime has no FP4 DequantizeLinear)")
     checked = check_traffic(session, spec, onnx_path, precision, traffic) if traffic is not None else None
     del session
+    if twin is not None:
+        twin.cleanup()
     return validation, checked
 
 
@@ -272,6 +285,8 @@ def _reference_label(precision: Precision, module: Any) -> str:
     dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
     if precision is Precision.FP8:
         return f"the ModelOpt fake-quant network ({dtype})"
+    if precision.quantized:
+        return f"the {precision.value} fake-quant network ({dtype} activations, the ONNX's own 4-bit weights dequantized)"
     return f"the PyTorch network in {dtype}" + (" (TF32 off)" if dtype == "float32" else "")
 
 
@@ -359,11 +374,15 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
     engines use (``targets.exported_variants``). FP16 takes the
     calibration's islands and its FP16/FP32 decision; without a calibration, the recipe's known sites."""
     calibrated = set(calibration.components) if calibration else set()
+    quant = calibration.format if calibration else Precision.FP8
     names = [v.strip() for v in requested.split(",") if v.strip()]
-    pairs = exported_variants(requested, components, calibrated, target)
-    if "fp8" in names and "auto" not in names and components and not calibrated & set(components):
-        raise InvalidInputError(f"no FP8 calibration for {', '.join(components)} in this work dir",
-                                hint=f"run `sd35trt calibrate --components {','.join(c for c in components if SPECS[c].calibratable) or 'transformer'}` "
+    pairs = exported_variants(requested, components, calibrated, target, quant)
+    asked = [n for n in names if n in ("fp8", "int4", "nvfp4")]
+    if asked and "auto" not in names and components and (not calibrated & set(components) or asked != [quant.value]):
+        raise InvalidInputError(f"no {'/'.join(asked)} calibration for {', '.join(components)} in this work dir"
+                                + (f" (it is calibrated to {quant.value})" if calibrated else ""),
+                                hint=f"run `sd35trt calibrate --format {asked[0]} --components "
+                                     f"{','.join(c for c in components if SPECS[c].calibratable) or 'transformer'}` "
                                      "with this --out first")
     plans = []
     for c, precision in pairs:
@@ -385,7 +404,7 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
         else:
             assert calibration is not None
             islands = tuple(calibration.islands.get(c, []))
-            plans.append(VariantPlan(c, Precision.FP8, "fp16", islands, "calibrated", {
+            plans.append(VariantPlan(c, precision, "fp16", islands, "calibrated", {
                 "calibration_hash": calibration.inputs_hash, "fp32_islands": [i.to_dict() for i in islands]}))
     return plans
 
@@ -457,7 +476,7 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
     traffic = load_traffic(work, calibration) if todo and config.validate else {}
     results: list[ComponentExport] = []
     fp8_attrs = {SPECS[c].pipeline_attr for c in calibration.components} if calibration else set()
-    for variant in (Precision.FP32, Precision.FP16, Precision.FP8):
+    for variant in (Precision.FP32, Precision.FP16, Precision.FP8, Precision.INT4, Precision.NVFP4):
         group = [p for p in plans if p.precision is variant]
         if group:
             results += _export_group(source, work, config, group, hashes, current, traffic, device, fp8_attrs,
@@ -560,7 +579,8 @@ def probe_islands(network: Any, module: Any, spec: ComponentSpec, pipe_dims: Pip
         islands = merged
         for island in islands:  # an island is never quantized (an FP8 network's quantizers inside it are switched off)
             for inner in dict(network.named_modules())[island.module].modules():
-                if type(inner).__name__ == "TensorQuantizer":
+                if any(cls.__name__ == "TensorQuantizer" for cls in type(inner).__mro__):
+
                     inner.disable()
     raise ExportValidationError(f"{spec.name}: FP32 islands did not settle after {PROBE_ROUNDS} rounds of probes "
                                 f"({', '.join(i.module for i in islands)})",
@@ -612,7 +632,7 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
         by_weights: dict[str, set[str]] = {}
         for plan in todo:
             by_weights.setdefault(plan.weights, set()).add(SPECS[plan.component].pipeline_attr)
-        if precision is Precision.FP8:  # the quantizer state covers every calibrated network at once
+        if precision.quantized:  # the calibration state covers every calibrated network at once
             by_weights = {"fp16": fp8_attrs}
         for weights, attrs in by_weights.items():
             dtype = torch.float32 if weights == "fp32" else torch.float16
@@ -623,6 +643,10 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
 
             networks = restore_quantized(pipes["fp16"], work.calibration / "quant_state.pt")
             networks.half()  # amax buffers in FP16, as the Q/DQ scales are exported
+        elif precision.quantized:  # 4-bit: each quantized Linear swapped for the layer its ONNX will hold
+            from sd35trt.producers.quantize import restore_4bit
+
+            restore_4bit(pipes["fp16"], work.calibration, precision)
     root = work.variant(precision)
     results = []
     for plan in group:
@@ -634,7 +658,7 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
             log.info(f"  {name} {precision.value}: unchanged, skipped")
             results.append(ComponentExport(name, precision.value, folder / "model.onnx", True, 0.0, current[key]))
             continue
-        pipe = pipes[plan.weights if precision is not Precision.FP8 else "fp16"]
+        pipe = pipes[plan.weights if not precision.quantized else "fp16"]
         network = getattr(pipe, spec.pipeline_attr)
         check_disk(folder.parent, int(_param_bytes(network, plan.weights) * 1.1) + (64 << 20), f"{name} {precision.value} ONNX")
         module, reference = _module_and_reference(spec, pipe, plan)
@@ -657,15 +681,15 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
                 weights, more = _island_weights(source, spec, islands, weights, str(network.device))
                 weights_from = more or weights_from
         label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
-            (", FP32 weights" if plan.weights == "fp32" and precision is Precision.FP16 else "") + f", opset {config.opset})"
+            (", FP32 weights" if plan.weights == "fp32" and precision is Precision.FP16 else "") + f", opset {opset_for(precision, config.opset)})"
         with log.step(label) as timing, atomic_dir(folder) as tmp:
             # FP32/FP8 validate inside the islands (their reference is the traced network itself); FP16
             # validates after, against the FP32 network (the same weights upcast in place).
             with spec.exporting(pipe, config.ranges, pipe_dims), fp32_islands(network, islands, low, weights):
                 record = export_component(
-                    module, spec, pipe_dims, tmp, opset=config.opset, ranges=config.ranges, precision=precision,
-                    validate=config.validate and reference is None, provider=config.provider,
-                    postprocess=_rewrite_and_count if precision is Precision.FP8 else None, traffic=traffic.get(name))
+                    module, spec, pipe_dims, tmp, opset=opset_for(precision, config.opset), ranges=config.ranges,
+                    precision=precision, validate=config.validate and reference is None, provider=config.provider,
+                    postprocess=POSTPROCESS.get(precision), traffic=traffic.get(name))
             if config.validate and reference is not None:
                 _, check_dims = export_dims(spec, config.ranges, pipe_dims)
                 record["validation"], record["traffic_check"] = validate_onnx(
@@ -708,7 +732,7 @@ def _module_and_reference(spec: ComponentSpec, pipe: Any, plan: VariantPlan) -> 
     if plan.precision is Precision.FP32 or plan.weights == "fp32":
         return network_module, None
     module = CastIO(network_module, torch.float16)
-    if plan.precision is Precision.FP8:
+    if plan.precision.quantized:
         return module, None  # validated against the fake-quant network itself
 
     def reference():
@@ -723,3 +747,18 @@ def _rewrite_and_count(model_path: Path) -> None:
 
     counts = rewrite_fp8_qdq(model_path)
     write_json_atomic(model_path.parent / "fp8_rewrite.json", counts)
+
+
+def _rewrite_4bit(model_path: Path) -> None:
+    from sd35trt.producers.weight_quant import rewrite_4bit
+
+    counts = rewrite_4bit(model_path)
+    write_json_atomic(model_path.parent / "4bit_rewrite.json", counts)
+
+
+POSTPROCESS = {Precision.FP8: _rewrite_and_count, Precision.INT4: _rewrite_4bit, Precision.NVFP4: _rewrite_4bit}
+
+
+def opset_for(precision: Precision, opset: int) -> int:
+    """4-bit weights need block-wise DequantizeLinear (opset 21); NVFP4's rewrite raises it to 23 afterwards."""
+    return max(opset, 21) if precision in (Precision.INT4, Precision.NVFP4) else opset

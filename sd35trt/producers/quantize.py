@@ -15,11 +15,16 @@ from typing import Any
 from sd35trt.core.errors import CalibrationError
 
 
+def is_quantizer(module: Any) -> bool:
+    """A ModelOpt quantizer: TensorQuantizer or a subclass (INT4's blocks are StaticBlockScaleQuantizer)."""
+    return any(cls.__name__ == "TensorQuantizer" for cls in type(module).__mro__)
+
+
 def collect_scales(model: Any) -> dict[str, float]:
     """amax of every enabled quantizer, by name (the calibrated state the determinism test compares)."""
     scales = {}
     for name, module in model.named_modules():
-        if type(module).__name__ == "TensorQuantizer" and module.is_enabled and module.amax is not None:
+        if is_quantizer(module) and module.is_enabled and module.amax is not None:
             scales[name] = float(module.amax.float().max())
     return scales
 
@@ -50,3 +55,29 @@ def restore_quantized(pipe: Any, state_path: Path) -> Any:
         raise CalibrationError(f"calibration state does not fit this model ({result.unexpected_keys[0]})",
                                path=state_path, hint="re-run `sd35trt calibrate --force` for this model")
     return networks
+
+
+def restore_4bit(pipe: Any, calibration: Path, fmt: Any) -> dict[str, list[str]]:
+    """The 4-bit layers of a calibration swapped into ``pipe``'s FP16 networks (``weight_quant.QuantizedLinear``):
+    INT4 from ``int4_state.pt`` (AWQ scales and block amax), NVFP4 from ``nvfp4_layers.json`` (its weights give its
+    scales). Returns the layers swapped, by pipeline attribute."""
+    import json
+
+    import torch
+
+    from sd35trt.producers.weight_quant import Int4Layer, swap_in
+
+    swapped = {}
+    if fmt.value == "int4":
+        state = torch.load(calibration / "int4_state.pt", map_location="cpu", weights_only=True)
+        for attr, layers in state.items():
+            network = getattr(pipe, attr)
+            missing = [n for n in layers if n not in dict(network.named_modules())]
+            if missing:
+                raise CalibrationError(f"the INT4 state names layer {missing[0]}, which this model does not have",
+                                       path=calibration, hint="re-run `sd35trt calibrate --force` for this model")
+            swapped[attr] = swap_in(network, {n: Int4Layer.from_state(v) for n, v in layers.items()}, "int4")
+    else:
+        for attr, names in json.loads((calibration / "nvfp4_layers.json").read_text()).items():
+            swapped[attr] = swap_in(getattr(pipe, attr), {n: None for n in names}, "nvfp4")
+    return swapped

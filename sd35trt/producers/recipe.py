@@ -81,21 +81,39 @@ class Recipe:
                 raise CalibrationError(f"[{component}] exclude pattern '{pattern}' matches no module", path=self.path,
                                        hint=f"fix the name; e.g. {', '.join(module_names[1:4])}, ...")
 
-    def quant_cfg(self, components: tuple[str, ...], islands: dict[str, list[Island]] | None = None) -> dict[str, Any]:
-        """ModelOpt config for a ModuleDict of ``{pipeline_attr: network}``: FP8 everywhere but the excludes
-        and the FP32 islands (an island runs in FP32 in every variant, so it is never quantized)."""
-        fp8 = {"num_bits": (4, 3), "axis": None}
-        cfg: list[dict[str, Any]] = [
-            {"quantizer_name": "*", "enable": False},
-            {"quantizer_name": "*weight_quantizer", "cfg": fp8},
-            {"quantizer_name": "*input_quantizer", "cfg": fp8},
-        ]
+    def quant_cfg(self, components: tuple[str, ...], islands: dict[str, list[Island]] | None = None,
+                  networks: dict[str, Any] | None = None, fmt: str = "fp8") -> dict[str, Any]:
+        """ModelOpt config for a ModuleDict of ``{pipeline_attr: network}`` in ``fmt``, everywhere but the excludes
+        and the FP32 islands (an island runs in FP32 in every variant, so it is never quantized).
+
+        ``fp8``: E4M3 weights and activations, per-tensor, max calibration. ``int4``: ModelOpt's INT4 AWQ
+        (``INT4_AWQ_CFG``: weight-only, 4-bit blocks, AWQ-lite's per-channel input scales), each layer with the
+        largest block of 128/64/32/16 that divides its input width (``networks`` names the layers; one whose width
+        takes none is left out)."""
+        from sd35trt.producers.weight_quant import int4_block
+
+        cfg: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
+        if fmt == "fp8":
+            fp8 = {"num_bits": (4, 3), "axis": None}
+            cfg += [{"quantizer_name": "*weight_quantizer", "cfg": fp8}, {"quantizer_name": "*input_quantizer", "cfg": fp8}]
+            algorithm: Any = self.algorithm
+        else:
+            import torch
+
+            for component in components:
+                prefix = SPECS[component].pipeline_attr
+                for name, module in (networks or {})[prefix].named_modules():
+                    block = int4_block(module.in_features) if isinstance(module, torch.nn.Linear) else None
+                    if block is not None:
+                        cfg.append({"quantizer_name": f"{prefix}.{name}.weight_quantizer",
+                                    "cfg": {"num_bits": 4, "block_sizes": {-1: block, "type": "static"}}})
+            algorithm = {"method": "awq_lite", "alpha_step": 0.1}
         for component in components:
             prefix = SPECS[component].pipeline_attr
             patterns = [*self.exclude[component], *(i.module for i in (islands or {}).get(component, []))]
             for pattern in patterns:
                 cfg.append({"quantizer_name": f"{prefix}.{pattern}.*", "enable": False})
-        return {"quant_cfg": cfg, "algorithm": self.algorithm}
+        return {"quant_cfg": cfg, "algorithm": algorithm}
 
     def quantizable(self, component: str, network: Any, islands: list[Island]) -> list[str]:
         """Modules of ``network`` that get FP8 quantizers under this recipe (every Linear/Conv2d outside the
