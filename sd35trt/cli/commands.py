@@ -141,7 +141,12 @@ def _loop_options(model, bundle, onnx, torch_, precision="auto", provider="auto"
 
 @app.command()
 def generate(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="text prompt"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="text prompt (or --prompts FILE)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="a prompt file, one prompt a line: every image into the --out folder, with OUT/index.jsonl; re-running skips finished images"),
+    images_per_prompt: int = typer.Option(1, "--images-per-prompt", help="with --prompts: images of each prompt"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="with --prompts: K/N, this host's slice (prompts whose index is K mod N; K = 0..N-1)"),
+    max_temp: Optional[float] = typer.Option(None, "--max-temp", help="with --prompts: °C; above it the batch steps down, then batches pause (NVML)"),
+    max_power: Optional[float] = typer.Option(None, "--max-power", help="with --prompts: W of board power, as --max-temp (NVML)"),
     model: Optional[str] = ModelRunOpt,
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="run TensorRT / TensorRT-RTX engines of this bundle"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="run onnxruntime on this work dir's ONNX"),
@@ -154,8 +159,8 @@ def generate(
     seed: int = typer.Option(_REQ.seed, "--seed"),
     height: int = typer.Option(_REQ.height, "--height"),
     width: int = typer.Option(_REQ.width, "--width"),
-    batch: int = typer.Option(_REQ.batch, "--batch"),
-    out: Path = typer.Option(Path("image.png"), "--out", "-o", help="PNG path (batch > 1: NAME-<i>.png)"),
+    batch: str = typer.Option(str(_REQ.batch), "--batch", help="images per call; with --prompts also auto (the largest the engine profiles and VRAM plan take)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG path (batch > 1: NAME-<i>.png) [default: image.png]; with --prompts a folder [default: images]"),
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --bundle: CUDA graphs (TensorRT-RTX: its runtime strategy; TensorRT: a guarded capture)"),
@@ -173,13 +178,31 @@ def generate(
     from sd35trt.runtime.launch import open_loop
     from sd35trt.runtime.pipeline import GenerateRequest
 
+    if (prompt is None) == (prompts is None):
+        raise InvalidInputError("give one of --prompt and --prompts", hint="--prompt 'a koi pond', or --prompts prompts.txt")
     options = _loop_options(model, bundle, onnx, torch_, precision, provider, device, dtype, cuda_graph, t5, turbo,
                             vram, vram_plan, vae_tiling, lora)
+    if prompts is not None:
+        from sd35trt.cli.batch import generate_many
+
+        request = GenerateRequest(prompt="", negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                                  seed=seed, height=height, width=width)
+        generate_many(options, request, prompts, out or Path("images"), batch=batch, images_per_prompt=images_per_prompt,
+                      shard=shard, max_temp=max_temp, max_power=max_power, json_out=json_out)
+        return
+    if images_per_prompt != 1 or shard or max_temp is not None or max_power is not None:
+        raise InvalidInputError("--images-per-prompt, --shard, --max-temp and --max-power go with --prompts",
+                                hint="--prompts FILE for a batch run; --batch N for N images of one --prompt")
+    if not batch.isdigit():
+        raise InvalidInputError(f"--batch {batch} is not a number" + (" (auto goes with --prompts)" if batch == "auto" else ""),
+                                hint="e.g. --batch 2")
+    out = out or Path("image.png")
     if out.suffix.lower() != ".png":
         raise InvalidInputError("--out must end in .png", path=out, hint="e.g. --out image.png")
-    request = GenerateRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                              seed=seed, height=height, width=width, batch=batch)
-    targets = [out] if batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(batch)]
+    request = GenerateRequest(prompt=prompt or "", negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                              seed=seed, height=height, width=width, batch=int(batch))
+    targets = [out] if request.batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(request.batch)]
+
     for target in targets:  # before any work: a bad --out is found now, not after the whole denoising loop
         check_output_file(target, "--out")
     loop = open_loop(options, request)

@@ -42,8 +42,18 @@ class GenerateRequest:
     height: int = 1024
     width: int = 1024
     batch: int = 1
+    # A micro-batch of different images (generate --prompts): one prompt and one seed per image, each image's noise
+    # drawn from its own seed, so an image is the same whatever batch it ran in (and `generate --prompt P --seed S`
+    # makes it alone). Empty: ``batch`` images of ``prompt`` from one generator seeded ``seed``, as diffusers does.
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
 
     def __post_init__(self):
+        if (self.prompts or self.seeds) and not len(self.prompts) == len(self.seeds) == self.batch:
+            raise ValueError(f"prompts ({len(self.prompts)}) and seeds ({len(self.seeds)}) must be one per image "
+                             f"of the batch ({self.batch})")
+        for seed in self.seeds:
+            check_seed(seed)
         """Reject bad requests before any work (diffusers' check_inputs, stricter: bounds past which SD3.5 can only
         give garbage or run for hours)."""
         if self.steps is not None and self.steps < 1:
@@ -316,7 +326,7 @@ class Sd35Loop:
 
         # 2. encode prompt (negative and positive in one batch when guidance is on)
         start = _clock(device)
-        prompts = [request.prompt] * batch
+        prompts = list(request.prompts) or [request.prompt] * batch
         negatives = [request.negative_prompt] * batch
         if cfg and not self.batch_text:
             (neg_e, neg_p), (pos_e, pos_p) = self.encode_prompt(negatives), self.encode_prompt(prompts)
@@ -327,9 +337,14 @@ class Sd35Loop:
         timings["text_encoders_s"] = _clock(device) - start
 
         # 3. prepare latents (diffusers' randn_tensor from a CPU generator, then on the device: the pipeline's noise)
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
         shape = (batch, self.latent_channels, request.height // self.vae_scale, request.width // self.vae_scale)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if request.seeds:  # one generator per image: its noise does not depend on the batch it runs in
+            latents = torch.cat([randn_tensor((1, *shape[1:]), generator=torch.Generator(device="cpu").manual_seed(s),
+                                              device=device, dtype=torch.float32) for s in request.seeds])
+        else:
+            generator = torch.Generator(device="cpu").manual_seed(request.seed)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
 
         # 4. timesteps (on the device; dynamic shifting as the pipeline computes it)
         scheduler = self.scheduler_class.from_config(self.assets.scheduler)
