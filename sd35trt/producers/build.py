@@ -247,7 +247,14 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
         config = replace(config, components=tuple(c for c in config.components if c != "t5"))
     variants = load_onnx_variants(onnx_root, config.components)
     available = {c: set(v) for c, v in variants.items()}
+    if config.portable or config.hardware_compat != "none":  # the options' own conflicts first (ampere+ with FP8)
+        wanted = [n for n, c in plan_precisions(target, config.components, available, config.precision).items()
+                  if c.precision.quantized]
+        check_portability(config.backend.value, config.portable, config.hardware_compat, fp8_components=wanted,
+                          build_cc=None)
+
     backend = choose_backend(config.backend, target)
+
     quant = next((p for v in available.values() for p in v if p.quantized), None)
     ccs = backend.buildable_ccs(target)
     if quant is not None:  # an INT4/NVFP4 engine is built for the CCs whose GEMMs take it (ampere + int4: SM86)

@@ -355,10 +355,17 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         plan_path.unlink(missing_ok=True)
         detail = " | ".join(logger.problems[-3:])[:500] or "no message"
         needs_gpu = "cudaError 35" in detail or "CUDA driver version is insufficient" in detail
+        # TensorRT-RTX compiles some kernels on the host's own GPU while it builds (refittable plans); on a GPU it
+        # does not support (Hopper, SM90) loading them fails: "CUDA error 222 loading a module" (seen on the H200)
+        wrong_gpu = "CUDA error 222" in detail or "CUDAMod" in detail
         hint = ("this build needs a CUDA driver (TensorRT-RTX builds refittable or weight-stripped plans only on a GPU "
                 "host): build there, or drop --refittable/--strip-weights" if needs_gpu and refit != "none" else
                 "this build needs a CUDA driver: build on a GPU host" if needs_gpu else
+                "TensorRT-RTX compiled kernels for this host's GPU while building and could not load them (it does not "
+                "support this GPU, e.g. Hopper SM90): build on a host with an RTX-supported GPU (SM75-SM121, not SM90), "
+                "or drop --refittable/--strip-weights" if wrong_gpu else
                 "check the target supports this precision (FP8 needs ada/hopper/blackwell)")
+
         raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path, hint=hint)
     layers, layer_source = parse_layers(logger.layer_reports), "builder log"
     if backend.kind is Backend.TENSORRT:  # full TensorRT: the engine inspector, not log lines that change per version

@@ -331,7 +331,8 @@ class BatchRun:
                 "images_per_s": round(rate, 4) if rate else None,
                 "energy_j": round(self.energy_j, 1) if self.energy_j is not None else None,
                 "energy_per_image_j": round(self.energy_j / self.made, 1) if self.energy_j is not None and self.made else None,
-                "power_mean_w": round(sum(self.power_w) / len(self.power_w), 1) if self.power_w else None,
+                "power_mean_w": (round(self.energy_j / self.seconds, 1) if self.energy_j is not None and self.seconds
+                                 else round(sum(self.power_w) / len(self.power_w), 1) if self.power_w else None),
                 "temperature_max_c": self.temp_max_c, "batch_first": self.batch_first, "batch_last": self.batch_last,
                 "governor_decisions": self.decisions}
 
@@ -353,11 +354,14 @@ def run_batch(loop: Any, jobs: list[Job], base: Any, out: Path, index: Index, *,
     while at < len(todo):
         group = todo[at:at + state.batch]  # the governor may change the size between micro-batches
         at += len(group)
-        if state.pause_s:
-            time.sleep(state.pause_s)
         request = replace(resolved, batch=len(group), prompts=tuple(j.prompt for j in group),
                           seeds=tuple(j.seed for j in group))
+        # the pause is inside the sampled window: the governor limits the card's average power over time (a pause
+        # lowers it), and images/s and energy count the pauses (measured on the H200: sampling the batch alone
+        # kept reading ~500 W at batch 1 and paused ever longer)
         with GpuSampler(enabled=sample) as sampler:
+            if state.pause_s:
+                time.sleep(state.pause_s)
             result = loop(request, progress=False)
         telemetry = sampler.result
         run.seconds += telemetry.seconds
@@ -383,6 +387,8 @@ def run_batch(loop: Any, jobs: list[Job], base: Any, out: Path, index: Index, *,
             run.made += 1
         if limits.active:
             reading = Reading(time.monotonic(), telemetry.temperature_max_c, telemetry.power_mean_w)
+            index.append({"event": "reading", "time": now_iso(), "t_s": round(reading.time_s, 2), "batch": len(group),
+                          "pause_s": state.pause_s, "temp_c": reading.temp_c, "power_w": reading.power_w})
             state, why = govern(state, reading, limits, batch)
             if why:
                 run.decisions += 1
