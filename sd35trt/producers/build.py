@@ -248,8 +248,12 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     variants = load_onnx_variants(onnx_root, config.components)
     available = {c: set(v) for c, v in variants.items()}
     if config.portable or config.hardware_compat != "none":  # the options' own conflicts first (ampere+ with FP8)
-        wanted = [n for n, c in plan_precisions(target, config.components, available, config.precision).items()
-                  if c.precision.quantized]
+        try:
+            wanted = [n for n, c in plan_precisions(target, config.components, available, config.precision).items()
+                      if c.precision.quantized]
+        except (InvalidInputError, BuildError):  # a plan only the chosen backend's CCs make (NVFP4 on SM120)
+            wanted = [n for n, v in available.items() if any(p.quantized for p in v)]
+
         check_portability(config.backend.value, config.portable, config.hardware_compat, fp8_components=wanted,
                           build_cc=None)
 

@@ -194,8 +194,12 @@ def _make_dequantizers():
             return dequantize_nvfp4(codes.t(), scale.t(), global_scale).t().to(dtype)
 
         @staticmethod
-        def symbolic(g, codes, scale, global_scale, dtype):  # noqa: ARG004
-            return g.op(f"{DOMAIN}::{FP4_DQ}", codes, scale, global_scale, block_size_i=NVFP4_BLOCK)
+        def symbolic(g, codes, scale, global_scale, dtype):
+            out = g.op(f"{DOMAIN}::{FP4_DQ}", codes, scale, global_scale, block_size_i=NVFP4_BLOCK)
+            if isinstance(dtype, torch.dtype):  # the placeholder's type, so the exporter's shape inference is quiet
+                out.setType(codes.type().with_dtype(dtype))
+            return out
+
 
     return Int4Dequantize, Fp4Dequantize
 
