@@ -88,7 +88,8 @@ def main() -> int:
                 f"{m} {v}" for m, v in entry["plans_gib"].items()))
     print("\n".join(rows))
     if out is not None:
-        (out / "vram-plans.json").write_text(json.dumps(report, indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+    (out / "vram-plans.json").write_text(json.dumps(report, indent=2))
     return 0
 
 
