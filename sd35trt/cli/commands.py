@@ -482,7 +482,8 @@ def preflight(
         if dropped:
             echo(f"note: {dropped}")
     plan = plan_precisions(target, names, have, backend=chosen.kind, ccs=ccs)
-    where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}"
+    four_bit = sorted({c.precision.value for c in plan.values() if c.precision in (Precision.INT4, Precision.NVFP4)})
+    where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}" + "".join(f"-{f}" for f in four_bit)
     echo(f"make engines: {source.id} ({'random weights' if source.random_weights else 'local weights'}"
          f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}) with "
          f"{chosen.kind.value} {chosen.version}: " + ", ".join(f"{n} {c.precision.value}" for n, c in plan.items())
