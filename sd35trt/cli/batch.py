@@ -57,7 +57,8 @@ def _batch_size(text: str, loop: Any, request: GenerateRequest, options: Any) ->
         raise InvalidInputError(f"--batch {text} is not auto or 1..{MAX_BATCH}", hint="e.g. --batch auto")
     problem = fits(int(text))
     if problem is not None:
-        raise InvalidInputError(f"--batch {text} does not fit: {problem}", hint="use --batch auto, or a smaller --batch")
+        raise InvalidInputError(f"--batch {text} does not fit: {problem}",
+                                hint="use --batch auto or a smaller --batch (or name the plan: --vram-plan sequential)")
     return int(text), "--batch"
 
 
