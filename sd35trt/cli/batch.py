@@ -3,7 +3,6 @@ micro-batch, runs ``runtime.batch.run_batch`` with a rich progress line, prints 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from sd35trt.runtime.batch import (
     plan_jobs,
     read_prompts,
     run_batch,
+    settings_of,
 )
 from sd35trt.runtime.pipeline import MAX_BATCH, GenerateRequest
 
@@ -86,7 +86,7 @@ def generate_many(options: Any, request: GenerateRequest, prompts_file: Path, ou
                 "precision": {name: r.precision for name, r in loop.runners.items()},
                 "lora": options.lora, "t5": loop.has_t5}
     with exclusive(out / (f"shard-{where[0]}-of-{where[1]}" if where else "run"), "generate --prompts"):
-        check_same_run(out, json.loads(json.dumps(settings)))
+        check_same_run(out, settings_of(**settings))
         index = Index(out, where)
         log.info(f"{len(jobs)} images ({len(prompts)} prompts × {images_per_prompt}"
                  f"{f', shard {where[0]}/{where[1]}' if where else ''}); {len(index.done & {j.key for j in jobs})} done "
