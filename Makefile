@@ -18,9 +18,11 @@ GPU ?= ada
 MODEL ?= tiny
 BACKEND ?= auto
 # A preset's name, or a model directory's own name (MODEL=/data/sd3.5-large/ -> build/sd3.5-large).
-# QUANT=int4|nvfp4: a 4-bit transformer (its own work dir and bundle folder, beside the FP8 ones).
+# QUANT=int4|nvfp4: a 4-bit transformer; T5=0: CLIP-only. Each has its own work dir and bundle folder (-int4, -clip),
+# beside the full FP8 ones: one never recalibrates or replaces the other.
 QUANT ?= fp8
-WORK ?= build/$(shell basename -- "$(MODEL)")$(if $(filter-out fp8,$(QUANT)),-$(QUANT))
+T5 ?= 1
+WORK ?= build/$(shell basename -- "$(MODEL)")$(if $(filter-out fp8,$(QUANT)),-$(QUANT))$(if $(filter 0,$(T5)),-clip)
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
 ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
@@ -34,7 +36,6 @@ HEIGHT ?=
 WIDTH ?=
 RANGE_FLAGS := $(if $(HEIGHT),--height "$(HEIGHT)") $(if $(WIDTH),--width "$(WIDTH)")
 # T5=0: a CLIP-only bundle (no T5-XXL: 9.5 GB less at SD3.5 size), calibrated on CLIP-only traffic.
-T5 ?= 1
 T5_FLAG := $(if $(filter 0,$(T5)),--no-t5,)
 # LORA=adapter.safetensors[:scale][,more]: style adapters fused into the model before calibration.
 LORA ?=
@@ -101,14 +102,15 @@ test-fast: $(STAMP)
 selftest: $(STAMP)
 	$(CLI) selftest --out build/selftest
 
-ENGINE_CODE := sd35trt/producers/builder.py sd35trt/producers/refit.py sd35trt/runtime/trt.py sd35trt/runtime/session.py \
+ENGINE_CODE := sd35trt/core/trt_api.py sd35trt/producers/trt_builder.py sd35trt/producers/refit.py sd35trt/runtime/trt.py sd35trt/runtime/session.py \
   sd35trt/runtime/runners.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check sd35trt tests bench
-	# the layers: the runtime never imports a producer, no import circle (tests/test_layers.py reads the source)
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py -k "not host_without"
-	# engine code against the TensorRT 11.4 and TensorRT-RTX 1.7 APIs (typings/, sd35trt/core/typecheck.py)
+	# the layers: the runtime never imports a producer, no import circle (tests/test_layers.py reads the source);
+	# no function over 60 lines outside tests/test_legibility.py's list of exceptions and their reasons
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py tests/test_legibility.py -k "not host_without"
+	# engine code against the TensorRT 11.4 and TensorRT-RTX 1.7 APIs (typings/, sd35trt/core/trt_api.py)
 	$(PY) -m mypy --always-false CHECK_RTX $(ENGINE_CODE) sd35trt/core/portability.py
 	$(PY) -m mypy --always-true CHECK_RTX $(ENGINE_CODE)
 

@@ -5,7 +5,7 @@ import pytest
 from sd35trt.core.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.core.specs import COMPONENTS, Precision
 from sd35trt.core.targets import TARGETS, Backend, GpuTarget, plan_precisions
-from sd35trt.producers.build import BuildConfig, build_bundle, verify_bundle
+from sd35trt.producers.bundle import BuildConfig, build_bundle, verify_bundle
 from tests.conftest import needs_rtx
 
 
@@ -126,8 +126,8 @@ def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
     from sd35trt.core.models import build_pipeline, resolve_model
     from sd35trt.core.numerics import Island, fp32_islands
     from sd35trt.core.specs import SPECS, CastIO, PipeDims, ShapeRanges
-    from sd35trt.producers.builder import TensorRTRTXBackend, build_engine_isolated
     from sd35trt.producers.export import export_component
+    from sd35trt.producers.trt_builder import TensorRTRTXBackend, build_engine_isolated
 
     pipe = build_pipeline(resolve_model("tiny"), dtype=torch.float16, components={"text_encoder_3"})
     spec = SPECS["t5"]
@@ -144,8 +144,8 @@ def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
 
 
 def test_an_unreadable_layer_report_is_unknown_not_a_failed_build(tmp_path):
-    from sd35trt.producers.build import check_layer_report
-    from sd35trt.producers.builder import summarize_layers
+    from sd35trt.producers.bundle import check_layer_report
+    from sd35trt.producers.trt_builder import summarize_layers
 
     unknown = summarize_layers([])
     check_layer_report("transformer", Precision.FP8, unknown, tmp_path / "model.onnx")
@@ -158,7 +158,7 @@ def test_an_unreadable_layer_report_is_unknown_not_a_failed_build(tmp_path):
 def test_gemms_fused_with_their_add_count_as_gemms():
     """TensorRT-RTX reports a GEMM fused with its bias/residual add as a ``runtime_fusion`` layer named ``Fc…``
     (SD3.5-Large's FP8 transformer: 12 of them, the GEMMs the recipe leaves unquantized); they are GEMMs."""
-    from sd35trt.producers.builder import is_gemm, summarize_layers
+    from sd35trt.producers.trt_builder import is_gemm, summarize_layers
 
     def layer(kind, name, dtype="Half"):
         return {"type": kind, "name": name, "input_dtypes": [dtype], "weight_dtypes": [dtype]}
@@ -180,7 +180,7 @@ def test_streamed_plan_equals_the_in_memory_plan(calibrated, tmp_path):
     import numpy as np
 
     from sd35trt.core.manifests import OnnxManifest, WorkDir
-    from sd35trt.producers.builder import TensorRTRTXBackend, build_engine_isolated
+    from sd35trt.producers.trt_builder import TensorRTRTXBackend, build_engine_isolated
 
     out, _ = calibrated
     for name in ("clip_l", "transformer"):
@@ -203,7 +203,7 @@ def test_layer_precision_from_the_engine_inspector_json():
     between 10.x and 11.x). Shape as documented (trex reads the same keys); anything else is "unknown"."""
     import json
 
-    from sd35trt.producers.builder import parse_inspector_json, summarize_layers
+    from sd35trt.producers.trt_builder import parse_inspector_json, summarize_layers
 
     doc = {"Layers": [
         {"Name": "/transformer_blocks.0/attn/to_q/MatMul", "LayerType": "gemm",

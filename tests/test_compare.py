@@ -19,6 +19,9 @@ def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path)
     assert set(transformer) == {"fp32", "fp16", "fp8"}
     assert transformer["fp8"]["outputs"]["noise_pred"]["rel_l2_max"] <= 0.05
     assert transformer["fp32"]["polygraphy_mean_error_passed"]
+    # each row says where its onnxruntime session ran: the device its runner was opened on, loaded or not (an
+    # unloaded runner's polygraphy twin ran on the CPU at SD3.5 size on the H200, whatever --provider said)
+    assert {row["device"] for row in transformer.values()} == {runners["fp8"]["transformer"].device}
     assert data["executed_with"] == ["onnxruntime"]
     # clip_l has no FP8 variant: it is compared once, as FP16, never again under an "fp8" label
     assert set(data["components"]["clip_l"]) == {"fp32", "fp16"}

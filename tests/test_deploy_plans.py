@@ -5,7 +5,9 @@ built on the GPU machine (bench/results: engine sizes measured, random weights).
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -208,8 +210,13 @@ def test_clip_only_bundle_leaves_t5_out(calibrated, capsys, tmp_path):
     from sd35trt.core.manifests import BundleManifest
 
     out, _ = calibrated
+    assert main(["build", "--onnx", str(out), "--out", str(tmp_path), "--components", "t5,clip_l"]) == 0
+    full = tmp_path / "tiny" / "ada-tensorrt-rtx"
+    before = {p.name: p.stat().st_mtime_ns for p in full.rglob("*")}
     assert main(["build", "--onnx", str(out), "--out", str(tmp_path), "--no-t5"]) == 0
-    bundle = tmp_path / "tiny" / "ada-tensorrt-rtx"
+    # beside the bundle with T5, never over it (`make engines T5=0` after `make engines` replaced it, T5 engine and all)
+    assert {p.name: p.stat().st_mtime_ns for p in full.rglob("*")} == before
+    bundle = tmp_path / "tiny" / "ada-tensorrt-rtx-clip"
     manifest = BundleManifest.load(bundle)
     assert not manifest.has_t5 and set(manifest.components) == {"transformer", "clip_l", "clip_g", "vae_decoder"}
     assert json.loads((bundle / "manifest.json").read_text())["t5"] is False
@@ -221,3 +228,19 @@ def test_clip_only_bundle_leaves_t5_out(calibrated, capsys, tmp_path):
     with pytest.raises(ArtifactError):
         manifest.verify()
     shutil.rmtree(bundle)
+
+
+@pytest.mark.fast
+def test_clip_only_and_four_bit_make_runs_have_work_dirs_of_their_own():
+    """`make engines T5=0` after `make engines` recalibrated the full work dir on CLIP-only traffic: each kind of
+    run has its own work dir by default (make's own expansion, `make -n`)."""
+    def work_of(*knobs: str) -> str:
+        run = subprocess.run(["make", "-n", "calibrate", "SYSTEM_PYTHON=1", *knobs], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return re.search(r'calibrate .*--out "([^"]+)"', run.stdout).group(1)
+
+    assert work_of("MODEL=/data/sd3.5-large/") == "build/sd3.5-large"
+    assert work_of("MODEL=/data/sd3.5-large/", "T5=0") == "build/sd3.5-large-clip"
+    assert work_of("MODEL=sd3.5-medium", "QUANT=int4", "T5=0") == "build/sd3.5-medium-int4-clip"
+    assert work_of("T5=0", "WORK=mine") == "mine"

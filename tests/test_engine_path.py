@@ -20,7 +20,7 @@ REFUSAL = "cudaError 35"  # TensorRT-RTX deserializing without a CUDA driver: th
 @pytest.fixture(scope="module")
 def bundle(calibrated, tmp_path_factory):
     """`sd35trt build` of the tiny work dir, the transformer in 2 parts built for weight streaming."""
-    from sd35trt.producers.build import BuildConfig, build_bundle
+    from sd35trt.producers.bundle import BuildConfig, build_bundle
 
     out, _ = calibrated
     root = tmp_path_factory.mktemp("engines")

@@ -20,7 +20,7 @@ from tests.test_bad_inputs import assert_user_error, run_cli
 @pytest.fixture(scope="module")
 def bundle(calibrated, tmp_path_factory):
     """A real tiny bundle (TensorRT-RTX, SM89) of two engines, copied per test that edits it."""
-    from sd35trt.producers.build import BuildConfig, build_bundle
+    from sd35trt.producers.bundle import BuildConfig, build_bundle
 
     out, _ = calibrated
     return build_bundle(out, tmp_path_factory.mktemp("engines"), BuildConfig(components=("clip_l", "clip_g"))).folder
@@ -241,7 +241,7 @@ def test_a_python_error_inside_the_build_process_is_a_bug_not_a_builder_crash(ca
     builder (a signal) is the one-line "crashed" error."""
     from sd35trt.core.manifests import WorkDir
     from sd35trt.core.specs import Precision
-    from sd35trt.producers.builder import TensorRTRTXBackend, build_engine_isolated
+    from sd35trt.producers.trt_builder import TensorRTRTXBackend, build_engine_isolated
 
     out, _ = calibrated
     onnx = WorkDir(out).onnx_path(Precision.FP16, "clip_l")

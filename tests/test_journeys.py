@@ -30,7 +30,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def bundle_of(root: Path) -> Path:
-    found = sorted((root / "engines").glob("*/ada-tensorrt-rtx"))
+    found = sorted((root / "engines").glob("*/ada-tensorrt-rtx*"))  # -clip for a CLIP-only download
     assert len(found) == 1, found
     return found[0]
 

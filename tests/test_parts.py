@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from sd35trt.core.errors import BuildError, InvalidInputError
 from sd35trt.core.manifests import OnnxManifest, WorkDir
 from sd35trt.core.specs import COMPONENTS, SPECS, Precision
-from sd35trt.producers.build import MAX_PARTS, PEAK_RSS_FACTOR, BuildConfig, builder_need, parse_parts, plan_part_counts
+from sd35trt.producers.bundle import MAX_PARTS, PEAK_RSS_FACTOR, BuildConfig, builder_need, parse_parts, plan_part_counts
 from tests.conftest import needs_rtx
 
 GIB = 2**30
@@ -173,9 +173,9 @@ def test_build_in_parts_makes_a_bundle_the_runners_chain(work_copy):
 def test_a_host_short_of_memory_builds_in_parts_instead_of_refusing(work_copy, monkeypatch):
     """Where MemAvailable + swap cannot hold a whole build (2.0x the weights + 1 GiB) but can hold half of one,
     `build` cuts the component into parts and says why in the manifest; with --no-memory-check it builds whole."""
-    import sd35trt.producers.build as build
+    import sd35trt.producers.bundle as build
     from sd35trt.core.specs import Precision
-    from sd35trt.producers.build import BuildConfig, build_bundle
+    from sd35trt.producers.bundle import BuildConfig, build_bundle
 
     source = OnnxManifest.load(WorkDir(work_copy).onnx_folder(Precision.FP8, "transformer"), "transformer", Precision.FP8)
     weights = sum(e["bytes"] for e in source.files.values())

@@ -88,7 +88,7 @@ def test_long_prompt_warns_with_the_words_it_drops(tiny_pipe, capsys):
 def test_bundle_cannot_run_without_gpu_and_points_to_onnx(calibrated, tmp_path):
     pytest.importorskip("tensorrt_rtx_bindings")
     from sd35trt.core.host import local_compute_capability
-    from sd35trt.producers.build import BuildConfig, build_bundle
+    from sd35trt.producers.bundle import BuildConfig, build_bundle
 
     if local_compute_capability() is not None:
         pytest.skip("this host has a GPU; the refusal is for GPU-less hosts")
@@ -104,7 +104,7 @@ def test_engine_runner_executes_on_a_matching_gpu(calibrated, tmp_path):
     from sd35trt.core.errors import Sd35TrtError
     from sd35trt.core.host import local_compute_capability, resolve_target
     from sd35trt.core.targets import Backend, GpuTarget
-    from sd35trt.producers.builder import choose_backend
+    from sd35trt.producers.trt_builder import choose_backend
 
     if local_compute_capability() is None:
         pytest.skip("no CUDA GPU on this host: engines cannot be executed here (CI has none)")
@@ -132,7 +132,7 @@ def test_selftest_passes_on_this_gpu(tmp_path):
     from sd35trt.core.errors import Sd35TrtError
     from sd35trt.core.host import local_compute_capability, resolve_target
     from sd35trt.core.targets import Backend, GpuTarget
-    from sd35trt.producers.builder import choose_backend
+    from sd35trt.producers.trt_builder import choose_backend
 
     if local_compute_capability() is None:
         pytest.skip("no CUDA GPU on this host: engines cannot be executed here (CI has none)")
@@ -209,8 +209,8 @@ def test_selftest_stops_at_the_first_failure_with_its_reason(capsys, tmp_path, m
     import json
 
     import sd35trt.core.host as host
-    import sd35trt.producers.build as build
-    import sd35trt.producers.builder as backends
+    import sd35trt.producers.bundle as build
+    import sd35trt.producers.trt_builder as backends
     from sd35trt.cli.main import main
 
     for module in (backends, build, host):

@@ -9,7 +9,7 @@ import pytest
 from sd35trt.core.errors import InvalidInputError
 from sd35trt.core.portability import RuntimeRecord, check_portability, runtime_fit, runtime_module
 from sd35trt.core.targets import Backend, GpuTarget
-from sd35trt.producers.build import BuildConfig, build_bundle, check_memory
+from sd35trt.producers.bundle import BuildConfig, build_bundle, check_memory
 from tests.conftest import needs_rtx
 from tests.test_bad_inputs import assert_user_error, run_cli
 

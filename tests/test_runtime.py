@@ -94,7 +94,7 @@ def test_every_request_the_loop_accepts_fits_every_engine_profile(calibrated, tm
     4.5, SD3's aspect buckets) and every call generate (prompts batched) and compare (encoded one at a time, as
     diffusers does) make for it fits every engine's profile."""
     from sd35trt.core.models import load_assets, resolve_model
-    from sd35trt.producers.build import BuildConfig, build_bundle
+    from sd35trt.producers.bundle import BuildConfig, build_bundle
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
     from sd35trt.runtime.runners import ComponentRunner
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from sd35trt import __version__
-from sd35trt.core import log
+from sd35trt.core import log, trt_api
 from sd35trt.core.errors import InvalidInputError, check_choice, check_seed
 from sd35trt.core.metrics import aggregate, error_stats, psnr
 from sd35trt.core.models import ModelSource
@@ -161,7 +161,7 @@ def polygraphy_trt(backend: str) -> Iterator[Any]:
     try:
         polygraphy_config.USE_TENSORRT_RTX = backend == "tensorrt-rtx"
         if backend == "tensorrt-rtx" and "tensorrt_rtx" not in sys.modules and importlib.util.find_spec("tensorrt_rtx") is None:
-            sys.modules["tensorrt_rtx"], alias = importlib.import_module("tensorrt_rtx_bindings"), True
+            sys.modules["tensorrt_rtx"], alias = importlib.import_module(trt_api.MODULES["tensorrt-rtx"]), True
         if backend in _BOUND_BACKENDS:
             sys.modules.update(_BOUND_BACKENDS[backend])
             module = sys.modules[prefix]
@@ -316,63 +316,93 @@ def _variant_rows(runners_by_variant: dict[str, dict[str, Any]], name: str) -> l
 
 def compare_components(pipe: Any, runners_by_variant: dict[str, dict[str, Any]], traffic: dict[str, list],
                        components: tuple[str, ...]) -> tuple[dict[str, Any], list[str]]:
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
 
-    from sd35trt.runtime.runners import SessionRunner, TorchRunner
+    from sd35trt.runtime.runners import TorchRunner
 
     results: dict[str, Any] = {}
-    failures = []
+    failures: list[str] = []
     for name in components:
         spec = SPECS[name]
         feeds = [{k: v.numpy() for k, v in call.items()} for call in traffic.get(name, [])]
         rows = _variant_rows(runners_by_variant, name)
         if not feeds or not rows:
             continue
-        poly_runners = [_poly_runner(TorchRunner(spec, pipe), f"torch-fp32:{name}")]
-        precisions, twins = {}, {}
-        for variant, runner in rows:
-            label = f"{variant}:{name}"
-            onnx = runner.kind == "onnxruntime" and isinstance(runner, SessionRunner)
-            poly_runners.append(_ort_poly_runner(runner.onnx, label, runner.session.adapter.provider
-                                                 if runner.loaded else "cpu") if onnx else _poly_runner(runner, label))
-            precisions[label] = Precision(runner.precision)
-            twin = engine_twin(runner, f"{variant}-polygraphy:{name}")
-            if twin is not None:  # the same plans through polygraphy's TrtRunner
-                poly_runners.append(twin)
-                precisions[twin.name], twins[label] = Precision(runner.precision), twin.name
-        with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({', '.join(precisions)})"), polygraphy_quiet():
+        reference = _poly_runner(TorchRunner(spec, pipe), f"torch-fp32:{name}")
+        candidates = _candidate_runners(name, rows)
+        poly_runners = [reference, *(c.runner for c in candidates), *(c.twin for c in candidates if c.twin is not None)]
+        labels = ", ".join(c.runner.name for c in candidates) + "".join(
+            f", {c.twin.name}" for c in candidates if c.twin is not None)
+        with log.step(f"polygraphy: {name} on {len(feeds)} real inputs ({labels})"), polygraphy_quiet():
             run_results = Comparator.run(poly_runners, data_loader=feeds)
-        reference_name = poly_runners[0].name
-        reference = dict(run_results)[reference_name]
+        outputs = dict(run_results)
         entry = {}
-        for runner_name, precision in precisions.items():
-            tol = spec.tolerances[precision]
-            candidate = dict(run_results)[runner_name]
-            per_output = {}
-            for out in spec.output_names:
-                stats = aggregate([error_stats(r[out], c[out]) for r, c in zip(reference, candidate)], tol)
-                per_output[out] = stats | {"tolerance": {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs}}
-                if not stats["passed"]:
-                    failures.append(f"{runner_name} {out}: rel-L2 {stats['rel_l2_max']:.3e} > {tol.rel_l2:g} "
-                                    "or max-abs too large")
-            # polygraphy's own verdict on the mean element error, recorded beside ours
-            sub = type(run_results)()
-            sub.append((reference_name, reference))
-            sub.append((runner_name, candidate))
-            with polygraphy_quiet():
-                accuracy = Comparator.compare_accuracy(
-                    sub, compare_func=CompareFunc.simple(atol=tol.max_abs, rtol=tol.rel_l2, check_error_stat="mean"))
-            entry[runner_name.split(":")[0]] = {"precision": precision.value, "outputs": per_output,
-                                                "polygraphy_mean_error_passed": bool(accuracy)}
-        for ours, theirs in twins.items():  # two independent runners of one engine must agree
-            mine, other = dict(run_results)[ours], dict(run_results)[theirs]
-            worst = max(error_stats(a[o], b[o]).rel_l2 for a, b in zip(mine, other) for o in spec.output_names)
-            entry[ours.split(":")[0]]["agrees_with_polygraphy_trt_rel_l2"] = worst
-            if not worst <= ENGINE_AGREEMENT_REL_L2:
-                failures.append(f"{ours}: sd35trt's engine session and polygraphy's TrtRunner differ on the same engine "
-                                f"(rel-L2 {worst:.3e} > {ENGINE_AGREEMENT_REL_L2:g})")
+        for candidate in candidates:
+            for poly in (candidate.runner, candidate.twin):
+                if poly is not None:  # the engine's polygraphy twin is a row of its own ("fp8-polygraphy")
+                    row, row_failures = _accuracy_row(spec, run_results, reference.name, poly.name, candidate)
+                    entry[poly.name.split(":")[0]], failures = row, failures + row_failures
+            row = entry[candidate.variant]
+            if candidate.twin is not None:  # two independent runners of one engine must agree
+                worst = max(error_stats(a[o], b[o]).rel_l2 for a, b in
+                            zip(outputs[candidate.runner.name], outputs[candidate.twin.name]) for o in spec.output_names)
+                row["agrees_with_polygraphy_trt_rel_l2"] = worst
+                if not worst <= ENGINE_AGREEMENT_REL_L2:
+                    failures.append(f"{candidate.runner.name}: sd35trt's engine session and polygraphy's TrtRunner "
+                                    f"differ on the same engine (rel-L2 {worst:.3e} > {ENGINE_AGREEMENT_REL_L2:g})")
         results[name] = entry
     return results, failures
+
+
+@dataclass
+class _Candidate:
+    """One variant's polygraphy runner for a component, where it runs, and its TrtRunner twin (engines only)."""
+
+    variant: str
+    precision: Precision
+    device: str
+    runner: Any
+    twin: Any | None
+
+
+def _candidate_runners(name: str, rows: list[tuple[str, Any]]) -> list[_Candidate]:
+    from sd35trt.runtime.runners import SessionRunner
+
+    found = []
+    for variant, runner in rows:
+        label = f"{variant}:{name}"
+        onnx = runner.kind == "onnxruntime" and isinstance(runner, SessionRunner)
+        # an ONNX runner's polygraphy twin runs where the runner's own session was opened, loaded or not
+        poly = _ort_poly_runner(runner.onnx, label, runner.device) if onnx else _poly_runner(runner, label)
+        found.append(_Candidate(variant, Precision(runner.precision), runner.device, poly,
+                                engine_twin(runner, f"{variant}-polygraphy:{name}")))
+    return found
+
+
+def _accuracy_row(spec: Any, run_results: Any, reference_name: str, runner_name: str,
+                  candidate: _Candidate) -> tuple[dict, list[str]]:
+    """One runner against the reference: our error statistics per output against the component's tolerance for
+    the candidate's precision, and polygraphy's own verdict on the mean element error beside them."""
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    tol = spec.tolerances[candidate.precision]
+    outputs = dict(run_results)
+    reference, produced = outputs[reference_name], outputs[runner_name]
+    per_output, failures = {}, []
+    for out in spec.output_names:
+        stats = aggregate([error_stats(r[out], c[out]) for r, c in zip(reference, produced)], tol)
+        per_output[out] = stats | {"tolerance": {"rel_l2": tol.rel_l2, "max_abs": tol.max_abs}}
+        if not stats["passed"]:
+            failures.append(f"{runner_name} {out}: rel-L2 {stats['rel_l2_max']:.3e} > {tol.rel_l2:g} "
+                            "or max-abs too large")
+    pair = type(run_results)()
+    pair.append((reference_name, reference))
+    pair.append((runner_name, produced))
+    with polygraphy_quiet():
+        accuracy = Comparator.compare_accuracy(
+            pair, compare_func=CompareFunc.simple(atol=tol.max_abs, rtol=tol.rel_l2, check_error_stat="mean"))
+    return {"precision": candidate.precision.value, "device": candidate.device, "outputs": per_output,
+            "polygraphy_mean_error_passed": bool(accuracy)}, failures
 
 
 def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]], prompts: list[str],

@@ -73,7 +73,7 @@ def run_selftest(out: Path) -> SelftestReport:
         (with its real reason), so calibration and export still run on this GPU."""
         from sd35trt.core.host import resolve_target
         from sd35trt.core.targets import Backend, GpuTarget
-        from sd35trt.producers.builder import choose_backend
+        from sd35trt.producers.trt_builder import choose_backend
 
         info = resolve_target(GpuTarget.AUTO)
         try:
@@ -99,7 +99,7 @@ def run_selftest(out: Path) -> SelftestReport:
 
     def build() -> str:
         from sd35trt.core.targets import GpuTarget
-        from sd35trt.producers.build import BuildConfig, build_bundle
+        from sd35trt.producers.bundle import BuildConfig, build_bundle
 
         result = build_bundle(work, engines, BuildConfig(target=GpuTarget.AUTO), force=True)
         state["bundle"] = result.folder
@@ -135,7 +135,7 @@ def run_selftest(out: Path) -> SelftestReport:
         the whole ones: with PyTorch per component and end to end, and with polygraphy's chained TrtRunner."""
         from sd35trt.checks.compare import CompareConfig, run_compare
         from sd35trt.core.targets import GpuTarget
-        from sd35trt.producers.build import BuildConfig, build_bundle
+        from sd35trt.producers.bundle import BuildConfig, build_bundle
         from sd35trt.runtime.runners import runners_from_bundle
 
         built = build_bundle(work, out / "engines-parts", BuildConfig(target=GpuTarget.AUTO, parts=(

@@ -88,10 +88,11 @@ def generate_many(options: Any, request: GenerateRequest, prompts_file: Path, ou
     with exclusive(out / (f"shard-{where[0]}-of-{where[1]}" if where else "run"), "generate --prompts"):
         check_same_run(out, settings_of(**settings))
         index = Index(out, where)
+        finished = len(jobs) - len(index.todo(jobs))
         log.info(f"{len(jobs)} images ({len(prompts)} prompts × {images_per_prompt}"
-                 f"{f', shard {where[0]}/{where[1]}' if where else ''}); {len(index.done & {j.key for j in jobs})} done "
+                 f"{f', shard {where[0]}/{where[1]}' if where else ''}); {finished} done "
                  f"before; batch {size} ({why}) -> {out}")
-        with _progress(len(jobs), len(jobs) - len([j for j in jobs if j.key not in index.done])) as update:
+        with _progress(len(jobs), finished) as update:
             result = run_batch(loop, jobs, request, out, index, batch=size, limits=limits, model=model, on_batch=update)
     summary = {**result.to_dict(), "out": str(out), "index": str(index.path), "batch": size, "batch_why": why}
     if json_out:

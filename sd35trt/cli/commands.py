@@ -22,7 +22,7 @@ from sd35trt.cli.app import (
     emit,
 )
 from sd35trt.core.specs import ShapeRanges
-from sd35trt.producers.build import BuildConfig
+from sd35trt.producers.bundle import BuildConfig
 from sd35trt.runtime.pipeline import GenerateRequest
 
 _REQ = GenerateRequest(prompt="")  # generate's defaults are the request's own
@@ -55,7 +55,7 @@ def build(
     from sd35trt.core.errors import check_choice
     from sd35trt.core.specs import Precision, parse_components, with_t5
     from sd35trt.core.targets import parse_backend, parse_target
-    from sd35trt.producers.build import BuildConfig, build_bundle, parse_parts
+    from sd35trt.producers.bundle import BuildConfig, build_bundle, parse_parts
 
     check_choice("--precision", precision, ("auto", *(p.value for p in Precision)))
     names = with_t5(parse_components(components), t5)
@@ -94,7 +94,7 @@ def build(
 @bundle_app.command("verify")
 def bundle_verify(folder: Path = typer.Argument(..., help="engines/<model>/<target>-<backend>/")) -> None:
     """Check the bundle manifest and the sha256 of every engine."""
-    from sd35trt.producers.build import verify_bundle
+    from sd35trt.producers.bundle import verify_bundle
 
     manifest = verify_bundle(folder)
     emit({"bundle": str(folder), "ok": True, "engines": len(manifest.components),
@@ -453,7 +453,8 @@ def preflight(
         with_t5,
     )
     from sd35trt.core.targets import narrow_for_format, parse_backend, parse_target, plan_precisions
-    from sd35trt.producers.builder import choose_backend
+    from sd35trt.producers.bundle import bundle_flavour
+    from sd35trt.producers.trt_builder import choose_backend
 
     source = resolve_model(model, lora=lora)
     check_model_side(ranges_from_options(str(_RANGES.batch), height, width, str(_RANGES.t5_tokens.max)),
@@ -482,8 +483,7 @@ def preflight(
         if dropped:
             echo(f"note: {dropped}")
     plan = plan_precisions(target, names, have, backend=chosen.kind, ccs=ccs)
-    four_bit = sorted({c.precision.value for c in plan.values() if c.precision in (Precision.INT4, Precision.NVFP4)})
-    where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}" + "".join(f"-{f}" for f in four_bit)
+    where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}{bundle_flavour(plan)}"
     echo(f"make engines: {source.id} ({'random weights' if source.random_weights else 'local weights'}"
          f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}) with "
          f"{chosen.kind.value} {chosen.version}: " + ", ".join(f"{n} {c.precision.value}" for n, c in plan.items())

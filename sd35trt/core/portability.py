@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.core.errors import InvalidInputError, check_choice
 from sd35trt.core.targets import RTX_CCS
+from sd35trt.core.trt_api import MODULES
 
 if TYPE_CHECKING:
     from sd35trt.core.manifests import BundleManifest
 
 HARDWARE_COMPAT = ("none", "ampere+")
 # Python modules of the runtimes a bundle may name, by backend.
-RUNTIME_MODULES = {"tensorrt": ("tensorrt", "tensorrt_lean"), "tensorrt-rtx": ("tensorrt_rtx_bindings",)}
+RUNTIME_MODULES = {"tensorrt": (MODULES["tensorrt"], "tensorrt_lean"), "tensorrt-rtx": (MODULES["tensorrt-rtx"],)}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The producers: calibrate, export (FP16/FP8 ONNX), parts, the engine builder and build."""
+"""The producers: calibrate, export (FP16/FP8/4-bit ONNX), parts, the TensorRT builder (trt_builder) and the bundle step."""
 
 import warnings
 

@@ -13,7 +13,6 @@ are written against TensorRT 11.4 / TensorRT-RTX 1.7 and type-checked against bo
 
 from __future__ import annotations
 
-import importlib
 import mmap
 import shutil
 import time
@@ -22,13 +21,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.core import log
+from sd35trt.core import log, trt_api
 from sd35trt.core.artifacts import atomic_dir, sha256_file, write_buffer_atomic, write_json_atomic
 from sd35trt.core.errors import ArtifactError, InvalidInputError
 from sd35trt.core.manifests import BUNDLE_MANIFEST, BundleManifest, EngineEntry, OnnxManifest, PlanFile, WorkDir
 from sd35trt.core.models import model_slug
 from sd35trt.core.specs import Precision
-from sd35trt.core.typecheck import CHECK_RTX
+
+if TYPE_CHECKING:  # `make lint` checks the engine code against these stubs (core.trt_api)
+    from sd35trt.core.trt_api import trt  # noqa: F401  (the functions below bind it at run time only)
 
 REFIT_MODES = ("none", "refit", "stripped")
 
@@ -38,16 +39,9 @@ def refit_plan(plan: Path, onnx: Path, module_name: str, dest: Path, *, sha256: 
     against the manifest's sha256 as they are mapped (``artifacts.check_mapped``)."""
     from sd35trt.core.artifacts import check_mapped
 
-    if TYPE_CHECKING:
-        if CHECK_RTX:
-            import tensorrt_rtx_bindings as trt
-        else:
-            import tensorrt_bindings as trt
-    else:
-        trt = importlib.import_module(module_name)
-    from sd35trt.producers.builder import _make_logger
-
-    logger = _make_logger(trt)
+    if not TYPE_CHECKING:  # the backend's own module at run time; mypy reads the stubs' ``trt``
+        trt = trt_api.load(module_name)
+    logger = trt_api.make_logger(trt, module_name)
     runtime = trt.Runtime(logger)
     with open(plan, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         check_mapped(plan, mapped, sha256, size)

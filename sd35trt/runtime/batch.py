@@ -138,6 +138,10 @@ class Index:
         if torn or (raw and not raw.endswith(b"\n")):
             write_bytes_atomic(self.path, b"".join(line + b"\n" for line in kept))
 
+    def todo(self, jobs: list[Job]) -> list[Job]:
+        """The jobs a run still has to make (in order): those not done."""
+        return [j for j in jobs if j.key not in self.done]
+
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode()
         with open(self.path, "ab") as handle:
@@ -177,7 +181,7 @@ def auto_batch(fits: Callable[[int], str | None], cap: int) -> tuple[int, str]:
         problem = fits(b)
         if problem is None:
             return b, why
-        why = f"{b} images: {problem}"
+        why = f"a batch of {b} would not fit: {problem}"
     raise InvalidInputError(f"not even one image fits: {why}", hint="lower --height/--width, or see `sd35trt doctor`")
 
 
@@ -337,15 +341,35 @@ class BatchRun:
                 "governor_decisions": self.decisions}
 
 
+def _image_record(job: Job, resolved: Any, model: str, precision: str, batch: int, telemetry: Any,
+                  tokenizers: dict[str, Any]) -> dict[str, Any]:
+    """An image's index line (and PNG text): what made it, its share of its micro-batch's time and energy, and the
+    part of its prompt the text encoders dropped past their token limits."""
+    from sd35trt.core.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS
+    from sd35trt.runtime.pipeline import truncated_text
+
+    record = {"file": job.file, "prompt_index": job.prompt_index, "image_index": job.image_index,
+              "prompt": job.prompt, "negative_prompt": resolved.negative_prompt, "seed": job.seed,
+              "steps": resolved.steps, "guidance": resolved.guidance, "height": resolved.height,
+              "width": resolved.width, "model": model, "precision": precision, "batch": batch,
+              "seconds": round(telemetry.seconds / batch, 4), "time": now_iso()}
+    if telemetry.energy_j is not None:
+        record["energy_j"] = round(telemetry.energy_j / batch, 2)
+    dropped = {label: text for label, text in (
+        ("clip", truncated_text(tokenizers["clip_l"], job.prompt, CLIP_MAX_TOKENS)),
+        ("t5", truncated_text(tokenizers["t5"], job.prompt, T5_MAX_TOKENS) if "t5" in tokenizers else "")) if text}
+    if dropped:
+        record["truncated"] = dropped
+    return record
+
+
 def run_batch(loop: Any, jobs: list[Job], base: Any, out: Path, index: Index, *, batch: int, limits: Limits,
               model: str, on_batch: Callable[[BatchRun, Any], None] | None = None, sample: bool = True) -> BatchRun:
     """Every job of ``jobs`` not in ``index`` through ``loop``, ``batch`` images at a time (the governor's size
     when ``limits`` are set): each PNG written atomically, then its index line."""
-    from sd35trt.core.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS
-    from sd35trt.runtime.pipeline import truncated_text
     from sd35trt.runtime.telemetry import GpuSampler
 
-    todo = [j for j in jobs if j.key not in index.done]
+    todo = index.todo(jobs)
     run = BatchRun(total=len(jobs), skipped=len(jobs) - len(todo), batch_first=batch, batch_last=batch)
     precision = ", ".join(f"{name} {r.precision}" for name, r in loop.runners.items())
     resolved = base.resolved(loop.assets.defaults)
@@ -372,16 +396,7 @@ def run_batch(loop: Any, jobs: list[Job], base: Any, out: Path, index: Index, *,
         if telemetry.temperature_max_c is not None:
             run.temp_max_c = max(run.temp_max_c or 0.0, telemetry.temperature_max_c)
         for job, image in zip(group, result.pil):
-            record = {"file": job.file, "prompt_index": job.prompt_index, "image_index": job.image_index,
-                      "prompt": job.prompt, "negative_prompt": resolved.negative_prompt, "seed": job.seed,
-                      "steps": resolved.steps, "guidance": resolved.guidance, "height": resolved.height,
-                      "width": resolved.width, "model": model, "precision": precision, "batch": len(group),
-                      "seconds": round(telemetry.seconds / len(group), 4), "time": now_iso()}
-            dropped = {label: text for label, text in (
-                ("clip", truncated_text(tokenizers["clip_l"], job.prompt, CLIP_MAX_TOKENS)),
-                ("t5", truncated_text(tokenizers["t5"], job.prompt, T5_MAX_TOKENS) if "t5" in tokenizers else "")) if text}
-            if dropped:
-                record["truncated"] = dropped
+            record = _image_record(job, resolved, model, precision, len(group), telemetry, tokenizers)
             save_image(out, job, image, record)
             index.append(record)
             run.made += 1

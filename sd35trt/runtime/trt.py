@@ -15,15 +15,14 @@ backend-independent and runs in CI through ``sd35trt.runtime.onnxrt``.
 
 from __future__ import annotations
 
-import importlib
 import mmap
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.core import log
+from sd35trt.core import log, trt_api
 from sd35trt.core.errors import ArtifactError, RuntimeUnavailableError
-from sd35trt.core.typecheck import CHECK_RTX
+from sd35trt.core.trt_api import CHECK_RTX
 from sd35trt.runtime.session import IO_DTYPES, TensorInfo
 
 # TensorRT ``DataType`` member name → torch dtype name
@@ -35,30 +34,15 @@ class EngineExecutionError(RuntimeError):
 
 
 if TYPE_CHECKING:  # `make lint` checks this file against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
-    if CHECK_RTX:
-        import tensorrt_rtx_bindings as trt
-    else:
-        import tensorrt_bindings as trt
+    from sd35trt.core.trt_api import trt
 
 
 @cache
 def process_runtime(module_name: str) -> tuple[Any, Any]:
     """The process's one (logger, runtime) for a backend module; the logger keeps the last errors it saw."""
     if not TYPE_CHECKING:  # the backend's own module at run time; mypy reads the stubs' ``trt`` above
-        trt = importlib.import_module(module_name)
-
-    class KeepingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):  # noqa: A003 - TensorRT's interface
-            if severity <= trt.ILogger.Severity.ERROR:
-                self.errors = [*self.errors[-4:], msg]
-            elif severity <= trt.ILogger.Severity.WARNING:
-                log.warn(f"{module_name}: {msg}")
-
-    logger = KeepingLogger()
+        trt = trt_api.load(module_name)
+    logger = trt_api.make_logger(trt, module_name, forward_warnings=True)
     return logger, trt.Runtime(logger)
 
 
@@ -88,7 +72,7 @@ class TensorRTAdapter:
         from sd35trt.core.artifacts import check_mapped
 
         if not TYPE_CHECKING:  # as in process_runtime
-            trt = importlib.import_module(module_name)
+            trt = trt_api.load(module_name)
         self.path, self.module_name, self.backend = plan_path, module_name, backend
         self._trt = trt
         runtime: trt.Runtime = process_runtime(module_name)[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,14 +47,14 @@ from sd35trt.core.models import ASSETS_FILE, PipelineAssets, model_slug
 from sd35trt.core.portability import RuntimeRecord, check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
 from sd35trt.core.targets import Backend, GpuTarget, TargetInfo, narrow_for_format, plan_precisions
-from sd35trt.producers.builder import (
+from sd35trt.producers.refit import describe_refit
+from sd35trt.producers.trt_builder import (
     TrtBackend,
     build_engine_isolated,
     choose_backend,
     local_compute_capability,
     summarize_layers,
 )
-from sd35trt.producers.refit import describe_refit
 
 if TYPE_CHECKING:
     from sd35trt.producers.parts import PartPlan
@@ -158,6 +159,15 @@ def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_m
                       "hardware_compat": config.hardware_compat, **({"parts": parts} if parts > 1 else {}),
                       **({"weight_streaming": True} if streams else {}),
                       **({"refit": config.refit} if config.refit != "none" else {})})
+
+
+def bundle_flavour(plan: Mapping[str, Any], base: str = "") -> str:
+    """The suffix that sets a bundle's folder apart from the plain FP8/FP16 bundle of its target, so that no build
+    replaces a different kind of bundle: ``base`` (-portable, -ampereplus), then -int4/-nvfp4 for a 4-bit
+    transformer, then -clip for a bundle with text encoders but no T5-XXL (``make engines T5=0`` beside the full one)."""
+    four_bit = sorted({c.precision.value for c in plan.values() if c.precision in (Precision.INT4, Precision.NVFP4)})
+    clip_only = "t5" not in plan and bool({"clip_l", "clip_g"} & set(plan))
+    return base + "".join(f"-{f}" for f in four_bit) + ("-clip" if clip_only else "")
 
 
 def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, flavour: str = "") -> Path:
@@ -270,10 +280,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     check_portability(backend.kind.value, config.portable, config.hardware_compat, fp8_components=quantized,
                       build_cc=local_compute_capability() if backend.kind is Backend.TENSORRT else None)
     model = next(m for v in variants.values() for m in v.values()).model
-    # a 4-bit bundle sits beside the FP8/FP16 one of the same target (engines/<model>/ada-tensorrt-rtx-int4/)
-    four_bit = sorted({c.precision.value for c in plan.values() if c.precision.quantized and c.precision is not Precision.FP8})
-    folder = bundle_folder(engines_root, model_slug(model), target, backend,
-                           config.flavour + "".join(f"-{f}" for f in four_bit))
+    folder = bundle_folder(engines_root, model_slug(model), target, backend, bundle_flavour(plan, config.flavour))
 
     with exclusive(folder, "build"):  # a second `make engines` for this target waits, then finds it up to date
         return _build_into(folder, engines_root, config, target, backend, ccs, model, variants, plan, force, onnx_root)
@@ -300,11 +307,7 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
     for source in sources.values():  # never build from an ONNX that doesn't match its manifest
         source.verify()
 
-    log.info(f"target {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}), backend "
-             f"{backend.kind.value} {backend.version}")
-    for name, choice in plan.items():
-        log.info(f"  {name}: {choice.precision.value} — {choice.reason}"
-                 + (f"; in {parts[name].count} parts ({parts[name].reason})" if parts[name].count > 1 else ""))
+    _log_plan(target, backend, ccs, plan, parts)
     cache_path = engines_root / ".cache" / f"timing-{backend.kind.value}-{backend.version}-" \
         f"{'_'.join(f'sm{a}{b}' for a, b in ccs)}.cache"
     timing_cache = cache_path.read_bytes() if backend.has_timing_cache and cache_path.is_file() else None
@@ -315,62 +318,12 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
     with atomic_dir(folder) as tmp:
         (tmp / "layers").mkdir()
         for name, choice in plan.items():
-            source = sources[name]
             old = previous.components.get(name) if previous else None
-            if not force and old and old.data.get("inputs_hash") == hashes[name] and \
-                    all(_file_ok(folder / p.file, p.bytes) for p in old.plans):
-                for p in old.plans:
-                    shutil.copy2(folder / p.file, tmp / p.file)
-                if (folder / "layers" / f"{name}.txt").is_file():
-                    shutil.copy2(folder / "layers" / f"{name}.txt", tmp / "layers" / f"{name}.txt")
+            if not force and old and _reuse_unchanged(folder, tmp, old, hashes[name]):
                 entries[name] = old
-                log.info(f"  {name}: unchanged, reused")
                 continue
-            onnx_path = source.onnx_path
-            # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
-            check_disk(tmp, int(weights[name] * 1.1), f"the {name} engine")
-            pieces = _cut(name, source, weights[name], parts[name], config, available, tmp / ".parts" / name)
-            streams = config.weight_streaming and name == "transformer"
-            built_parts, layers, layer_source = [], [], "builder log"
-            with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}"
-                          + (f" in {len(pieces)} parts" if len(pieces) > 1 else "")) as timing:
-                for part_onnx, part in pieces:
-                    plan_name = f"{name}.plan" if part is None else f"{name}.part{part.index + 1}of{part.count}.plan"
-                    with log.working(f"{backend.kind.value} builder" + (f", part {part.index + 1}" if part else "")):
-                        built = build_engine_isolated(backend, part_onnx, part.profile if part else source.profile,
-                                                      ccs, tmp / plan_name, timing_cache=timing_cache,
-                                                      workspace_gib=config.workspace_gib,
-                                                      version_compatible=config.portable,
-                                                      hardware_compat=config.hardware_compat,
-                                                      weight_streaming=streams, refit=config.refit)
-                    if built.timing_cache:
-                        timing_cache = built.timing_cache
-                    layers += built.layers
-                    layer_source = built.layer_source
-                    built_parts.append((plan_name, part, built))
-            shutil.rmtree(tmp / ".parts", ignore_errors=True)
-            islands = source.fp32_islands
-            summary = summarize_layers(layers, [i["module"] for i in islands])
-            check_layer_report(name, choice.precision, summary, onnx_path, layer_source)
-            if islands and summary["island_gemm"] and summary["island_gemm_fp32"] < summary["island_gemm"]:
-                log.warn(f"{name}: {summary['island_gemm'] - summary['island_gemm_fp32']} GEMM(s) of its FP32 islands "
-                         "did not run in FP32 in the engine (see layers/)")
-            (tmp / "layers" / f"{name}.txt").write_text(
-                format_layers(name, choice.precision, summary, layers, islands))
-            files = tuple(PlanFile(plan_name, sha256_file(tmp / plan_name), built.plan_bytes,
-                                   None if part is None else tuple(part.inputs), None if part is None else tuple(part.outputs),
-                                   None if part is None else part.profile, None if part is None else part.weight_bytes,
-                                   built.memory) for plan_name, part, built in built_parts)
-            entries[name] = EngineEntry(
-                name, files, choice.precision.value, reason=choice.reason, weights_precision=source.weights_precision,
-                inputs_hash=hashes[name], fp32_islands=islands,
-                onnx={"path": str(onnx_path), "files": source.files, "inputs_hash": source.inputs_hash,
-                      "calibration_hash": source.calibration_hash},
-                profile=source.profile, ranges=source.ranges, io={"inputs": source.inputs, "outputs": source.outputs},
-                layers=summary, build_seconds=round(timing["seconds"], 2),
-                warnings=[w for _, _, b in built_parts for w in b.warnings][-5:],
-                parts_reason=parts[name].reason if len(files) > 1 else None, weight_streaming=streams,
-                refit=describe_refit(config.refit, sum(f.bytes for f in files)))
+            build = ComponentBuild(name, choice, sources[name], weights[name], parts[name], hashes[name])
+            entries[name], timing_cache = _build_component(build, tmp, config, backend, ccs, available, timing_cache)
             rebuilt.append(name)
         runtime = RuntimeRecord(backend.kind.value, backend.version, config.portable, config.hardware_compat,
                                 tuple(f"{a}.{b}" for a, b in ccs)).to_dict() | {"activation_memory": STATIC_ACTIVATIONS}
@@ -386,6 +339,92 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
     if timing_cache and backend.has_timing_cache:
         write_bytes_atomic(cache_path, timing_cache)
     return BundleResult(folder, manifest, skipped=False, rebuilt=rebuilt)
+
+
+def _log_plan(target: TargetInfo, backend: TrtBackend, ccs: tuple[tuple[int, int], ...], plan: dict[str, Any],
+              parts: dict[str, Any]) -> None:
+    log.info(f"target {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}), backend "
+             f"{backend.kind.value} {backend.version}")
+    for name, choice in plan.items():
+        log.info(f"  {name}: {choice.precision.value} — {choice.reason}"
+                 + (f"; in {parts[name].count} parts ({parts[name].reason})" if parts[name].count > 1 else ""))
+
+
+def _reuse_unchanged(folder: Path, tmp: Path, old: EngineEntry, inputs_hash: str) -> bool:
+    """Copy a component's engine and layer summary from the previous bundle into ``tmp`` when its inputs are
+    unchanged and its plan files intact; False (nothing copied) when it must be built again."""
+    if old.inputs_hash != inputs_hash or not all(_file_ok(folder / p.file, p.bytes) for p in old.plans):
+        return False
+    for p in old.plans:
+        shutil.copy2(folder / p.file, tmp / p.file)
+    if (folder / "layers" / f"{old.name}.txt").is_file():
+        shutil.copy2(folder / "layers" / f"{old.name}.txt", tmp / "layers" / f"{old.name}.txt")
+    log.info(f"  {old.name}: unchanged, reused")
+    return True
+
+
+@dataclass(frozen=True)
+class ComponentBuild:
+    """What one component's engine is built from: its precision choice, ONNX, weight bytes, parts and input hash."""
+
+    name: str
+    choice: Any
+    source: Any
+    weight_bytes: int
+    parts: Any
+    inputs_hash: str
+
+
+def _build_component(build: ComponentBuild, tmp: Path, config: BuildConfig, backend: TrtBackend,
+                     ccs: tuple[tuple[int, int], ...], available: int | None,
+                     timing_cache: bytes | None) -> tuple[EngineEntry, bytes | None]:
+    """Build one component's engine (in parts where planned) into ``tmp``, check its layer report, and write its
+    layer summary; returns its manifest entry and the timing cache, updated."""
+    name, choice, source = build.name, build.choice, build.source
+    # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
+    check_disk(tmp, int(build.weight_bytes * 1.1), f"the {name} engine")
+    pieces = _cut(name, source, build.weight_bytes, build.parts, config, available, tmp / ".parts" / name)
+    streams = config.weight_streaming and name == "transformer"
+    built_parts, layers, layer_source = [], [], "builder log"
+    with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}"
+                  + (f" in {len(pieces)} parts" if len(pieces) > 1 else "")) as timing:
+        for part_onnx, part in pieces:
+            plan_name = f"{name}.plan" if part is None else f"{name}.part{part.index + 1}of{part.count}.plan"
+            with log.working(f"{backend.kind.value} builder" + (f", part {part.index + 1}" if part else "")):
+                built = build_engine_isolated(backend, part_onnx, part.profile if part else source.profile,
+                                              ccs, tmp / plan_name, timing_cache=timing_cache,
+                                              workspace_gib=config.workspace_gib,
+                                              version_compatible=config.portable,
+                                              hardware_compat=config.hardware_compat,
+                                              weight_streaming=streams, refit=config.refit)
+            if built.timing_cache:
+                timing_cache = built.timing_cache
+            layers += built.layers
+            layer_source = built.layer_source
+            built_parts.append((plan_name, part, built))
+    shutil.rmtree(tmp / ".parts", ignore_errors=True)
+    islands = source.fp32_islands
+    summary = summarize_layers(layers, [i["module"] for i in islands])
+    check_layer_report(name, choice.precision, summary, source.onnx_path, layer_source)
+    if islands and summary["island_gemm"] and summary["island_gemm_fp32"] < summary["island_gemm"]:
+        log.warn(f"{name}: {summary['island_gemm'] - summary['island_gemm_fp32']} GEMM(s) of its FP32 islands "
+                 "did not run in FP32 in the engine (see layers/)")
+    (tmp / "layers" / f"{name}.txt").write_text(format_layers(name, choice.precision, summary, layers, islands))
+    files = tuple(PlanFile(plan_name, sha256_file(tmp / plan_name), built.plan_bytes,
+                           None if part is None else tuple(part.inputs), None if part is None else tuple(part.outputs),
+                           None if part is None else part.profile, None if part is None else part.weight_bytes,
+                           built.memory) for plan_name, part, built in built_parts)
+    entry = EngineEntry(
+        name, files, choice.precision.value, reason=choice.reason, weights_precision=source.weights_precision,
+        inputs_hash=build.inputs_hash, fp32_islands=islands,
+        onnx={"path": str(source.onnx_path), "files": source.files, "inputs_hash": source.inputs_hash,
+              "calibration_hash": source.calibration_hash},
+        profile=source.profile, ranges=source.ranges, io={"inputs": source.inputs, "outputs": source.outputs},
+        layers=summary, build_seconds=round(timing["seconds"], 2),
+        warnings=[w for _, _, b in built_parts for w in b.warnings][-5:],
+        parts_reason=build.parts.reason if len(files) > 1 else None, weight_streaming=streams,
+        refit=describe_refit(config.refit, sum(f.bytes for f in files)))
+    return entry, timing_cache
 
 
 def _ship_assets(source: Path, dest: Path, *, t5: bool) -> dict[str, dict[str, Any]]:

@@ -9,17 +9,18 @@ precision) is shared in ``build_engine``.
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.core import log
+from sd35trt.core import log, trt_api
 from sd35trt.core.errors import BuildError, MissingDependencyError
 from sd35trt.core.host import local_compute_capability
 from sd35trt.core.targets import RTX_CCS, Backend, TargetInfo
-from sd35trt.core.typecheck import CHECK_RTX
+
+if TYPE_CHECKING:  # `make lint` checks the engine code against these stubs (core.trt_api)
+    from sd35trt.core.trt_api import trt  # noqa: F401  (the functions below bind it at run time only)
 
 
 class TrtBackend:
@@ -35,7 +36,7 @@ class TrtBackend:
     def trt(self) -> Any:
         if self._trt is None:
             try:
-                self._trt = importlib.import_module(self.module_name)
+                self._trt = trt_api.load(self.module_name)
             except ImportError as exc:
                 raise MissingDependencyError(f"{self.kind.value} backend is not installed ({exc.msg})",
                                              hint=self.install_hint) from None
@@ -61,7 +62,7 @@ class TrtBackend:
 
 class TensorRTRTXBackend(TrtBackend):
     kind = Backend.TENSORRT_RTX
-    module_name = "tensorrt_rtx_bindings"
+    module_name = trt_api.MODULES["tensorrt-rtx"]
     install_hint = "pip install 'sd35trt[rtx]' (tensorrt-rtx-cu13-libs and -bindings 1.7.1.116)"
     has_timing_cache = False  # "Timing cache operations are no-ops in TensorRT-RTX"
 
@@ -86,7 +87,7 @@ class TensorRTRTXBackend(TrtBackend):
 
     def configure(self, config: Any, ccs: tuple[tuple[int, int], ...]) -> None:
         if TYPE_CHECKING:
-            import tensorrt_rtx_bindings as trt
+            import tensorrt_rtx_bindings as trt  # TensorRT-RTX's own API, whichever stubs the rest is checked with
         else:
             trt = self.trt
         config.num_compute_capabilities = len(ccs)
@@ -97,7 +98,7 @@ class TensorRTRTXBackend(TrtBackend):
 
 class TensorRTBackend(TrtBackend):
     kind = Backend.TENSORRT
-    module_name = "tensorrt"
+    module_name = trt_api.MODULES["tensorrt"]
     install_hint = ("pip install 'sd35trt[tensorrt]' on a host with an NVIDIA GPU of the target architecture "
                     "(the tensorrt wheels come from NVIDIA's package index)")
     has_timing_cache = True
@@ -155,24 +156,6 @@ class BuiltEngine:
     timing_cache: bytes | None
     memory: dict[str, Any] = field(default_factory=dict)  # builder process RSS after parse, peak, plan size
     layer_source: str = "builder log"  # or "engine inspector" (full TensorRT)
-
-
-def _make_logger(trt: Any):
-    class CapturingLogger(trt.ILogger):
-        """Keeps the per-layer report (VERBOSE, only with DETAILED profiling) and warnings/errors."""
-
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.layer_reports: list[str] = []
-            self.problems: list[str] = []
-
-        def log(self, severity, msg):  # noqa: A003 - TensorRT's interface
-            if "LayerType:" in msg:
-                self.layer_reports.append(msg)
-            elif severity <= trt.ILogger.Severity.WARNING:
-                self.problems.append(f"{severity.name}: {msg}")
-
-    return CapturingLogger()
 
 
 _LAYER = re.compile(r"Name: (?P<name>.*?), LayerType: (?P<type>[^,]+), Inputs: \[(?P<inputs>.*?)\], Constants: "
@@ -286,14 +269,9 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
     """Parse ``onnx_path`` into a strongly typed network, build a serialized engine for ``ccs`` and write it to
     ``plan_path``: streamed by the builder (``build_serialized_network_to_stream``), or with ``stream=False``
     from the builder's ``IHostMemory`` (buffer protocol, no copy). ``memory`` records where the peak lies."""
-    if TYPE_CHECKING:  # `make lint` checks this against TensorRT 11.4's and TensorRT-RTX 1.7's API (typings/)
-        if CHECK_RTX:
-            import tensorrt_rtx_bindings as trt
-        else:
-            import tensorrt_bindings as trt
-    else:
+    if not TYPE_CHECKING:  # `make lint` checks this against the stubs' ``trt`` (TensorRT 11.4, TensorRT-RTX 1.7)
         trt = backend.trt
-    logger = _make_logger(trt)
+    logger = trt_api.make_logger(trt, backend.module_name)
     builder = trt.Builder(logger)
     flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):

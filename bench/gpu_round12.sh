@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One GPU-machine round (H200) for #30 and #33, in resumable stages run by one detached chain:
+#   userpath  #30: `make export MODEL=sd3.5-medium GPU=ada SYSTEM_PYTHON=1` for three work dirs at once (default,
+#             T5=0, LORA=.gpu/lora.safetensors:0.8 made by bench/make_lora.py; the last two NUM_PROMPTS=16 for device
+#             time), each measured (wall, peak RSS of the process tree)
+#   compare   #30: `compare --onnx WORK --height 1024 --width 1024 --steps 8 --prompts 2` on each work dir, one at a
+#             time (FP32 reference on the GPU, TF32 off), wall and peak RSS
+#   batch     #33: 64 images (16 prompts x 4), torch runner BF16, SD3.5-Medium, 1024², 28 steps: --batch auto killed
+#             (SIGKILL) after >= 32 images and re-run (resume); --batch auto --max-power 400 with nvidia-smi sampling
+#             power and temperature every 200 ms for the plot; then --batch 1 if the chain still has time
+#
+#   bash bench/gpu_round12.sh launch [STAGES...]   detached (setsid); returns at once
+#   bash bench/gpu_round12.sh wait SECONDS         until done or SECONDS; copies results to $OUT
+set -uo pipefail
+STAGE=${1:?stage}; shift
+RUN=${RUN:-/tmp/round}; PY=${PY:-python3}
+CLI="$PY -m sd35trt"
+LORA=$PWD/.gpu/lora.safetensors:0.8
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+stage_userpath() {
+  mk() {
+    local name=$1; shift
+    "$PY" bench/measure.py "$RUN/userpath-measure.jsonl" "make export MODEL=sd3.5-medium GPU=ada $*" -- \
+      make export MODEL=sd3.5-medium GPU=ada SYSTEM_PYTHON=1 "$@" > "$RUN/make-$name.log" 2>&1
+    echo "make $name: rc $?"
+  }
+  mk default &
+  mk clip T5=0 WORK=build/sd3.5-medium-clip NUM_PROMPTS=16 &
+  mk lora "LORA=$LORA" WORK=build/sd3.5-medium-lora NUM_PROMPTS=16 &
+  wait
+  df -h . > "$RUN/disk.txt"; du -sh build/* >> "$RUN/disk.txt"
+}
+
+stage_compare() {
+  cmp() {
+    local name=$1 work=$2; shift 2
+    "$PY" bench/measure.py "$RUN/compare-measure.jsonl" "compare $name" -- $CLI compare --model sd3.5-medium \
+      --onnx "$work" --height 1024 --width 1024 --steps 8 --prompts 2 --out "$RUN/compare-$name" "$@" \
+      > "$RUN/compare-$name.txt" 2> "$RUN/compare-$name.log"
+    echo "compare $name: rc $?"
+  }
+  cmp default build/sd3.5-medium
+  cmp clip build/sd3.5-medium-clip --no-t5
+  cmp lora build/sd3.5-medium-lora --lora "$LORA"
+}
+
+stage_batch() {
+  head -16 calibration/prompts.txt > "$RUN/p16.txt"
+  local common=(--prompts "$RUN/p16.txt" --images-per-prompt 4 --torch --model sd3.5-medium --height 1024 --width 1024
+                --steps 28 --json)
+  local out=$RUN/batch/auto
+  $CLI generate "${common[@]}" --batch auto --out "$out" > "$RUN/batch-auto-1.json" 2> "$RUN/batch-auto-1.log" &
+  local pid=$!
+  while kill -0 $pid 2>/dev/null; do
+    n=$(grep -c '"file"' "$out/index.jsonl" 2>/dev/null); n=${n:-0}
+    if [ "$n" -ge 32 ]; then kill -9 $pid; echo "killed the auto run at $n images"; break; fi
+    sleep 1
+  done
+  wait $pid
+  $CLI generate "${common[@]}" --batch auto --out "$out" > "$RUN/batch-auto-2.json" 2> "$RUN/batch-auto-2.log"
+  cp "$out/index.jsonl" "$RUN/batch-auto-index.jsonl"
+  nvidia-smi --query-gpu=timestamp,power.draw,temperature.gpu,utilization.gpu --format=csv,noheader,nounits \
+    -lms 200 > "$RUN/batch-gov-smi.csv" &
+  local smi=$!
+  $CLI generate "${common[@]}" --batch auto --max-power 400 --out "$RUN/batch/gov" > "$RUN/batch-gov.json" \
+    2> "$RUN/batch-gov.log"
+  kill $smi
+  cp "$RUN/batch/gov/index.jsonl" "$RUN/batch-gov-index.jsonl"
+  same_image
+  $CLI generate "${common[@]}" --batch 1 --out "$RUN/batch/b1" > "$RUN/batch-b1.json" 2> "$RUN/batch-b1.log"
+  cp "$RUN/batch/b1/index.jsonl" "$RUN/batch-b1-index.jsonl"
+  same_image
+}
+
+same_image() {
+  "$PY" - "$RUN" <<'PYEOF'
+import json, sys, numpy as np
+from pathlib import Path
+from PIL import Image
+run = Path(sys.argv[1]); base = run / "batch" / "auto"
+lines = [json.loads(l) for l in (base / "index.jsonl").read_text().splitlines() if l.strip()]
+files = [l["file"] for l in lines if "file" in l]
+report = {"auto_index_images": len(files), "auto_index_unique": len(set(files)),
+          "auto_pngs": len(list(base.glob("*.png"))), "auto_tmp_left": len(list(base.glob("*.tmp*")))}
+for other in ("gov", "b1"):
+    errs = []
+    for png in sorted(base.glob("*.png")):
+        twin = run / "batch" / other / png.name
+        if twin.exists():
+            a, b = (np.asarray(Image.open(p), dtype=np.float64) for p in (png, twin))
+            errs.append(float(np.linalg.norm(a - b) / np.linalg.norm(a)))
+    report[f"{other}_vs_auto_worst_rel_l2"] = max(errs) if errs else None
+    report[f"{other}_vs_auto_images"] = len(errs)
+json.dump(report, open(run / "batch-same-image.json", "w"))
+print(report)
+PYEOF
+}
+
+case "$STAGE" in
+launch)
+  mkdir -p "$RUN"; rm -f "$RUN/done"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader > "$RUN/env.txt" 2>&1
+  nproc >> "$RUN/env.txt"; free -g >> "$RUN/env.txt"
+  setsid nohup bash "$0" chain "$@" > "$RUN/chain.log" 2>&1 < /dev/null &
+  echo "launched: $*" ;;
+chain)
+  for s in "$@"; do
+    echo "== $s $(date +%T)"
+    "stage_$s"
+    echo "== $s done $(date +%T)"
+  done
+  touch "$RUN/done" ;;
+wait)
+  limit=${1:?seconds}; start=$SECONDS
+  while [ ! -e "$RUN/done" ] && [ $((SECONDS - start)) -lt "$limit" ]; do sleep 5; done
+  [ -e "$RUN/done" ] && echo "chain done" || echo "chain still running after ${limit}s"
+  cat "$RUN/chain.log"; cat "$RUN"/*-measure.jsonl 2>/dev/null
+  (cd "$RUN" && tar czf "$OUT/round.tgz" --exclude='batch' . )
+  cp "$RUN"/compare-default/*.png "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
+*) echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
