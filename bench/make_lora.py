@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sd35trt.core.models import PRESETS
+from sd35trt.core.presets import PRESETS
 from tests.test_lora import make_adapter
 
 if __name__ == "__main__":

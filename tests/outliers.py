@@ -62,7 +62,8 @@ def save_boundary_model(dest: Path, site: str, *, layers: int = 2) -> Path:
     import torch
     from diffusers import SD3Transformer2DModel
 
-    from sd35trt.core.models import PRESET_SEED, TINY, build_pipeline, resolve_model
+    from sd35trt.core.models import build_pipeline, resolve_model
+    from sd35trt.core.presets import PRESET_SEED, TINY
 
     pipe = build_pipeline(resolve_model("tiny"))
     if layers != TINY.transformer["num_layers"]:

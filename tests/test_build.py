@@ -125,7 +125,8 @@ def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
 
     from sd35trt.core.models import build_pipeline, resolve_model
     from sd35trt.core.numerics import Island, fp32_islands
-    from sd35trt.core.specs import SPECS, CastIO, PipeDims, ShapeRanges
+    from sd35trt.core.specs import SPECS, PipeDims, ShapeRanges
+    from sd35trt.core.wrappers import CastIO
     from sd35trt.producers.export import export_component
     from sd35trt.producers.trt_builder import TensorRTRTXBackend, build_engine_isolated
 

@@ -127,7 +127,7 @@ def test_a_1536_image_from_a_vae_profile_capped_at_768(tmp_path, tiny_source):
     """An ONNX VAE decoder exported to take at most 768 px per side decodes a 1536² image in tiles, every call
     inside its profile (onnxruntime enforces it as an engine would), two images one after another (its profile
     takes one)."""
-    from sd35trt.core.models import load_assets
+    from sd35trt.core.assets import load_assets
     from sd35trt.core.specs import SPECS, Range, ShapeRanges
     from sd35trt.producers.export import ExportConfig, export_model
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
@@ -186,8 +186,9 @@ def test_turbo_runs_at_batch_1_without_guidance_through_the_profile_check(turbo_
 
 def test_clip_only_onnx_loop_matches_diffusers_without_t5(exported):
     """--no-t5 on any runner: zero T5 embeddings, exactly as diffusers' pipeline with text_encoder_3=None."""
+    from sd35trt.core.assets import PipelineAssets
     from sd35trt.core.metrics import psnr
-    from sd35trt.core.models import PipelineAssets, build_pipeline, resolve_model
+    from sd35trt.core.models import build_pipeline, resolve_model
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
     from sd35trt.runtime.runners import runners_from_onnx
 

@@ -18,7 +18,7 @@ def make_adapter(dest: Path, *, seed: int = 0, config: dict | None = None) -> Pa
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from sd35trt.core.models import TINY
+    from sd35trt.core.presets import TINY
 
     transformer = SD3Transformer2DModel(**{**TINY.transformer, **(config or {})})
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -32,8 +32,8 @@ def make_adapter(dest: Path, *, seed: int = 0, config: dict | None = None) -> Pa
 
 
 def test_lora_changes_the_model_and_is_part_of_its_identity(adapter):
+    from sd35trt.core.assets import PipelineAssets
     from sd35trt.core.metrics import error_stats
-    from sd35trt.core.models import PipelineAssets
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
     from sd35trt.runtime.runners import runners_from_torch
 

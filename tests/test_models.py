@@ -1,7 +1,8 @@
 import pytest
 
 from sd35trt.core.errors import ModelLoadError
-from sd35trt.core.models import PRESETS, SD35_LARGE, SD35_MEDIUM, build_pipeline, resolve_model
+from sd35trt.core.models import build_pipeline, resolve_model
+from sd35trt.core.presets import PRESETS, SD35_LARGE, SD35_MEDIUM
 
 
 def test_unknown_model_names_the_choices():

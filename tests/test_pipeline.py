@@ -1,15 +1,15 @@
 import pytest
 import torch
 
+from sd35trt.core.assets import PipelineAssets
 from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
-from sd35trt.core.models import PipelineAssets
 from sd35trt.core.specs import ShapeRanges
 from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 from sd35trt.runtime.runners import runners_from_bundle, runners_from_onnx, runners_from_torch
 
 
 def _diffusers(pipe, request):
-    from sd35trt.core.models import SD35_DEFAULTS
+    from sd35trt.core.presets import SD35_DEFAULTS
 
     request = request.resolved(SD35_DEFAULTS)
     out = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.steps,

@@ -93,7 +93,8 @@ def test_every_request_the_loop_accepts_fits_every_engine_profile(calibrated, tm
     """From a built tiny bundle's manifest: every request GenerateRequest accepts (batch 1-4, guidance 0, 1 and
     4.5, SD3's aspect buckets) and every call generate (prompts batched) and compare (encoded one at a time, as
     diffusers does) make for it fits every engine's profile."""
-    from sd35trt.core.models import load_assets, resolve_model
+    from sd35trt.core.assets import load_assets
+    from sd35trt.core.models import resolve_model
     from sd35trt.producers.bundle import BuildConfig, build_bundle
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
     from sd35trt.runtime.runners import ComponentRunner
@@ -119,7 +120,7 @@ def test_every_request_the_loop_accepts_fits_every_engine_profile(calibrated, tm
 def test_calls_the_loop_makes_are_the_calls_it_plans(tiny_pipe, exported):
     """What ``check`` verifies is what runs: every call the loop really makes (recorded on real onnxruntime
     runners) is one of ``planned_calls``, with and without guidance, batched or encoded apart."""
-    from sd35trt.core.models import PipelineAssets
+    from sd35trt.core.assets import PipelineAssets
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 
     out, _ = exported
@@ -154,7 +155,7 @@ def test_the_loop_keeps_latents_on_the_execution_device(tiny_pipe):
     """Latents, the guidance combine and the scheduler step stay where the transformer runs: no tensor the loop
     hands the transformer after the first step comes from the host (on CPU the device is the host, so this
     checks the code path: every step's input is the previous step's output, not a copy)."""
-    from sd35trt.core.models import PipelineAssets
+    from sd35trt.core.assets import PipelineAssets
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
     from sd35trt.runtime.runners import runners_from_torch
 
@@ -182,7 +183,7 @@ def test_the_loop_keeps_latents_on_the_execution_device(tiny_pipe):
 
 def test_results_outlive_the_next_call(exported, tiny_pipe):
     """Engine sessions reuse their output buffers; what the loop hands back (images, latents) is its own."""
-    from sd35trt.core.models import PipelineAssets
+    from sd35trt.core.assets import PipelineAssets
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 
     out, _ = exported

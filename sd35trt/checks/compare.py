@@ -30,7 +30,8 @@ from sd35trt.core import log, trt_api
 from sd35trt.core.errors import InvalidInputError, check_choice, check_seed
 from sd35trt.core.metrics import aggregate, error_stats, psnr
 from sd35trt.core.models import ModelSource
-from sd35trt.core.specs import COMPONENTS, SPECS, Precision, eager_text_attention, pipeline_attrs, vae_input
+from sd35trt.core.specs import COMPONENTS, SPECS, Precision, pipeline_attrs, vae_input
+from sd35trt.core.wrappers import eager_text_attention
 
 # Decoded-image PSNR an end-to-end variant must reach against diffusers FP32 (same seeds, random weights).
 # 4-bit weights drift further over the denoising loop than FP8's: their floor is 5 dB lower (set by judgement, not
@@ -409,7 +410,7 @@ def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
                        ref_latents: list, cfg: CompareConfig, ranges: Any) -> tuple[dict[str, Any], list[str], dict]:
     import torch
 
-    from sd35trt.core.models import PipelineAssets
+    from sd35trt.core.assets import PipelineAssets
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 
     vae = pipe.vae

@@ -62,8 +62,9 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     and guidance), from its manifest alone: engine sizes as built, activations estimated
     (``ComponentSpec.activation_bytes``); the plan chosen for ``budget_gib`` (the GPU's free memory by default),
     or why none fits."""
+    from sd35trt.core.assets import PipelineAssets, load_assets
     from sd35trt.core.errors import Sd35TrtError
-    from sd35trt.core.models import PipelineAssets, load_assets, resolve_model
+    from sd35trt.core.models import resolve_model
     from sd35trt.core.specs import SPECS
     from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
     from sd35trt.runtime.runners import ComponentRunner

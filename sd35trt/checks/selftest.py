@@ -106,7 +106,7 @@ def run_selftest(out: Path) -> SelftestReport:
         return ", ".join(f"{n} {e.precision}" for n, e in result.manifest.components.items())
 
     def generate() -> str:
-        from sd35trt.core.models import PipelineAssets
+        from sd35trt.core.assets import PipelineAssets
         from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
         from sd35trt.runtime.runners import runners_from_bundle
 

@@ -43,7 +43,7 @@ class WorkDir:
 
     @property
     def assets(self) -> Path:
-        """The loop's tokenizers and configs (``core.models.PipelineAssets``), written by export."""
+        """The loop's tokenizers and configs (``core.assets.PipelineAssets``), written by export."""
         return self.root / "assets"
 
     def clip_only(self) -> bool:
@@ -324,7 +324,8 @@ class EngineEntry:
                 (_field(entry, "builder_memory", dict, path, where, {}) if not parted else {})))
         precision = _field(entry, "precision", str, path, where)
         if precision not in {p.value for p in Precision}:
-            raise ArtifactError(f"bundle manifest {where}.precision {precision!r} is not fp32, fp16 or fp8", path=path,
+            raise ArtifactError(f"bundle manifest {where}.precision {precision!r} is not one of "
+                                f"{', '.join(p.value for p in Precision)}", path=path,
                                 hint="rebuild the bundle")
         known = {f.name for f in fields(cls)} | {"file", "sha256", "bytes", "parts", "builder_memory"}
         return cls(
@@ -386,7 +387,7 @@ def _sha256(value: str, where: str, path: Path) -> str:
     return value
 
 
-BUNDLE_ASSETS = "assets"  # the loop's tokenizers and configs (core.models.PipelineAssets), shipped in every bundle
+BUNDLE_ASSETS = "assets"  # the loop's tokenizers and configs (core.assets.PipelineAssets), shipped in every bundle
 
 
 @dataclass(frozen=True)

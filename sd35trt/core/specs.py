@@ -14,7 +14,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.core.errors import InvalidInputError
-from sd35trt.core.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS
+from sd35trt.core.tokenizers import CLIP_MAX_TOKENS, T5_MAX_TOKENS
+from sd35trt.core.wrappers import clip_wrapper, t5_wrapper, transformer_wrapper, vae_decoder_wrapper
 
 if TYPE_CHECKING:
     import torch
@@ -403,61 +404,6 @@ class PipeDims:
         return cls(vae_scale=vae_scale_factor(pipe), widths=widths, vocab=vocab)
 
 
-# --- wrappers: each gives a network exactly the ONNX signature of its spec ------------------------------
-
-
-def _eager_attention(encoder):
-    """Text encoders trace with eager attention: the legacy exporter's SDPA symbolic mixes a float32 mask
-    into FP16 graphs (LayerNorm float/half type error in onnxruntime). Same math, float rounding aside."""
-    if getattr(encoder.config, "_attn_implementation", "eager") != "eager":
-        encoder.set_attn_implementation("eager")
-    return encoder
-
-
-def eager_text_attention(pipe) -> None:
-    """Every loaded text encoder of ``pipe`` on eager attention, as its ONNX is traced. A step that runs the
-    pipeline and traces or wraps it calls this first, so its loops never switch attention halfway (that made
-    a calibration worker's scales differ from one process's in the last bits)."""
-    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if getattr(pipe, attr, None) is not None:
-            _eager_attention(getattr(pipe, attr))
-
-
-def _clip_wrapper(encoder):
-    import torch
-
-    encoder = _eager_attention(encoder)
-
-    class ClipTextEncoder(torch.nn.Module):
-        """Pooled projection + penultimate hidden states: what SD3's ``_get_clip_prompt_embeds`` reads."""
-
-        def __init__(self):
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids):
-            out = self.encoder(input_ids, output_hidden_states=True)
-            return out[0], out.hidden_states[-2]
-
-    return ClipTextEncoder()
-
-
-def _t5_wrapper(encoder):
-    import torch
-
-    encoder = _eager_attention(encoder)
-
-    class T5TextEncoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids):
-            return self.encoder(input_ids)[0]
-
-    return T5TextEncoder()
-
-
 @contextlib.contextmanager
 def crop_pos_embed(transformer, ranges: ShapeRanges, pipe_dims: PipeDims):
     """Export the MMDiT with its position-embedding table cropped to the largest size the engine accepts.
@@ -491,59 +437,6 @@ def crop_pos_embed(transformer, ranges: ShapeRanges, pipe_dims: PipeDims):
         patch_embed.pos_embed_max_size = full
 
 
-def _transformer_wrapper(transformer):
-    import torch
-
-    class MMDiT(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-            return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                    pooled_projections=pooled_projections, timestep=timestep,
-                                    return_dict=False)[0]
-
-    return MMDiT()
-
-
-def _vae_decoder_wrapper(vae):
-    import torch
-
-    class VaeDecoder(torch.nn.Module):
-        """``vae.decode`` on already scaled/shifted latents (the loop applies scaling like diffusers does)."""
-
-        def __init__(self):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latent):
-            return self.vae.decode(latent, return_dict=False)[0]
-
-    return VaeDecoder()
-
-
-class CastIO:
-    """Wrap a module running in ``dtype`` so its ONNX keeps float32 inputs/outputs (like keep_io_types)."""
-
-    def __new__(cls, module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-        import torch
-
-        class CastedIO(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.inner = module
-
-            def forward(self, *args):
-                args = [a.to(dtype) if a.is_floating_point() else a for a in args]
-                out = self.inner(*args)
-                if isinstance(out, tuple):
-                    return tuple(o.float() for o in out)
-                return out.float()
-
-        return CastedIO().eval()
-
-
 _TEXT_TOL = {Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(2e-2, 0.1),
              Precision.FP8: Tolerance(0.1, 1.0)}
 
@@ -554,7 +447,7 @@ def _clip_spec(name: str, attr: str, key: str, description: str) -> ComponentSpe
         inputs=(TensorSpec("input_ids", "int64", ("batch", CLIP_MAX_TOKENS)),),
         outputs=(TensorSpec("text_embeds", "float32", ("batch", f"{key}_proj")),
                  TensorSpec("hidden_states", "float32", ("batch", CLIP_MAX_TOKENS, f"{key}_hidden"))),
-        wrapper=_clip_wrapper, tolerances=_TEXT_TOL, calibratable=True, activation_factor=TEXT_ACTIVATION_PER_TOKEN_CHANNEL,
+        wrapper=clip_wrapper, tolerances=_TEXT_TOL, calibratable=True, activation_factor=TEXT_ACTIVATION_PER_TOKEN_CHANNEL,
         island_units=(r"text_model\.encoder\.layers\.\d+",),
     )
 
@@ -569,7 +462,7 @@ SPECS: dict[str, ComponentSpec] = {
             TensorSpec("timestep", "float32", ("batch",), value_range=(0.0, 1000.0)),
         ),
         outputs=(TensorSpec("noise_pred", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
-        wrapper=_transformer_wrapper,
+        wrapper=transformer_wrapper,
         tolerances={Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(1e-2, 0.05),
                     Precision.FP8: Tolerance(0.08, 0.5), Precision.INT4: Tolerance(0.08, 0.5),
                     Precision.NVFP4: Tolerance(0.1, 0.5)},
@@ -581,14 +474,14 @@ SPECS: dict[str, ComponentSpec] = {
         name="t5", pipeline_attr="text_encoder_3", description="T5-XXL v1.1 encoder",
         inputs=(TensorSpec("input_ids", "int64", ("batch", "t5_tokens")),),
         outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "t5_tokens", "t5_hidden")),),
-        wrapper=_t5_wrapper, tolerances=_TEXT_TOL, calibratable=True, activation_factor=TEXT_ACTIVATION_PER_TOKEN_CHANNEL,
+        wrapper=t5_wrapper, tolerances=_TEXT_TOL, calibratable=True, activation_factor=TEXT_ACTIVATION_PER_TOKEN_CHANNEL,
         island_units=(r"encoder\.block\.\d+\.layer\.\d+",),
     ),
     "vae_decoder": ComponentSpec(
         name="vae_decoder", pipeline_attr="vae", description="AutoencoderKL decoder (16 latent channels)",
         inputs=(TensorSpec("latent", "float32", ("batch", "latent_channels", "latent_height", "latent_width")),),
         outputs=(TensorSpec("images", "float32", ("batch", 3, "height", "width")),),
-        wrapper=_vae_decoder_wrapper, cfg_batch=False, activation_factor=VAE_ACTIVATION_PER_PIXEL,
+        wrapper=vae_decoder_wrapper, cfg_batch=False, activation_factor=VAE_ACTIVATION_PER_PIXEL,
         island_units=(r"decoder\.up_blocks\.\d+\.resnets\.\d+", r"decoder\.mid_block"),
         # Convolutions sum differently in onnxruntime and torch: 1e-4 rel-L2 measured at ~9e-5, so 5e-4.
         tolerances={Precision.FP32: Tolerance(5e-4, 2e-3), Precision.FP16: Tolerance(1e-2, 0.05),

@@ -29,6 +29,7 @@ from sd35trt.core.artifacts import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from sd35trt.core.assets import ASSETS_FILE, PipelineAssets
 from sd35trt.core.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.core.host import resolve_target
 from sd35trt.core.manifests import (
@@ -43,7 +44,7 @@ from sd35trt.core.manifests import (
     PlanFile,
     WorkDir,
 )
-from sd35trt.core.models import ASSETS_FILE, PipelineAssets, model_slug
+from sd35trt.core.models import model_slug
 from sd35trt.core.portability import RuntimeRecord, check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
 from sd35trt.core.targets import Backend, GpuTarget, TargetInfo, narrow_for_format, plan_precisions

@@ -48,19 +48,9 @@ from sd35trt.core.metrics import error_stats, psnr, summarize
 from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import ActivationCensus, Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
-from sd35trt.core.specs import (
-    CALIBRATABLE,
-    COMPONENTS,
-    SPECS,
-    CastIO,
-    PipeDims,
-    Precision,
-    ShapeRanges,
-    eager_text_attention,
-    pipeline_attrs,
-    vae_input,
-)
+from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, ShapeRanges, pipeline_attrs, vae_input
 from sd35trt.core.traffic import TrafficRecorder, spread
+from sd35trt.core.wrappers import CastIO, eager_text_attention
 from sd35trt.producers.quantize import collect_scales, is_quantizer, quant_state
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share

@@ -53,8 +53,9 @@ from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.core.onnx_utils import PROVIDERS
 from sd35trt.core.probes import EXPORT_CHECK_SEED, EXPORT_TRACE_SEED, export_dims
-from sd35trt.core.specs import COMPONENTS, SPECS, CastIO, ComponentSpec, PipeDims, Precision, ShapeRanges
+from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, PipeDims, Precision, ShapeRanges
 from sd35trt.core.targets import TargetInfo, exported_variants
+from sd35trt.core.wrappers import CastIO
 
 if TYPE_CHECKING:
     import torch
@@ -488,7 +489,7 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
 def write_assets(source: ModelSource, work: WorkDir) -> Path:
     """``W/assets/``: the tokenizers and scheduler/VAE configs the denoising loop needs (``PipelineAssets``), read
     without any weights; ``build`` ships them in every bundle, so a deploy host needs no model directory."""
-    from sd35trt.core.models import load_assets
+    from sd35trt.core.assets import load_assets
 
     folder = work.root / "assets"
     inputs = hash_json({"model": source.fingerprint(), "toolkit": __version__, "turbo": source.turbo})

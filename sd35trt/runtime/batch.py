@@ -345,7 +345,7 @@ def _image_record(job: Job, resolved: Any, model: str, precision: str, batch: in
                   tokenizers: dict[str, Any]) -> dict[str, Any]:
     """An image's index line (and PNG text): what made it, its share of its micro-batch's time and energy, and the
     part of its prompt the text encoders dropped past their token limits."""
-    from sd35trt.core.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS
+    from sd35trt.core.tokenizers import CLIP_MAX_TOKENS, T5_MAX_TOKENS
     from sd35trt.runtime.pipeline import truncated_text
 
     record = {"file": job.file, "prompt_index": job.prompt_index, "image_index": job.image_index,

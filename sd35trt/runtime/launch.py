@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from sd35trt.core import log
+from sd35trt.core.assets import PipelineAssets, load_assets
 from sd35trt.core.errors import InvalidInputError
-from sd35trt.core.models import PipelineAssets, load_assets, resolve_model
+from sd35trt.core.models import resolve_model
 from sd35trt.core.specs import COMPONENTS, SPECS, pipeline_attrs
 from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
 from sd35trt.runtime.runners import ComponentRunner, RunnerSet, runners_from_bundle, runners_from_onnx, runners_from_torch

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sd35trt.core import log
+from sd35trt.core.assets import PipelineAssets
 from sd35trt.core.errors import InvalidInputError, NonFiniteError, check_seed
-from sd35trt.core.models import CLIP_MAX_TOKENS, T5_MAX_TOKENS, Defaults, PipelineAssets
+from sd35trt.core.presets import Defaults
 from sd35trt.core.specs import COMPONENTS, SPECS, ShapeRanges, check_pixels
+from sd35trt.core.tokenizers import CLIP_MAX_TOKENS, T5_MAX_TOKENS
 from sd35trt.runtime.runners import ComponentRunner
 from sd35trt.runtime.tiling import DEFAULT_TILE_PIXELS, tile_shapes, tiled_decode
 from sd35trt.runtime.vram import Need, VramPlan
