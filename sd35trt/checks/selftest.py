@@ -48,11 +48,35 @@ def run_selftest(out: Path) -> SelftestReport:
     if local_compute_capability() is None:
         raise RuntimeUnavailableError("selftest needs an NVIDIA GPU and this host has none",
                                       hint="run it on the build or deploy host; `make test` is the CPU suite")
-    report = SelftestReport()
-    work, engines = out / "work", out / "engines"
-    state: dict[str, Any] = {}
+    run = _Selftest(out)
+    steps = (("target", run.target), ("calibrate", run.calibrate), ("export", run.export), ("build", run.build),
+             ("generate", run.generate), ("compare", run.compare), ("parts", run.parts))
+    for index, (name, action) in enumerate(steps):
+        if not run.step(name, action):
+            run.report.steps += [{"step": later, "passed": False, "seconds": 0.0,
+                                  "detail": f"not run (after {name} failed)"} for later, _ in steps[index + 1:]]
+            break
+    from sd35trt.core.artifacts import write_json_atomic
 
-    def step(name: str, action: Callable[[], str]) -> bool:
+    write_json_atomic(out / "selftest.json", run.report.to_dict() | ({"tracebacks": run.tracebacks} if run.tracebacks else {}))
+    return run.report
+
+
+class _Selftest:
+    """The steps of one selftest in ``out``, each a method that returns its detail line or raises; what a step
+    makes (the model source, the bundle, its runners) is kept for the next."""
+
+    def __init__(self, out: Path):
+        self.out, self.work, self.engines = out, out / "work", out / "engines"
+        self.report = SelftestReport()
+        self.tracebacks: dict[str, str] = {}
+        self.source: Any = None
+        self.bundle: Path | None = None
+        self.runners: Any = None
+        self.ranges: Any = None
+
+    def step(self, name: str, action: Callable[[], str]) -> bool:
+        """Run one step as a PASS/FAIL row: a sd35trt error is its one line, a bug its traceback in the report."""
         start = time.perf_counter()
         log.info(f"[bold]→[/bold] selftest: {name}")
         try:
@@ -61,14 +85,14 @@ def run_selftest(out: Path) -> SelftestReport:
             detail, ok = str(err), False
         except Exception as err:  # noqa: BLE001 - a bug is a FAIL row with its traceback in the report
             detail, ok = f"{type(err).__name__}: {err}", False
-            state.setdefault("tracebacks", {})[name] = traceback.format_exc()
+            self.tracebacks[name] = traceback.format_exc()
         seconds = time.perf_counter() - start
         log.info(f"  {'[green]PASS[/green]' if ok else '[red]FAIL[/red]'} {name} ({seconds:.1f} s)")
-        report.steps.append({"step": name, "passed": ok, "seconds": round(seconds, 2), "detail": detail[:500]})
-        report.passed &= ok
+        self.report.steps.append({"step": name, "passed": ok, "seconds": round(seconds, 2), "detail": detail[:500]})
+        self.report.passed &= ok
         return ok
 
-    def target() -> str:
+    def target(self) -> str:
         """The local GPU's target, and which backend can build it: a missing backend is the build step's FAIL
         (with its real reason), so calibration and export still run on this GPU."""
         from sd35trt.core.host import resolve_target
@@ -82,82 +106,69 @@ def run_selftest(out: Path) -> SelftestReport:
             return f"{info.target.value} ({', '.join(info.sm_names)}); no backend here builds it: {err.what}"
         return f"{info.target.value} ({', '.join(info.sm_names)}), {backend.kind.value} {backend.version}"
 
-    def calibrate() -> str:
+    def calibrate(self) -> str:
         from sd35trt.core.models import resolve_model
         from sd35trt.producers.calibrate import CalibrationConfig, calibrate_model
 
-        state["source"] = resolve_model("tiny")
-        result = calibrate_model(state["source"], work, CalibrationConfig(num_prompts=2, steps=2, height=512,
-                                                                         width=512, batch=2), device="cuda")
+        self.source = resolve_model("tiny")
+        result = calibrate_model(self.source, self.work, CalibrationConfig(num_prompts=2, steps=2, height=512,
+                                                                          width=512, batch=2), device="cuda")
         return f"{result.report['quantizers']['enabled']} FP8 quantizers"
 
-    def export() -> str:
+    def export(self) -> str:
         from sd35trt.producers.export import ExportConfig, export_model
 
-        results = export_model(state["source"], work, ExportConfig(), device="cuda")
+        results = export_model(self.source, self.work, ExportConfig(), device="cuda")
         return f"{len(results)} ONNX variants validated"
 
-    def build() -> str:
+    def build(self) -> str:
         from sd35trt.core.targets import GpuTarget
         from sd35trt.producers.bundle import BuildConfig, build_bundle
 
-        result = build_bundle(work, engines, BuildConfig(target=GpuTarget.AUTO), force=True)
-        state["bundle"] = result.folder
+        result = build_bundle(self.work, self.engines, BuildConfig(target=GpuTarget.AUTO), force=True)
+        self.bundle = result.folder
         return ", ".join(f"{n} {e.precision}" for n, e in result.manifest.components.items())
 
-    def generate() -> str:
+    def generate(self) -> str:
         from sd35trt.core.assets import PipelineAssets
         from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
         from sd35trt.runtime.runners import runners_from_bundle
 
-        found = runners_from_bundle(state["bundle"])
-        state["runners"], state["ranges"] = found.runners, found.ranges
+        assert self.bundle is not None
+        found = runners_from_bundle(self.bundle)
+        self.runners, self.ranges = found.runners, found.ranges
         assert found.assets_folder is not None
         loop = Sd35Loop(PipelineAssets.load(found.assets_folder), found.runners, found.ranges)
         result = loop(GenerateRequest(prompt="a lighthouse at dusk", steps=4, height=512, width=512), progress=False)
-        result.pil[0].save(out / "selftest.png")
-        return f"{out / 'selftest.png'}, {result.timings['total_s']:.2f} s"
+        result.pil[0].save(self.out / "selftest.png")
+        return f"{self.out / 'selftest.png'}, {result.timings['total_s']:.2f} s"
 
-    def compare() -> str:
-        from sd35trt.checks.compare import CompareConfig, run_compare
-
-        cfg = CompareConfig(prompts=1, steps=4, height=512, width=512)
-        result = run_compare(state["source"], out / "compare", cfg, ["a koi pond in autumn, watercolor"],
-                             {"engine": state["runners"]}, state["ranges"], str(state["bundle"]))
-        if not result:
-            raise RuntimeUnavailableError("engines differ from PyTorch: " + "; ".join(result.failures),
-                                          path=out / "compare" / "compare.json", hint="report it with selftest.json")
-        psnr = result.data["end_to_end"]["engine"]["min_image_psnr_db"]
+    def compare(self) -> str:
+        psnr = self._compare_with_pytorch("engine", self.runners, self.bundle, "compare", "engines differ")
         return f"end to end {psnr:.1f} dB vs diffusers; per component within tolerance"
 
-    def parts() -> str:
+    def parts(self) -> str:
         """The transformer and T5 built in 2 parts each (``build --parts``), their chained engines compared like
         the whole ones: with PyTorch per component and end to end, and with polygraphy's chained TrtRunner."""
-        from sd35trt.checks.compare import CompareConfig, run_compare
         from sd35trt.core.targets import GpuTarget
         from sd35trt.producers.bundle import BuildConfig, build_bundle
         from sd35trt.runtime.runners import runners_from_bundle
 
-        built = build_bundle(work, out / "engines-parts", BuildConfig(target=GpuTarget.AUTO, parts=(
+        built = build_bundle(self.work, self.out / "engines-parts", BuildConfig(target=GpuTarget.AUTO, parts=(
             ("transformer", 2), ("t5", 2))), force=True)
-        runners = runners_from_bundle(built.folder).runners
-        cfg = CompareConfig(prompts=1, steps=4, height=512, width=512)
-        result = run_compare(state["source"], out / "compare-parts", cfg, ["a koi pond in autumn, watercolor"],
-                             {"engine-parts": runners}, state["ranges"], str(built.folder))
-        if not result:
-            raise RuntimeUnavailableError("engines built in parts differ from PyTorch: " + "; ".join(result.failures),
-                                          path=out / "compare-parts" / "compare.json", hint="report it with selftest.json")
-        psnr = result.data["end_to_end"]["engine-parts"]["min_image_psnr_db"]
+        psnr = self._compare_with_pytorch("engine-parts", runners_from_bundle(built.folder).runners, built.folder,
+                                          "compare-parts", "engines built in parts differ")
         return f"transformer and t5 in 2 parts: end to end {psnr:.1f} dB vs diffusers; per component within tolerance"
 
-    steps = (("target", target), ("calibrate", calibrate), ("export", export), ("build", build),
-             ("generate", generate), ("compare", compare), ("parts", parts))
-    for index, (name, action) in enumerate(steps):
-        if not step(name, action):
-            report.steps += [{"step": later, "passed": False, "seconds": 0.0, "detail": f"not run (after {name} failed)"}
-                             for later, _ in steps[index + 1:]]
-            break
-    from sd35trt.core.artifacts import write_json_atomic
+    def _compare_with_pytorch(self, label: str, runners: Any, bundle: Path | None, folder: str, what: str) -> float:
+        """``compare`` of ``runners`` with the PyTorch model (per component and end to end); its PSNR, or the
+        failures as a RuntimeUnavailableError naming compare.json."""
+        from sd35trt.checks.compare import CompareConfig, run_compare
 
-    write_json_atomic(out / "selftest.json", report.to_dict() | {k: v for k, v in state.items() if k == "tracebacks"})
-    return report
+        cfg = CompareConfig(prompts=1, steps=4, height=512, width=512)
+        result = run_compare(self.source, self.out / folder, cfg, ["a koi pond in autumn, watercolor"],
+                             {label: runners}, self.ranges, str(bundle))
+        if not result:
+            raise RuntimeUnavailableError(f"{what} from PyTorch: " + "; ".join(result.failures),
+                                          path=self.out / folder / "compare.json", hint="report it with selftest.json")
+        return float(result.data["end_to_end"][label]["min_image_psnr_db"])

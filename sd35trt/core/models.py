@@ -233,7 +233,6 @@ def build_pipeline(source: ModelSource, *, device: str = "cpu", dtype: torch.dty
     seed per component, so a component's weights don't depend on which others were built.
     """
     import torch
-    from diffusers import StableDiffusion3Pipeline
 
     quiet_libraries()
     dtype = dtype or torch.float32
@@ -249,10 +248,15 @@ def build_pipeline(source: ModelSource, *, device: str = "cpu", dtype: torch.dty
         "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"}
     if source.path is not None:
         return _load_local(source.path, device=device, dtype=dtype, wanted=wanted)
+    assert source.preset is not None
+    return _build_preset(source.preset, device=device, dtype=dtype, wanted=wanted)
 
-    preset = source.preset
-    assert preset is not None
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+def _build_preset(preset: PresetConfig, *, device: str, dtype: torch.dtype, wanted: set[str]) -> StableDiffusion3Pipeline:
+    """A preset's pipeline from config: each network created on ``device`` from its own fixed seed (random
+    weights), tokenizers built in code; networks not ``wanted`` are None (the VAE is always built)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_vocab = 49408 if preset.real_tokenizers else None

@@ -281,6 +281,33 @@ def island_state(network: Any, islands: list[Island]) -> dict[str, Any]:
     return {name: t.detach().float().clone() for name, t in tensors.items() if name.startswith(inside)}
 
 
+def _match_weights(module: Any, args: Any, kwargs: Any) -> Any:
+    """Forward pre-hook: floating inputs cast to the dtype of the module's own weights."""
+    weight = next(module.parameters(recurse=False), None)
+    if weight is None or not weight.is_floating_point():
+        return None
+    return _cast_floats(args, weight.dtype), _cast_floats(kwargs, weight.dtype)
+
+
+def _upcast(island: str, root: Any, weights: dict[str, Any], saved: list[tuple[Any, str, str, Any]]) -> None:
+    """Every floating parameter and buffer under ``root`` (the module named ``island``) replaced by FP32: the
+    original from ``weights`` where it has one, else the tensor upcast. Each replaced tensor goes to ``saved``
+    first, so the caller puts back everything replaced, even after an error half-way."""
+    import torch
+
+    for prefix, module in root.named_modules():
+        full = f"{island}.{prefix}" if prefix else island
+        for kind in ("_parameters", "_buffers"):
+            for name, tensor in list(getattr(module, kind).items()):
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                saved.append((module, kind, name, tensor))
+                source = weights.get(f"{full}.{name}")
+                value = source.to(tensor.device, torch.float32) if source is not None else tensor.detach().float()
+                getattr(module, kind)[name] = torch.nn.Parameter(value, requires_grad=False) \
+                    if kind == "_parameters" else value
+
+
 @contextlib.contextmanager
 def fp32_islands(network: Any, islands: list[Island], low_dtype: Any,
                  weights: dict[str, Any] | None = None) -> Iterator[None]:
@@ -302,34 +329,15 @@ def fp32_islands(network: Any, islands: list[Island], low_dtype: Any,
     inside = [i.module for i in islands]
     saved: list[tuple[Any, str, str, Any]] = []  # (module, "_parameters" | "_buffers", name, original tensor)
 
-    def match_weights(module, args, kwargs):
-        weight = next(module.parameters(recurse=False), None)
-        if weight is None or not weight.is_floating_point():
-            return None
-        return _cast_floats(args, weight.dtype), _cast_floats(kwargs, weight.dtype)
-
-    def upcast(island: str) -> None:
-        for prefix, module in modules[island].named_modules():
-            full = f"{island}.{prefix}" if prefix else island
-            for kind in ("_parameters", "_buffers"):
-                for name, tensor in list(getattr(module, kind).items()):
-                    if tensor is None or not tensor.is_floating_point():
-                        continue
-                    saved.append((module, kind, name, tensor))
-                    source = (weights or {}).get(f"{full}.{name}")
-                    value = source.to(tensor.device, torch.float32) if source is not None else tensor.detach().float()
-                    getattr(module, kind)[name] = torch.nn.Parameter(value, requires_grad=False) \
-                        if kind == "_parameters" else value
-
     try:
         if islands:
             for name, module in modules.items():
                 if name and not any(name == m or name.startswith(m + ".") for m in inside) and \
                         next(module.parameters(recurse=False), None) is not None:
-                    handles.append(module.register_forward_pre_hook(match_weights, with_kwargs=True))
+                    handles.append(module.register_forward_pre_hook(_match_weights, with_kwargs=True))
         for island in islands:
             module = modules[island.module]
-            upcast(island.module)
+            _upcast(island.module, module, weights or {}, saved)
             keep = set(island.fp32_outputs)
 
             def pre(_m, args, kwargs):

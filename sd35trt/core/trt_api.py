@@ -12,7 +12,7 @@ build names. For a type checker, ``trt`` is the stub package of ``typings/`` (th
         if not TYPE_CHECKING:  # the backend's own module; mypy reads the stubs
             trt = trt_api.load(module_name)
 
-and guards TensorRT-RTX-only calls with ``if CHECK_RTX or not TYPE_CHECKING:``.
+and guards TensorRT-RTX-only calls with ``if CHECK_RTX or not TYPE_CHECKING:``, or types them with ``trt_rtx``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from sd35trt.core import log
 CHECK_RTX = False
 
 if TYPE_CHECKING:
+    import tensorrt_rtx_bindings as trt_rtx  # noqa: F401  (TensorRT-RTX-only calls, checked in both runs)
+
     if CHECK_RTX:
         import tensorrt_rtx_bindings as trt  # noqa: F401  (re-exported for the engine code's annotations)
     else:

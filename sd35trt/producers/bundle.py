@@ -165,9 +165,10 @@ def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_m
 def bundle_flavour(plan: Mapping[str, Any], base: str = "") -> str:
     """The suffix that sets a bundle's folder apart from the plain FP8/FP16 bundle of its target, so that no build
     replaces a different kind of bundle: ``base`` (-portable, -ampereplus), then -int4/-nvfp4 for a 4-bit
-    transformer, then -clip for a bundle with text encoders but no T5-XXL (``make engines T5=0`` beside the full one)."""
+    transformer, then -clip for a whole bundle but T5-XXL (``make engines T5=0`` beside the full one; a build of
+    some components, ``--components clip_l``, is not CLIP-only)."""
     four_bit = sorted({c.precision.value for c in plan.values() if c.precision in (Precision.INT4, Precision.NVFP4)})
-    clip_only = "t5" not in plan and bool({"clip_l", "clip_g"} & set(plan))
+    clip_only = set(plan) == set(COMPONENTS) - {"t5"}
     return base + "".join(f"-{f}" for f in four_bit) + ("-clip" if clip_only else "")
 
 

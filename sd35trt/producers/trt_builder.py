@@ -86,8 +86,8 @@ class TensorRTRTXBackend(TrtBackend):
         return ccs
 
     def configure(self, config: Any, ccs: tuple[tuple[int, int], ...]) -> None:
-        if TYPE_CHECKING:
-            import tensorrt_rtx_bindings as trt  # TensorRT-RTX's own API, whichever stubs the rest is checked with
+        if TYPE_CHECKING:  # TensorRT-RTX's own API, whichever stubs the rest is checked with
+            from sd35trt.core.trt_api import trt_rtx as trt
         else:
             trt = self.trt
         config.num_compute_capabilities = len(ccs)
