@@ -101,16 +101,16 @@ def test_every_request_the_loop_accepts_fits_every_engine_profile(calibrated, tm
 
     out, _ = calibrated
     manifest = build_bundle(out, tmp_path, BuildConfig()).manifest
-    stand_ins = {n: ComponentRunner(SPECS[n], e.precision, profile=e.profile) for n, e in manifest.components.items()}
+    sized_runners = {n: ComponentRunner(SPECS[n], e.precision, profile=e.profile) for n, e in manifest.components.items()}
     assets = load_assets(resolve_model("tiny"))
     checked = 0
     for batch_text in (True, False):
-        loop = Sd35Loop(assets, stand_ins, batch_text=batch_text)
+        loop = Sd35Loop(assets, sized_runners, batch_text=batch_text)
         for batch, guidance, height, width in REQUESTS:
             request = GenerateRequest(prompt="x", batch=batch, guidance=guidance, height=height, width=width)
             loop.check(request)
             for call in loop.planned_calls(request):
-                assert stand_ins[call.component].accepts(call.shapes) == [], (call, request)
+                assert sized_runners[call.component].accepts(call.shapes) == [], (call, request)
                 checked += 1
             transformer = next(c for c in loop.planned_calls(request) if c.component == "transformer")
             assert transformer.dims["batch"] == (2 * batch if guidance > 1 else batch)

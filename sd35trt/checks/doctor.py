@@ -81,19 +81,19 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     if missing:  # built with --components: some engines of an image are elsewhere
         return {"plan": None, "why": f"the bundle has no {', '.join(missing)} engine (built with --components): "
                                      "an image needs every network, so there is no plan for this bundle alone"}
-    stand_ins = {name: ComponentRunner(SPECS[name], entry.precision, profile=entry.profile, weight_bytes=entry.bytes)
+    sized_runners = {name: ComponentRunner(SPECS[name], entry.precision, profile=entry.profile, weight_bytes=entry.bytes)
                  for name, entry in manifest.components.items() if t5 or name != "t5"}
 
     for name, entry in manifest.components.items():
-        if name in stand_ins:
-            stand_ins[name].streamable = entry.weight_streaming
-            stand_ins[name].static_activations = True  # an engine holds its profile's largest activations
-    loop = Sd35Loop(assets, stand_ins)
+        if name in sized_runners:
+            sized_runners[name].streamable = entry.weight_streaming
+            sized_runners[name].static_activations = True  # an engine holds its profile's largest activations
+    loop = Sd35Loop(assets, sized_runners)
     request = GenerateRequest(prompt="", height=height, width=width, batch=batch).resolved(assets.defaults)
     needs = loop.needs(request)
     report: dict[str, Any] = {
         "request": {"height": height, "width": width, "batch": batch, "steps": request.steps,
-                    "guidance": request.guidance, "t5": "t5" in stand_ins},
+                    "guidance": request.guidance, "t5": "t5" in sized_runners},
         "bundle_gib": round(sum(n.weights for n in needs.values()) / GIB, 2),
         "plans_gib": {m: None if p is None else round(p / GIB, 2) for m in MODES[1:] for p in [peak(m, needs)]},
         "needs": {k: v.to_dict() for k, v in needs.items()},

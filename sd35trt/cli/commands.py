@@ -25,7 +25,7 @@ from sd35trt.core.specs import ShapeRanges
 from sd35trt.producers.bundle import BuildConfig
 from sd35trt.runtime.pipeline import GenerateRequest
 
-_REQ = GenerateRequest(prompt="")  # generate's defaults are the request's own
+_DEFAULT_REQUEST = GenerateRequest(prompt="")  # generate's defaults are the request's own
 _RANGES = ShapeRanges()  # export's default shape ranges (preflight checks what export will use)
 
 
@@ -153,13 +153,13 @@ def generate(
     torch_: bool = typer.Option(False, "--torch", help="run the PyTorch modules"),
     precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8 | int4 (NVFP4 has no onnxruntime kernel)"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
-    negative_prompt: str = typer.Option(_REQ.negative_prompt, "--negative-prompt", "-n"),
+    negative_prompt: str = typer.Option(_DEFAULT_REQUEST.negative_prompt, "--negative-prompt", "-n"),
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps [default: 28; Turbo 4]"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale, > 1 for CFG [default: 4.5; Turbo 0]"),
-    seed: int = typer.Option(_REQ.seed, "--seed"),
-    height: int = typer.Option(_REQ.height, "--height"),
-    width: int = typer.Option(_REQ.width, "--width"),
-    batch: str = typer.Option(str(_REQ.batch), "--batch", help="images per call; with --prompts also auto (the largest the engine profiles and VRAM plan take)"),
+    seed: int = typer.Option(_DEFAULT_REQUEST.seed, "--seed"),
+    height: int = typer.Option(_DEFAULT_REQUEST.height, "--height"),
+    width: int = typer.Option(_DEFAULT_REQUEST.width, "--width"),
+    batch: str = typer.Option(str(_DEFAULT_REQUEST.batch), "--batch", help="images per call; with --prompts also auto (the largest the engine profiles and VRAM plan take)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG path (batch > 1: NAME-<i>.png) [default: image.png]; with --prompts a folder [default: images]"),
     device: str = typer.Option("auto", "--device", help="with --torch: auto | cpu | cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="with --torch: auto (fp32 on CPU, bf16 on CUDA) | fp32 | fp16 | bf16"),
@@ -453,7 +453,7 @@ def preflight(
         with_t5,
     )
     from sd35trt.core.targets import narrow_for_format, parse_backend, parse_target, plan_precisions
-    from sd35trt.producers.bundle import bundle_flavour
+    from sd35trt.producers.bundle import bundle_suffix
     from sd35trt.producers.trt_builder import choose_backend
 
     source = resolve_model(model, lora=lora)
@@ -483,7 +483,7 @@ def preflight(
         if dropped:
             echo(f"note: {dropped}")
     plan = plan_precisions(target, names, have, backend=chosen.kind, ccs=ccs)
-    where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}{bundle_flavour(plan)}"
+    where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}{bundle_suffix(plan)}"
     echo(f"make engines: {source.id} ({'random weights' if source.random_weights else 'local weights'}"
          f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}) with "
          f"{chosen.kind.value} {chosen.version}: " + ", ".join(f"{n} {c.precision.value}" for n, c in plan.items())

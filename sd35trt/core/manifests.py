@@ -99,11 +99,11 @@ def require_model(described: dict[str, Any], fingerprint: str, model_id: str, wh
 class Fp16Decision:
     """How a component's FP16 variant is built: FP16 with its FP32 islands, or whole FP32 (last resort)."""
 
-    precision: str  # "fp16" | "fp32"
+    precision: Precision  # FP16 or FP32
     reason: str
 
     def to_dict(self) -> dict[str, str]:
-        return {"precision": self.precision, "reason": self.reason}
+        return {"precision": self.precision.value, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class CalibrationManifest:
             return cls(
                 inputs_hash=data["inputs_hash"], model=data["model"], components=tuple(data["components"]),
                 islands={c: [Island.from_dict(i) for i in v] for c, v in data["fp32_islands"].items()},
-                fp16={c: Fp16Decision(d["precision"], d["reason"]) for c, d in data["fp16"].items()},
+                fp16={c: Fp16Decision(Precision(d["precision"]), d["reason"]) for c, d in data["fp16"].items()},
                 files=data["files"], reference=data["reference"], margin=float(data["margin"]),
                 format=Precision(data.get("format", "fp8")),
                 extra={k: v for k, v in data.items() if k not in {
@@ -251,7 +251,7 @@ class EngineEntry:
 
     name: str
     plans: tuple[PlanFile, ...]
-    precision: str
+    precision: Precision
     reason: str = ""
     weights_precision: str = ""
     inputs_hash: str = ""
@@ -293,7 +293,7 @@ class EngineEntry:
     def to_dict(self) -> dict[str, Any]:
         where = ({"file": self.plans[0].file, "sha256": self.plans[0].sha256} if not self.parted else
                  {"parts": [p.to_dict() for p in self.plans], "parts_reason": self.parts_reason})
-        return {**self.extra, **where, "bytes": self.bytes, "precision": self.precision,
+        return {**self.extra, **where, "bytes": self.bytes, "precision": self.precision.value,
                 "weights_precision": self.weights_precision, "reason": self.reason, "inputs_hash": self.inputs_hash,
                 "fp32_islands": self.fp32_islands, "onnx": self.onnx, "profile": self.profile, "ranges": self.ranges,
                 "io": self.io, "layers": self.layers, "build_seconds": self.build_seconds, "warnings": self.warnings,
@@ -329,7 +329,7 @@ class EngineEntry:
                                 hint="rebuild the bundle")
         known = {f.name for f in fields(cls)} | {"file", "sha256", "bytes", "parts", "builder_memory"}
         return cls(
-            name=name, plans=tuple(files), precision=precision, reason=_field(entry, "reason", str, path, where, ""),
+            name=name, plans=tuple(files), precision=Precision(precision), reason=_field(entry, "reason", str, path, where, ""),
             weights_precision=_field(entry, "weights_precision", str, path, where, ""),
             inputs_hash=_field(entry, "inputs_hash", str, path, where, ""),
             fp32_islands=_field(entry, "fp32_islands", list, path, where, []),

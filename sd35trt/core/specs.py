@@ -39,6 +39,12 @@ class Precision(str, Enum):
         """A calibrated format (its ONNX carries Q/DQ nodes); FP16/FP32 are plain casts."""
         return self in QUANTIZED
 
+    def __str__(self) -> str:  # "fp8" in messages and f-strings, as in manifests (Python's default: "Precision.FP8")
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
 
 QUANTIZED = (Precision.FP8, Precision.INT4, Precision.NVFP4)
 
@@ -301,11 +307,11 @@ class ComponentSpec:
 
     # -- shapes ----------------------------------------------------------------------------------------
 
-    def dim_ranges(self, ranges: ShapeRanges, pipe_cfg: PipeDims) -> dict[str, Range]:
+    def dim_ranges(self, ranges: ShapeRanges, pipe_dims: PipeDims) -> dict[str, Range]:
         """min/opt/max of every symbolic dim of this component under ``ranges``: every call the loop can make
         fits (batch from 1: one prompt without guidance, or encoded apart as diffusers does; up to twice the
         images with guidance), optimised for the doubled batch when the bundle expects guidance."""
-        lat = pipe_cfg.vae_scale
+        lat = pipe_dims.vae_scale
         batch = ranges.batch
         if self.cfg_batch:
             batch = Range(batch.min, batch.opt * (2 if ranges.cfg else 1), batch.max * 2)
@@ -324,42 +330,42 @@ class ComponentSpec:
                                  CLIP_MAX_TOKENS + ranges.t5_tokens.max),
         }
 
-    def concrete_dims(self, pipe_cfg: PipeDims | int, *, batch: int, height: int, width: int,
+    def concrete_dims(self, pipe_dims: PipeDims | int, *, batch: int, height: int, width: int,
                       t5_tokens: int = T5_MAX_TOKENS) -> dict[str, int]:
-        """Symbolic dims of one call of this network (``batch``: the call's own batch; ``pipe_cfg``: the
+        """Symbolic dims of one call of this network (``batch``: the call's own batch; ``pipe_dims``: the
         pipeline's dims or just its VAE scale factor)."""
-        lat = pipe_cfg if isinstance(pipe_cfg, int) else pipe_cfg.vae_scale
+        lat = pipe_dims if isinstance(pipe_dims, int) else pipe_dims.vae_scale
         return {
             "batch": batch,
             "latent_height": height // lat, "latent_width": width // lat, "height": height, "width": width,
             "t5_tokens": t5_tokens, "text_tokens": CLIP_MAX_TOKENS + t5_tokens,
         }
 
-    def resolve(self, tensor: TensorSpec, dims: dict[str, int], pipe_cfg: PipeDims) -> tuple[int, ...]:
-        return tuple(dims[d] if d in DYNAMIC_DIMS else pipe_cfg.resolve(d) for d in tensor.shape)
+    def resolve(self, tensor: TensorSpec, dims: dict[str, int], pipe_dims: PipeDims) -> tuple[int, ...]:
+        return tuple(dims[d] if d in DYNAMIC_DIMS else pipe_dims.resolve(d) for d in tensor.shape)
 
-    def profile(self, ranges: ShapeRanges, pipe_cfg: PipeDims) -> dict[str, tuple[tuple[int, ...], ...]]:
+    def profile(self, ranges: ShapeRanges, pipe_dims: PipeDims) -> dict[str, tuple[tuple[int, ...], ...]]:
         """Optimisation profile: input name -> (min, opt, max) shapes."""
-        dim_ranges = self.dim_ranges(ranges, pipe_cfg)
+        dim_ranges = self.dim_ranges(ranges, pipe_dims)
         profile = {}
         for tensor in self.inputs:
             shapes = []
             for which in ("min", "opt", "max"):
                 dims = {k: getattr(v, which) for k, v in dim_ranges.items()}
-                shapes.append(self.resolve(tensor, dims, pipe_cfg))
+                shapes.append(self.resolve(tensor, dims, pipe_dims))
             profile[tensor.name] = tuple(shapes)
         return profile
 
-    def dummy_inputs(self, pipe_cfg: PipeDims, dims: dict[str, int], *, seed: int = 0) -> dict[str, Any]:
+    def dummy_inputs(self, pipe_dims: PipeDims, dims: dict[str, int], *, seed: int = 0) -> dict[str, Any]:
         """Random inputs of the right dtype/range: token ids within the vocabulary, timesteps in [0, 1000]."""
         import torch
 
         generator = torch.Generator().manual_seed(seed)
         tensors = {}
         for tensor in self.inputs:
-            shape = self.resolve(tensor, dims, pipe_cfg)
+            shape = self.resolve(tensor, dims, pipe_dims)
             if tensor.dtype == "int64":
-                high = pipe_cfg.vocab[self.name]
+                high = pipe_dims.vocab[self.name]
                 tensors[tensor.name] = torch.randint(0, high, shape, generator=generator, dtype=torch.int64)
             elif tensor.value_range is not None:
                 low, high = tensor.value_range

@@ -99,7 +99,7 @@ class BuildConfig:
                 "weight_streaming": self.weight_streaming, "t5": "t5" in self.components, "refit": self.refit}
 
     @property
-    def flavour(self) -> str:
+    def folder_suffix(self) -> str:
         """Suffix of the bundle folder: portable bundles sit beside the plain ones, never over them."""
         return ("-portable" if self.portable else "") + ("-ampereplus" if self.hardware_compat == "ampere+" else "")
 
@@ -162,7 +162,7 @@ def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_m
                       **({"refit": config.refit} if config.refit != "none" else {})})
 
 
-def bundle_flavour(plan: Mapping[str, Any], base: str = "") -> str:
+def bundle_suffix(plan: Mapping[str, Any], base: str = "") -> str:
     """The suffix that sets a bundle's folder apart from the plain FP8/FP16 bundle of its target, so that no build
     replaces a different kind of bundle: ``base`` (-portable, -ampereplus), then -int4/-nvfp4 for a 4-bit
     transformer, then -clip for a whole bundle but T5-XXL (``make engines T5=0`` beside the full one; a build of
@@ -172,8 +172,8 @@ def bundle_flavour(plan: Mapping[str, Any], base: str = "") -> str:
     return base + "".join(f"-{f}" for f in four_bit) + ("-clip" if clip_only else "")
 
 
-def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, flavour: str = "") -> Path:
-    return engines_root / model_slug / f"{target.target.value}-{backend.kind.value}{flavour}"
+def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, suffix: str = "") -> Path:
+    return engines_root / model_slug / f"{target.target.value}-{backend.kind.value}{suffix}"
 
 
 # Memory a build needs per byte of engine weights. Peak RSS is ~2.7-2.8x (TensorRT-RTX 1.7, child process, SD3.5-Large
@@ -282,7 +282,7 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     check_portability(backend.kind.value, config.portable, config.hardware_compat, fp8_components=quantized,
                       build_cc=local_compute_capability() if backend.kind is Backend.TENSORRT else None)
     model = next(m for v in variants.values() for m in v.values()).model
-    folder = bundle_folder(engines_root, model_slug(model), target, backend, bundle_flavour(plan, config.flavour))
+    folder = bundle_folder(engines_root, model_slug(model), target, backend, bundle_suffix(plan, config.folder_suffix))
 
     with exclusive(folder, "build"):  # a second `make engines` for this target waits, then finds it up to date
         return _build_into(folder, engines_root, config, target, backend, ccs, model, variants, plan, force, onnx_root)
@@ -385,7 +385,7 @@ def _build_component(build: ComponentBuild, tmp: Path, config: BuildConfig, back
     name, choice, source = build.name, build.choice, build.source
     # an engine holds about its ONNX's weight bytes: refuse in one line before a build that cannot be written
     check_disk(tmp, int(build.weight_bytes * 1.1), f"the {name} engine")
-    pieces = _cut(name, source, build.weight_bytes, build.parts, config, available, tmp / ".parts" / name)
+    pieces = _pieces(name, source, build.weight_bytes, build.parts, config, available, tmp / ".parts" / name)
     streams = config.weight_streaming and name == "transformer"
     built_parts, layers, layer_source = [], [], "builder log"
     with log.step(f"build {name} ({choice.precision.value}) with {backend.kind.value}"
@@ -417,7 +417,7 @@ def _build_component(build: ComponentBuild, tmp: Path, config: BuildConfig, back
                            None if part is None else part.profile, None if part is None else part.weight_bytes,
                            built.memory) for plan_name, part, built in built_parts)
     entry = EngineEntry(
-        name, files, choice.precision.value, reason=choice.reason, weights_precision=source.weights_precision,
+        name, files, choice.precision, reason=choice.reason, weights_precision=source.weights_precision,
         inputs_hash=build.inputs_hash, fp32_islands=islands,
         onnx={"path": str(source.onnx_path), "files": source.files, "inputs_hash": source.inputs_hash,
               "calibration_hash": source.calibration_hash},
@@ -452,8 +452,8 @@ def _file_ok(path: Path, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size
 
 
-def _cut(name: str, source: OnnxManifest, weights: int, choice: PartsChoice, config: BuildConfig,
-         available: int | None, folder: Path) -> list[tuple[Path, PartPlan | None]]:
+def _pieces(name: str, source: OnnxManifest, weights: int, choice: PartsChoice, config: BuildConfig,
+            available: int | None, folder: Path) -> list[tuple[Path, PartPlan | None]]:
     """What the builder builds for one component: its ONNX whole, or cut into ``choice.count`` parts (one more
     at a time, up to MAX_PARTS, while the largest part's builder would not fit ``--max-build-memory``). The
     host memory check runs on the largest part."""

@@ -667,7 +667,7 @@ def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[
     if checks["with_islands"]["passed"]:
         why = (f"FP16 with {len(islands)} FP32 island(s) within tolerance on held-out traffic" if islands
                else "FP16 within tolerance on held-out traffic")
-        return checks, Fp16Decision("fp16", why)
+        return checks, Fp16Decision(Precision.FP16, why)
     failing = next(n for n in spec.output_names if not checks["with_islands"][n]["passed"])
     stats = checks["with_islands"][failing]
     what = "NaN/Inf" if stats["nonfinite"] else f"rel-L2 {stats['rel_l2_max']:.3g} > {spec.tolerances[Precision.FP16].rel_l2:g}"
@@ -675,7 +675,7 @@ def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[
     where = f"; largest activation outside islands: {hot[0]} {hot[1]:.4g}" if hot else ""
     log.warn(f"{name}: FP16 fails on held-out traffic even with its islands ({failing}: {what}{where}); "
              "its FP16 variant is built in FP32 (last resort)")
-    return checks, Fp16Decision("fp32", f"last resort: FP16 with islands fails on held-out traffic ({failing}: {what}{where})")
+    return checks, Fp16Decision(Precision.FP32, f"last resort: FP16 with islands fails on held-out traffic ({failing}: {what}{where})")
 
 
 def format_report(report: dict[str, Any]) -> str:

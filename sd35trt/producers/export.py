@@ -359,7 +359,7 @@ class VariantPlan:
 
     component: str
     precision: Precision
-    weights: str  # "fp32" | "fp16" (FP8 variants: FP16 network, FP8 weight initializers)
+    weights: Precision  # FP32 or FP16 (quantized variants: an FP16 network, quantized weight initializers)
     islands: tuple[Island, ...]
     reason: str
     extra: dict[str, Any]
@@ -388,24 +388,24 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
     plans = []
     for c, precision in pairs:
         if precision is Precision.FP32:
-            plans.append(VariantPlan(c, Precision.FP32, "fp32", (), "asked for", {}))
+            plans.append(VariantPlan(c, Precision.FP32, Precision.FP32, (), "asked for", {}))
         elif precision is Precision.FP16:
             if calibration is not None:
                 islands, decision = tuple(calibration.islands.get(c, [])), calibration.fp16.get(c)
-                weights, reason = (decision.precision, decision.reason) if decision else ("fp16", "not checked")
+                weights, reason = (decision.precision, decision.reason) if decision else (Precision.FP16, "not checked")
                 source = f"calibration {calibration.inputs_hash[:12]}"
             else:
-                islands, weights, source = tuple(recipe_islands.get(c, [])), "fp16", "recipe (no calibration)"
+                islands, weights, source = tuple(recipe_islands.get(c, [])), Precision.FP16, "recipe (no calibration)"
                 reason = "no calibration: FP16 with the recipe's known FP32 islands only (run calibrate for the census)"
-            if weights == "fp32":
+            if weights is Precision.FP32:
                 islands = ()
             plans.append(VariantPlan(c, Precision.FP16, weights, islands, reason, {
-                "fp32_islands": [i.to_dict() for i in islands], "weights_precision": weights,
+                "fp32_islands": [i.to_dict() for i in islands], "weights_precision": weights.value,
                 "islands_from": source}, islands_from_recipe=calibration is None))
         else:
             assert calibration is not None
             islands = tuple(calibration.islands.get(c, []))
-            plans.append(VariantPlan(c, precision, "fp16", islands, "calibrated", {
+            plans.append(VariantPlan(c, precision, Precision.FP16, islands, "calibrated", {
                 "calibration_hash": calibration.inputs_hash, "fp32_islands": [i.to_dict() for i in islands]}))
     return plans
 
@@ -438,8 +438,8 @@ def _transformer_heads(calibration: CalibrationManifest) -> int:
     return int(config.get("num_attention_heads", 0)) if config else 0
 
 
-def _param_bytes(network: Any, weights: str) -> int:
-    return sum(p.numel() for p in network.parameters()) * (4 if weights == "fp32" else 2)
+def _param_bytes(network: Any, weights: Precision) -> int:
+    return sum(p.numel() for p in network.parameters()) * (4 if weights is Precision.FP32 else 2)
 
 
 # --- the step ----------------------------------------------------------------------------------------
@@ -621,37 +621,10 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
     """Export one precision's components; builds the pipeline only if something is to do."""
     precision = group[0].precision
     todo = [p for p in group if current[(p.component, p.precision)] is None]
-    pipes: dict[str, Any] = {}
-    if todo:
-        import torch
-
-        from sd35trt.core.host import pick_device, strict_fp32
-        from sd35trt.core.models import build_pipeline
-
-        strict_fp32()
-        torch_device = pick_device(device)
-        by_weights: dict[str, set[str]] = {}
-        for plan in todo:
-            by_weights.setdefault(plan.weights, set()).add(SPECS[plan.component].pipeline_attr)
-        if precision.quantized:  # the calibration state covers every calibrated network at once
-            by_weights = {"fp16": fp8_attrs}
-        for weights, attrs in by_weights.items():
-            dtype = torch.float32 if weights == "fp32" else torch.float16
-            with log.step(f"build {source.id} pipeline ({', '.join(sorted(attrs))}) on {torch_device}, {weights}"):
-                pipes[weights] = build_pipeline(source, device=torch_device, dtype=dtype, components=attrs)
-        if precision is Precision.FP8:
-            from sd35trt.producers.quantize import restore_quantized
-
-            networks = restore_quantized(pipes["fp16"], work.calibration / "quant_state.pt")
-            networks.half()  # amax buffers in FP16, as the Q/DQ scales are exported
-        elif precision.quantized:  # 4-bit: each quantized Linear swapped for the layer its ONNX will hold
-            from sd35trt.producers.quantize import restore_4bit
-
-            restore_4bit(pipes["fp16"], work.calibration, precision)
-    root = work.variant(precision)
+    pipes = _group_pipelines(source, work, todo, precision, device, fp8_attrs) if todo else {}
     results = []
     for plan in group:
-        name, spec = plan.component, SPECS[plan.component]
+        name = plan.component
         folder = work.onnx_folder(precision, name)
         recover_interrupted(folder)  # a killed earlier run may have left a temp folder or a backup
         key = (name, precision)
@@ -659,60 +632,110 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
             log.info(f"  {name} {precision.value}: unchanged, skipped")
             results.append(ComponentExport(name, precision.value, folder / "model.onnx", True, 0.0, current[key]))
             continue
-        pipe = pipes[plan.weights if not precision.quantized else "fp16"]
-        network = getattr(pipe, spec.pipeline_attr)
-        check_disk(folder.parent, int(_param_bytes(network, plan.weights) * 1.1) + (64 << 20), f"{name} {precision.value} ONNX")
-        module, reference = _module_and_reference(spec, pipe, plan)
-        islands = _resolve_islands(plan, network)
-        low = next(network.parameters()).dtype
-        pipe_dims = PipeDims.from_pipeline(pipe)
-        probed: list[str] | str = []
-        weights: dict[str, Any] = {}
-        weights_from = "no islands"
-        if precision is not Precision.FP32 and plan.weights != "fp32":
-            weights, weights_from = _island_weights(source, spec, islands, weights, str(network.device))
-            if probed_ranges == config.ranges.to_dict():
-                probed = "calibrate's census probed these ranges (calibration/census.json)"
-            else:  # other ranges than calibrate probed, or no calibration: probe them in this precision now
-                text = traffic[name].calls[0] if name == "transformer" and name in traffic and traffic[name].calls else None
-                with log.step(f"{name} {precision.value}: FP32 islands on the inputs its engine accepts"), \
-                        spec.exporting(pipe, config.ranges, pipe_dims):
-                    islands, probed = probe_islands(network, module, spec, pipe_dims, config.ranges, islands, margin,
-                                                    low, text, weights)
-                weights, more = _island_weights(source, spec, islands, weights, str(network.device))
-                weights_from = more or weights_from
-        label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
-            (", FP32 weights" if plan.weights == "fp32" and precision is Precision.FP16 else "") + f", opset {opset_for(precision, config.opset)})"
-        with log.step(label) as timing, atomic_dir(folder) as tmp:
-            # FP32/FP8 validate inside the islands (their reference is the traced network itself); FP16
-            # validates after, against the FP32 network (the same weights upcast in place).
-            with spec.exporting(pipe, config.ranges, pipe_dims), fp32_islands(network, islands, low, weights):
-                record = export_component(
-                    module, spec, pipe_dims, tmp, opset=opset_for(precision, config.opset), ranges=config.ranges,
-                    precision=precision, validate=config.validate and reference is None, provider=config.provider,
-                    postprocess=POSTPROCESS.get(precision), traffic=traffic.get(name))
-            if config.validate and reference is not None:
-                _, check_dims = export_dims(spec, config.ranges, pipe_dims)
-                record["validation"], record["traffic_check"] = validate_onnx(
-                    reference(), spec, pipe_dims, tmp / "model.onnx", check_dims, precision, config.provider,
-                    traffic.get(name))
-            described = OnnxManifest(
-                folder=folder, component=name, precision=precision, model=source.describe(), inputs_hash=hashes[key],
-                files=file_entries(tmp), profile=record["profile"], ranges=record["ranges"], inputs=record["inputs"],
-                outputs=record["outputs"], weights_precision=plan.weights,
-                fp32_islands=[i.to_dict() for i in islands], calibration_hash=plan.extra.get("calibration_hash"),
-                data={"kind": "onnx", "toolkit": __version__, **record, **plan.extra, "precision_reason": plan.reason,
-                      "island_probes": probed, "island_weights": weights_from,
-                      "versions": package_versions("torch", "diffusers", "transformers", "onnx", "onnxruntime",
-                                                   "nvidia-modelopt"),
-                      "host": platform.node(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            manifest = described.to_dict()
-            write_json_atomic(tmp / MANIFEST, manifest)
-        results.append(ComponentExport(name, precision.value, folder / "model.onnx", False, timing["seconds"], manifest))
-        if reference is not None:  # the FP16 network was upcast in place to validate; it is not used again
-            setattr(pipe, spec.pipeline_attr, None)
+        pipe = pipes[plan.weights if not precision.quantized else Precision.FP16]
+        results.append(_export_one(source, config, plan, pipe, folder, hashes[key], traffic, margin, probed_ranges))
+    _write_group_summary(work.variant(precision), source, config, precision, results)
+    return results
+
+
+def _group_pipelines(source: ModelSource, work: WorkDir, todo: list[VariantPlan], precision: Precision, device: str,
+                     fp8_attrs: set[str]) -> dict[Precision, Any]:
+    """The pipelines one precision's exports read, by weights dtype (FP32, FP16), with only the networks to export;
+    a quantized precision's networks restored from the calibration state (FP8 quantizers, or 4-bit layers)."""
+    import torch
+
+    from sd35trt.core.host import pick_device, strict_fp32
+    from sd35trt.core.models import build_pipeline
+
+    strict_fp32()
+    torch_device = pick_device(device)
+    by_weights: dict[Precision, set[str]] = {}
+    for plan in todo:
+        by_weights.setdefault(plan.weights, set()).add(SPECS[plan.component].pipeline_attr)
+    if precision.quantized:  # the calibration state covers every calibrated network at once
+        by_weights = {Precision.FP16: fp8_attrs}
+    pipes: dict[Precision, Any] = {}
+    for weights, attrs in by_weights.items():
+        dtype = torch.float32 if weights is Precision.FP32 else torch.float16
+        with log.step(f"build {source.id} pipeline ({', '.join(sorted(attrs))}) on {torch_device}, {weights}"):
+            pipes[weights] = build_pipeline(source, device=torch_device, dtype=dtype, components=attrs)
+    if precision is Precision.FP8:
+        from sd35trt.producers.quantize import restore_quantized
+
+        networks = restore_quantized(pipes[Precision.FP16], work.calibration / "quant_state.pt")
+        networks.half()  # amax buffers in FP16, as the Q/DQ scales are exported
+    elif precision.quantized:  # 4-bit: each quantized Linear swapped for the layer its ONNX will hold
+        from sd35trt.producers.quantize import restore_4bit
+
+        restore_4bit(pipes[Precision.FP16], work.calibration, precision)
+    return pipes
+
+
+def _export_one(source: ModelSource, config: ExportConfig, plan: VariantPlan, pipe: Any, folder: Path,
+                inputs_hash: str, traffic: dict[str, Traffic], margin: float,
+                probed_ranges: dict[str, Any] | None) -> ComponentExport:
+    """One component's ONNX in one precision, into ``folder`` atomically: its FP32 islands (probed on the inputs
+    its engine accepts where calibrate did not), the export, its validation and its manifest."""
+    name, spec, precision = plan.component, SPECS[plan.component], plan.precision
+    network = getattr(pipe, spec.pipeline_attr)
+    check_disk(folder.parent, int(_param_bytes(network, plan.weights) * 1.1) + (64 << 20), f"{name} {precision.value} ONNX")
+    module, reference = _module_and_reference(spec, pipe, plan)
+    islands = _resolve_islands(plan, network)
+    low = next(network.parameters()).dtype
+    pipe_dims = PipeDims.from_pipeline(pipe)
+    probed: list[str] | str = []
+    weights: dict[str, Any] = {}
+    weights_from = "no islands"
+    if precision is not Precision.FP32 and plan.weights is not Precision.FP32:
+        weights, weights_from = _island_weights(source, spec, islands, weights, str(network.device))
+        if probed_ranges == config.ranges.to_dict():
+            probed = "calibrate's census probed these ranges (calibration/census.json)"
+        else:  # other ranges than calibrate probed, or no calibration: probe them in this precision now
+            text = traffic[name].calls[0] if name == "transformer" and name in traffic and traffic[name].calls else None
+            with log.step(f"{name} {precision.value}: FP32 islands on the inputs its engine accepts"), \
+                    spec.exporting(pipe, config.ranges, pipe_dims):
+                islands, probed = probe_islands(network, module, spec, pipe_dims, config.ranges, islands, margin,
+                                                low, text, weights)
+            weights, more = _island_weights(source, spec, islands, weights, str(network.device))
+            weights_from = more or weights_from
+    label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
+        (", FP32 weights" if plan.weights is Precision.FP32 and precision is Precision.FP16 else "") + \
+        f", opset {opset_for(precision, config.opset)})"
+    with log.step(label) as timing, atomic_dir(folder) as tmp:
+        # FP32/FP8 validate inside the islands (their reference is the traced network itself); FP16
+        # validates after, against the FP32 network (the same weights upcast in place).
+        with spec.exporting(pipe, config.ranges, pipe_dims), fp32_islands(network, islands, low, weights):
+            record = export_component(
+                module, spec, pipe_dims, tmp, opset=opset_for(precision, config.opset), ranges=config.ranges,
+                precision=precision, validate=config.validate and reference is None, provider=config.provider,
+                postprocess=POSTPROCESS.get(precision), traffic=traffic.get(name))
+        if config.validate and reference is not None:
+            _, check_dims = export_dims(spec, config.ranges, pipe_dims)
+            record["validation"], record["traffic_check"] = validate_onnx(
+                reference(), spec, pipe_dims, tmp / "model.onnx", check_dims, precision, config.provider,
+                traffic.get(name))
+        described = OnnxManifest(
+            folder=folder, component=name, precision=precision, model=source.describe(), inputs_hash=inputs_hash,
+            files=file_entries(tmp), profile=record["profile"], ranges=record["ranges"], inputs=record["inputs"],
+            outputs=record["outputs"], weights_precision=plan.weights.value,
+            fp32_islands=[i.to_dict() for i in islands], calibration_hash=plan.extra.get("calibration_hash"),
+            data={"kind": "onnx", "toolkit": __version__, **record, **plan.extra, "precision_reason": plan.reason,
+                  "island_probes": probed, "island_weights": weights_from,
+                  "versions": package_versions("torch", "diffusers", "transformers", "onnx", "onnxruntime",
+                                               "nvidia-modelopt"),
+                  "host": platform.node(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        manifest = described.to_dict()
+        write_json_atomic(tmp / MANIFEST, manifest)
+    if reference is not None:  # the FP16 network was upcast in place to validate; it is not used again
+        setattr(pipe, spec.pipeline_attr, None)
+    return ComponentExport(name, precision.value, folder / "model.onnx", False, timing["seconds"], manifest)
+
+
+def _write_group_summary(root: Path, source: ModelSource, config: ExportConfig, precision: Precision,
+                         results: list[ComponentExport]) -> None:
+    """``onnx*/export.json``: what one precision's export did per component; untouched when nothing changed."""
     if all(r.skipped for r in results) and (root / "export.json").is_file():
-        return results  # nothing changed: leave every byte as it was
+        return  # nothing changed: leave every byte as it was
     write_json_atomic(root / "export.json", {
         "kind": "onnx-export", "toolkit": __version__, "precision": precision.value, "model": source.describe(),
         "config": config.to_dict(),
@@ -721,7 +744,6 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
                                      "validation": r.manifest.get("validation"),
                                      "traffic_check": r.manifest.get("traffic_check")} for r in results},
     })
-    return results
 
 
 def _module_and_reference(spec: ComponentSpec, pipe: Any, plan: VariantPlan) -> tuple[Any, Any]:
@@ -730,7 +752,7 @@ def _module_and_reference(spec: ComponentSpec, pipe: Any, plan: VariantPlan) -> 
     import torch
 
     network_module = spec.module(pipe)
-    if plan.precision is Precision.FP32 or plan.weights == "fp32":
+    if plan.precision is Precision.FP32 or plan.weights is Precision.FP32:
         return network_module, None
     module = CastIO(network_module, torch.float16)
     if plan.precision.quantized:

@@ -16,6 +16,7 @@ folding), which is what costs tens of GiB at SD3.5 size. This rewrite touches on
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sd35trt.core.errors import ArtifactError
 
@@ -49,10 +50,8 @@ def _constant_values(model) -> dict:
 
 def rewrite_fp8_qdq(model_path: Path) -> dict[str, int]:
     """Rewrite ``model_path`` in place (its folder is a temp folder owned by the caller). Returns counts."""
-    import numpy as np
     import onnx
-    import torch
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from sd35trt.core.onnx_utils import save_streaming
 
@@ -81,16 +80,7 @@ def rewrite_fp8_qdq(model_path: Path) -> dict[str, int]:
         source = node.input[0]
         scale_name = node.input[1]
         if source in initializers and scale_name in constants and len(consumers.get(source, [])) == 1:
-            weight = initializers[source]
-            array = numpy_helper.to_array(weight, base_dir=str(folder))
-            scale = float(np.asarray(constants[scale_name], dtype=np.float32).reshape(-1)[0])
-            scaled = torch.from_numpy(np.asarray(array, dtype=np.float32)) / scale
-            fp8 = scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-            packed = onnx.TensorProto()
-            packed.name = source + "_fp8"
-            packed.data_type = onnx.TensorProto.FLOAT8E4M3FN
-            packed.dims.extend(array.shape)
-            packed.raw_data = fp8.tobytes()
+            packed = _fp8_weight(initializers[source], constants[scale_name], folder)
             graph.initializer.append(packed)
             drop_inits.add(source)
             drop_nodes.append(node)
@@ -106,6 +96,41 @@ def rewrite_fp8_qdq(model_path: Path) -> dict[str, int]:
         del dq.input[2:]
         dq.input.append(zp_name)
 
+    _prune(model, drop_nodes, drop_inits)
+    leftovers = [n.name for n in graph.node if n.domain == "trt"]
+    if leftovers:
+        raise ArtifactError(f"{len(leftovers)} TensorRT custom ops left after the FP8 rewrite", path=model_path,
+                            hint="report this; the ModelOpt version may have changed its export")
+    save_streaming(model, model_path, source_dir=folder)
+    _drop_unreferenced_data(model_path)
+    onnx.checker.check_model(str(model_path))
+    return counts
+
+
+def _fp8_weight(weight: Any, scale_value: Any, folder: Path) -> Any:
+    """A weight initializer quantized to FP8 E4M3 with its (per-tensor) scale: the ``<name>_fp8`` initializer the
+    DequantizeLinear reads in place of the FP32/FP16 weight and its QuantizeLinear."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(weight, base_dir=str(folder))
+    scale = float(np.asarray(scale_value, dtype=np.float32).reshape(-1)[0])
+    scaled = torch.from_numpy(np.asarray(array, dtype=np.float32)) / scale
+    fp8 = scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    packed = onnx.TensorProto()
+    packed.name = weight.name + "_fp8"
+    packed.data_type = onnx.TensorProto.FLOAT8E4M3FN
+    packed.dims.extend(array.shape)
+    packed.raw_data = fp8.tobytes()
+    return packed
+
+
+def _prune(model: Any, drop_nodes: list, drop_inits: set[str]) -> None:
+    """Drop the folded weights' quantize nodes and original initializers, the stale value infos (shapes are
+    inferred again) and TensorRT's custom opset."""
+    graph = model.graph
     kept_nodes = [n for n in graph.node if all(n is not d for d in drop_nodes)]
     del graph.node[:]
     graph.node.extend(kept_nodes)
@@ -116,14 +141,6 @@ def rewrite_fp8_qdq(model_path: Path) -> dict[str, int]:
     opsets = [o for o in model.opset_import if o.domain != "trt"]
     del model.opset_import[:]
     model.opset_import.extend(opsets)
-    leftovers = [n.name for n in graph.node if n.domain == "trt"]
-    if leftovers:
-        raise ArtifactError(f"{len(leftovers)} TensorRT custom ops left after the FP8 rewrite", path=model_path,
-                            hint="report this; the ModelOpt version may have changed its export")
-    save_streaming(model, model_path, source_dir=folder)
-    _drop_unreferenced_data(model_path)
-    onnx.checker.check_model(str(model_path))
-    return counts
 
 
 def _drop_unreferenced_data(model_path: Path) -> None:

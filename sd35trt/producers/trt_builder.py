@@ -20,7 +20,7 @@ from sd35trt.core.host import local_compute_capability
 from sd35trt.core.targets import RTX_CCS, Backend, TargetInfo
 
 if TYPE_CHECKING:  # `make lint` checks the engine code against these stubs (core.trt_api)
-    from sd35trt.core.trt_api import trt  # noqa: F401  (the functions below bind it at run time only)
+    from sd35trt.core.trt_api import trt
 
 
 class TrtBackend:
@@ -287,6 +287,63 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
     for name, (shape_min, shape_opt, shape_max) in profile.items():
         opt_profile.set_shape(name, trt.Dims(shape_min), trt.Dims(shape_opt), trt.Dims(shape_max))
     config.add_optimization_profile(opt_profile)
+    cache = _configure(backend, config, ccs, timing_cache=timing_cache, workspace_gib=workspace_gib,
+                       version_compatible=version_compatible, hardware_compat=hardware_compat,
+                       weight_streaming=weight_streaming, refit=refit)
+    parsed_gib = _RssSampler.read().get("VmRSS", 0.0)
+    sampler = _RssSampler()
+    streamed = stream and hasattr(builder, "build_serialized_network_to_stream")
+    try:
+        if streamed:
+            ok, size = _build_streamed(trt, builder, network, config, plan_path)
+        else:
+            serialized = builder.build_serialized_network(network, config)
+            ok, size = serialized is not None, 0
+            del network, parser, builder  # the builder's copy of the weights, before the plan is written
+            if serialized is not None:
+                with open(plan_path, "wb") as handle:
+                    # IHostMemory has the buffer protocol (not in the stubs): no copy
+                    handle.write(memoryview(serialized))  # type: ignore[arg-type]
+                size = serialized.nbytes
+            del serialized
+    except OSError:
+        sampler.stop()
+        raise
+    if not ok:
+        sampler.stop()
+        plan_path.unlink(missing_ok=True)
+        raise _build_failure(backend, logger.problems, onnx_path, refit)
+    layers, layer_source = parse_layers(logger.layer_reports), "builder log"
+    if backend.kind is Backend.TENSORRT:  # full TensorRT: the engine inspector, not log lines that change per version
+        inspected = inspect_layers(trt, logger, plan_path)
+        if inspected:
+            layers, layer_source = inspected, "engine inspector"
+    memory = {"rss_after_parse_gib": round(parsed_gib, 3), "peak_rss_gib": round(_peak_rss_gib(), 3),
+              **sampler.stop(), "plan_gib": round(size / 2**30, 3), "streamed": streamed}
+    return BuiltEngine(plan_bytes=size, layers=layers, warnings=logger.problems[-20:],
+                       timing_cache=_cache_bytes(cache), memory=memory, layer_source=layer_source)
+
+
+def _build_streamed(module: Any, builder: trt.Builder, network: trt.INetworkDefinition, config: trt.IBuilderConfig,
+                    plan_path: Path) -> tuple[bool, int]:
+    """Build with the plan streamed to ``plan_path`` as the builder serializes it (no second copy in memory);
+    (built, bytes written). A write error is the OSError of the file, the partial plan removed."""
+    with open(plan_path, "wb") as handle:
+        writer = _plan_writer(module, handle)
+        ok = builder.build_serialized_network_to_stream(network, config, writer)
+    if writer.error is not None:
+        plan_path.unlink(missing_ok=True)
+        raise OSError(writer.error.errno, writer.error.strerror, str(plan_path))
+    return bool(ok), writer.written
+
+
+def _configure(backend: TrtBackend, config: trt.IBuilderConfig, ccs: tuple[tuple[int, int], ...], *, timing_cache: bytes | None,
+               workspace_gib: float | None, version_compatible: bool, hardware_compat: str, weight_streaming: bool,
+               refit: str) -> Any:
+    """The builder config's options (layer detail for the report, workspace, timing cache, target compute
+    capabilities, portability, weight streaming, refit); returns the timing cache, None where the backend has none."""
+    if not TYPE_CHECKING:  # as in build_engine
+        trt = backend.trt
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
@@ -306,54 +363,24 @@ def build_engine(backend: TrtBackend, onnx_path: Path, profile: dict[str, list[l
         config.set_flag(trt.BuilderFlag.REFIT)
         if refit == "stripped":
             config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-    parsed_gib = _RssSampler.read().get("VmRSS", 0.0)
-    sampler = _RssSampler()
-    streamed = stream and hasattr(builder, "build_serialized_network_to_stream")
-    if streamed:
-        with open(plan_path, "wb") as handle:
-            writer = _plan_writer(trt, handle)
-            ok = builder.build_serialized_network_to_stream(network, config, writer)
-            size = writer.written
-        if writer.error is not None:
-            sampler.stop()
-            plan_path.unlink(missing_ok=True)
-            raise OSError(writer.error.errno, writer.error.strerror, str(plan_path))
-    else:
-        serialized = builder.build_serialized_network(network, config)
-        ok = serialized is not None
-        del network, parser, builder  # the builder's copy of the weights, before the plan is written
-        if ok:
-            with open(plan_path, "wb") as handle:
-                # IHostMemory has the buffer protocol (not in the stubs): no copy
-                handle.write(memoryview(serialized))  # type: ignore[arg-type]
-            size = serialized.nbytes
-        del serialized
-    if not ok:
-        sampler.stop()
-        plan_path.unlink(missing_ok=True)
-        detail = " | ".join(logger.problems[-3:])[:500] or "no message"
-        needs_gpu = "cudaError 35" in detail or "CUDA driver version is insufficient" in detail
-        # TensorRT-RTX compiles some kernels on the host's own GPU while it builds (refittable plans); on a GPU it
-        # does not support (Hopper, SM90) loading them fails: "CUDA error 222 loading a module" (seen on the H200)
-        wrong_gpu = "CUDA error 222" in detail or "CUDAMod" in detail
-        hint = ("this build needs a CUDA driver (TensorRT-RTX builds refittable or weight-stripped plans only on a GPU "
-                "host): build there, or drop --refittable/--strip-weights" if needs_gpu and refit != "none" else
-                "this build needs a CUDA driver: build on a GPU host" if needs_gpu else
-                "TensorRT-RTX compiled kernels for this host's GPU while building and could not load them (it does not "
-                "support this GPU, e.g. Hopper SM90): build on a host with an RTX-supported GPU (SM75-SM121, not SM90), "
-                "or drop --refittable/--strip-weights" if wrong_gpu else
-                "check the target supports this precision (FP8 needs ada/hopper/blackwell)")
+    return cache
 
-        raise BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path, hint=hint)
-    layers, layer_source = parse_layers(logger.layer_reports), "builder log"
-    if backend.kind is Backend.TENSORRT:  # full TensorRT: the engine inspector, not log lines that change per version
-        inspected = inspect_layers(trt, logger, plan_path)
-        if inspected:
-            layers, layer_source = inspected, "engine inspector"
-    memory = {"rss_after_parse_gib": round(parsed_gib, 3), "peak_rss_gib": round(_peak_rss_gib(), 3),
-              **sampler.stop(), "plan_gib": round(size / 2**30, 3), "streamed": streamed}
-    return BuiltEngine(plan_bytes=size, layers=layers, warnings=logger.problems[-20:],
-                       timing_cache=_cache_bytes(cache), memory=memory, layer_source=layer_source)
+
+def _build_failure(backend: TrtBackend, problems: list[str], onnx_path: Path, refit: str) -> BuildError:
+    """The one-line error of a failed build: the builder's last words, with the hint its cause calls for."""
+    detail = " | ".join(problems[-3:])[:500] or "no message"
+    needs_gpu = "cudaError 35" in detail or "CUDA driver version is insufficient" in detail
+    # TensorRT-RTX compiles some kernels on the host's own GPU while it builds (refittable plans); on a GPU it does
+    # not support (Hopper, SM90) loading them fails with "CUDA error 222 loading a module"
+    wrong_gpu = "CUDA error 222" in detail or "CUDAMod" in detail
+    hint = ("this build needs a CUDA driver (TensorRT-RTX builds refittable or weight-stripped plans only on a GPU "
+            "host): build there, or drop --refittable/--strip-weights" if needs_gpu and refit != "none" else
+            "this build needs a CUDA driver: build on a GPU host" if needs_gpu else
+            "TensorRT-RTX compiled kernels for this host's GPU while building and could not load them (it does not "
+            "support this GPU, e.g. Hopper SM90): build on a host with an RTX-supported GPU (SM75-SM121, not SM90), "
+            "or drop --refittable/--strip-weights" if wrong_gpu else
+            "check the target supports this precision (FP8 needs ada/hopper/blackwell)")
+    return BuildError(f"{backend.kind.value} engine build failed: {detail}", path=onnx_path, hint=hint)
 
 
 def _cache_bytes(cache: Any) -> bytes | None:

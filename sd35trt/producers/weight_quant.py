@@ -237,63 +237,22 @@ def rewrite_4bit(model_path: Path) -> dict[str, int]:
     Returns counts for the manifest."""
     import numpy as np
     import onnx
-    from onnx import helper, numpy_helper
 
-    from sd35trt.core.onnx_utils import read_external, save_streaming
+    from sd35trt.core.onnx_utils import save_streaming
 
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    # the exporter shares equal initializers (two layers' identical global scales) through Identity nodes
-    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+    values = _GraphValues(model, model_path.parent)
     counts = {"int4_weights": 0, "nvfp4_weights": 0}
-
-    def array(name: str) -> Any:
-        while name not in inits and name not in consts and name in aliases:
-            name = aliases[name]
-
-        if name in inits:
-            tensor = inits[name]
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                raw = read_external(tensor, model_path.parent)
-                return np.frombuffer(raw, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims)
-            return numpy_helper.to_array(tensor)
-        return numpy_helper.to_array(next(a.t for a in consts[name].attribute if a.name == "value"))
-
-    def replace(name: str, data_type: int, dims: Any, raw: bytes) -> None:
-        tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims), raw_data=raw)
-        if name in inits:
-            inits[name].CopyFrom(tensor)
-            return
-        graph.initializer.append(tensor)
-        inits[name] = graph.initializer[-1]
-        if name in consts:  # a value the exporter folded into a Constant node becomes the initializer
-            graph.node.remove(consts.pop(name))
-
-
     new_nodes = []
     for node in list(graph.node):
         if node.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in node.attribute):
-            codes = array(node.input[0])
+            codes = values.array(node.input[0])
             if codes.dtype == np.int8 and codes.min() >= -8 and codes.max() <= 7:
-                replace(node.input[0], onnx.TensorProto.INT4, codes.shape, _pack4(codes))
+                values.replace(node.input[0], onnx.TensorProto.INT4, codes.shape, _pack4(codes))
                 counts["int4_weights"] += 1
         elif node.op_type == FP4_DQ and node.domain == DOMAIN:
-            codes, scales, global_scale = (array(n) for n in node.input)
-            prefix = node.output[0]
-            weight, block_scale, global_name = (f"{prefix}_fp4", f"{prefix}_scale_fp8", f"{prefix}_global_scale")
-            replace(weight, onnx.TensorProto.FLOAT4E2M1, codes.shape, _pack4(codes))
-            fp8 = np.asarray(scales, dtype=np.float32).astype(__import__("ml_dtypes").float8_e4m3fn)
-            replace(block_scale, onnx.TensorProto.FLOAT8E4M3FN, scales.shape, fp8.tobytes())
-            replace(global_name, onnx.TensorProto.FLOAT, (), np.asarray(global_scale, np.float32).tobytes())
-            scale_out = f"{prefix}_scales"
-            new_nodes.append((node, [
-                helper.make_node("DequantizeLinear", [block_scale, global_name], [scale_out], name=f"{prefix}_dq_scale"),
-                helper.make_node("DequantizeLinear", [weight, scale_out], [f"{prefix}_fp32"], name=f"{prefix}_dq_weight",
-                                 axis=0, block_size=NVFP4_BLOCK),
-                helper.make_node("Cast", [f"{prefix}_fp32"], [prefix], name=f"{prefix}_cast", to=onnx.TensorProto.FLOAT16),
-            ]))
+            new_nodes.append((node, _fp4_dequantize(values, node)))
             counts["nvfp4_weights"] += 1
     for old, replacements in new_nodes:
         index = list(graph.node).index(old)
@@ -303,7 +262,6 @@ def rewrite_4bit(model_path: Path) -> dict[str, int]:
     used = {name for node in graph.node for name in node.input}
     for tensor in [t for t in graph.initializer if t.name not in used]:  # the placeholders' codes and scales
         graph.initializer.remove(tensor)
-
     if counts["nvfp4_weights"]:
         for opset in model.opset_import:
             if opset.domain in ("", "ai.onnx"):
@@ -314,6 +272,70 @@ def rewrite_4bit(model_path: Path) -> dict[str, int]:
     del graph.value_info[:]
     save_streaming(model, model_path, source_dir=model_path.parent)
     return counts
+
+
+class _GraphValues:
+    """A graph's constant values by name (initializers, external data included, and Constant nodes, through the
+    Identity aliases the exporter adds to share equal initializers), read as arrays and replaced by initializers."""
+
+    def __init__(self, model: Any, folder: Path):
+        self.graph, self.folder = model.graph, folder
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.consts = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant"}
+        self.aliases = {n.output[0]: n.input[0] for n in self.graph.node if n.op_type == "Identity"}
+
+    def array(self, name: str) -> Any:
+        import numpy as np
+        import onnx
+        from onnx import numpy_helper
+
+        from sd35trt.core.onnx_utils import read_external
+
+        while name not in self.inits and name not in self.consts and name in self.aliases:
+            name = self.aliases[name]
+        if name in self.inits:
+            tensor = self.inits[name]
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raw = read_external(tensor, self.folder)
+                return np.frombuffer(raw, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims)
+            return numpy_helper.to_array(tensor)
+        return numpy_helper.to_array(next(a.t for a in self.consts[name].attribute if a.name == "value"))
+
+    def replace(self, name: str, data_type: int, dims: Any, raw: bytes) -> None:
+        import onnx
+
+        tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims), raw_data=raw)
+        if name in self.inits:
+            self.inits[name].CopyFrom(tensor)
+            return
+        self.graph.initializer.append(tensor)
+        self.inits[name] = self.graph.initializer[-1]
+        if name in self.consts:  # a value the exporter folded into a Constant node becomes the initializer
+            self.graph.node.remove(self.consts.pop(name))
+
+
+def _fp4_dequantize(values: _GraphValues, node: Any) -> list[Any]:
+    """The standard nodes for one ``FP4Dequantize`` placeholder: FLOAT4E2M1 weight, FP8 E4M3 block scales and the
+    FP32 global scale as initializers; the scales dequantized by the global scale, the weight by the scales
+    (blocks of 16 along its input axis), cast to FP16 under the placeholder's output name."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    codes, scales, global_scale = (values.array(n) for n in node.input)
+    prefix = node.output[0]
+    weight, block_scale, global_name = (f"{prefix}_fp4", f"{prefix}_scale_fp8", f"{prefix}_global_scale")
+    values.replace(weight, onnx.TensorProto.FLOAT4E2M1, codes.shape, _pack4(codes))
+    fp8 = np.asarray(scales, dtype=np.float32).astype(__import__("ml_dtypes").float8_e4m3fn)
+    values.replace(block_scale, onnx.TensorProto.FLOAT8E4M3FN, scales.shape, fp8.tobytes())
+    values.replace(global_name, onnx.TensorProto.FLOAT, (), np.asarray(global_scale, np.float32).tobytes())
+    scale_out = f"{prefix}_scales"
+    return [
+        helper.make_node("DequantizeLinear", [block_scale, global_name], [scale_out], name=f"{prefix}_dq_scale"),
+        helper.make_node("DequantizeLinear", [weight, scale_out], [f"{prefix}_fp32"], name=f"{prefix}_dq_weight",
+                         axis=0, block_size=NVFP4_BLOCK),
+        helper.make_node("Cast", [f"{prefix}_fp32"], [prefix], name=f"{prefix}_cast", to=onnx.TensorProto.FLOAT16),
+    ]
 
 
 def nvfp4_ort_twin(model_path: Path, dest: Path) -> Path:

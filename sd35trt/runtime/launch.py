@@ -109,9 +109,9 @@ def _torch_loop(options: LoopOptions, request: GenerateRequest, budget: int | No
     plan: VramPlan | None = None
     if device == "cuda" and budget is not None:
         sizes = weight_bytes(source, dtype, attrs)
-        stand_ins = {c: ComponentRunner(SPECS[c], str(dtype), weight_bytes=sizes[SPECS[c].pipeline_attr])
+        sized_runners = {c: ComponentRunner(SPECS[c], str(dtype), weight_bytes=sizes[SPECS[c].pipeline_attr])
                      for c in COMPONENTS if SPECS[c].pipeline_attr in attrs}
-        plan = choose_plan(Sd35Loop(assets, stand_ins, batch_text=batch_text).needs(request), budget, options.vram_plan)
+        plan = choose_plan(Sd35Loop(assets, sized_runners, batch_text=batch_text).needs(request), budget, options.vram_plan)
         if plan.mode == "streaming":
             raise InvalidInputError("weight streaming is for engines; the torch runner has resident and sequential plans",
                                     hint="use --vram-plan sequential, or a larger --vram")

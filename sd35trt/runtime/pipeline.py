@@ -263,7 +263,7 @@ class Sd35Loop:
                          f"{_clip_text(dropped)!r}")
         return ids
 
-    def _stage(self, name: str) -> ComponentRunner:
+    def _loaded(self, name: str) -> ComponentRunner:
         """The runner of ``name``, loaded; under a sequential plan every other runner is released first."""
         runner = self.runners[name]
         if self.plan is not None and self.plan.sequential:
@@ -280,12 +280,12 @@ class Sd35Loop:
 
         device = self.device
         tokenizers = self.assets.tokenizers
-        clip_l = self._stage("clip_l")(input_ids=self._tokens(tokenizers["clip_l"], prompts, CLIP_MAX_TOKENS, "CLIP"))
+        clip_l = self._loaded("clip_l")(input_ids=self._tokens(tokenizers["clip_l"], prompts, CLIP_MAX_TOKENS, "CLIP"))
         clip_l = {k: v.to(device) for k, v in clip_l.items()}
-        clip_g = self._stage("clip_g")(input_ids=self._tokens(tokenizers["clip_g"], prompts, CLIP_MAX_TOKENS, "CLIP"))
+        clip_g = self._loaded("clip_g")(input_ids=self._tokens(tokenizers["clip_g"], prompts, CLIP_MAX_TOKENS, "CLIP"))
         clip_g = {k: v.to(device) for k, v in clip_g.items()}
         if self.has_t5:
-            t5_embeds = self._stage("t5")(input_ids=self._tokens(tokenizers["t5"], prompts, T5_MAX_TOKENS, "T5"))[
+            t5_embeds = self._loaded("t5")(input_ids=self._tokens(tokenizers["t5"], prompts, T5_MAX_TOKENS, "T5"))[
                 "last_hidden_state"].to(device)
         else:  # diffusers with text_encoder_3=None
             t5_embeds = torch.zeros(len(prompts), T5_MAX_TOKENS, self.assets.joint_attention_dim, device=device)
@@ -301,7 +301,7 @@ class Sd35Loop:
         """The pipeline's own un-scaling, then the VAE decoder whole or in tiles; images on the CPU."""
         import torch
 
-        vae = self._stage("vae_decoder")
+        vae = self._loaded("vae_decoder")
         scaled = latents / self.assets.vae["scaling_factor"] + self.assets.vae["shift_factor"]
         tile = self.vae_tile(request)
         images = []
@@ -360,7 +360,7 @@ class Sd35Loop:
         timesteps, _ = retrieve_timesteps(scheduler, request.steps, device, **kwargs)
 
         # 5. denoise: latents, guidance and the scheduler step stay on the device
-        transformer = self._stage("transformer")
+        transformer = self._loaded("transformer")
         start = _clock(device)
         steps = _StepTimer(device)
         guidance = request.guidance

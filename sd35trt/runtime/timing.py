@@ -54,7 +54,7 @@ def _step_inputs(loop: Sd35Loop, request: GenerateRequest) -> tuple[Any, dict[st
     batch = request.batch * (2 if request.cfg else 1)
     latent = (batch, loop.latent_channels, request.height // loop.vae_scale, request.width // loop.vae_scale)
     embeds, pooled = loop.encode_prompt([request.prompt] * batch)
-    transformer = loop._stage("transformer")
+    transformer = loop._loaded("transformer")
     device = loop.device
     generator = torch.Generator().manual_seed(0)
     return transformer, {"hidden_states": torch.randn(latent, generator=generator).to(device),
