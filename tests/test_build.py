@@ -25,6 +25,21 @@ def test_precision_table_fp8_where_the_gpu_has_it_fp16_fallback_elsewhere():
 
 
 @needs_rtx
+def test_a_build_of_some_components_keeps_the_bundles_other_engines(calibrated, tmp_path):
+    """`build --components clip_l` into a bundle folder used to swap in a bundle of clip_l alone: every other engine
+    of that folder was dropped. They are kept (same model, backend version and target), the bundle still verifies."""
+    out, _ = calibrated
+    first = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA, components=("clip_l", "vae_decoder")))
+    vae = first.folder / "vae_decoder.plan"
+    vae_bytes = vae.read_bytes()
+    again = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA, components=("clip_l",)), force=True)
+    assert again.folder == first.folder and again.rebuilt == ["clip_l"]
+    assert set(again.manifest.components) == {"clip_l", "vae_decoder"}
+    assert vae.read_bytes() == vae_bytes and again.manifest.components["vae_decoder"] == first.manifest.components["vae_decoder"]
+    assert verify_bundle(again.folder).target == "ada"
+
+
+@needs_rtx
 def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
     out, _ = calibrated
     result = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.ADA))

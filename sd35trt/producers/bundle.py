@@ -327,9 +327,11 @@ def _build_into(folder: Path, engines_root: Path, config: BuildConfig, target: T
             build = ComponentBuild(name, choice, sources[name], weights[name], parts[name], hashes[name])
             entries[name], timing_cache = _build_component(build, tmp, config, backend, ccs, available, timing_cache)
             rebuilt.append(name)
+        entries |= _keep_others(folder, tmp, previous, plan, model, backend, ccs)
+        entries = {name: entries[name] for name in COMPONENTS if name in entries}
         runtime = RuntimeRecord(backend.kind.value, backend.version, config.portable, config.hardware_compat,
                                 tuple(f"{a}.{b}" for a, b in ccs)).to_dict() | {"activation_memory": STATIC_ACTIVATIONS}
-        shipped = _ship_assets(assets, tmp / BUNDLE_ASSETS, t5="t5" in plan)
+        shipped = _ship_assets(assets, tmp / BUNDLE_ASSETS, t5="t5" in entries)
         manifest = BundleManifest(
             folder=folder, target=target.target.value, compute_capabilities=[f"{a}.{b}" for a, b in ccs],
             backend=backend.kind.value, backend_version=backend.version, model=model, inputs_hash=bundle_hash,
@@ -439,6 +441,33 @@ def _ship_assets(source: Path, dest: Path, *, t5: bool) -> dict[str, dict[str, A
     assets = PipelineAssets.load(source)
     (assets if t5 else assets.without_t5()).save(dest)
     return file_entries(dest)
+
+
+def _keep_others(folder: Path, tmp: Path, previous: BundleManifest | None, plan: dict[str, Any], model: dict[str, Any],
+                 backend: TrtBackend, ccs: tuple[tuple[int, int], ...]) -> dict[str, EngineEntry]:
+    """A build of some components (``--components``) into a bundle folder keeps that bundle's other engines, copied
+    into ``tmp``, when they were built from the same model with the same backend version for the same compute
+    capabilities and their files are intact; an engine that cannot be kept is named, never dropped silently."""
+    if previous is None:
+        return {}
+    same = (previous.model.get("fingerprint") == model.get("fingerprint") and previous.backend_version == backend.version
+            and list(previous.compute_capabilities) == [f"{a}.{b}" for a, b in ccs])
+    kept = {}
+    for name, entry in previous.components.items():
+        if name in plan:
+            continue
+        if not same or not all(_file_ok(folder / p.file, p.bytes) for p in entry.plans):
+            log.warn(f"  {name}: in the previous bundle, not asked for, and not kept ("
+                     + ("another model, backend version or GPU target" if not same else "its plan file is damaged")
+                     + "): build it again to have it")
+            continue
+        for p in entry.plans:
+            shutil.copy2(folder / p.file, tmp / p.file)
+        if (folder / "layers" / f"{name}.txt").is_file():
+            shutil.copy2(folder / "layers" / f"{name}.txt", tmp / "layers" / f"{name}.txt")
+        kept[name] = entry
+        log.info(f"  {name}: not asked for, kept from the previous bundle")
+    return kept
 
 
 def _read_previous(folder: Path) -> BundleManifest | None:
