@@ -55,7 +55,7 @@ def test_export_plans_follow_the_calibration(calibrated):
     manifest = load_calibration(WorkDir(out))
     island = Island("transformer_blocks.1", 2e5, "census: test")
     manifest = replace(manifest, islands={**manifest.islands, "transformer": [island]},
-                       fp16={**manifest.fp16, "t5": Fp16Decision("fp32", "last resort: test")})
+                       fp16={**manifest.fp16, "t5": Fp16Decision(Precision.FP32, "last resort: test")})
     plans = {(p.component, p.precision): p for p in plan_variants("auto", ("transformer", "t5", "vae_decoder"),
                                                                     manifest, {})}
     assert set(plans) == {("transformer", Precision.FP16), ("t5", Precision.FP16), ("vae_decoder", Precision.FP16),
