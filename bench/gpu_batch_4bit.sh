@@ -14,6 +14,7 @@ STAGE=${1:?stage}; shift
 RUN=${RUN:-/tmp/round}; PY=${PY:-python3}
 CLI="$PY -m sd35trt"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source bench/chain.sh
 
 stage_batch() {
   head -4 calibration/prompts.txt > "$RUN/p4.txt"
@@ -66,27 +67,15 @@ stage_int4() {
   cp "$RUN"/int4-engines/*/ada-tensorrt-rtx-int4/manifest.json "$RUN/int4-manifest.json"
 }
 
+stage_refusal() {
+  bash bench/reach_refusal.sh "$RUN/refusal" > "$RUN/refusal.log" 2>&1
+}
+
 case "$STAGE" in
-launch)
-  mkdir -p "$RUN"; rm -f "$RUN/done"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader > "$RUN/env.txt" 2>&1
-  setsid nohup bash "$0" chain "$@" > "$RUN/chain.log" 2>&1 < /dev/null &
-  echo "launched: $*" ;;
-chain)
-  for s in "$@"; do
-    echo "== $s $(date +%T)"
-    case $s in
-      refusal) bash bench/reach_refusal.sh "$RUN/refusal" > "$RUN/refusal.log" 2>&1 ;;
-      *) "stage_$s" ;;
-    esac
-    echo "== $s done $(date +%T)"
-  done
-  touch "$RUN/done" ;;
+launch) chain_launch "$@" ;;
+chain) chain_run "$@" ;;
 wait)
-  limit=${1:?seconds}; start=$SECONDS
-  while [ ! -e "$RUN/done" ] && [ $((SECONDS - start)) -lt "$limit" ]; do sleep 5; done
-  [ -e "$RUN/done" ] && echo "chain done" || echo "chain still running after ${limit}s"
-  cat "$RUN/chain.log"
+  chain_wait "${1:?seconds}"
   cp "$RUN/refusal/refusal.jsonl" "$RUN/refusal-results.jsonl" 2>/dev/null
   (cd "$RUN" && tar czf "$OUT/round.tgz" --exclude='*.png' --exclude='*.plan' --exclude='*.onnx' --exclude='*.pt' \
      --exclude='*.data' --exclude='batch' --exclude='refusal/work' --exclude='refusal/engines*' --exclude='nvfp4' \

@@ -17,6 +17,7 @@ RUN=${RUN:-/tmp/round}; PY=${PY:-python3}
 CLI="$PY -m sd35trt"
 LORA=$PWD/.gpu/lora.safetensors:0.8
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source bench/chain.sh
 
 stage_userpath() {
   mk() {
@@ -67,7 +68,7 @@ stage_batch() {
     2> "$RUN/batch-gov.log"
   kill $smi
   cp "$RUN/batch/gov/index.jsonl" "$RUN/batch-gov-index.jsonl"
-  same_image
+  same_image  # now, and again after --batch 1: the machine may be taken back before that run ends
   $CLI generate "${common[@]}" --batch 1 --out "$RUN/batch/b1" > "$RUN/batch-b1.json" 2> "$RUN/batch-b1.log"
   cp "$RUN/batch/b1/index.jsonl" "$RUN/batch-b1-index.jsonl"
   same_image
@@ -99,23 +100,12 @@ PYEOF
 
 case "$STAGE" in
 launch)
-  mkdir -p "$RUN"; rm -f "$RUN/done"
-  nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit --format=csv,noheader > "$RUN/env.txt" 2>&1
-  nproc >> "$RUN/env.txt"; free -g >> "$RUN/env.txt"
-  setsid nohup bash "$0" chain "$@" > "$RUN/chain.log" 2>&1 < /dev/null &
-  echo "launched: $*" ;;
-chain)
-  for s in "$@"; do
-    echo "== $s $(date +%T)"
-    "stage_$s"
-    echo "== $s done $(date +%T)"
-  done
-  touch "$RUN/done" ;;
+  chain_launch "$@"
+  nproc >> "$RUN/env.txt"; free -g >> "$RUN/env.txt" ;;
+chain) chain_run "$@" ;;
 wait)
-  limit=${1:?seconds}; start=$SECONDS
-  while [ ! -e "$RUN/done" ] && [ $((SECONDS - start)) -lt "$limit" ]; do sleep 5; done
-  [ -e "$RUN/done" ] && echo "chain done" || echo "chain still running after ${limit}s"
-  cat "$RUN/chain.log"; cat "$RUN"/*-measure.jsonl 2>/dev/null
+  chain_wait "${1:?seconds}"
+  cat "$RUN"/*-measure.jsonl 2>/dev/null
   (cd "$RUN" && tar czf "$OUT/round.tgz" --exclude='batch' . )
   cp "$RUN"/compare-default/*.png "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;

@@ -47,7 +47,7 @@ from sd35trt.core.manifests import (
 from sd35trt.core.models import model_slug
 from sd35trt.core.portability import RuntimeRecord, check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
-from sd35trt.core.targets import Backend, GpuTarget, TargetInfo, narrow_for_format, plan_precisions
+from sd35trt.core.targets import Backend, GpuTarget, PrecisionChoice, TargetInfo, narrow_for_format, plan_precisions
 from sd35trt.producers.refit import describe_refit
 from sd35trt.producers.trt_builder import (
     TrtBackend,
@@ -357,14 +357,23 @@ def _log_plan(target: TargetInfo, backend: TrtBackend, ccs: tuple[tuple[int, int
 def _reuse_unchanged(folder: Path, tmp: Path, old: EngineEntry, inputs_hash: str) -> bool:
     """Copy a component's engine and layer summary from the previous bundle into ``tmp`` when its inputs are
     unchanged and its plan files intact; False (nothing copied) when it must be built again."""
-    if old.inputs_hash != inputs_hash or not all(_file_ok(folder / p.file, p.bytes) for p in old.plans):
+    if old.inputs_hash != inputs_hash or not _plans_intact(folder, old):
         return False
-    for p in old.plans:
-        shutil.copy2(folder / p.file, tmp / p.file)
-    if (folder / "layers" / f"{old.name}.txt").is_file():
-        shutil.copy2(folder / "layers" / f"{old.name}.txt", tmp / "layers" / f"{old.name}.txt")
+    _copy_engine(folder, tmp, old)
     log.info(f"  {old.name}: unchanged, reused")
     return True
+
+
+def _plans_intact(folder: Path, entry: EngineEntry) -> bool:
+    return all(_file_ok(folder / p.file, p.bytes) for p in entry.plans)
+
+
+def _copy_engine(folder: Path, tmp: Path, entry: EngineEntry) -> None:
+    """One engine of the previous bundle into the one being assembled: its plan file(s) and layer summary."""
+    for p in entry.plans:
+        shutil.copy2(folder / p.file, tmp / p.file)
+    if (folder / "layers" / f"{entry.name}.txt").is_file():
+        shutil.copy2(folder / "layers" / f"{entry.name}.txt", tmp / "layers" / f"{entry.name}.txt")
 
 
 @dataclass(frozen=True)
@@ -372,10 +381,10 @@ class ComponentBuild:
     """What one component's engine is built from: its precision choice, ONNX, weight bytes, parts and input hash."""
 
     name: str
-    choice: Any
-    source: Any
+    choice: PrecisionChoice
+    source: OnnxManifest
     weight_bytes: int
-    parts: Any
+    parts: PartsChoice
     inputs_hash: str
 
 
@@ -456,15 +465,12 @@ def _keep_others(folder: Path, tmp: Path, previous: BundleManifest | None, plan:
     for name, entry in previous.components.items():
         if name in plan:
             continue
-        if not same or not all(_file_ok(folder / p.file, p.bytes) for p in entry.plans):
+        if not same or not _plans_intact(folder, entry):
             log.warn(f"  {name}: in the previous bundle, not asked for, and not kept ("
                      + ("another model, backend version or GPU target" if not same else "its plan file is damaged")
                      + "): build it again to have it")
             continue
-        for p in entry.plans:
-            shutil.copy2(folder / p.file, tmp / p.file)
-        if (folder / "layers" / f"{name}.txt").is_file():
-            shutil.copy2(folder / "layers" / f"{name}.txt", tmp / "layers" / f"{name}.txt")
+        _copy_engine(folder, tmp, entry)
         kept[name] = entry
         log.info(f"  {name}: not asked for, kept from the previous bundle")
     return kept

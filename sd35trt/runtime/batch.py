@@ -381,8 +381,7 @@ def run_batch(loop: Any, jobs: list[Job], base: Any, out: Path, index: Index, *,
         request = replace(resolved, batch=len(group), prompts=tuple(j.prompt for j in group),
                           seeds=tuple(j.seed for j in group))
         # the pause is inside the sampled window: the governor limits the card's average power over time (a pause
-        # lowers it), and images/s and energy count the pauses (measured on the H200: sampling the batch alone
-        # kept reading ~500 W at batch 1 and paused ever longer)
+        # lowers it), and images/s and energy count the pauses
         with GpuSampler(enabled=sample) as sampler:
             if state.pause_s:
                 time.sleep(state.pause_s)
