@@ -8,6 +8,8 @@
 #   batch     #33: 64 images (16 prompts x 4), torch runner BF16, SD3.5-Medium, 1024², 28 steps: --batch auto killed
 #             (SIGKILL) after >= 32 images and re-run (resume); --batch auto --max-power 400 with nvidia-smi sampling
 #             power and temperature every 200 ms for the plot; then --batch 1 if the chain still has time
+#   sizes     #33: the same 64 images at --batch 1, 2, 4 and auto, one after another in one chain (one run), each
+#             index kept as soon as it ends; then the same-image check against auto
 #
 #   bash bench/gpu_round12.sh launch [STAGES...]   detached (setsid); returns at once
 #   bash bench/gpu_round12.sh wait SECONDS         until done or SECONDS; copies results to $OUT
@@ -36,7 +38,7 @@ stage_userpath() {
 stage_compare() {
   cmp() {
     local name=$1 work=$2; shift 2
-    "$PY" bench/measure.py "$RUN/compare-measure.jsonl" "compare $name" -- $CLI compare --model sd3.5-medium \
+    timeout -s INT "${COMPARE_CAP:-420}" "$PY" bench/measure.py "$RUN/compare-measure.jsonl" "compare $name" -- $CLI compare --model sd3.5-medium \
       --onnx "$work" --height 1024 --width 1024 --steps 8 --prompts 2 --out "$RUN/compare-$name" "$@" \
       > "$RUN/compare-$name.txt" 2> "$RUN/compare-$name.log"
     echo "compare $name: rc $?"
@@ -74,17 +76,31 @@ stage_batch() {
   same_image
 }
 
+stage_sizes() {
+  head -16 calibration/prompts.txt > "$RUN/p16.txt"
+  local b
+  for b in 1 2 4 auto; do
+    "$PY" bench/measure.py "$RUN/sizes-measure.jsonl" "generate --batch $b" -- $CLI generate --prompts "$RUN/p16.txt" \
+      --images-per-prompt 4 --torch --model "${SIZES_MODEL:-sd3.5-medium}" --height "${SIZES_PX:-1024}" \
+      --width "${SIZES_PX:-1024}" --steps "${SIZES_STEPS:-28}" --json --batch $b --out "$RUN/batch/s$b" \
+      > "$RUN/sizes-b$b.json" 2> "$RUN/sizes-b$b.log"
+    echo "batch $b: rc $?"
+    cp "$RUN/batch/s$b/index.jsonl" "$RUN/sizes-b$b-index.jsonl"
+  done
+  SAME_BASE=sauto SAME_OTHERS="s1 s2 s4" same_image
+}
+
 same_image() {
-  "$PY" - "$RUN" <<'PYEOF'
+  "$PY" - "$RUN" "${SAME_BASE:-auto}" ${SAME_OTHERS:-gov b1} <<'PYEOF'
 import json, sys, numpy as np
 from pathlib import Path
 from PIL import Image
-run = Path(sys.argv[1]); base = run / "batch" / "auto"
+run = Path(sys.argv[1]); base = run / "batch" / sys.argv[2]; others = sys.argv[3:]
 lines = [json.loads(l) for l in (base / "index.jsonl").read_text().splitlines() if l.strip()]
 files = [l["file"] for l in lines if "file" in l]
 report = {"auto_index_images": len(files), "auto_index_unique": len(set(files)),
           "auto_pngs": len(list(base.glob("*.png"))), "auto_tmp_left": len(list(base.glob("*.tmp*")))}
-for other in ("gov", "b1"):
+for other in others:
     errs = []
     for png in sorted(base.glob("*.png")):
         twin = run / "batch" / other / png.name
@@ -93,7 +109,7 @@ for other in ("gov", "b1"):
             errs.append(float(np.linalg.norm(a - b) / np.linalg.norm(a)))
     report[f"{other}_vs_auto_worst_rel_l2"] = max(errs) if errs else None
     report[f"{other}_vs_auto_images"] = len(errs)
-json.dump(report, open(run / "batch-same-image.json", "w"))
+json.dump(report, open(run / f"batch-same-image-{sys.argv[2]}.json", "w"))
 print(report)
 PYEOF
 }

@@ -95,3 +95,25 @@ def test_polygraphy_chain_twin_runs_through_the_comparator(calibrated, tmp_path)
     results = Comparator.run([whole, twin], data_loader=[feed])
     got, expected = results["chain"][0]["noise_pred"], results["whole"][0]["noise_pred"]
     assert np.array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_fp8_work_dir_compares_the_fp16_components_it_ships(calibrated, tiny_source, tmp_path):
+    """`make export` at SD3.5 size writes an FP8 transformer and FP16 encoders/decoder, no FP16 transformer: the
+    "fp16" variant is missing, yet the FP16 components the FP8 bundle ships are compared (on the H200 only the
+    transformer had a row), once each, labelled with their own precision."""
+    import shutil
+
+    out, _ = calibrated
+    work = tmp_path / "work"
+    for folder in ("calibration", "onnx-fp8", "onnx-fp16"):
+        shutil.copytree(out / folder, work / folder)
+    shutil.rmtree(work / "onnx-fp16" / "transformer")
+    cfg = CompareConfig(prompts=1, steps=2, components=("transformer", "clip_l", "vae_decoder"))
+    runners, ranges, missing = onnx_variants(work, cfg.variants)
+    assert set(runners) == {"fp8"} and "fp16" in missing
+    report = run_compare(tiny_source, tmp_path / "cmp", cfg, ["a cat"], runners, ranges, str(work))
+    assert report, report.failures
+    components = json.loads((tmp_path / "cmp" / "compare.json").read_text())["components"]
+    assert {name: set(rows) for name, rows in components.items()} == {
+        "transformer": {"fp8"}, "clip_l": {"fp16"}, "vae_decoder": {"fp16"}}
+    assert components["clip_l"]["fp16"]["precision"] == "fp16"

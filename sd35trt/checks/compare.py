@@ -302,16 +302,17 @@ def record_traffic(pipe: Any, prompts: list[str], cfg: CompareConfig) -> tuple[d
 
 
 def _variant_rows(runners_by_variant: dict[str, dict[str, Any]], name: str) -> list[tuple[str, Any]]:
-    """(variant, runner) pairs to compare for one component: an ONNX variant counts only where the component
-    really has it (an "fp8" run that falls back to FP16 for the text encoders is not an FP8 row of theirs)."""
-    rows = []
+    """(row label, runner) pairs to compare for one component. An ONNX variant counts only where the component
+    really has it: an "fp8" run's FP16 text encoder is not an FP8 row. That FP16 runner is compared once, as an
+    "fp16" row, when no "fp16" variant has the component (a default FP8 work dir exports no FP16 transformer, so
+    its "fp16" variant is missing, yet the FP16 encoders and decoder it ships are compared)."""
+    precisions = {p.value for p in Precision}
+    rows = [(variant, runners[name]) for variant, runners in runners_by_variant.items()
+            if name in runners and (variant not in precisions or runners[name].precision == variant)]
     for variant, runners in runners_by_variant.items():
         runner = runners.get(name)
-        if runner is None:
-            continue
-        if variant in {p.value for p in Precision} and runner.precision != variant:
-            continue
-        rows.append((variant, runner))
+        if runner is not None and variant in precisions and all(label != runner.precision for label, _ in rows):
+            rows.append((runner.precision, runner))
     return rows
 
 
