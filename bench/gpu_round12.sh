@@ -8,7 +8,7 @@
 #   batch     #33: 64 images (16 prompts x 4), torch runner BF16, SD3.5-Medium, 1024², 28 steps: --batch auto killed
 #             (SIGKILL) after >= 32 images and re-run (resume); --batch auto --max-power 400 with nvidia-smi sampling
 #             power and temperature every 200 ms for the plot; then --batch 1 if the chain still has time
-#   sizes     #33: the same 64 images at --batch 1, 2, 4 and auto, one after another in one chain (one run), each
+#   sizes     #33: the same 64 images at --batch 1, 2, 4 and auto (SIZES="1 2 4 auto"), one after another in one chain, each
 #             index kept as soon as it ends; then the same-image check against auto
 #
 #   bash bench/gpu_round12.sh launch [STAGES...]   detached (setsid); returns at once
@@ -79,7 +79,7 @@ stage_batch() {
 stage_sizes() {
   head -16 calibration/prompts.txt > "$RUN/p16.txt"
   local b
-  for b in 1 2 4 auto; do
+  for b in ${SIZES:-1 2 4 auto}; do
     "$PY" bench/measure.py "$RUN/sizes-measure.jsonl" "generate --batch $b" -- $CLI generate --prompts "$RUN/p16.txt" \
       --images-per-prompt 4 --torch --model "${SIZES_MODEL:-sd3.5-medium}" --height "${SIZES_PX:-1024}" \
       --width "${SIZES_PX:-1024}" --steps "${SIZES_STEPS:-28}" --json --batch $b --out "$RUN/batch/s$b" \

@@ -30,7 +30,7 @@ def main() -> int:
     import torch
 
     from sd35trt.runtime.launch import LoopOptions, open_loop
-    from sd35trt.runtime.pipeline import GenerateRequest
+    from sd35trt.runtime.request import GenerateRequest
     from sd35trt.runtime.telemetry import GpuSampler
 
     total = torch.cuda.get_device_properties(0).total_memory

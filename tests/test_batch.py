@@ -110,7 +110,7 @@ def test_auto_batch_stops_at_the_profile_and_the_vram_plan(calibrated):
     from sd35trt.core.errors import InvalidInputError
     from sd35trt.runtime.batch import auto_batch, batch_fits
     from sd35trt.runtime.launch import LoopOptions, open_loop
-    from sd35trt.runtime.pipeline import GenerateRequest
+    from sd35trt.runtime.request import GenerateRequest
     from sd35trt.runtime.vram import choose_plan
 
     work, _ = calibrated

@@ -1,13 +1,14 @@
 import json
 
 from sd35trt.checks.compare import CompareConfig, onnx_variants, run_compare
+from sd35trt.runtime.launch import LoopOptions
 
 
 def test_compare_per_component_and_end_to_end(calibrated, tiny_source, tmp_path):
     """The issue's bar: FP32 ONNX loop vs diffusers ≥ 60 dB; FP16 and FP8 reported and within their bars."""
     out, _ = calibrated
     cfg = CompareConfig(prompts=1, steps=3, components=("transformer", "clip_l", "vae_decoder"))
-    runners, ranges, missing = onnx_variants(out, cfg.variants)
+    runners, ranges, missing = onnx_variants(LoopOptions(onnx=out), cfg.variants)
     assert missing == {}
     report = run_compare(tiny_source, tmp_path, cfg, ["a koi pond in autumn, watercolor"], runners, ranges, str(out))
     assert report, report.failures
@@ -41,7 +42,7 @@ def test_compare_fails_loudly_when_a_tolerance_breaks(calibrated, tiny_source, t
     monkeypatch.setitem(compare_mod.E2E_MIN_PSNR_DB, Precision.FP16, 1000.0)
     out, _ = calibrated
     cfg = CompareConfig(variants=("fp16",), prompts=1, steps=2, components=("clip_g",))
-    runners, ranges, _ = onnx_variants(out, cfg.variants)
+    runners, ranges, _ = onnx_variants(LoopOptions(onnx=out), cfg.variants)
     report = run_compare(tiny_source, tmp_path, cfg, ["a cat"], runners, ranges, str(out))
     assert not report and "end-to-end fp16" in report.failures[0]
 
@@ -109,7 +110,7 @@ def test_fp8_work_dir_compares_the_fp16_components_it_ships(calibrated, tiny_sou
         shutil.copytree(out / folder, work / folder)
     shutil.rmtree(work / "onnx-fp16" / "transformer")
     cfg = CompareConfig(prompts=1, steps=2, components=("transformer", "clip_l", "vae_decoder"))
-    runners, ranges, missing = onnx_variants(work, cfg.variants)
+    runners, ranges, missing = onnx_variants(LoopOptions(onnx=work), cfg.variants)
     assert set(runners) == {"fp8"} and "fp16" in missing
     report = run_compare(tiny_source, tmp_path / "cmp", cfg, ["a cat"], runners, ranges, str(work))
     assert report, report.failures

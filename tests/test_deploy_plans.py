@@ -130,7 +130,8 @@ def test_a_1536_image_from_a_vae_profile_capped_at_768(tmp_path, tiny_source):
     from sd35trt.core.assets import load_assets
     from sd35trt.core.specs import SPECS, Range, ShapeRanges
     from sd35trt.producers.export import ExportConfig, export_model
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest
     from sd35trt.runtime.runners import ComponentRunner, runners_from_onnx
 
     ranges = ShapeRanges(batch=Range(1, 1, 2), height=Range(512, 768, 1536), width=Range(512, 768, 1536), vae_max=768)
@@ -189,7 +190,8 @@ def test_clip_only_onnx_loop_matches_diffusers_without_t5(exported):
     from sd35trt.core.assets import PipelineAssets
     from sd35trt.core.metrics import psnr
     from sd35trt.core.models import build_pipeline, resolve_model
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest
     from sd35trt.runtime.runners import runners_from_onnx
 
     out, _ = exported

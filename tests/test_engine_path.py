@@ -89,6 +89,29 @@ def test_streaming_budget_is_shared_by_the_parts_in_proportion_to_their_weights(
     assert runners(bundle).runners["clip_l"].streaming_budget is None
 
 
+def test_the_loop_gets_its_plan_and_streaming_budget_at_construction(bundle):
+    """One path from options to a loop: the plan is chosen from the loop's shape (data: profiles and sizes, no engine
+    loaded), and the loop built with it hands the transformer its streaming budget before anything loads."""
+    from sd35trt.core.assets import PipelineAssets
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest, LoopShape
+    from sd35trt.runtime.vram import choose_plan
+
+    found = runners(bundle)
+    assets = PipelineAssets.load(found.assets_folder)
+    shape = LoopShape(assets, found.runners, found.ranges)
+    request = shape.resolve(GenerateRequest(prompt="x", height=512, width=512))
+    with pytest.raises(ValueError, match="resolve the request first"):
+        shape.check(GenerateRequest(prompt="x", height=512, width=512))  # steps/guidance not yet the model's
+    plan = choose_plan(shape.needs(request), 2**40, "streaming")
+    transformer = found.runners["transformer"]
+    assert transformer.parts[0].streaming_budget is None and not any(r.loaded for r in found.runners.values())
+    loop = Sd35Loop(assets, found.runners, found.ranges, plan=plan)
+    assert loop.plan is plan and sum(p.streaming_budget for p in transformer.parts) <= plan.streaming_budget
+    assert all(p.streaming_budget > 0 for p in transformer.parts)
+    assert loop.needs(GenerateRequest(prompt="x", height=512, width=512)) == shape.needs(request)
+
+
 def test_the_vram_plan_counts_what_engines_allocate_their_profiles_maximum(bundle):
     """Static allocation: an engine's context holds its profile's largest activations whatever the request; the plan
     counts that (was: the request's), and the narrowed VAE profile (1 image, 1024 px) is what keeps it small."""

@@ -34,7 +34,8 @@ def make_adapter(dest: Path, *, seed: int = 0, config: dict | None = None) -> Pa
 def test_lora_changes_the_model_and_is_part_of_its_identity(adapter):
     from sd35trt.core.assets import PipelineAssets
     from sd35trt.core.metrics import error_stats
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest
     from sd35trt.runtime.runners import runners_from_torch
 
     base, styled = resolve_model("tiny"), resolve_model("tiny", lora=f"{adapter}:0.8")

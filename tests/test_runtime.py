@@ -96,7 +96,8 @@ def test_every_request_the_loop_accepts_fits_every_engine_profile(calibrated, tm
     from sd35trt.core.assets import load_assets
     from sd35trt.core.models import resolve_model
     from sd35trt.producers.bundle import BuildConfig, build_bundle
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest
     from sd35trt.runtime.runners import ComponentRunner
 
     out, _ = calibrated
@@ -121,7 +122,8 @@ def test_calls_the_loop_makes_are_the_calls_it_plans(tiny_pipe, exported):
     """What ``check`` verifies is what runs: every call the loop really makes (recorded on real onnxruntime
     runners) is one of ``planned_calls``, with and without guidance, batched or encoded apart."""
     from sd35trt.core.assets import PipelineAssets
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest
 
     out, _ = exported
     found = runners_from_onnx(out, "fp32")
@@ -156,7 +158,8 @@ def test_the_loop_keeps_latents_on_the_execution_device(tiny_pipe):
     hands the transformer after the first step comes from the host (on CPU the device is the host, so this
     checks the code path: every step's input is the previous step's output, not a copy)."""
     from sd35trt.core.assets import PipelineAssets
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest
     from sd35trt.runtime.runners import runners_from_torch
 
     runners = runners_from_torch(tiny_pipe)
@@ -184,7 +187,8 @@ def test_the_loop_keeps_latents_on_the_execution_device(tiny_pipe):
 def test_results_outlive_the_next_call(exported, tiny_pipe):
     """Engine sessions reuse their output buffers; what the loop hands back (images, latents) is its own."""
     from sd35trt.core.assets import PipelineAssets
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest
 
     out, _ = exported
     found = runners_from_onnx(out, "fp32")

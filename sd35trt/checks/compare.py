@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from sd35trt.core.metrics import aggregate, error_stats, psnr
 from sd35trt.core.models import ModelSource
 from sd35trt.core.specs import COMPONENTS, SPECS, Precision, pipeline_attrs, vae_input
 from sd35trt.core.wrappers import eager_text_attention
+
+if TYPE_CHECKING:
+    from sd35trt.runtime.launch import LoopOptions
 
 # Decoded-image PSNR an end-to-end variant must reach against diffusers FP32 (same seeds, random weights).
 # 4-bit weights drift further over the denoising loop than FP8's: their floor is 5 dB lower (set by judgement, not
@@ -412,7 +415,8 @@ def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
     import torch
 
     from sd35trt.core.assets import PipelineAssets
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.pipeline import Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest
 
     vae = pipe.vae
     with torch.no_grad():
@@ -547,16 +551,20 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
     return CompareReport(data, not failures, failures)
 
 
-def onnx_variants(onnx_root: Path, variants: tuple[str, ...], provider: str = "cpu",
-                  t5: bool = True, model: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], Any, dict[str, str]]:
-    """onnxruntime runners for each variant asked for (none named: every variant the work dir has); a variant
-    asked for but absent is listed in ``missing`` with why. An "fp8" variant runs FP8 where a component was
+def onnx_variants(options: LoopOptions, variants: tuple[str, ...],
+                  model: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], Any, dict[str, str]]:
+    """onnxruntime runners for each variant asked for (none named: every variant the ``--onnx`` work dir of
+    ``options`` has), each opened as generate would open it (``open_runners`` with ``--precision VARIANT``); a
+    variant asked for but absent is listed in ``missing`` with why. An "fp8" variant runs FP8 where a component was
     calibrated and FP16 elsewhere (as an FP8 engine bundle does)."""
+    from dataclasses import replace
+
     from sd35trt.core.errors import ArtifactError, VariantMissingError
     from sd35trt.core.manifests import WorkDir
-    from sd35trt.runtime.runners import runners_from_onnx
+    from sd35trt.runtime.launch import open_runners
 
-    if not onnx_root.is_dir():
+    onnx_root = options.onnx
+    if onnx_root is None or not onnx_root.is_dir():
         raise InvalidInputError("ONNX directory not found", path=onnx_root, hint="pass the --out of export/calibrate")
     work = WorkDir(onnx_root)
     present = [p.value for p in (Precision.FP32, Precision.FP16, Precision.FP8, Precision.INT4) if work.variant(p).is_dir()]
@@ -564,7 +572,7 @@ def onnx_variants(onnx_root: Path, variants: tuple[str, ...], provider: str = "c
     runners_by_variant, ranges, missing = {}, None, {}
     for variant in asked:
         try:
-            found = runners_from_onnx(onnx_root, variant, provider=provider, t5=t5)
+            found = open_runners(replace(options, precision=variant))
         except VariantMissingError as err:
             missing[variant] = err.what
             continue

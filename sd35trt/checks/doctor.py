@@ -66,7 +66,7 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     from sd35trt.core.errors import Sd35TrtError
     from sd35trt.core.models import resolve_model
     from sd35trt.core.specs import SPECS
-    from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+    from sd35trt.runtime.request import GenerateRequest, LoopShape
     from sd35trt.runtime.runners import ComponentRunner
     from sd35trt.runtime.vram import GIB, MODES, choose_plan, gpu_budget, peak
 
@@ -88,9 +88,9 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
         if name in sized_runners:
             sized_runners[name].streamable = entry.weight_streaming
             sized_runners[name].static_activations = True  # an engine holds its profile's largest activations
-    loop = Sd35Loop(assets, sized_runners)
-    request = GenerateRequest(prompt="", height=height, width=width, batch=batch).resolved(assets.defaults)
-    needs = loop.needs(request)
+    shape = LoopShape(assets if "t5" in sized_runners else assets.without_t5(), sized_runners)
+    request = shape.resolve(GenerateRequest(prompt="", height=height, width=width, batch=batch))
+    needs = shape.needs(request)
     report: dict[str, Any] = {
         "request": {"height": height, "width": width, "batch": batch, "steps": request.steps,
                     "guidance": request.guidance, "t5": "t5" in sized_runners},

@@ -131,7 +131,8 @@ class _Selftest:
 
     def generate(self) -> str:
         from sd35trt.core.assets import PipelineAssets
-        from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+        from sd35trt.runtime.pipeline import Sd35Loop
+        from sd35trt.runtime.request import GenerateRequest
         from sd35trt.runtime.runners import runners_from_bundle
 
         assert self.bundle is not None

@@ -23,7 +23,7 @@ from sd35trt.runtime.batch import (
     run_batch,
     settings_of,
 )
-from sd35trt.runtime.pipeline import MAX_BATCH, GenerateRequest
+from sd35trt.runtime.request import MAX_BATCH, GenerateRequest
 
 
 def check_limits(max_temp: float | None, max_power: float | None) -> Limits:

@@ -4,7 +4,7 @@ Each is a few lines over library calls; the library does the work."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -23,7 +23,12 @@ from sd35trt.cli.app import (
 )
 from sd35trt.core.specs import ShapeRanges
 from sd35trt.producers.bundle import BuildConfig
-from sd35trt.runtime.pipeline import GenerateRequest
+from sd35trt.runtime.request import GenerateRequest
+
+if TYPE_CHECKING:
+    from sd35trt.checks.compare import CompareConfig
+    from sd35trt.core.models import ModelSource
+    from sd35trt.runtime.launch import LoopOptions
 
 _DEFAULT_REQUEST = GenerateRequest(prompt="")  # generate's defaults are the request's own
 _RANGES = ShapeRanges()  # export's default shape ranges (preflight checks what export will use)
@@ -176,7 +181,7 @@ def generate(
     from sd35trt.core.artifacts import check_output_file
     from sd35trt.core.errors import InvalidInputError
     from sd35trt.runtime.launch import open_loop
-    from sd35trt.runtime.pipeline import GenerateRequest
+    from sd35trt.runtime.request import GenerateRequest
 
     if (prompt is None) == (prompts is None):
         raise InvalidInputError("give one of --prompt and --prompts", hint="--prompt 'a koi pond', or --prompts prompts.txt")
@@ -228,6 +233,26 @@ def save_png(image, path: Path) -> Path:
     return path
 
 
+def _compare_runners(options: LoopOptions, source: ModelSource,
+                     cfg: CompareConfig) -> tuple[dict[str, dict[str, Any]], Any, str, dict[str, str]]:
+    """compare's candidates: the bundle's engines (with polygraphy's TrtRunner twin), or each ONNX variant; checked
+    to be built from ``source``."""
+    from sd35trt.checks.compare import onnx_variants, twin_refusal
+    from sd35trt.core.manifests import BundleManifest, require_model
+    from sd35trt.runtime.launch import open_runners
+
+    model = {"fingerprint": source.fingerprint(), "id": source.id}
+    if options.bundle is None:
+        by_variant, ranges, missing = onnx_variants(options, cfg.variants, model=model)
+        return by_variant, ranges, str(options.onnx), missing
+    # refuses with the reason and the --onnx to use instead; where the runtime must say, both engine loaders ask it
+    backend = BundleManifest.load(options.bundle).backend
+    found = open_runners(options, loaders=[("polygraphy TrtRunner", lambda path, plan: twin_refusal(
+        path, backend, plan.sha256, plan.bytes))])
+    require_model(found.model or {}, model["fingerprint"], model["id"], options.bundle)
+    return {"engine": found.runners}, found.ranges, str(options.bundle), {}
+
+
 @app.command()
 def compare(
     model: str = typer.Option("tiny", "--model", "-m", help="the model the artifacts were built from (its PyTorch modules are the reference)"),
@@ -250,12 +275,13 @@ def compare(
 ) -> None:
     """Per-component (polygraphy) and end-to-end comparison against PyTorch/diffusers; exit 1 on a failed tolerance."""
     import sd35trt.checks.compare as compare_mod
-    from sd35trt.checks.compare import CompareConfig, format_compare, onnx_variants, run_compare
+    from sd35trt.checks.compare import CompareConfig, format_compare, run_compare
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.errors import InvalidInputError
     from sd35trt.core.models import resolve_model
     from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
     from sd35trt.core.specs import parse_components
+    from sd35trt.runtime.launch import LoopOptions
 
     if (onnx is None) == (bundle is None):
         raise InvalidInputError("choose exactly one of --onnx and --bundle", hint="e.g. --onnx build/tiny")
@@ -264,21 +290,9 @@ def compare(
                         components=parse_components(components), prompts=prompts, steps=steps, height=height,
                         width=width, seed=seed, t5=t5, device=device)
     source = resolve_model(model, lora=lora)
-    if bundle is not None:
-        from sd35trt.checks.compare import twin_refusal
-        from sd35trt.core.manifests import BundleManifest, require_model
-        from sd35trt.runtime.runners import runners_from_bundle
-
-        # refuses with the reason and the --onnx to use instead; where the runtime must say, both engine loaders ask it
-        backend = BundleManifest.load(bundle).backend
-        found = runners_from_bundle(bundle, t5=t5, loaders=[("polygraphy TrtRunner", lambda path, plan: twin_refusal(
-            path, backend, plan.sha256, plan.bytes))])
-        require_model(found.model or {}, source.fingerprint(), source.id, bundle)
-        by_variant, ranges, label, missing = {"engine": found.runners}, found.ranges, str(bundle), {}
-    else:
-        by_variant, ranges, missing = onnx_variants(onnx, cfg.variants, provider, t5=t5,
-                                                    model={"fingerprint": source.fingerprint(), "id": source.id})
-        label = str(onnx)
+    # the runners open as generate opens them: one LoopOptions, one open_runners
+    options = LoopOptions(model=model, bundle=bundle, onnx=onnx, provider=provider, t5=t5, lora=lora)
+    by_variant, ranges, label, missing = _compare_runners(options, source, cfg)
     compare_mod.VERBOSE = verbose
     texts = read_prompts(DEFAULT_PROMPTS, prompts)[-prompts:]
     report = run_compare(source, out, cfg, texts, by_variant, ranges, label, missing)
@@ -324,7 +338,7 @@ def bench(
     for one runner and its peers, one after another in this process, on the same requests."""
     from sd35trt.core.errors import InvalidInputError, check_choice
     from sd35trt.runtime.launch import TorchPeers, open_loop
-    from sd35trt.runtime.pipeline import GenerateRequest
+    from sd35trt.runtime.request import GenerateRequest
     from sd35trt.runtime.timing import CSV_HEADER, PEERS, Peer, bench_peers, check_report_outputs, csv_lines
 
     peers_named = [p.strip() for p in (against or "").split(",") if p.strip()]

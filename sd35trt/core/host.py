@@ -40,6 +40,13 @@ def pick_dtype(dtype: str, device: str, *, on_gpu: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def pick_placement(device: str, dtype: str, *, on_gpu: str) -> tuple[str, Any]:
+    """``--device`` and ``--dtype`` together: where a torch run goes and in which dtype (``pick_device``,
+    ``pick_dtype``)."""
+    placed = pick_device(device)
+    return placed, pick_dtype(dtype, placed, on_gpu=on_gpu)
+
+
 def detect_device(device: str) -> str:
     """``pick_device`` without importing torch when no NVIDIA driver is present (for skip decisions)."""
     check_choice("--device", device, DEVICES)

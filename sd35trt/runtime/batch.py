@@ -190,12 +190,14 @@ def batch_fits(loop: Any, request: Any, budget: int | None, vram_plan: str = "au
     the transformer's batch) and, with a GPU ``budget``, the VRAM plan the loop runs under still holds; else why not."""
     from sd35trt.runtime.vram import choose_plan
 
+    shape, request = loop.shape, loop.shape.resolve(request)
+
     def fits(b: int) -> str | None:
         trial = replace(request, batch=b, prompts=("",) * b, seeds=(0,) * b)
         try:
-            loop.check(trial)
+            shape.check(trial)
             if budget is not None:
-                plan = choose_plan(loop.needs(trial), budget, vram_plan)
+                plan = choose_plan(shape.needs(trial), budget, vram_plan)
                 if loop.plan is not None and plan.mode != loop.plan.mode:
                     return f"the VRAM plan would change from {loop.plan.mode} to {plan.mode}"
         except InvalidInputError as err:

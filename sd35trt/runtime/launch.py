@@ -5,6 +5,7 @@ compare.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,18 @@ from typing import Any
 from sd35trt.core import log
 from sd35trt.core.assets import PipelineAssets, load_assets
 from sd35trt.core.errors import InvalidInputError
-from sd35trt.core.models import resolve_model
-from sd35trt.core.specs import COMPONENTS, SPECS, pipeline_attrs
-from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
-from sd35trt.runtime.runners import ComponentRunner, RunnerSet, runners_from_bundle, runners_from_onnx, runners_from_torch
+from sd35trt.core.models import ModelSource, resolve_model
+from sd35trt.core.specs import COMPONENTS, SPECS, ShapeRanges, pipeline_attrs
+from sd35trt.runtime.pipeline import Sd35Loop
+from sd35trt.runtime.request import GenerateRequest, LoopShape
+from sd35trt.runtime.runners import (
+    ComponentRunner,
+    Loader,
+    RunnerSet,
+    runners_from_bundle,
+    runners_from_onnx,
+    runners_from_torch,
+)
 from sd35trt.runtime.vram import VramPlan, choose_plan, gpu_budget
 
 
@@ -50,14 +59,25 @@ class LoopOptions:
         check_vram(self.vram_gib)
 
 
-def _assets(options: LoopOptions, found: RunnerSet | None) -> PipelineAssets:
-    """The bundle's or work dir's own assets, else the model's (checked to be what the artifacts came from)."""
+def open_runners(options: LoopOptions, *, loaders: Sequence[Loader] = ()) -> RunnerSet:
+    """The runners ``--bundle`` or ``--onnx`` names (lazy: no engine or session is loaded yet), the bundle checked
+    for this host. ``loaders``: who else opens the bundle's plans (compare's polygraphy twin)."""
+    options.check()
+    if options.bundle is not None:
+        return runners_from_bundle(options.bundle, cuda_graph=options.cuda_graph, t5=options.t5, loaders=loaders)
+    if options.onnx is None:
+        raise InvalidInputError("runners from artifacts need --bundle or --onnx", hint="--torch runs diffusers' modules")
+    return runners_from_onnx(options.onnx, options.precision, provider=options.provider, t5=options.t5)
+
+
+def loop_assets(options: LoopOptions, source: ModelSource | None, found: RunnerSet) -> PipelineAssets:
+    """The bundle's or work dir's own assets, else the model's; ``source`` (``--model``) checked to be what the
+    artifacts were built from."""
     from sd35trt.core.manifests import require_model
 
-    source = resolve_model(options.model, turbo=options.turbo, lora=options.lora) if options.model else None
-    if found is not None and source is not None and found.model is not None:
+    if source is not None and found.model is not None:
         require_model(found.model, source.fingerprint(), source.id, Path(found.source))
-    if found is not None and found.assets_folder is not None:
+    if found.assets_folder is not None:
         assets = PipelineAssets.load(found.assets_folder)
         if options.turbo is not None:
             assets.turbo = options.turbo
@@ -65,66 +85,79 @@ def _assets(options: LoopOptions, found: RunnerSet | None) -> PipelineAssets:
     if source is None:
         where = "bundle" if options.bundle else "work dir"
         raise InvalidInputError(f"this {where} carries no tokenizers/configs (built by an older sd35trt)",
-                                path=Path(found.source) if found else None,
-                                hint="pass --model with the model it was built from, or rebuild it")
+                                path=Path(found.source), hint="pass --model with the model it was built from, or rebuild it")
     return load_assets(source)
 
 
 def open_loop(options: LoopOptions, request: GenerateRequest, *, batch_text: bool = True) -> Sd35Loop:
     """Runners, assets and VRAM plan for ``request``; the returned loop is checked against every engine profile."""
+    # 1. options checked; the model resolved once; the GPU's budget
     options.check()
+    source = resolve_model(options.model, turbo=options.turbo, lora=options.lora) if options.model else None
     budget = gpu_budget(options.vram_gib)
-    if options.torch:
-        return _torch_loop(options, request, budget, batch_text)
-    if options.bundle is not None:
-        found = runners_from_bundle(options.bundle, cuda_graph=options.cuda_graph, t5=options.t5)
+    # 2. what the loop will run, as data: the artifacts' runners (nothing loaded yet), or the torch modules' sizes
+    modules = _TorchModules.of(options, source, sized=budget is not None) if options.torch else None
+    if modules is not None:
+        assets, runners, ranges, on_gpu = modules.assets, modules.sized, None, modules.device == "cuda"
     else:
-        assert options.onnx is not None
-        found = runners_from_onnx(options.onnx, options.precision, provider=options.provider, t5=options.t5)
-    assets = _assets(options, found)
-    loop = Sd35Loop(assets, found.runners, found.ranges, batch_text=batch_text, vae_tiling=options.vae_tiling)
-    loop.check(request)
-    devices = {r.device for r in found.runners.values()} if options.onnx else {"cuda"}
-    if budget is not None and "cuda" in devices:
-        loop.plan = choose_plan(loop.needs(request), budget, options.vram_plan)
-        if loop.plan.mode == "streaming":
-            found.runners["transformer"].set_streaming_budget(loop.plan.streaming_budget)
-        log.info(loop.plan.summary())
-    return loop
+        found = open_runners(options)
+        assets, runners, ranges = loop_assets(options, source, found), found.runners, found.ranges
+        on_gpu = "cuda" in ({r.device for r in runners.values()} if options.onnx else {"cuda"})
+    # 3. the request resolved once and checked against every profile
+    shape = LoopShape(assets if "t5" in runners else assets.without_t5(), runners, ranges or ShapeRanges(), batch_text,
+                      options.vae_tiling)
+    request = shape.resolve(request)
+    shape.check(request)
+    # 4. the VRAM plan from the shape's needs (GPU runs only)
+    plan = choose_plan(shape.needs(request), budget, options.vram_plan) if on_gpu and budget is not None else None
+    if plan is not None:
+        log.info(plan.summary())
+    # 5. the loop, given its plan (the transformer's streaming budget) at construction; torch modules built for it
+    if modules is not None:
+        runners = modules.build(plan)
+    return Sd35Loop(assets, runners, ranges, batch_text=batch_text, plan=plan, vae_tiling=options.vae_tiling)
 
 
-def _torch_loop(options: LoopOptions, request: GenerateRequest, budget: int | None, batch_text: bool) -> Sd35Loop:
-    """diffusers' modules: the plan is chosen from their weights counted on the meta device, then the pipeline is
-    built where the plan wants it (on the GPU for a resident plan, on the CPU to be moved stage by stage)."""
-    from sd35trt.core.host import pick_device, pick_dtype
-    from sd35trt.core.models import build_pipeline, weight_bytes
+@dataclass
+class _TorchModules:
+    """``--torch``: diffusers' modules of one model. Their sizes are counted on the meta device first (``sized``:
+    runners that carry weight bytes only), so the VRAM plan is chosen before the pipeline is built where the plan
+    wants it (on the GPU for a resident plan, on the CPU to be moved stage by stage)."""
 
-    if options.model is None:
-        raise InvalidInputError("--torch needs --model", hint="e.g. --torch --model tiny")
-    source = resolve_model(options.model, turbo=options.turbo, lora=options.lora)
-    device = pick_device(options.device)
-    dtype = pick_dtype(options.dtype, device, on_gpu="bf16")
-    attrs = pipeline_attrs(options.t5 and source.has_t5)
-    assets = load_assets(source, t5="text_encoder_3" in attrs)
-    plan: VramPlan | None = None
-    if device == "cuda" and budget is not None:
-        sizes = weight_bytes(source, dtype, attrs)
-        sized_runners = {c: ComponentRunner(SPECS[c], str(dtype), weight_bytes=sizes[SPECS[c].pipeline_attr])
-                     for c in COMPONENTS if SPECS[c].pipeline_attr in attrs}
-        plan = choose_plan(Sd35Loop(assets, sized_runners, batch_text=batch_text).needs(request), budget, options.vram_plan)
-        if plan.mode == "streaming":
+    options: LoopOptions
+    source: ModelSource
+    device: str
+    dtype: Any
+    attrs: tuple[str, ...]
+    assets: PipelineAssets
+    sized: dict[str, ComponentRunner]
+
+    @classmethod
+    def of(cls, options: LoopOptions, source: ModelSource | None, *, sized: bool) -> _TorchModules:
+        from sd35trt.core.host import pick_placement
+        from sd35trt.core.models import weight_bytes
+
+        if source is None:
+            raise InvalidInputError("--torch needs --model", hint="e.g. --torch --model tiny")
+        device, dtype = pick_placement(options.device, options.dtype, on_gpu="bf16")
+        attrs = pipeline_attrs(options.t5 and source.has_t5)
+        sizes = weight_bytes(source, dtype, attrs) if sized and device == "cuda" else {}
+        runners = {c: ComponentRunner(SPECS[c], str(dtype), weight_bytes=sizes.get(SPECS[c].pipeline_attr, 0))
+                   for c in COMPONENTS if SPECS[c].pipeline_attr in attrs}
+        return cls(options, source, device, dtype, attrs, load_assets(source, t5="text_encoder_3" in attrs), runners)
+
+    def build(self, plan: VramPlan | None) -> dict[str, ComponentRunner]:
+        from sd35trt.core.models import build_pipeline
+
+        if plan is not None and plan.mode == "streaming":
             raise InvalidInputError("weight streaming is for engines; the torch runner has resident and sequential plans",
                                     hint="use --vram-plan sequential, or a larger --vram")
-        log.info(plan.summary())
-    offload = plan is not None and plan.sequential
-    # Presets initialise each network in FP32 before casting it (the same weights in every dtype), so under a
-    # memory cap (--vram) they are built on the CPU and moved: the FP32 transformer alone may exceed the cap.
-    on_cpu = offload or options.vram_gib is not None
-    pipe = build_pipeline(source, device="cpu" if on_cpu else device, dtype=dtype, components=attrs)
-    runners = runners_from_torch(pipe, device=device, offload=offload)
-    loop = Sd35Loop(assets, runners, batch_text=batch_text, plan=plan, vae_tiling=options.vae_tiling)
-    loop.check(request)
-    return loop
+        offload = plan is not None and plan.sequential
+        # Presets initialise each network in FP32 before casting it (the same weights in every dtype), so under a
+        # memory cap (--vram) they are built on the CPU and moved: the FP32 transformer alone may exceed the cap.
+        on_cpu = offload or self.options.vram_gib is not None
+        pipe = build_pipeline(self.source, device="cpu" if on_cpu else self.device, dtype=self.dtype, components=self.attrs)
+        return runners_from_torch(pipe, device=self.device, offload=offload)
 
 
 # --- bench peers: what users would run instead, on the same pipeline -------------------------------------

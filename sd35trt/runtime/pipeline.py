@@ -12,84 +12,19 @@ call, and without T5 the T5 embeddings are zeros (``text_encoder_3=None``).
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from sd35trt.core import log
 from sd35trt.core.assets import PipelineAssets
-from sd35trt.core.errors import InvalidInputError, NonFiniteError, check_seed
-from sd35trt.core.presets import Defaults
-from sd35trt.core.specs import COMPONENTS, SPECS, ShapeRanges, check_pixels
+from sd35trt.core.errors import InvalidInputError, NonFiniteError
+from sd35trt.core.specs import COMPONENTS, ShapeRanges
 from sd35trt.core.tokenizers import CLIP_MAX_TOKENS, T5_MAX_TOKENS
+from sd35trt.runtime.request import GenerateRequest, LoopShape, PlannedCall
 from sd35trt.runtime.runners import ComponentRunner
-from sd35trt.runtime.tiling import DEFAULT_TILE_PIXELS, tile_shapes, tiled_decode
+from sd35trt.runtime.tiling import tiled_decode
 from sd35trt.runtime.vram import Need, VramPlan
-
-TILING = ("auto", "on", "off")
-MAX_STEPS, MAX_GUIDANCE, MAX_BATCH = 500, 100.0, 16  # past these SD3.5 gives garbage, or runs for hours
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One generation. ``steps``/``guidance`` left as None take the model's own defaults (28 and 4.5;
-    SD3.5-Large-Turbo: 4 and 0)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int = 0
-    height: int = 1024
-    width: int = 1024
-    batch: int = 1
-    # A micro-batch of different images (generate --prompts): one prompt and one seed per image, each image's noise
-    # drawn from its own seed, so an image is the same whatever batch it ran in (and `generate --prompt P --seed S`
-    # makes it alone). Empty: ``batch`` images of ``prompt`` from one generator seeded ``seed``, as diffusers does.
-    prompts: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        if (self.prompts or self.seeds) and not len(self.prompts) == len(self.seeds) == self.batch:
-            raise ValueError(f"prompts ({len(self.prompts)}) and seeds ({len(self.seeds)}) must be one per image "
-                             f"of the batch ({self.batch})")
-        for seed in self.seeds:
-            check_seed(seed)
-        """Reject bad requests before any work (diffusers' check_inputs, stricter: bounds past which SD3.5 can only
-        give garbage or run for hours)."""
-        if self.steps is not None and self.steps < 1:
-            raise InvalidInputError(f"--steps {self.steps} must be ≥ 1", hint="SD3.5 uses 28-40 steps; e.g. --steps 28")
-        if self.steps is not None and self.steps > MAX_STEPS:
-            raise InvalidInputError(f"--steps {self.steps} is more than {MAX_STEPS}", hint="SD3.5 uses 28-40 steps")
-        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
-            raise InvalidInputError(f"--guidance {self.guidance} must be a finite number ≥ 0", hint="e.g. --guidance 4.5")
-        if self.guidance is not None and self.guidance > MAX_GUIDANCE:
-            raise InvalidInputError(f"--guidance {self.guidance:g} is more than {MAX_GUIDANCE:g}: the noise estimate "
-                                    "overflows to NaN", hint="SD3.5 uses 3.5-7; e.g. --guidance 4.5")
-        if not 1 <= self.batch <= MAX_BATCH:
-            raise InvalidInputError(f"--batch {self.batch} is outside 1..{MAX_BATCH}", hint="e.g. --batch 1")
-        check_seed(self.seed)
-        check_pixels(self.height, "--height")
-        check_pixels(self.width, "--width")
-
-    def resolved(self, defaults: Defaults) -> GenerateRequest:
-        return replace(self, steps=defaults.steps if self.steps is None else self.steps,
-                       guidance=defaults.guidance if self.guidance is None else self.guidance)
-
-    @property
-    def cfg(self) -> bool:
-        """Classifier-free guidance, as diffusers decides it (``guidance_scale > 1``)."""
-        return (self.guidance if self.guidance is not None else 0.0) > 1.0
-
-
-@dataclass(frozen=True)
-class PlannedCall:
-    """One network call the loop will make for a request: the symbolic dims and its input shapes."""
-
-    component: str
-    dims: dict[str, int]
-    shapes: dict[str, tuple[int, ...]]
 
 
 @dataclass
@@ -115,24 +50,22 @@ class Sd35Loop:
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.image_processor import VaeImageProcessor
 
-        if vae_tiling not in TILING:
-            raise InvalidInputError(f"--vae-tiling {vae_tiling} is not one of {', '.join(TILING)}", hint="e.g. --vae-tiling auto")
         required = [c for c in COMPONENTS if c != "t5"]
         missing = [c for c in required if c not in runners]
         if missing:
             raise InvalidInputError(f"no runner for {', '.join(missing)}", hint="export/build every component (T5 alone may be left out)")
         self.assets = assets if "t5" in runners else assets.without_t5()
         self.runners = runners
-        self.ranges = ranges or ShapeRanges()
+        # One text-encoder call for negative+positive (faster); False encodes them apart as diffusers does,
+        # which makes the torch runners bit-identical to StableDiffusion3Pipeline.
+        self.shape = LoopShape(self.assets, runners, ranges or ShapeRanges(), batch_text, vae_tiling)
         self.plan = plan
-        self.vae_tiling = vae_tiling
+        if plan is not None and plan.streaming_budget is not None:  # before any engine loads
+            runners["transformer"].set_streaming_budget(plan.streaming_budget)
         self.scheduler_class = FlowMatchEulerDiscreteScheduler
         self.vae_scale = assets.vae_scale
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale)
         self.latent_channels = assets.vae["latent_channels"]
-        # One text-encoder call for negative+positive (faster); False encodes them apart as diffusers does,
-        # which makes the torch runners bit-identical to StableDiffusion3Pipeline.
-        self.batch_text = batch_text
         self._warned: set[tuple[str, str]] = set()
 
     @property
@@ -144,87 +77,32 @@ class Sd35Loop:
         """Where the loop keeps latents and runs the scheduler: the transformer's device."""
         return self.runners["transformer"].device
 
-    # 0. what a request will run --------------------------------------------------------------------------
-
-    def vae_tile(self, request: GenerateRequest) -> int | None:
-        """Latent tile side of the VAE decode (None: decoded whole)."""
-        side = self.ranges.vae_side
-        profile = self.runners["vae_decoder"].profile
-        if profile is not None and "latent" in profile:
-            side = min(profile["latent"][-1][2], profile["latent"][-1][3]) * self.vae_scale
-        needed = max(request.height, request.width) > side
-        if self.vae_tiling == "off" or (self.vae_tiling == "auto" and not needed):
-            if needed:
-                raise InvalidInputError(f"{request.height}x{request.width} is larger than the VAE decoder takes whole "
-                                        f"({side} px per side) and --vae-tiling is off", hint="use --vae-tiling auto")
-            return None
-        return min(side, DEFAULT_TILE_PIXELS) // self.vae_scale
-
-    def planned_calls(self, request: GenerateRequest) -> list[PlannedCall]:
-        """Every network call ``__call__`` makes for ``request``, with its input shapes: what the engine
-        profiles are checked against before any work (``check``)."""
-        request = request.resolved(self.assets.defaults)
-        batch, cfg = request.batch, request.cfg
-        text_batches = [2 * batch] if cfg and self.batch_text else [batch, batch] if cfg else [batch]
-        lat_h, lat_w = request.height // self.vae_scale, request.width // self.vae_scale
-        calls = []
-        encoders = ("clip_l", "clip_g", "t5") if self.has_t5 else ("clip_l", "clip_g")
-
-        def call(name: str, dims: dict[str, int]) -> PlannedCall:
-            spec = SPECS[name]
-            profile = self.runners[name].profile or {}
-            shapes = {t.name: tuple(dims[d] if isinstance(d, str) and d in dims else _static(profile, t.name, i, d)
-                                    for i, d in enumerate(t.shape)) for t in spec.inputs}
-            return PlannedCall(name, dims, shapes)
-
-        for n in text_batches:
-            for name in encoders:
-                calls.append(call(name, SPECS[name].concrete_dims(self.vae_scale, batch=n, height=request.height,
-                                                                  width=request.width)))
-        calls.append(call("transformer", SPECS["transformer"].concrete_dims(
-            self.vae_scale, batch=2 * batch if cfg else batch, height=request.height, width=request.width)))
-        tile = self.vae_tile(request)
-        for th, tw in tile_shapes(lat_h, lat_w, tile) if tile else [(lat_h, lat_w)]:
-            for images in sorted({len(c) for c in _chunks(list(range(batch)), self.vae_batch or batch)}):
-                calls.append(call("vae_decoder", SPECS["vae_decoder"].concrete_dims(
-                    self.vae_scale, batch=images, height=th * self.vae_scale, width=tw * self.vae_scale)))
-        return calls
+    @property
+    def ranges(self) -> ShapeRanges:
+        return self.shape.ranges
 
     @property
-    def vae_batch(self) -> int | None:
-        """Images per VAE decoder call: its profile's largest batch (None: any, a torch module)."""
-        profile = self.runners["vae_decoder"].profile
-        return int(profile["latent"][-1][0]) if profile is not None and "latent" in profile else None
+    def batch_text(self) -> bool:
+        return self.shape.batch_text
+
+    # what a request will run (each resolves the request, then asks the loop's shape) --------------------------
 
     def check(self, request: GenerateRequest) -> None:
         """Refuse, before any work, a request some engine's profile would refuse (one line naming it)."""
-        request = request.resolved(self.assets.defaults)
-        problems = self.ranges.contains(batch=request.batch, height=request.height, width=request.width)
-        for planned in [] if problems else self.planned_calls(request):
-            problems += [f"{planned.component}: {why}" for why in self.runners[planned.component].accepts(planned.shapes)]
-        if problems:
-            raise InvalidInputError(f"request outside the exported/engine shape ranges: {'; '.join(dict.fromkeys(problems))}",
-                                    hint=f"ranges are batch {self.ranges.batch}, height {self.ranges.height}, width "
-                                         f"{self.ranges.width}; re-export with wider --height/--width/--batch to go beyond")
+        self.shape.check(self.shape.resolve(request))
+
+    def planned_calls(self, request: GenerateRequest) -> list[PlannedCall]:
+        return self.shape.planned_calls(self.shape.resolve(request))
 
     def needs(self, request: GenerateRequest) -> dict[str, Need]:
-        """What each network needs on the GPU for ``request`` (the VRAM plan's input): its weights, and its activations
-        at the request's shapes, or at its profile's largest shapes for an engine, which allocates for those
-        whatever it runs (static allocation: ``device_memory_size_v2``)."""
-        found: dict[str, Need] = {}
-        for planned in self.planned_calls(request):
-            runner = self.runners[planned.component]
-            spec = SPECS[planned.component]
-            width = self.assets.widths.get(planned.component, 0)
-            dims, at = planned.dims, "the request's shapes"
-            if runner.static_activations and runner.profile:
-                dims = spec.dims_of({name: shapes[-1] for name, shapes in runner.profile.items()}, self.vae_scale)
-                at = "the profile's largest shapes (static allocation)"
-            act = spec.activation_bytes(dims, width)
-            old = found.get(planned.component)
-            found[planned.component] = Need(planned.component, runner.weight_bytes,
-                                            max(act, old.activations if old else 0), runner.streamable, at)
-        return found
+        return self.shape.needs(self.shape.resolve(request))
+
+    def vae_tile(self, request: GenerateRequest) -> int | None:
+        return self.shape.vae_tile(request)
+
+    @property
+    def vae_batch(self) -> int | None:
+        return self.shape.vae_batch
 
     def _finite(self, tensor: Any, what: str, request: GenerateRequest) -> None:
         """NaN/Inf in ``what`` stops the run before an image is written (it would be black), naming the likely cause:
@@ -303,9 +181,9 @@ class Sd35Loop:
 
         vae = self._loaded("vae_decoder")
         scaled = latents / self.assets.vae["scaling_factor"] + self.assets.vae["shift_factor"]
-        tile = self.vae_tile(request)
+        tile = self.shape.vae_tile(request)
         images = []
-        for chunk in scaled.split(self.vae_batch or scaled.shape[0]):  # the decoder's profile takes vae_batch images
+        for chunk in scaled.split(self.shape.vae_batch or scaled.shape[0]):  # the decoder's profile takes vae_batch images
             if tile is None:  # a copy: an engine's output buffer is overwritten by its next call
                 images.append(vae(latent=chunk.contiguous())["images"].to("cpu", torch.float32, copy=True))
             else:
@@ -320,9 +198,9 @@ class Sd35Loop:
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
         from diffusers.utils.torch_utils import randn_tensor
 
-        # 1. check inputs (every engine call against its profile)
-        request = request.resolved(self.assets.defaults)
-        self.check(request)
+        # 1. check inputs (every engine call against its profile), the request resolved once
+        request = self.shape.resolve(request)
+        self.shape.check(request)
         timings: dict[str, float] = {}
         batch, cfg, device = request.batch, request.cfg, torch.device(self.device)
 
@@ -330,7 +208,7 @@ class Sd35Loop:
         start = _clock(device)
         prompts = list(request.prompts) or [request.prompt] * batch
         negatives = [request.negative_prompt] * batch
-        if cfg and not self.batch_text:
+        if cfg and not self.shape.batch_text:
             (neg_e, neg_p), (pos_e, pos_p) = self.encode_prompt(negatives), self.encode_prompt(prompts)
             embeds, pooled = torch.cat([neg_e, pos_e]), torch.cat([neg_p, pos_p])
         else:
@@ -395,18 +273,6 @@ class Sd35Loop:
         return GenerateResult(latents=latents.cpu(), images=images, pil=pil,
                               timings={k: round(v, 4) for k, v in timings.items()},
                               plan=self.plan.to_dict() if self.plan is not None else None)
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def _static(profile: dict[str, Any], tensor: str, index: int, dim: Any) -> int:
-    """A fixed width of an input shape: from the engine's profile (every shape in it has it), else -1."""
-    if isinstance(dim, int):
-        return dim
-    shapes = profile.get(tensor)
-    return int(shapes[0][index]) if shapes else -1
 
 
 def truncated_text(tokenizer: Any, prompt: str, max_length: int) -> str:

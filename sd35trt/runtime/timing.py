@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sd35trt.runtime.pipeline import GenerateRequest, Sd35Loop
+from sd35trt.runtime.pipeline import Sd35Loop
+from sd35trt.runtime.request import GenerateRequest
 from sd35trt.runtime.telemetry import GpuSampler, gpu_info
 
 # The peers `bench --against` knows, and what each is (the table's setup column).
