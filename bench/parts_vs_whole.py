@@ -20,7 +20,7 @@ import torch
 from sd35trt.core.manifests import OnnxManifest
 from sd35trt.core.specs import SPECS, Precision
 from sd35trt.producers.parts import write_parts
-from sd35trt.runtime.runners import OrtRunner
+from sd35trt.runtime.runners import ort_runner
 
 
 def main(folder: str, component: str, precision: str, count: str, out: str) -> None:
@@ -33,13 +33,13 @@ def main(folder: str, component: str, precision: str, count: str, out: str) -> N
     if "timestep" in feeds:
         feeds["timestep"] = torch.full_like(feeds["timestep"], 500.0)
     start = time.time()
-    whole = OrtRunner(spec, manifest.onnx_path, precision)(**feeds)
+    whole = ort_runner(spec, manifest.onnx_path, precision, "cpu", None)(**feeds)
     timings = {"whole_s": round(time.time() - start, 1)}
     gc.collect()
     known = dict(feeds)
     for path, plan in write_parts(manifest.onnx_path, int(count), manifest.profile, Path(out)):
         start = time.time()
-        runner = OrtRunner(spec, path, precision, inputs=plan.inputs)
+        runner = ort_runner(spec, path, precision, "cpu", None, inputs=plan.inputs, outputs=plan.outputs)
         known.update(runner(**{n: known[n] for n in plan.inputs}))
         del runner
         gc.collect()

@@ -51,7 +51,8 @@ def with_todays_vae(manifest: dict) -> dict:
     """The bundle with its VAE decoder entry given today's default profile (``ShapeRanges``: 1 image, 1024 px)."""
     from sd35trt.core.assets import PipelineAssets
     from sd35trt.core.presets import SD35_MEDIUM
-    from sd35trt.core.specs import SPECS, PipeDims, ShapeRanges
+    from sd35trt.core.shapes import ShapeRanges
+    from sd35trt.core.specs import SPECS, PipeDims
 
     vae = dict(manifest["components"]["vae_decoder"])
     ranges = ShapeRanges.from_dict(vae["ranges"])

@@ -53,7 +53,7 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
     assert "FP8" in (folder / "layers" / "transformer.txt").read_text()
     assert transformer["onnx"]["calibration_hash"]
     assert verify_bundle(folder).target == "ada"
-    from sd35trt.core.specs import ShapeRanges
+    from sd35trt.core.shapes import ShapeRanges
     from sd35trt.runtime.runners import ranges_of_bundle
 
     assert ranges_of_bundle(result.manifest) == ShapeRanges()  # the exported ranges travel with the engines
@@ -140,7 +140,8 @@ def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
 
     from sd35trt.core.models import build_pipeline, resolve_model
     from sd35trt.core.numerics import Island, fp32_islands
-    from sd35trt.core.specs import SPECS, PipeDims, ShapeRanges
+    from sd35trt.core.shapes import ShapeRanges
+    from sd35trt.core.specs import SPECS, PipeDims
     from sd35trt.core.wrappers import CastIO
     from sd35trt.producers.export import export_component
     from sd35trt.producers.trt_builder import TensorRTRTXBackend, build_engine_isolated

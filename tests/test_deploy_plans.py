@@ -128,7 +128,8 @@ def test_a_1536_image_from_a_vae_profile_capped_at_768(tmp_path, tiny_source):
     inside its profile (onnxruntime enforces it as an engine would), two images one after another (its profile
     takes one)."""
     from sd35trt.core.assets import load_assets
-    from sd35trt.core.specs import SPECS, Range, ShapeRanges
+    from sd35trt.core.shapes import Range, ShapeRanges
+    from sd35trt.core.specs import SPECS
     from sd35trt.producers.export import ExportConfig, export_model
     from sd35trt.runtime.pipeline import Sd35Loop
     from sd35trt.runtime.request import GenerateRequest

@@ -3,7 +3,7 @@ import torch
 
 from sd35trt.core.assets import PipelineAssets
 from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError
-from sd35trt.core.specs import ShapeRanges
+from sd35trt.core.shapes import ShapeRanges
 from sd35trt.runtime.pipeline import Sd35Loop
 from sd35trt.runtime.request import GenerateRequest
 from sd35trt.runtime.runners import runners_from_bundle, runners_from_onnx, runners_from_torch

@@ -1,7 +1,8 @@
 import pytest
 
 from sd35trt.core.errors import InvalidInputError
-from sd35trt.core.specs import COMPONENTS, SPECS, PipeDims, Range, ShapeRanges, check_pixels, parse_components
+from sd35trt.core.shapes import Range, ShapeRanges, check_pixels
+from sd35trt.core.specs import COMPONENTS, SPECS, PipeDims, parse_components
 
 
 def test_range_parse_forms():

@@ -75,7 +75,7 @@ def root(version: bool = typer.Option(False, "--version", callback=version_callb
 
 def ranges_from_options(batch: str, height: str, width: str, t5_tokens: str, *, cfg: bool = True, vae_max: int = 0,
                         vae_batch: int = 1):
-    from sd35trt.core.specs import Range, ShapeRanges
+    from sd35trt.core.shapes import Range, ShapeRanges
 
     return ShapeRanges(batch=Range.parse(batch, "--batch"), height=Range.parse(height, "--height"),
                        width=Range.parse(width, "--width"), t5_tokens=Range.parse(t5_tokens, "--t5-tokens"), cfg=cfg,

@@ -21,7 +21,7 @@ from sd35trt.cli.app import (
     echo,
     emit,
 )
-from sd35trt.core.specs import ShapeRanges
+from sd35trt.core.shapes import ShapeRanges
 from sd35trt.producers.bundle import BuildConfig
 from sd35trt.runtime.request import GenerateRequest
 
@@ -457,11 +457,11 @@ def preflight(
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.host import resolve_target
     from sd35trt.core.models import resolve_model
+    from sd35trt.core.shapes import check_model_side
     from sd35trt.core.specs import (
         CALIBRATABLE,
         COMPONENTS,
         Precision,
-        check_model_side,
         parse_components,
         parse_format,
         with_t5,

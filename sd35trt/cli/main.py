@@ -30,7 +30,7 @@ from sd35trt.cli.app import (  # noqa: E402
     results_on_stdout,
 )
 from sd35trt.core.errors import Sd35TrtError  # noqa: E402
-from sd35trt.core.specs import ShapeRanges  # noqa: E402
+from sd35trt.core.shapes import ShapeRanges  # noqa: E402
 from sd35trt.producers.calibrate import CalibrationConfig as Calib  # noqa: E402  (defaults live in the configs)
 from sd35trt.producers.export import DEFAULT_OPSET  # noqa: E402
 
@@ -66,7 +66,8 @@ def export(
     from sd35trt.core.host import resolve_target
     from sd35trt.core.models import resolve_model
     from sd35trt.core.onnx_utils import resolve_provider
-    from sd35trt.core.specs import check_model_side, parse_components, with_t5
+    from sd35trt.core.shapes import check_model_side
+    from sd35trt.core.specs import parse_components, with_t5
     from sd35trt.core.targets import parse_target
     from sd35trt.producers.export import ExportConfig, export_model, plan_variants
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sd35trt.core.specs import ComponentSpec, PipeDims, ShapeRanges
+    from sd35trt.core.shapes import ShapeRanges
+    from sd35trt.core.specs import ComponentSpec, PipeDims
 
 # Timesteps at the two ends of the flow-matching schedule (SD3 passes sigma x 1000): pure noise and nearly clean.
 PROBE_TIMESTEPS = (1000.0, 1.0)

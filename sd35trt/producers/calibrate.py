@@ -48,7 +48,8 @@ from sd35trt.core.metrics import error_stats, psnr, summarize
 from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import ActivationCensus, Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
-from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, ShapeRanges, pipeline_attrs, vae_input
+from sd35trt.core.shapes import ShapeRanges
+from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, pipeline_attrs, vae_input
 from sd35trt.core.traffic import TrafficRecorder, spread
 from sd35trt.core.wrappers import CastIO, eager_text_attention
 from sd35trt.producers.quantize import collect_scales, is_quantizer, quant_state
@@ -100,7 +101,7 @@ class CalibrationConfig:
     format: Precision = Precision.FP8  # fp8 | int4 (AWQ, weight-only) | nvfp4 (weight-only FP4): calibrate --format
 
     def __post_init__(self):
-        from sd35trt.core.specs import check_pixels
+        from sd35trt.core.shapes import check_pixels
 
         if self.num_prompts < 1:
             raise InvalidInputError(f"--num-prompts {self.num_prompts} must be ≥ 1", hint="e.g. --num-prompts 32")

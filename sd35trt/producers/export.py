@@ -53,7 +53,8 @@ from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import Island, fp32_islands, hottest_module, plan_islands
 from sd35trt.core.onnx_utils import PROVIDERS
 from sd35trt.core.probes import EXPORT_CHECK_SEED, EXPORT_TRACE_SEED, export_dims
-from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, PipeDims, Precision, ShapeRanges
+from sd35trt.core.shapes import ShapeRanges
+from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, PipeDims, Precision
 from sd35trt.core.targets import TargetInfo, exported_variants
 from sd35trt.core.wrappers import CastIO
 

@@ -14,7 +14,8 @@ from sd35trt.core import log
 from sd35trt.core.assets import PipelineAssets, load_assets
 from sd35trt.core.errors import InvalidInputError
 from sd35trt.core.models import ModelSource, resolve_model
-from sd35trt.core.specs import COMPONENTS, SPECS, ShapeRanges, pipeline_attrs
+from sd35trt.core.shapes import ShapeRanges
+from sd35trt.core.specs import COMPONENTS, SPECS, pipeline_attrs
 from sd35trt.runtime.pipeline import Sd35Loop
 from sd35trt.runtime.request import GenerateRequest, LoopShape
 from sd35trt.runtime.runners import (

@@ -19,7 +19,8 @@ from typing import Any
 from sd35trt.core import log
 from sd35trt.core.assets import PipelineAssets
 from sd35trt.core.errors import InvalidInputError, NonFiniteError
-from sd35trt.core.specs import COMPONENTS, ShapeRanges
+from sd35trt.core.shapes import ShapeRanges
+from sd35trt.core.specs import COMPONENTS
 from sd35trt.core.tokenizers import CLIP_MAX_TOKENS, T5_MAX_TOKENS
 from sd35trt.runtime.request import GenerateRequest, LoopShape, PlannedCall
 from sd35trt.runtime.runners import ComponentRunner

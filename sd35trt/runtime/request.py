@@ -15,7 +15,8 @@ from typing import Any
 from sd35trt.core.assets import PipelineAssets
 from sd35trt.core.errors import InvalidInputError, check_seed
 from sd35trt.core.presets import Defaults
-from sd35trt.core.specs import SPECS, ShapeRanges, check_pixels
+from sd35trt.core.shapes import ShapeRanges, check_pixels
+from sd35trt.core.specs import SPECS
 from sd35trt.runtime.runners import ComponentRunner
 from sd35trt.runtime.tiling import DEFAULT_TILE_PIXELS, tile_shapes
 from sd35trt.runtime.vram import Need

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, VariantMissingError
 from sd35trt.core.manifests import MANIFEST, BundleManifest, OnnxManifest, PlanFile, WorkDir
-from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, Precision, ShapeRanges
+from sd35trt.core.shapes import ShapeRanges
+from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, Precision
 from sd35trt.core.targets import RUNNER_VARIANTS, runner_variant
 from sd35trt.runtime.session import EngineSession, SharedDeviceMemory, profile_problem
 
