@@ -33,13 +33,13 @@ def main(folder: str, component: str, precision: str, count: str, out: str) -> N
     if "timestep" in feeds:
         feeds["timestep"] = torch.full_like(feeds["timestep"], 500.0)
     start = time.time()
-    whole = ort_runner(spec, manifest.onnx_path, precision, "cpu", None)(**feeds)
+    whole = ort_runner(spec, manifest.onnx_path, Precision(precision), "cpu", None)(**feeds)
     timings = {"whole_s": round(time.time() - start, 1)}
     gc.collect()
     known = dict(feeds)
     for path, plan in write_parts(manifest.onnx_path, int(count), manifest.profile, Path(out)):
         start = time.time()
-        runner = ort_runner(spec, path, precision, "cpu", None, inputs=plan.inputs, outputs=plan.outputs)
+        runner = ort_runner(spec, path, Precision(precision), "cpu", None, inputs=plan.inputs, outputs=plan.outputs)
         known.update(runner(**{n: known[n] for n in plan.inputs}))
         del runner
         gc.collect()

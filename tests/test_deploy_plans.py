@@ -129,7 +129,7 @@ def test_a_1536_image_from_a_vae_profile_capped_at_768(tmp_path, tiny_source):
     takes one)."""
     from sd35trt.core.assets import load_assets
     from sd35trt.core.shapes import Range, ShapeRanges
-    from sd35trt.core.specs import SPECS
+    from sd35trt.core.specs import SPECS, Precision
     from sd35trt.producers.export import ExportConfig, export_model
     from sd35trt.runtime.pipeline import Sd35Loop
     from sd35trt.runtime.request import GenerateRequest
@@ -140,7 +140,7 @@ def test_a_1536_image_from_a_vae_profile_capped_at_768(tmp_path, tiny_source):
                  device="cpu", precision="fp32")
     vae = runners_from_onnx(tmp_path, "fp32", components=("vae_decoder",)).runners["vae_decoder"]
     assert vae.profile["latent"][-1] == [1, 16, 96, 96]
-    runners = {n: ComponentRunner(SPECS[n], "fp32") for n in ("transformer", "clip_l", "clip_g")} | {"vae_decoder": vae}
+    runners = {n: ComponentRunner(SPECS[n], Precision.FP32) for n in ("transformer", "clip_l", "clip_g")} | {"vae_decoder": vae}
     loop = Sd35Loop(load_assets(tiny_source), runners, ranges)
     request = GenerateRequest(prompt="x", height=1536, width=1536, batch=2)
     assert loop.vae_tile(request) == 96

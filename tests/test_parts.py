@@ -50,8 +50,8 @@ def test_parts_chained_compute_exactly_what_the_whole_graph_computes(calibrated,
     root, _ = calibrated
     manifest, parts = _whole_and_parts(root, Precision.FP32, name, count, tmp_path)
     assert [p.index for _, p in parts] == list(range(count))
-    whole = ort_runner(SPECS[name], manifest.onnx_path, "fp32", "cpu", manifest.profile)
-    chain = ChainRunner(SPECS[name], [ort_runner(SPECS[name], path, "fp32", "cpu", plan.profile, inputs=plan.inputs,
+    whole = ort_runner(SPECS[name], manifest.onnx_path, Precision.FP32, "cpu", manifest.profile)
+    chain = ChainRunner(SPECS[name], [ort_runner(SPECS[name], path, Precision.FP32, "cpu", plan.profile, inputs=plan.inputs,
                                                  outputs=plan.outputs) for path, plan in parts])
     for point in (0, 1):  # min and opt (max is 8 images at 1536², minutes of CPU attention)
         feeds = _feeds(manifest, point)
@@ -208,8 +208,8 @@ def test_parts_of_an_external_data_onnx_link_its_weights_and_still_load(calibrat
     link = tmp_path / "parts" / "model.onnx.data"
     assert link.samefile(source / "model.onnx.data") and not link.is_symlink()
     spec = SPECS["transformer"]
-    whole = ort_runner(spec, source / "model.onnx", "fp32", "cpu", manifest.profile)
-    chain = ChainRunner(spec, [ort_runner(spec, path, "fp32", "cpu", plan.profile, inputs=plan.inputs,
+    whole = ort_runner(spec, source / "model.onnx", Precision.FP32, "cpu", manifest.profile)
+    chain = ChainRunner(spec, [ort_runner(spec, path, Precision.FP32, "cpu", plan.profile, inputs=plan.inputs,
                                           outputs=plan.outputs) for path, plan in parts])
     feeds = _feeds(manifest, 0)
     assert torch.equal(whole(**feeds)["noise_pred"], chain(**feeds)["noise_pred"])

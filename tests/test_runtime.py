@@ -46,7 +46,7 @@ def test_session_allocates_once_per_shape_and_keeps_addresses(exported):
 def test_session_checks_the_engine_against_its_component(exported):
     out, _ = exported
     wrong = WorkDir(out).onnx_path(Precision.FP32, "clip_l")
-    runner = ort_runner(SPECS["transformer"], wrong, "fp32", "cpu", None)
+    runner = ort_runner(SPECS["transformer"], wrong, Precision.FP32, "cpu", None)
     with pytest.raises(ArtifactError, match=r"transformer engine does not match its component: inputs \['input_ids'\], "
                                             r"expected \['hidden_states'"):
         runner.load()
@@ -72,9 +72,9 @@ def test_parts_hand_over_in_their_own_dtype(calibrated, tmp_path):
     manifest = OnnxManifest.load(WorkDir(root).onnx_folder(Precision.FP16, "transformer"), "transformer", Precision.FP16)
     parts = write_parts(manifest.onnx_path, 2, manifest.profile, tmp_path / "parts")
     spec = SPECS["transformer"]
-    chain = ChainRunner(spec, [ort_runner(spec, path, "fp16", "cpu", plan.profile, inputs=plan.inputs, outputs=plan.outputs)
+    chain = ChainRunner(spec, [ort_runner(spec, path, Precision.FP16, "cpu", plan.profile, inputs=plan.inputs, outputs=plan.outputs)
                                for path, plan in parts])
-    whole = ort_runner(spec, manifest.onnx_path, "fp16", "cpu", manifest.profile)
+    whole = ort_runner(spec, manifest.onnx_path, Precision.FP16, "cpu", manifest.profile)
     feeds = _transformer_feeds(2, 512, seed=3)
     got, expected = chain(**feeds)["noise_pred"], whole(**feeds)["noise_pred"]
     carried = [n for n in chain.parts[1].inputs if n not in spec.input_names]

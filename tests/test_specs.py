@@ -67,3 +67,26 @@ def test_every_spec_has_tolerances_for_every_precision_it_can_be_built_in():
         for precision in PRECISION_PREFERENCE[name]:
             assert precision in spec.tolerances, (name, precision)
         assert Precision.FP32 in spec.tolerances
+
+
+def test_precision_is_one_type_from_artifacts_to_runners(tiny_pipe):
+    """Runners carry a Precision whatever runs them: torch modules their dtype's (BF16 on a GPU), which is never an
+    ONNX or engine precision, so `build --precision bf16` and a manifest that says bf16 are refused."""
+    import torch
+
+    from sd35trt.core.specs import ARTIFACT_PRECISIONS, Precision, precision_of_dtype
+    from sd35trt.runtime.runners import runners_from_torch
+
+    assert precision_of_dtype(torch.bfloat16) is Precision.BF16 and precision_of_dtype(torch.float32) is Precision.FP32
+    assert Precision.BF16 not in ARTIFACT_PRECISIONS and not Precision.BF16.quantized
+    runners = runners_from_torch(tiny_pipe)
+    assert {type(r.precision) for r in runners.values()} == {Precision}
+    assert runners["transformer"].describe()["precision"] == "fp32"
+
+
+def test_build_refuses_a_precision_only_torch_runs_in(capsys, tmp_path):
+    from sd35trt.cli.main import main
+
+    code = main(["build", "--onnx", str(tmp_path), "--precision", "bf16", "--gpu", "ada", "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--precision" in err and "bf16" in err and "Traceback" not in err

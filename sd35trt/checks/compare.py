@@ -30,7 +30,7 @@ from sd35trt.core import log, trt_api
 from sd35trt.core.errors import InvalidInputError, check_choice, check_seed
 from sd35trt.core.metrics import aggregate, error_stats, psnr
 from sd35trt.core.models import ModelSource
-from sd35trt.core.specs import COMPONENTS, SPECS, Precision, pipeline_attrs, vae_input
+from sd35trt.core.specs import ARTIFACT_PRECISIONS, COMPONENTS, SPECS, Precision, pipeline_attrs, vae_input
 from sd35trt.core.wrappers import eager_text_attention
 
 if TYPE_CHECKING:
@@ -309,7 +309,7 @@ def _variant_rows(runners_by_variant: dict[str, dict[str, Any]], name: str) -> l
     really has it: an "fp8" run's FP16 text encoder is not an FP8 row. That FP16 runner is compared once, as an
     "fp16" row, when no "fp16" variant has the component (a default FP8 work dir exports no FP16 transformer, so
     its "fp16" variant is missing, yet the FP16 encoders and decoder it ships are compared)."""
-    precisions = {p.value for p in Precision}
+    precisions = {p.value for p in ARTIFACT_PRECISIONS}
     rows = [(variant, runners[name]) for variant, runners in runners_by_variant.items()
             if name in runners and (variant not in precisions or runners[name].precision == variant)]
     for variant, runners in runners_by_variant.items():
@@ -379,7 +379,7 @@ def _candidate_runners(name: str, rows: list[tuple[str, Any]]) -> list[_Candidat
         onnx = runner.kind == "onnxruntime" and isinstance(runner, SessionRunner)
         # an ONNX runner's polygraphy twin runs where the runner's own session was opened, loaded or not
         poly = _ort_poly_runner(runner.onnx, label, runner.device) if onnx else _poly_runner(runner, label)
-        found.append(_Candidate(variant, Precision(runner.precision), runner.device, poly,
+        found.append(_Candidate(variant, runner.precision, runner.device, poly,
                                 engine_twin(runner, f"{variant}-polygraphy:{name}")))
     return found
 
@@ -439,7 +439,7 @@ def compare_end_to_end(pipe: Any, runners_by_variant: dict[str, dict[str, Any]],
                             "image_max_abs": float(np.abs(ref_images[i].numpy() - out.images.numpy()).max())})
             variant_images.append(out.images)
         # The precision of the transformer decides the variant's bar (FP8 variants keep FP16 elsewhere).
-        precision = Precision(runners["transformer"].precision)
+        precision = runners["transformer"].precision
         floor = E2E_MIN_PSNR_DB[precision]
         worst = min(e["image_psnr_db"] for e in entries)
         passed = worst >= floor

@@ -58,11 +58,11 @@ def build(
     """Build one engine bundle for a GPU target (FP8 where the GPU has it, FP16 fallback where not)."""
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.errors import check_choice
-    from sd35trt.core.specs import Precision, parse_components, with_t5
+    from sd35trt.core.specs import ARTIFACT_PRECISIONS, Precision, parse_components, with_t5
     from sd35trt.core.targets import parse_backend, parse_target
     from sd35trt.producers.bundle import BuildConfig, build_bundle, parse_parts
 
-    check_choice("--precision", precision, ("auto", *(p.value for p in Precision)))
+    check_choice("--precision", precision, ("auto", *(p.value for p in ARTIFACT_PRECISIONS)))
     names = with_t5(parse_components(components), t5)
     config = BuildConfig(target=parse_target(gpu), backend=parse_backend(backend), components=names,
                          weight_streaming=weight_streaming,

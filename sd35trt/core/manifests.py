@@ -14,7 +14,7 @@ from typing import Any
 from sd35trt.core.artifacts import inside, read_json, verify_files
 from sd35trt.core.errors import ArtifactError
 from sd35trt.core.numerics import Island
-from sd35trt.core.specs import SPECS, Precision
+from sd35trt.core.specs import ARTIFACT_PRECISIONS, SPECS, Precision
 
 MANIFEST = "manifest.json"
 VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8",
@@ -323,9 +323,9 @@ class EngineEntry:
                 builder_memory=_field(plan, "builder_memory", dict, path, at, {}) or
                 (_field(entry, "builder_memory", dict, path, where, {}) if not parted else {})))
         precision = _field(entry, "precision", str, path, where)
-        if precision not in {p.value for p in Precision}:
+        if precision not in {p.value for p in ARTIFACT_PRECISIONS}:
             raise ArtifactError(f"bundle manifest {where}.precision {precision!r} is not one of "
-                                f"{', '.join(p.value for p in Precision)}", path=path,
+                                f"{', '.join(p.value for p in ARTIFACT_PRECISIONS)}", path=path,
                                 hint="rebuild the bundle")
         known = {f.name for f in fields(cls)} | {"file", "sha256", "bytes", "parts", "builder_memory"}
         return cls(

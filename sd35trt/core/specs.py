@@ -31,6 +31,7 @@ class Precision(str, Enum):
     FP8 = "fp8"  # E4M3 weights and activations, per-tensor scales (ModelOpt max calibration)
     INT4 = "int4"  # weight-only INT4, blocks of up to 128 input channels, AWQ (activations FP16)
     NVFP4 = "nvfp4"  # weight-only FP4 (E2M1), FP8 scales per 16 weights and one FP32 scale (activations FP16)
+    BF16 = "bf16"  # diffusers' modules on the GPU (the torch runner, its peers); never an ONNX or engine precision
 
     @property
     def quantized(self) -> bool:
@@ -45,6 +46,14 @@ class Precision(str, Enum):
 
 
 QUANTIZED = (Precision.FP8, Precision.INT4, Precision.NVFP4)
+# What ONNX variants, engines and their manifests may carry (BF16 runs only as torch modules).
+ARTIFACT_PRECISIONS = (Precision.FP32, Precision.FP16, *QUANTIZED)
+
+
+def precision_of_dtype(dtype: Any) -> Precision:
+    """The precision a torch module runs in, from its dtype (``torch.bfloat16`` → BF16)."""
+    name = str(dtype).removeprefix("torch.")
+    return {"float32": Precision.FP32, "float16": Precision.FP16, "bfloat16": Precision.BF16}[name]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from sd35trt.core.assets import PipelineAssets, load_assets
 from sd35trt.core.errors import InvalidInputError
 from sd35trt.core.models import ModelSource, resolve_model
 from sd35trt.core.shapes import ShapeRanges
-from sd35trt.core.specs import COMPONENTS, SPECS, pipeline_attrs
+from sd35trt.core.specs import COMPONENTS, SPECS, pipeline_attrs, precision_of_dtype
 from sd35trt.runtime.pipeline import Sd35Loop
 from sd35trt.runtime.request import GenerateRequest, LoopShape
 from sd35trt.runtime.runners import (
@@ -143,7 +143,7 @@ class _TorchModules:
         device, dtype = pick_placement(options.device, options.dtype, on_gpu="bf16")
         attrs = pipeline_attrs(options.t5 and source.has_t5)
         sizes = weight_bytes(source, dtype, attrs) if sized and device == "cuda" else {}
-        runners = {c: ComponentRunner(SPECS[c], str(dtype), weight_bytes=sizes.get(SPECS[c].pipeline_attr, 0))
+        runners = {c: ComponentRunner(SPECS[c], precision_of_dtype(dtype), weight_bytes=sizes.get(SPECS[c].pipeline_attr, 0))
                    for c in COMPONENTS if SPECS[c].pipeline_attr in attrs}
         return cls(options, source, device, dtype, attrs, load_assets(source, t5="text_encoder_3" in attrs), runners)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, VariantMissingError
 from sd35trt.core.manifests import MANIFEST, BundleManifest, OnnxManifest, PlanFile, WorkDir
 from sd35trt.core.shapes import ShapeRanges
-from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, Precision
+from sd35trt.core.specs import ARTIFACT_PRECISIONS, COMPONENTS, SPECS, ComponentSpec, Precision, precision_of_dtype
 from sd35trt.core.targets import RUNNER_VARIANTS, runner_variant
 from sd35trt.runtime.session import EngineSession, SharedDeviceMemory, profile_problem
 
@@ -38,7 +38,8 @@ class ComponentRunner:
     streamable = False  # an engine built with weight streaming
     static_activations = False
 
-    def __init__(self, spec: ComponentSpec, precision: str, *, profile: Profile | None = None, weight_bytes: int = 0):
+    def __init__(self, spec: ComponentSpec, precision: Precision, *, profile: Profile | None = None,
+                 weight_bytes: int = 0):
         self.spec = spec
         self.precision = precision
         self.profile = profile
@@ -93,7 +94,7 @@ class TorchRunner(ComponentRunner):
             self._device = torch.device("cuda", torch.cuda.current_device())
         self.offload = offload
         weights = sum(p.numel() * p.element_size() for p in self.module.parameters())
-        super().__init__(spec, str(self.dtype).removeprefix("torch."), weight_bytes=weights)
+        super().__init__(spec, precision_of_dtype(self.dtype), weight_bytes=weights)
         self._torch = torch
         if offload:
             self.unload()
@@ -136,7 +137,7 @@ class SessionRunner(ComponentRunner):
     an ONNX file (``onnx``), or one of a component's parts, with its own ``inputs``/``outputs``. An engine built
     for weight streaming runs under ``streaming_budget`` bytes of resident weights once it is set (before load)."""
 
-    def __init__(self, spec: ComponentSpec, session: EngineSession, kind: str, precision: str, *,
+    def __init__(self, spec: ComponentSpec, session: EngineSession, kind: str, precision: Precision, *,
                  profile: Profile | None, weight_bytes: int, plan: Path | None = None, plan_file: PlanFile | None = None,
                  onnx: Path | None = None, backend: str | None = None, streamable: bool = False,
                  static_activations: bool = False):
@@ -271,7 +272,7 @@ def runners_from_torch(pipe: Any, components: tuple[str, ...] = COMPONENTS, *, d
             if getattr(pipe, SPECS[name].pipeline_attr, None) is not None}
 
 
-def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: str, provider: str, profile: Profile | None, *,
+def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: Precision, provider: str, profile: Profile | None, *,
                inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
                weight_bytes: int = 0) -> SessionRunner:
     from sd35trt.core.onnx_utils import resolve_provider
@@ -304,14 +305,14 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
     for name in components:
         if name == "t5" and (not t5 or clip_only):
             continue
-        have = {p for p in Precision if (work.onnx_folder(p, name) / MANIFEST).is_file()}
+        have = {p for p in ARTIFACT_PRECISIONS if (work.onnx_folder(p, name) / MANIFEST).is_file()}
         chosen = runner_variant(name, precision, have)
         if chosen is None:
             raise VariantMissingError(f"no {'/'.join(p.value for p in RUNNER_VARIANTS[precision])} ONNX for {name}", path=root,
                                 hint=f"run `sd35trt calibrate --out {root}` then `sd35trt export --out {root}` (`--precision fp32` for FP32) first")
         manifest = OnnxManifest.load(work.onnx_folder(chosen, name), name, chosen)
         manifest.verify()
-        runners[name] = ort_runner(SPECS[name], manifest.onnx_path, chosen.value, provider, manifest.profile,
+        runners[name] = ort_runner(SPECS[name], manifest.onnx_path, chosen, provider, manifest.profile,
                                    weight_bytes=sum(e["bytes"] for e in manifest.files.values()))
         ranges = ranges or (ShapeRanges.from_dict(manifest.ranges) if manifest.ranges else None)
         model = model or manifest.model
