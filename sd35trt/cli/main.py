@@ -236,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     code = main()
     sys.stdout.flush()  # results first, whatever a library's exit handler does after this
+    if code == 130:
+        # Ctrl-C leaves with exit code 130 once its cleanup is done. CPython re-raises SIGINT on itself at shutdown
+        # when the KeyboardInterrupt ever crossed one of its PyRun_* frames (as inside torch's ONNX export), however
+        # it was handled, so the interpreter's shutdown is skipped here.
+        sys.stderr.flush()
+        os._exit(130)
     sys.exit(code)
 
 

@@ -97,7 +97,7 @@ def open_loop(options: LoopOptions, request: GenerateRequest, *, batch_text: boo
     source = resolve_model(options.model, turbo=options.turbo, lora=options.lora) if options.model else None
     budget = gpu_budget(options.vram_gib)
     # 2. what the loop will run, as data: the artifacts' runners (nothing loaded yet), or the torch modules' sizes
-    modules = _TorchModules.of(options, source, sized=budget is not None) if options.torch else None
+    modules = torch_modules(options, source, sized=budget is not None) if options.torch else None
     if modules is not None:
         assets, runners, ranges, on_gpu = modules.assets, modules.sized, None, modules.device == "cuda"
     else:
@@ -121,9 +121,9 @@ def open_loop(options: LoopOptions, request: GenerateRequest, *, batch_text: boo
 
 @dataclass
 class _TorchModules:
-    """``--torch``: diffusers' modules of one model. Their sizes are counted on the meta device first (``sized``:
-    runners that carry weight bytes only), so the VRAM plan is chosen before the pipeline is built where the plan
-    wants it (on the GPU for a resident plan, on the CPU to be moved stage by stage)."""
+    """``--torch``: diffusers' modules of one model (``torch_modules``). Their sizes are counted on the meta device
+    first (``sized``: runners that carry weight bytes only), so the VRAM plan is chosen before ``build`` puts the
+    pipeline where the plan wants it (on the GPU for a resident plan, on the CPU to be moved stage by stage)."""
 
     options: LoopOptions
     source: ModelSource
@@ -132,20 +132,6 @@ class _TorchModules:
     attrs: tuple[str, ...]
     assets: PipelineAssets
     sized: dict[str, ComponentRunner]
-
-    @classmethod
-    def of(cls, options: LoopOptions, source: ModelSource | None, *, sized: bool) -> _TorchModules:
-        from sd35trt.core.host import pick_placement
-        from sd35trt.core.models import weight_bytes
-
-        if source is None:
-            raise InvalidInputError("--torch needs --model", hint="e.g. --torch --model tiny")
-        device, dtype = pick_placement(options.device, options.dtype, on_gpu="bf16")
-        attrs = pipeline_attrs(options.t5 and source.has_t5)
-        sizes = weight_bytes(source, dtype, attrs) if sized and device == "cuda" else {}
-        runners = {c: ComponentRunner(SPECS[c], precision_of_dtype(dtype), weight_bytes=sizes.get(SPECS[c].pipeline_attr, 0))
-                   for c in COMPONENTS if SPECS[c].pipeline_attr in attrs}
-        return cls(options, source, device, dtype, attrs, load_assets(source, t5="text_encoder_3" in attrs), runners)
 
     def build(self, plan: VramPlan | None) -> dict[str, ComponentRunner]:
         from sd35trt.core.models import build_pipeline
@@ -159,6 +145,21 @@ class _TorchModules:
         on_cpu = offload or self.options.vram_gib is not None
         pipe = build_pipeline(self.source, device="cpu" if on_cpu else self.device, dtype=self.dtype, components=self.attrs)
         return runners_from_torch(pipe, device=self.device, offload=offload)
+
+
+def torch_modules(options: LoopOptions, source: ModelSource | None, *, sized: bool) -> _TorchModules:
+    """``--torch``: the model's modules counted on the meta device (``sized``: only where a VRAM plan will be chosen)."""
+    from sd35trt.core.host import pick_placement
+    from sd35trt.core.models import weight_bytes
+
+    if source is None:
+        raise InvalidInputError("--torch needs --model", hint="e.g. --torch --model tiny")
+    device, dtype = pick_placement(options.device, options.dtype, on_gpu="bf16")
+    attrs = pipeline_attrs(options.t5 and source.has_t5)
+    sizes = weight_bytes(source, dtype, attrs) if sized and device == "cuda" else {}
+    runners = {c: ComponentRunner(SPECS[c], precision_of_dtype(dtype), weight_bytes=sizes.get(SPECS[c].pipeline_attr, 0))
+               for c in COMPONENTS if SPECS[c].pipeline_attr in attrs}
+    return _TorchModules(options, source, device, dtype, attrs, load_assets(source, t5="text_encoder_3" in attrs), runners)
 
 
 # --- bench peers: what users would run instead, on the same pipeline -------------------------------------
