@@ -88,7 +88,7 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
         if name in sized_runners:
             sized_runners[name].streamable = entry.weight_streaming
             sized_runners[name].static_activations = True  # an engine holds its profile's largest activations
-    shape = LoopShape(assets if "t5" in sized_runners else assets.without_t5(), sized_runners)
+    shape = LoopShape(assets, sized_runners)
     request = shape.resolve(GenerateRequest(prompt="", height=height, width=width, batch=batch))
     needs = shape.needs(request)
     report: dict[str, Any] = {

@@ -16,7 +16,6 @@ OPT_PIXELS = 1024
 DEFAULT_VAE_SIDE = 1024  # the VAE decoder's profile stops here by default; larger images are tiled (ShapeRanges)
 
 
-
 @dataclass(frozen=True)
 class Range:
     min: int
@@ -75,7 +74,6 @@ class ShapeRanges:
     cfg: bool = True  # optimise the text encoders and the transformer for guidance (the opt batch doubled)
     vae_max: int = 0  # the VAE decoder's largest side in pixels (0: DEFAULT_VAE_SIDE, within the height/width range)
     vae_batch: int = 1  # images per VAE decoder call
-
 
     def __post_init__(self):
         if self.batch.min < 1 or self.batch.max > 16:

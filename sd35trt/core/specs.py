@@ -14,10 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.core.errors import InvalidInputError
-from sd35trt.core.shapes import (
-    Range,
-    ShapeRanges,
-)
+from sd35trt.core.shapes import Range, ShapeRanges
 from sd35trt.core.tokenizers import CLIP_MAX_TOKENS, T5_MAX_TOKENS
 from sd35trt.core.wrappers import clip_wrapper, t5_wrapper, transformer_wrapper, vae_decoder_wrapper
 

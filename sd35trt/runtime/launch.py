@@ -105,8 +105,7 @@ def open_loop(options: LoopOptions, request: GenerateRequest, *, batch_text: boo
         assets, runners, ranges = loop_assets(options, source, found), found.runners, found.ranges
         on_gpu = "cuda" in ({r.device for r in runners.values()} if options.onnx else {"cuda"})
     # 3. the request resolved once and checked against every profile
-    shape = LoopShape(assets if "t5" in runners else assets.without_t5(), runners, ranges or ShapeRanges(), batch_text,
-                      options.vae_tiling)
+    shape = LoopShape(assets, runners, ranges or ShapeRanges(), batch_text, options.vae_tiling)
     request = shape.resolve(request)
     shape.check(request)
     # 4. the VRAM plan from the shape's needs (GPU runs only)
@@ -176,15 +175,14 @@ class TorchPeers:
         self.options, self.pipe, self.compiled, self.quantized = options, None, None, None
 
     def _base(self, request: GenerateRequest) -> Sd35Loop:
-        from sd35trt.core.host import pick_device, pick_dtype
+        from sd35trt.core.host import pick_placement
         from sd35trt.core.models import build_pipeline
 
         if self.pipe is None:  # once: the model (its LoRA files hashed) and its pipeline serve every peer and batch
             source = resolve_model(self.options.model or "tiny", turbo=self.options.turbo, lora=self.options.lora)
-            device = pick_device(self.options.device)
+            device, dtype = pick_placement(self.options.device, self.options.dtype, on_gpu="bf16")
             attrs = pipeline_attrs(self.options.t5 and source.has_t5)
-            self.pipe = build_pipeline(source, device=device, dtype=pick_dtype(self.options.dtype, device, on_gpu="bf16"),
-                                       components=attrs)
+            self.pipe = build_pipeline(source, device=device, dtype=dtype, components=attrs)
             self.assets = load_assets(source, t5="text_encoder_3" in attrs)
         loop = Sd35Loop(self.assets, runners_from_torch(self.pipe))
         loop.check(request)

@@ -55,11 +55,11 @@ class Sd35Loop:
         missing = [c for c in required if c not in runners]
         if missing:
             raise InvalidInputError(f"no runner for {', '.join(missing)}", hint="export/build every component (T5 alone may be left out)")
-        self.assets = assets if "t5" in runners else assets.without_t5()
         self.runners = runners
         # One text-encoder call for negative+positive (faster); False encodes them apart as diffusers does,
         # which makes the torch runners bit-identical to StableDiffusion3Pipeline.
-        self.shape = LoopShape(self.assets, runners, ranges or ShapeRanges(), batch_text, vae_tiling)
+        self.shape = LoopShape(assets, runners, ranges or ShapeRanges(), batch_text, vae_tiling)
+        self.assets = self.shape.assets  # without T5's tokenizer when there is no T5 runner
         self.plan = plan
         if plan is not None and plan.streaming_budget is not None:  # before any engine loads
             runners["transformer"].set_streaming_budget(plan.streaming_budget)

@@ -93,9 +93,10 @@ class PlannedCall:
 
 @dataclass(frozen=True)
 class LoopShape:
-    """What decides the network calls of a request: the pipeline assets (VAE scale, defaults, widths), each
-    runner's profile, weights and activation policy (sizes are enough: no engine is loaded), the shape ranges, text
-    batching and VAE tiling. Its methods take a request already ``resolve``d, once, by whoever runs it."""
+    """What decides the network calls of a request: the pipeline assets (VAE scale, defaults, widths; without T5's
+    tokenizer when no T5 runner is given: CLIP-only), each runner's profile, weights and activation policy (sizes are
+    enough: no engine is loaded), the shape ranges, text batching and VAE tiling. Its methods take a request already
+    ``resolve``d, once, by whoever runs it."""
 
     assets: PipelineAssets
     runners: dict[str, ComponentRunner]
@@ -104,6 +105,8 @@ class LoopShape:
     vae_tiling: str = "auto"
 
     def __post_init__(self):
+        if "t5" not in self.runners:
+            object.__setattr__(self, "assets", self.assets.without_t5())
         if self.vae_tiling not in TILING:
             raise InvalidInputError(f"--vae-tiling {self.vae_tiling} is not one of {', '.join(TILING)}",
                                     hint="e.g. --vae-tiling auto")
