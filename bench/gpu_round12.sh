@@ -10,6 +10,8 @@
 #             power and temperature every 200 ms for the plot; then --batch 1 if the chain still has time
 #   sizes     #33: the same 64 images at --batch 1, 2, 4 and auto (SIZES="1 2 4 auto"), one after another in one chain, each
 #             index kept as soon as it ends; then the same-image check against auto
+#   refusal   bench/reach_refusal.sh: every command that opens engines reaches TensorRT-RTX's compute-capability refusal
+#   USERPATH="default clip lora" picks the work dirs of userpath and compare (all three by default)
 #
 #   bash bench/gpu_round12.sh launch [STAGES...]   detached (setsid); returns at once
 #   bash bench/gpu_round12.sh wait SECONDS         until done or SECONDS; copies results to $OUT
@@ -28,9 +30,10 @@ stage_userpath() {
       make export MODEL=sd3.5-medium GPU=ada SYSTEM_PYTHON=1 "$@" > "$RUN/make-$name.log" 2>&1
     echo "make $name: rc $?"
   }
-  mk default &
-  mk clip T5=0 WORK=build/sd3.5-medium-clip NUM_PROMPTS=16 &
-  mk lora "LORA=$LORA" WORK=build/sd3.5-medium-lora NUM_PROMPTS=16 &
+  local want=" ${USERPATH:-default clip lora} "
+  [[ $want == *" default "* ]] && mk default &
+  [[ $want == *" clip "* ]] && mk clip T5=0 WORK=build/sd3.5-medium-clip NUM_PROMPTS=16 &
+  [[ $want == *" lora "* ]] && mk lora "LORA=$LORA" WORK=build/sd3.5-medium-lora NUM_PROMPTS=16 &
   wait
   df -h . > "$RUN/disk.txt"; du -sh build/* >> "$RUN/disk.txt"
 }
@@ -43,9 +46,17 @@ stage_compare() {
       > "$RUN/compare-$name.txt" 2> "$RUN/compare-$name.log"
     echo "compare $name: rc $?"
   }
-  cmp default build/sd3.5-medium
-  cmp clip build/sd3.5-medium-clip --no-t5
-  cmp lora build/sd3.5-medium-lora --lora "$LORA"
+  local want=" ${USERPATH:-default clip lora} "
+  [[ $want == *" default "* ]] && cmp default build/sd3.5-medium
+  [[ $want == *" clip "* ]] && cmp clip build/sd3.5-medium-clip --no-t5
+  [[ $want == *" lora "* ]] && cmp lora build/sd3.5-medium-lora --lora "$LORA"
+  return 0
+}
+
+stage_refusal() {  # #31/#34: every engine command still reaches TensorRT-RTX's own refusal after the runner refactor
+  bash bench/reach_refusal.sh "$RUN/refusal" > "$RUN/refusal.log" 2>&1
+  cp "$RUN/refusal/refusal.jsonl" "$RUN/refusal.jsonl" 2>/dev/null
+  return 0
 }
 
 stage_batch() {
