@@ -91,10 +91,11 @@ build: export
 
 engines: build
 
-# Two test workers (pytest-xdist, one per core of the 2-core CI box), a test module per worker at a time.
+# Two test workers (pytest-xdist, one per core of the 2-core CI box), a test module per worker at a time, the
+# costliest modules first (tests/conftest.py HEAVY_FIRST; xdist would otherwise reorder by test count).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m fast tests

@@ -77,8 +77,8 @@ def save_boundary_model(dest: Path, site: str, *, layers: int = 2) -> Path:
 
 def inject_ring_outliers(pipe, value: float = 1e5, inner: int = 48) -> None:
     """Outliers only larger images see: the transformer's position table gets ``value`` in two channels outside
-    its centre ``inner`` x ``inner`` patches (1e5: past FP16 itself, so an FP16 table holds inf there). SD3 crops the table's centre to the latent, so calibration at 512 px
-    (32 x 32 patches) and export's 576x640 check never read them; 1024 px and up do. An overflow past
+    its centre ``inner`` x ``inner`` patches (1e5: past FP16 itself, so an FP16 table holds inf there). SD3 crops the table's centre to the latent, so calibration at 256 or 512 px
+    (16 x 16, 32 x 32 patches) and export's 576x640 check never read them; 1024 px and up do. An overflow past
     calibration's inputs: only the census's range probes (1536 px) can find it."""
     import torch
 
@@ -110,7 +110,7 @@ def save_model(dest: Path, edit=None, *, preset: str = "tiny", clip_only: bool =
 
 def inject_stream_outliers(pipe, scale: float = 2e5) -> None:
     """The last joint block overflows inside (``inject_outliers``) and its output stream leaves the margin while it
-    stays inside FP16 on calibration traffic (~4e4 at 512 px), as SD3.5-Large's block 35 feeding ``norm_out``; T5's
+    stays inside FP16 on calibration traffic (~4e4 at 256-512 px), as SD3.5-Large's block 35 feeding ``norm_out``; T5's
     last feed-forward overflows too. Islands: the block, ``norm_out`` (it receives the stream), T5's layer and final
     norm; the stream between the two transformer islands must stay FP32."""
     import torch

@@ -163,7 +163,7 @@ def turbo_work(tmp_path_factory):
     root = tmp_path_factory.mktemp("turbo")
     model, work = save_model(root / "my-sd3.5-turbo", preset="tiny-turbo"), root / "work"
     assert main(["calibrate", "--model", str(model), "--out", str(work), "--num-prompts", "2", "--calib-batch", "2",
-                 "--height", "512", "--width", "512"]) == 0
+                 "--height", "256", "--width", "256"]) == 0
     assert main(["export", "--model", str(model), "--out", str(work)]) == 0
     return work
 

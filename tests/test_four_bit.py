@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CALIB, needs_rtx
+from tests.conftest import needs_rtx
 from tests.test_bad_inputs import assert_user_error, run_cli
 from tests.test_journeys import MAKE_SMALL, REPO, cli
 
@@ -156,7 +156,7 @@ def test_int4_work_dir_runs_and_compares_in_onnxruntime(int4_bundle, tmp_path):
 @needs_rtx
 def test_nvfp4_builds_for_sm120_and_ada_is_told_why(tmp_path, capsys):
     work, engines = tmp_path / "w", tmp_path / "e"
-    small = ("--num-prompts", "4", "--steps", "2", "--height", "512", "--width", "512")
+    small = ("--num-prompts", "4", "--steps", "2", "--height", "256", "--width", "256")
     for argv in (["calibrate", "--model", "tiny", "--format", "nvfp4", "--out", work, *small],
                  ["export", "--model", "tiny", "--out", work, "--gpu", "blackwell"],
                  ["build", "--onnx", work, "--gpu", "blackwell", "--out", engines]):
@@ -172,18 +172,18 @@ def test_nvfp4_builds_for_sm120_and_ada_is_told_why(tmp_path, capsys):
     assert_user_error(code, err, "only a nvfp4 onnx")
 
 
-@pytest.mark.slow
-def test_int4_calibration_is_seeded_and_reproducible(tmp_path, tiny_source):
+@needs_rtx
+def test_int4_calibration_is_seeded_and_reproducible(int4_bundle):
+    """`make calibrate` again, into another work dir, on the same directory and options: the same AWQ state."""
     import torch
 
-    from sd35trt.core.specs import Precision
-    from sd35trt.producers.calibrate import CalibrationConfig, calibrate_model
-
-    states = []
-    for name in ("a", "b"):
-        calibrate_model(tiny_source, tmp_path / name, CalibrationConfig(**CALIB, format=Precision.INT4), device="cpu")
-        states.append(torch.load(tmp_path / name / "calibration" / "int4_state.pt", weights_only=True))
-    first, second = (s["transformer"] for s in states)
+    root, _ = int4_bundle
+    again = root / "again"
+    run = subprocess.run(["make", "calibrate", f"MODEL={root / 'hot'}", "GPU=ampere", "QUANT=int4", f"WORK={again}",
+                          *MAKE_SMALL], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    first, second = (torch.load(w / "calibration" / "int4_state.pt", weights_only=True)["transformer"]
+                     for w in (root / "work", again))
     assert first.keys() == second.keys() and first
     for layer in first:
         assert torch.equal(first[layer]["amax"], second[layer]["amax"]), layer

@@ -15,8 +15,8 @@ import pytest
 from tests.conftest import CALIB, REPO, needs_rtx
 from tests.test_bad_inputs import tree_digest
 
-CALIB_ARGS = ["--num-prompts", str(CALIB["num_prompts"]), "--steps", str(CALIB["steps"]), "--height", "512",
-              "--width", "512", "--calib-batch", str(CALIB["batch"]), "--holdout", str(CALIB["holdout"])]
+CALIB_ARGS = ["--num-prompts", str(CALIB["num_prompts"]), "--steps", str(CALIB["steps"]), "--height", str(CALIB["height"]),
+              "--width", str(CALIB["width"]), "--calib-batch", str(CALIB["batch"]), "--holdout", str(CALIB["holdout"])]
 
 
 def cli(*args: object) -> list[str]:

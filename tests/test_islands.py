@@ -46,7 +46,7 @@ def boundary_chain(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(site)
     model = save_boundary_model(root / "model", site, layers=layers)
     work = root / "work"
-    small = ["--num-prompts", "2", "--steps", "2", "--height", "512", "--width", "512", "--calib-batch", "2"]
+    small = ["--num-prompts", "2", "--steps", "2", "--height", "256", "--width", "256", "--calib-batch", "2"]
     assert main(["calibrate", "--model", str(model), "--out", str(work), *small]) == 0
     assert main(["export", "--model", str(model), "--out", str(work), "--components", "transformer"]) == 0
     return site, model, work

@@ -13,7 +13,7 @@ from tests.conftest import REPO, needs_rtx
 from tests.outliers import inject_ring_outliers, inject_stream_outliers, save_model
 
 # Users' `make engines`, with a calibration small enough for CI (make's own knobs) and this interpreter.
-MAKE_SMALL = ("NUM_PROMPTS=4", "STEPS=2", "SYSTEM_PYTHON=1", f"PYTHON={sys.executable}")
+MAKE_SMALL = ("NUM_PROMPTS=4", "STEPS=2", "SIZE=256", "SYSTEM_PYTHON=1", f"PYTHON={sys.executable}")
 NOISE = ("Loading pipeline components", "FutureWarning", "deprecate(", "torch_dtype", "Traceback")
 
 
@@ -81,7 +81,7 @@ def test_every_command_that_takes_model_takes_the_directory(user_model, user_wor
 
 
 @needs_rtx
-def test_a_directory_with_fp16_overflows_builds_and_compares_within_clean_tolerances(tmp_path_factory):
+def test_a_directory_with_fp16_overflows_builds_and_compares_within_clean_tolerances(tmp_path_factory, capsys):
     """Overflows inside the last joint block, in its output stream (it feeds norm_out, also an island) and in T5's
     last feed-forward: make engines, then compare — FP16 and FP8 finite and within the clean model's tolerances."""
     import onnx
@@ -123,10 +123,12 @@ def test_a_directory_with_fp16_overflows_builds_and_compares_within_clean_tolera
         layers = bundle["components"][name]["layers"]
         assert layers["island_gemm"] > 0 and layers["island_gemm_fp32"] == layers["island_gemm"], name
     assert bundle["components"]["transformer"]["layers"]["gemm_fp8"] > 0
-    run = cli("compare", "--onnx", str(work), "--model", str(model), "--prompts", "1", "--steps", "2",
-              "--out", str(root / "c"), "--json")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    compared = json.loads(run.stdout)
+    capsys.readouterr()
+    code = main(["compare", "--onnx", str(work), "--model", str(model), "--prompts", "1", "--steps", "2",
+                 "--out", str(root / "c"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-2000:]
+    compared = json.loads(out)
     assert compared["passed"] and {"fp16", "fp8"} <= set(compared["end_to_end"])
     for variant in ("fp16", "fp8"):  # the clean model's bars: per-component tolerances and end-to-end PSNR
         assert compared["components"]["transformer"][variant]["outputs"]["noise_pred"]["passed"]
@@ -134,9 +136,10 @@ def test_a_directory_with_fp16_overflows_builds_and_compares_within_clean_tolera
 
 
 @needs_rtx
-def test_an_overflow_past_calibrations_inputs_is_found_by_the_census_probes(tmp_path_factory):
+def test_an_overflow_past_calibrations_inputs_is_found_by_the_census_probes(tmp_path_factory, capsys):
     """A CLIP-only directory whose position table overflows only where images past 1024 px read it: calibration
-    at 512 px never sees it, the census's range probes (1536 px) do; the 1024-px FP16 image is finite."""
+    at 256 px (the tests' size; 512 px neither) never sees it, the census's range probes (1536 px) do; the 1024-px
+    FP16 image is finite."""
     from sd35trt.core.probes import range_probes  # noqa: F401  (what the census ran)
 
     root = tmp_path_factory.mktemp("ring")
@@ -149,9 +152,11 @@ def test_an_overflow_past_calibrations_inputs_is_found_by_the_census_probes(tmp_
     manifest = json.loads((bundle_of(root) / "manifest.json").read_text())
     assert "t5" not in manifest["components"] and manifest["t5"] is False, "a CLIP-only download builds CLIP-only"
     out = root / "big.png"
-    run = cli("generate", "--onnx", str(root / "work"), "--model", str(model), "--prompt", "a harbour at dawn",
-              "--steps", "1", "--height", "1024", "--width", "1024", "--out", str(out), "--json")
-    assert run.returncode == 0, run.stderr[-2000:]
+    from tests.test_bad_inputs import run_cli
+
+    code, err = run_cli(capsys, ["generate", "--onnx", root / "work", "--model", model, "--prompt", "a harbour at dawn",
+                                 "--steps", "1", "--height", "1024", "--width", "1024", "--out", out])
+    assert code == 0, err[-2000:]
     import numpy as np
     from PIL import Image
 
