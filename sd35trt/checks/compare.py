@@ -552,9 +552,10 @@ def run_compare(source: ModelSource, out: Path, cfg: CompareConfig, prompts: lis
 
 
 def onnx_variants(options: LoopOptions, variants: tuple[str, ...],
-                  model: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], Any, dict[str, str]]:
+                  source: ModelSource | None = None) -> tuple[dict[str, dict[str, Any]], Any, dict[str, str]]:
     """onnxruntime runners for each variant asked for (none named: every variant the ``--onnx`` work dir of
-    ``options`` has), each opened as generate would open it (``open_runners`` with ``--precision VARIANT``); a
+    ``options`` has), each opened as generate would open it (``open_runners`` with ``--precision VARIANT``, checked
+    to be built from ``source``); a
     variant asked for but absent is listed in ``missing`` with why. An "fp8" variant runs FP8 where a component was
     calibrated and FP16 elsewhere (as an FP8 engine bundle does)."""
     from dataclasses import replace
@@ -572,14 +573,10 @@ def onnx_variants(options: LoopOptions, variants: tuple[str, ...],
     runners_by_variant, ranges, missing = {}, None, {}
     for variant in asked:
         try:
-            found = open_runners(replace(options, precision=variant))
+            found = open_runners(replace(options, precision=variant), built_from=source)
         except VariantMissingError as err:
             missing[variant] = err.what
             continue
-        if model is not None and found.model is not None:  # compare --model must be what the work dir was built from
-            from sd35trt.core.manifests import require_model
-
-            require_model(found.model, model["fingerprint"], model["id"], onnx_root)
         if variant in ("fp8", "int4") and not any(r.precision == variant for r in found.runners.values()):
             missing[variant] = (f"no {variant} ONNX for any component (run `sd35trt calibrate --format {variant}`, "
                                 "then `sd35trt export`)")

@@ -238,18 +238,16 @@ def _compare_runners(options: LoopOptions, source: ModelSource,
     """compare's candidates: the bundle's engines (with polygraphy's TrtRunner twin), or each ONNX variant; checked
     to be built from ``source``."""
     from sd35trt.checks.compare import onnx_variants, twin_refusal
-    from sd35trt.core.manifests import BundleManifest, require_model
+    from sd35trt.core.manifests import BundleManifest
     from sd35trt.runtime.launch import open_runners
 
-    model = {"fingerprint": source.fingerprint(), "id": source.id}
     if options.bundle is None:
-        by_variant, ranges, missing = onnx_variants(options, cfg.variants, model=model)
+        by_variant, ranges, missing = onnx_variants(options, cfg.variants, source)
         return by_variant, ranges, str(options.onnx), missing
     # refuses with the reason and the --onnx to use instead; where the runtime must say, both engine loaders ask it
     backend = BundleManifest.load(options.bundle).backend
-    found = open_runners(options, loaders=[("polygraphy TrtRunner", lambda path, plan: twin_refusal(
+    found = open_runners(options, built_from=source, loaders=[("polygraphy TrtRunner", lambda path, plan: twin_refusal(
         path, backend, plan.sha256, plan.bytes))])
-    require_model(found.model or {}, model["fingerprint"], model["id"], options.bundle)
     return {"engine": found.runners}, found.ranges, str(options.bundle), {}
 
 

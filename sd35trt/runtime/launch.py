@@ -60,24 +60,27 @@ class LoopOptions:
         check_vram(self.vram_gib)
 
 
-def open_runners(options: LoopOptions, *, loaders: Sequence[Loader] = ()) -> RunnerSet:
+def open_runners(options: LoopOptions, *, built_from: ModelSource | None = None,
+                 loaders: Sequence[Loader] = ()) -> RunnerSet:
     """The runners ``--bundle`` or ``--onnx`` names (lazy: no engine or session is loaded yet), the bundle checked
-    for this host. ``loaders``: who else opens the bundle's plans (compare's polygraphy twin)."""
+    for this host, the artifacts checked to be built from ``built_from`` (``--model``) where they record their
+    model. ``loaders``: who else opens the bundle's plans (compare's polygraphy twin)."""
+    from sd35trt.core.manifests import require_model
+
     options.check()
     if options.bundle is not None:
-        return runners_from_bundle(options.bundle, cuda_graph=options.cuda_graph, t5=options.t5, loaders=loaders)
-    if options.onnx is None:
+        found = runners_from_bundle(options.bundle, cuda_graph=options.cuda_graph, t5=options.t5, loaders=loaders)
+    elif options.onnx is None:
         raise InvalidInputError("runners from artifacts need --bundle or --onnx", hint="--torch runs diffusers' modules")
-    return runners_from_onnx(options.onnx, options.precision, provider=options.provider, t5=options.t5)
+    else:
+        found = runners_from_onnx(options.onnx, options.precision, provider=options.provider, t5=options.t5)
+    if built_from is not None and found.model is not None:
+        require_model(found.model, built_from.fingerprint(), built_from.id, Path(found.source))
+    return found
 
 
 def loop_assets(options: LoopOptions, source: ModelSource | None, found: RunnerSet) -> PipelineAssets:
-    """The bundle's or work dir's own assets, else the model's; ``source`` (``--model``) checked to be what the
-    artifacts were built from."""
-    from sd35trt.core.manifests import require_model
-
-    if source is not None and found.model is not None:
-        require_model(found.model, source.fingerprint(), source.id, Path(found.source))
+    """The bundle's or work dir's own assets, else the model's (``source``, ``--model``)."""
     if found.assets_folder is not None:
         assets = PipelineAssets.load(found.assets_folder)
         if options.turbo is not None:
@@ -101,7 +104,7 @@ def open_loop(options: LoopOptions, request: GenerateRequest, *, batch_text: boo
     if modules is not None:
         assets, runners, ranges, on_gpu = modules.assets, modules.sized, None, modules.device == "cuda"
     else:
-        found = open_runners(options)
+        found = open_runners(options, built_from=source)
         assets, runners, ranges = loop_assets(options, source, found), found.runners, found.ranges
         on_gpu = "cuda" in ({r.device for r in runners.values()} if options.onnx else {"cuda"})
     # 3. the request resolved once and checked against every profile
