@@ -1,7 +1,7 @@
 """4-bit transformers: the precision table for every target x format x backend (pure), INT4 weight-only end to end
-on a user's directory with FP32 islands (AWQ calibration, standard ONNX validated in onnxruntime, TensorRT-RTX
-builds for SM86, SM89 and SM120 whose layer reports hold the calibrated INT4 weights), NVFP4 built for SM120, and
-the refusals."""
+on a user's directory with FP32 islands and a LoRA (AWQ calibration, standard ONNX validated in onnxruntime,
+TensorRT-RTX builds for SM86, SM89 and SM120, one in parts, whose layer reports hold the calibrated INT4 weights),
+NVFP4 for SM120 on a Turbo model with a LoRA, CLIP-only, in parts, with doctor's plan, and the refusals."""
 
 from __future__ import annotations
 
@@ -86,18 +86,20 @@ def test_forcing_a_format_the_gpu_lacks_is_one_line(capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def int4_bundle(tmp_path_factory):
-    """`make engines GPU=ampere QUANT=int4` on a user's directory whose weights overflow FP16 (FP32 islands in the
-    transformer and T5): the INT4 chain with islands kept out of the 4-bit layers."""
+def int4_bundle(tmp_path_factory, adapter):
+    """`make engines GPU=ampere QUANT=int4 LORA=...` on a user's directory whose weights overflow FP16 (FP32 islands
+    in the transformer and T5), with a LoRA: the INT4 chain with islands kept out of the 4-bit layers. Returns (root,
+    make's process, the LORA= value)."""
     from tests.outliers import inject_stream_outliers, save_model
 
     root = tmp_path_factory.mktemp("int4")
     model = save_model(root / "hot", inject_stream_outliers)
+    lora = f"{adapter}:0.8"
     run = subprocess.run(["make", "engines", f"MODEL={model}", "GPU=ampere", "QUANT=int4", f"WORK={root / 'work'}",
-                          f"ENGINES={root / 'engines'}", *MAKE_SMALL], cwd=REPO, capture_output=True, text=True,
-                         timeout=1200)
+                          f"ENGINES={root / 'engines'}", f"LORA={lora}", *MAKE_SMALL], cwd=REPO, capture_output=True,
+                         text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return root, run
+    return root, run, lora
 
 
 def _transformer(bundle: Path) -> dict:
@@ -106,7 +108,7 @@ def _transformer(bundle: Path) -> dict:
 
 @needs_rtx
 def test_int4_make_engines_on_a_directory_keeps_islands_and_builds_sm86_sm89_sm120(int4_bundle):
-    root, run = int4_bundle
+    root, run, _ = int4_bundle
     assert "SM80 left out" in run.stderr
     report = json.loads((root / "work" / "calibration" / "calibration.json").read_text())
     assert report["format"] == "int4" and report["components"]["transformer"]["int4"]["passed"]
@@ -124,15 +126,16 @@ def test_int4_make_engines_on_a_directory_keeps_islands_and_builds_sm86_sm89_sm1
     rewrite = json.loads((root / "work" / "onnx-int4" / "transformer" / "4bit_rewrite.json").read_text())
     assert rewrite["int4_weights"] == len(int4)
 
-    bundles = {"ampere": root / "engines" / "hot" / "ampere-tensorrt-rtx-int4"}
-    for gpu in ("ada", "blackwell"):
-        built = cli("build", "--onnx", str(root / "work"), "--gpu", gpu, "--out", str(root / "engines"))
+    (model_folder,) = (root / "engines").glob("hot-lora-*")  # the LoRA model's own folder
+    for gpu in ("ada", "blackwell"):  # Blackwell's transformer in two parts (a build box short of memory)
+        parts = ["--parts", "transformer=2"] if gpu == "blackwell" else []
+        built = cli("build", "--onnx", str(root / "work"), "--gpu", gpu, "--out", str(root / "engines"), *parts)
         assert built.returncode == 0, built.stderr[-3000:]
-        bundles[gpu] = root / "engines" / "hot" / f"{gpu}-tensorrt-rtx-int4"
     for gpu, sms in (("ampere", ["8.6"]), ("ada", ["8.9"]), ("blackwell", ["12.0"])):
-        manifest = _transformer(bundles[gpu])
+        manifest = _transformer(model_folder / f"{gpu}-tensorrt-rtx-int4")
         entry = manifest["components"]["transformer"]
         assert manifest["compute_capabilities"] == sms and entry["precision"] == "int4", (gpu, entry["reason"])
+        assert len(entry.get("parts", [])) == (2 if gpu == "blackwell" else 0) and manifest["model"]["lora"]
         assert entry["layers"]["int4_weights"] == len(int4), (gpu, entry["layers"])  # every INT4 layer stays 4-bit
         assert entry["layers"]["island_gemm"] and entry["layers"]["island_gemm"] == entry["layers"]["island_gemm_fp32"]
         assert manifest["components"]["t5"]["fp32_islands"]
@@ -140,35 +143,51 @@ def test_int4_make_engines_on_a_directory_keeps_islands_and_builds_sm86_sm89_sm1
 
 @needs_rtx
 def test_int4_work_dir_runs_and_compares_in_onnxruntime(int4_bundle, tmp_path):
-    root, _ = int4_bundle
+    root, _, lora = int4_bundle
     model = str(root / "hot")
-    compared = cli("compare", "--onnx", str(root / "work"), "--model", model, "--variants", "int4", "--prompts", "1",
-                   "--steps", "2", "--out", str(tmp_path / "c"))
+    compared = cli("compare", "--onnx", str(root / "work"), "--model", model, "--lora", lora, "--variants", "int4",
+                   "--prompts", "1", "--steps", "2", "--out", str(tmp_path / "c"))
     assert compared.returncode == 0, compared.stderr[-3000:]
     data = json.loads((tmp_path / "c" / "compare.json").read_text())
     e2e = data["end_to_end"]["int4"]
     assert e2e["runners"]["transformer"]["precision"] == "int4" and data["passed"]
-    made = cli("generate", "--onnx", str(root / "work"), "--model", model, "--precision", "int4", "--prompt", "a fox",
-               "--steps", "2", "--height", "512", "--width", "512", "--out", str(tmp_path / "fox.png"))
+    made = cli("generate", "--onnx", str(root / "work"), "--model", model, "--lora", lora, "--precision", "int4",
+               "--prompt", "a fox", "--steps", "2", "--height", "512", "--width", "512", "--out", str(tmp_path / "fox.png"))
     assert made.returncode == 0 and (tmp_path / "fox.png").stat().st_size > 0, made.stderr[-2000:]
 
 
 @needs_rtx
-def test_nvfp4_builds_for_sm120_and_ada_is_told_why(tmp_path, capsys):
-    work, engines = tmp_path / "w", tmp_path / "e"
-    small = ("--num-prompts", "4", "--steps", "2", "--height", "256", "--width", "256")
-    for argv in (["calibrate", "--model", "tiny", "--format", "nvfp4", "--out", work, *small],
-                 ["export", "--model", "tiny", "--out", work, "--gpu", "blackwell"],
-                 ["build", "--onnx", work, "--gpu", "blackwell", "--out", engines]):
+def test_nvfp4_builds_for_sm120_and_ada_is_told_why(tmp_path, capsys, adapter):
+    """NVFP4 with the user's options at once: a Turbo model with a LoRA, CLIP-only, the transformer built in two
+    parts, and doctor's 8 GB plan from the bundle's manifests."""
+    work, engines, lora = tmp_path / "w", tmp_path / "e", f"{adapter}:0.8"
+    mine = ("--model", "tiny-turbo", "--lora", lora, "--no-t5")
+    small = ("--num-prompts", "4", "--height", "256", "--width", "256")
+    for argv in (["calibrate", *mine, "--format", "nvfp4", "--out", work, *small],
+                 ["export", *mine, "--out", work, "--gpu", "blackwell"],
+                 ["build", "--onnx", work, "--gpu", "blackwell", "--out", engines, "--no-t5", "--parts",
+                  "transformer=2"]):
         code, err = run_cli(capsys, argv)
         assert code == 0, err[-3000:]
-    layers = json.loads((work / "calibration" / "calibration.json").read_text())["layers"]["transformer"]
-    fp4 = [n for n, got in layers.items() if got.startswith("nvfp4")]
+    report = json.loads((work / "calibration" / "calibration.json").read_text())
+    assert report["config"]["steps"] == 4 and report["model"]["lora"], "Turbo's traffic, the adapter fused"
+    fp4 = [n for n, got in report["layers"]["transformer"].items() if got.startswith("nvfp4")]
     exported = json.loads((work / "onnx-nvfp4" / "transformer" / "manifest.json").read_text())
     assert "twin" in exported["validation"]["onnx_checked"] and exported["traffic_check"]["passed"]
-    entry = _transformer(engines / "tiny" / "blackwell-tensorrt-rtx-nvfp4")["components"]["transformer"]
-    assert entry["precision"] == "nvfp4" and entry["layers"]["fp4_weights"] == len(fp4) > 0
-    code, err = run_cli(capsys, ["build", "--onnx", work, "--gpu", "ada", "--out", engines])
+    bundle = next(engines.glob("tiny-turbo-lora-*/blackwell-tensorrt-rtx-nvfp4-clip"))
+    manifest = _transformer(bundle)
+    entry = manifest["components"]["transformer"]
+    assert entry["precision"] == "nvfp4" and entry["layers"]["fp4_weights"] == len(fp4) > 0, "every part's FP4 layers"
+    assert len(entry["parts"]) == 2 and "t5" not in manifest["components"]
+    from sd35trt.cli.main import main
+
+    code = main(["doctor", str(bundle), "--vram", "8"])
+    out, err = capsys.readouterr()
+    assert code in (0, 3), err[-2000:]  # 3: no engine of it runs on this host (this box has no GPU), said in the report
+    vram = json.loads(out)["vram"]  # the plan from the bundle's manifests, for its Turbo request
+    assert (vram["request"]["guidance"], vram["request"]["steps"], vram["request"]["t5"]) == (0.0, 4, False), vram
+    assert 0 < vram["plans_gib"]["resident"] < 8, vram
+    code, err = run_cli(capsys, ["build", "--onnx", work, "--gpu", "ada", "--out", engines, "--no-t5"])
     assert_user_error(code, err, "only a nvfp4 onnx")
 
 
@@ -177,10 +196,10 @@ def test_int4_calibration_is_seeded_and_reproducible(int4_bundle):
     """`make calibrate` again, into another work dir, on the same directory and options: the same AWQ state."""
     import torch
 
-    root, _ = int4_bundle
+    root, _, lora = int4_bundle
     again = root / "again"
     run = subprocess.run(["make", "calibrate", f"MODEL={root / 'hot'}", "GPU=ampere", "QUANT=int4", f"WORK={again}",
-                          *MAKE_SMALL], cwd=REPO, capture_output=True, text=True, timeout=1200)
+                          f"LORA={lora}", *MAKE_SMALL], cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     first, second = (torch.load(w / "calibration" / "int4_state.pt", weights_only=True)["transformer"]
                      for w in (root / "work", again))
