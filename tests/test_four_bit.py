@@ -158,10 +158,13 @@ def test_int4_work_dir_runs_and_compares_in_onnxruntime(int4_bundle, tmp_path):
 
 @needs_rtx
 def test_nvfp4_builds_for_sm120_and_ada_is_told_why(tmp_path, capsys, adapter):
-    """NVFP4 with the user's options at once: a Turbo model with a LoRA, CLIP-only, the transformer built in two
-    parts, and doctor's 8 GB plan from the bundle's manifests."""
+    """NVFP4 with the user's options at once: a Turbo model directory with a LoRA, CLIP-only, the transformer built
+    in two parts, and doctor's 8 GB plan from the bundle's manifests."""
+    from tests.outliers import save_model
+
     work, engines, lora = tmp_path / "w", tmp_path / "e", f"{adapter}:0.8"
-    mine = ("--model", "tiny-turbo", "--lora", lora, "--no-t5")
+    model = save_model(tmp_path / "my-sd3.5-turbo", preset="tiny-turbo")  # Turbo by its name, as a download is
+    mine = ("--model", model, "--lora", lora, "--no-t5")
     small = ("--num-prompts", "4", "--height", "256", "--width", "256")
     for argv in (["calibrate", *mine, "--format", "nvfp4", "--out", work, *small],
                  ["export", *mine, "--out", work, "--gpu", "blackwell"],
@@ -174,7 +177,7 @@ def test_nvfp4_builds_for_sm120_and_ada_is_told_why(tmp_path, capsys, adapter):
     fp4 = [n for n, got in report["layers"]["transformer"].items() if got.startswith("nvfp4")]
     exported = json.loads((work / "onnx-nvfp4" / "transformer" / "manifest.json").read_text())
     assert "twin" in exported["validation"]["onnx_checked"] and exported["traffic_check"]["passed"]
-    bundle = next(engines.glob("tiny-turbo-lora-*/blackwell-tensorrt-rtx-nvfp4-clip"))
+    bundle = next(engines.glob("my-sd3.5-turbo-lora-*/blackwell-tensorrt-rtx-nvfp4-clip"))
     manifest = _transformer(bundle)
     entry = manifest["components"]["transformer"]
     assert entry["precision"] == "nvfp4" and entry["layers"]["fp4_weights"] == len(fp4) > 0, "every part's FP4 layers"
