@@ -102,8 +102,13 @@ def process_group(shard: Shard, device: str, init_method: str = "env://") -> Ite
                             world_size=shard.world, timeout=GROUP_TIMEOUT, **kwargs)
     try:
         yield
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave together: a gloo rank that tore its group down and exited while rank 0 still worked aborted once in CI
+    # ("terminate called without an active exception", torchrun, rank 1)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def share(shard: Shard, value: Any) -> Any:
