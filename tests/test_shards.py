@@ -120,3 +120,26 @@ def test_two_commands_on_one_work_dir_take_turns(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "waiting for sd35trt pid" in second.stderr and "inputs unchanged, skipped" in second.stderr
     assert not list(out.glob(".calibration.tmp-*"))
+
+
+def _fails_after_the_others(shard, init_method):
+    """A worker body: rank 0 fails (one user error) after every other rank's share is done."""
+    from sd35trt.core.errors import ArtifactError
+    from sd35trt.producers.shards import process_group
+
+    with process_group(shard, "cpu", init_method):
+        if shard.main:
+            time.sleep(2)  # the other rank is waiting to leave the group together
+            raise ArtifactError("no space left on device while writing the calibration state")
+
+
+def test_rank_0_failing_last_is_the_one_error_with_no_traceback_from_the_others(capfd):
+    """The workers leave their process group together; when rank 0 fails after the others' shares, its error is the
+    one line, and the rank waiting for it leaves quietly (no gloo 'Connection closed by peer' traceback)."""
+    from sd35trt.core.errors import ArtifactError
+    from sd35trt.producers.shards import run_workers
+
+    with pytest.raises(ArtifactError, match="calibration shard 1/2: no space left on device"):
+        run_workers(_fails_after_the_others, 2, ())
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Connection closed" not in err, err[-2000:]
