@@ -148,14 +148,14 @@ HEAVY_FIRST = ("test_four_bit", "test_journeys", "test_shards", "test_deploy_pla
                "test_hostile", "test_interrupts", "test_bad_inputs", "test_parts")
 
 
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        return HEAVY_FIRST.index(module) if module in HEAVY_FIRST else len(HEAVY_FIRST)
+def _module(item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1]
 
-    items.sort(key=rank)  # stable: the tests of a module keep their order
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: HEAVY_FIRST.index(_module(item)) if _module(item) in HEAVY_FIRST else len(HEAVY_FIRST))
+    for item in items:  # (the sort is stable: the tests of a module keep their order)
+        module = _module(item)
         name = item.originalname if hasattr(item, "originalname") else item.name
         if module in SLOW_MODULES or name in SLOW_TESTS or HEAVY_FIXTURES & set(item.fixturenames) or \
                 item.get_closest_marker("gpu"):
