@@ -21,12 +21,14 @@ def make_adapter(dest: Path, *, seed: int = 0, config: dict | None = None) -> Pa
     from sd35trt.core.presets import TINY
 
     transformer = SD3Transformer2DModel(**{**TINY.transformer, **(config or {})})
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.random.fork_rng():  # PEFT draws lora_A from the global generator: seeded, so the adapter is one file
+        torch.manual_seed(seed)
+        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.4)
     StableDiffusion3Pipeline.save_lora_weights(dest, transformer_lora_layers=get_peft_model_state_dict(transformer))
     return dest / "pytorch_lora_weights.safetensors"
 
