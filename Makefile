@@ -18,9 +18,13 @@ GPU ?= ada
 MODEL ?= tiny
 BACKEND ?= auto
 # A preset's name, or a model directory's own name (MODEL=/data/sd3.5-large/ -> build/sd3.5-large).
-# QUANT=int4|nvfp4: a 4-bit transformer; T5=0: CLIP-only. Each has its own work dir and bundle folder (-int4, -clip),
-# beside the full FP8 ones: one never recalibrates or replaces the other.
+# QUANT=int4|nvfp4: a 4-bit transformer; QUANT=mixed: FP8 with INT4 in the layers that cost least, to fit
+# MIXED_GIB= (the transformer's weights in GiB; default midway between all FP8 and all INT4); T5=0: CLIP-only. Each
+# has its own work dir and bundle folder (-int4, -mixed, -clip) beside the full FP8 ones: one never recalibrates or
+# replaces the other.
 QUANT ?= fp8
+MIXED_GIB ?=
+MIXED_FLAG := $(if $(MIXED_GIB),--max-transformer-gib $(MIXED_GIB))
 T5 ?= 1
 WORK ?= build/$(shell basename -- "$(MODEL)")$(if $(filter-out fp8,$(QUANT)),-$(QUANT))$(if $(filter 0,$(T5)),-clip)
 ENGINES ?= engines
@@ -52,7 +56,7 @@ CALIB_SIZE := $(if $(NUM_PROMPTS),--num-prompts $(NUM_PROMPTS)) $(if $(STEPS),--
 
 help:
 	@echo "make engines GPU=ada [MODEL=tiny]   preflight -> calibrate -> export -> build one engine bundle (steps skip when unchanged)"
-	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4 T5=0 FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 BUILD_FLAGS=..."
+	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= T5=0 FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 BUILD_FLAGS=..."
 	@echo "make test                           run the test suite (CPU, tiny preset; what CI runs)"
 	@echo "make test-fast                      the pure-function tier (no model, no build): under 90 s"
 	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"
@@ -81,7 +85,7 @@ preflight: $(STAMP)
 
 calibrate: preflight
 	$(CLI) calibrate --model "$(MODEL)" --out "$(WORK)" --prompts "$(PROMPTS)" $(strip $(CALIB_SIZE)) \
-	  --components "$(FP8)" --format "$(QUANT)" --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG)
+	  --components "$(FP8)" --format "$(QUANT)" $(MIXED_FLAG) --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG)
 
 export: calibrate
 	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG)

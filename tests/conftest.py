@@ -131,7 +131,7 @@ def work_copy(calibrated, tmp_path):
 # `make test-fast`: the tests that build no model pipeline, export no ONNX and start no worker process (pure
 # functions, parsers, plans, CLI refusals), marked here from the fixtures they use and the modules they live in.
 HEAVY_FIXTURES = {"chain", "exported", "calibrated", "work_copy", "boundary_chain", "turbo_work", "adapter", "tiny_pipe",
-                  "user_model", "user_work", "shared"}
+                  "user_model", "user_work", "shared", "mixed"}
 SLOW_MODULES = {"test_shards", "test_interrupts", "test_journeys"}
 SLOW_TESTS = {"test_runtime_imports_on_a_host_without_the_build_stack", "test_tiny_preset_is_deterministic_and_uses_diffusers_classes",
               "test_fp16_last_resort_is_whole_fp32_with_why", "test_lora_changes_the_model_and_is_part_of_its_identity",
@@ -144,7 +144,7 @@ SLOW_TESTS = {"test_runtime_imports_on_a_host_without_the_build_stack", "test_ti
 # workers of `make test` finish together (longest first; the Makefile keeps this order: --no-loadscope-reorder), and
 # so the first two do not wait on one shared fixture: test_four_bit builds its own, test_journeys the user's work dir
 # that test_lora reads later, test_shards the tiny chain.
-HEAVY_FIRST = ("test_four_bit", "test_journeys", "test_shards", "test_deploy_plans", "test_lora", "test_batch",
+HEAVY_FIRST = ("test_four_bit", "test_journeys", "test_shards", "test_deploy_plans", "test_mixed", "test_lora", "test_batch",
                "test_hostile", "test_interrupts", "test_bad_inputs", "test_parts")
 
 

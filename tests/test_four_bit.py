@@ -19,20 +19,26 @@ from tests.test_journeys import MAKE_SMALL, REPO, cli
 # What the issue and NVIDIA's support matrices say, written out: (backend, target, calibrated format) -> the
 # transformer's engine precision, and the compute capabilities built for. TensorRT-RTX 1.7: FP8 on 8.9 and 12.x,
 # INT4 weight-only on 8.6, 8.9, 12.x, FP4 on 12.x (it builds Blackwell for SM120 ahead of time). Full TensorRT: FP8
-# from 8.9, INT4 weight-only from 7.5, FP4 on Blackwell.
+# from 8.9, INT4 weight-only from 7.5, FP4 on Blackwell. Mixed FP8/INT4 needs both: where FP8 runs.
 TABLE = {
-    ("tensorrt-rtx", "turing"): {"fp8": ("fp16", ["7.5"]), "int4": ("fp16", ["7.5"]), "nvfp4": ("fp16", ["7.5"])},
+    ("tensorrt-rtx", "turing"): {"fp8": ("fp16", ["7.5"]), "int4": ("fp16", ["7.5"]), "nvfp4": ("fp16", ["7.5"]),
+                                 "mixed": ("fp16", ["7.5"])},
     ("tensorrt-rtx", "ampere"): {"fp8": ("fp16", ["8.0", "8.6"]), "int4": ("int4", ["8.6"]),
-                                 "nvfp4": ("fp16", ["8.0", "8.6"])},
-    ("tensorrt-rtx", "ada"): {"fp8": ("fp8", ["8.9"]), "int4": ("int4", ["8.9"]), "nvfp4": ("fp16", ["8.9"])},
-    ("tensorrt-rtx", "blackwell"): {"fp8": ("fp8", ["12.0"]), "int4": ("int4", ["12.0"]), "nvfp4": ("nvfp4", ["12.0"])},
-    ("tensorrt", "turing"): {"fp8": ("fp16", ["7.5"]), "int4": ("int4", ["7.5"]), "nvfp4": ("fp16", ["7.5"])},
+                                 "nvfp4": ("fp16", ["8.0", "8.6"]), "mixed": ("fp16", ["8.0", "8.6"])},
+    ("tensorrt-rtx", "ada"): {"fp8": ("fp8", ["8.9"]), "int4": ("int4", ["8.9"]), "nvfp4": ("fp16", ["8.9"]),
+                              "mixed": ("mixed", ["8.9"])},
+    ("tensorrt-rtx", "blackwell"): {"fp8": ("fp8", ["12.0"]), "int4": ("int4", ["12.0"]), "nvfp4": ("nvfp4", ["12.0"]),
+                                    "mixed": ("mixed", ["12.0"])},
+    ("tensorrt", "turing"): {"fp8": ("fp16", ["7.5"]), "int4": ("int4", ["7.5"]), "nvfp4": ("fp16", ["7.5"]),
+                             "mixed": ("fp16", ["7.5"])},
     ("tensorrt", "ampere"): {"fp8": ("fp16", ["8.0", "8.6"]), "int4": ("int4", ["8.0", "8.6"]),
-                             "nvfp4": ("fp16", ["8.0", "8.6"])},
-    ("tensorrt", "ada"): {"fp8": ("fp8", ["8.9"]), "int4": ("int4", ["8.9"]), "nvfp4": ("fp16", ["8.9"])},
-    ("tensorrt", "hopper"): {"fp8": ("fp8", ["9.0"]), "int4": ("int4", ["9.0"]), "nvfp4": ("fp16", ["9.0"])},
+                             "nvfp4": ("fp16", ["8.0", "8.6"]), "mixed": ("fp16", ["8.0", "8.6"])},
+    ("tensorrt", "ada"): {"fp8": ("fp8", ["8.9"]), "int4": ("int4", ["8.9"]), "nvfp4": ("fp16", ["8.9"]),
+                          "mixed": ("mixed", ["8.9"])},
+    ("tensorrt", "hopper"): {"fp8": ("fp8", ["9.0"]), "int4": ("int4", ["9.0"]), "nvfp4": ("fp16", ["9.0"]),
+                             "mixed": ("mixed", ["9.0"])},
     ("tensorrt", "blackwell"): {"fp8": ("fp8", ["10.0", "12.0"]), "int4": ("int4", ["10.0", "12.0"]),
-                                "nvfp4": ("nvfp4", ["10.0", "12.0"])},
+                                "nvfp4": ("nvfp4", ["10.0", "12.0"]), "mixed": ("mixed", ["10.0", "12.0"])},
 }
 
 
@@ -59,7 +65,7 @@ def test_precision_table_every_target_and_format(backend, target):
         if expected == "fp16":  # the fallback says which GEMM the GPU lacks
             assert "fallback" in choice.reason and "runs no" in choice.reason, choice.reason
         else:
-            assert choice.reason.lower().startswith(("int4", "fp8", "fp4", "nvfp4")), choice.reason
+            assert choice.reason.lower().startswith(("int4", "fp8", "fp4", "nvfp4", "mixed")), choice.reason
     ampere = _planned(backend, "ampere", "int4")[2] if target == "ampere" else None
     if backend == "tensorrt-rtx" and target == "ampere":
         assert ampere and "SM80 left out" in ampere  # A100 owners are told why their GPU gets no INT4 bundle

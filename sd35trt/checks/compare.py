@@ -40,7 +40,11 @@ if TYPE_CHECKING:
 # 4-bit weights drift further over the denoising loop than FP8's: their floor is 5 dB lower (set by judgement, not
 # yet measured on real SD3.5 weights: random weights are all this project has).
 E2E_MIN_PSNR_DB = {Precision.FP32: 60.0, Precision.FP16: 30.0, Precision.FP8: 25.0, Precision.INT4: 20.0,
-                   Precision.NVFP4: 20.0}
+                   Precision.NVFP4: 20.0, Precision.MIXED: 20.0}
+
+
+# The ONNX variants compare runs in onnxruntime (every artifact precision but NVFP4, which it has no kernel for).
+COMPARED_VARIANTS = ("fp32", "fp16", "fp8", "int4", "mixed")
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,10 @@ class CompareConfig:
     device: str = "auto"  # where the FP32 reference runs: auto (the GPU when there is one) | cpu | cuda
 
     def __post_init__(self):
-        bad = [v for v in self.variants if v not in ("fp32", "fp16", "fp8", "int4")]
+        bad = [v for v in self.variants if v not in COMPARED_VARIANTS]
         if bad:
-            raise InvalidInputError(f"unknown variant(s) {', '.join(bad)}", hint="choose from fp32,fp16,fp8,int4 (onnxruntime has no FP4 kernel: NVFP4 is compared through its engines)")
+            raise InvalidInputError(f"unknown variant(s) {', '.join(bad)}", hint=f"choose from {','.join(COMPARED_VARIANTS)} "
+                                    "(onnxruntime has no FP4 kernel: NVFP4 is compared through its engines)")
         if self.prompts < 1 or self.steps < 1:
             raise InvalidInputError("--prompts and --steps must be ≥ 1", hint="e.g. --prompts 2 --steps 4")
         from sd35trt.core.host import DEVICES
@@ -568,7 +573,7 @@ def onnx_variants(options: LoopOptions, variants: tuple[str, ...],
     if onnx_root is None or not onnx_root.is_dir():
         raise InvalidInputError("ONNX directory not found", path=onnx_root, hint="pass the --out of export/calibrate")
     work = WorkDir(onnx_root)
-    present = [p.value for p in (Precision.FP32, Precision.FP16, Precision.FP8, Precision.INT4) if work.variant(p).is_dir()]
+    present = [v for v in COMPARED_VARIANTS if work.variant(Precision(v)).is_dir()]
     asked = variants or tuple(present)
     runners_by_variant, ranges, missing = {}, None, {}
     for variant in asked:
@@ -577,7 +582,7 @@ def onnx_variants(options: LoopOptions, variants: tuple[str, ...],
         except VariantMissingError as err:
             missing[variant] = err.what
             continue
-        if variant in ("fp8", "int4") and not any(r.precision == variant for r in found.runners.values()):
+        if Precision(variant).quantized and not any(r.precision == variant for r in found.runners.values()):
             missing[variant] = (f"no {variant} ONNX for any component (run `sd35trt calibrate --format {variant}`, "
                                 "then `sd35trt export`)")
             continue

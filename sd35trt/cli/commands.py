@@ -83,17 +83,25 @@ def build(
               "target": m.target, "compute_capabilities": m.compute_capabilities, "backend": m.backend,
               "components": rows})
         return
+    echo(_bundle_table(result, rows))
+
+
+def _bundle_table(result: Any, rows: dict[str, dict[str, Any]]) -> str:
+    """The table ``build`` prints: per component its precision, size, parts, quantized GEMMs and islands."""
+    m = result.manifest
     lines = [f"bundle {result.folder} ({m.target}, SM {', '.join(m.compute_capabilities)}, "
              f"{m.backend} {m.backend_version}){' unchanged' if result.skipped else ''}",
              f"{'component':<12} {'precision':<9} {'size':>10} {'parts':>5} {'quantized':>10}  islands"]
     for name, row in rows.items():
         # FP8: GEMMs running FP8 of all GEMMs; 4-bit: weight tensors the plan holds as INT4 / FP4 (dequantized in
         # generated kernels before FP16 GEMMs, so the layer report counts those GEMMs as FP16)
+        # (mixed: FP8 GEMMs + INT4 weight tensors)
         done = row["int4_weights"] or row["fp4_weights"] or row["gemm_fp8"]
+        if row["precision"] == "mixed":
+            done = f"{row['gemm_fp8']}+{row['int4_weights']}"
         lines.append(f"{name:<12} {row['precision']:<9} {row['bytes'] / 1e6:>8.1f}MB {row['parts']:>5} "
                      f"{done:>4}/{row['gemm']:<5}  {', '.join(row['fp32_islands']) or '-'}")
-
-    echo("\n".join(lines))
+    return "\n".join(lines)
 
 
 @bundle_app.command("verify")
@@ -156,7 +164,7 @@ def generate(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="run TensorRT / TensorRT-RTX engines of this bundle"),
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="run onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="run the PyTorch modules"),
-    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8 | int4 (NVFP4 has no onnxruntime kernel)"),
+    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8 | int4 | mixed (NVFP4 has no onnxruntime kernel)"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     negative_prompt: str = typer.Option(_DEFAULT_REQUEST.negative_prompt, "--negative-prompt", "-n"),
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps [default: 28; Turbo 4]"),
@@ -310,7 +318,7 @@ def bench(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="time onnxruntime on this work dir's ONNX"),
     torch_: bool = typer.Option(False, "--torch", help="time the PyTorch modules"),
     against: Optional[str] = typer.Option(None, "--against", help="peers timed in the same run, after the runner above: torch, compile, torchao-fp8 (comma-separated; torchao from '.[peers]')"),
-    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8 | int4 (NVFP4 has no onnxruntime kernel)"),
+    precision: str = typer.Option("auto", "--precision", help="with --onnx: auto | fp32 | fp16 | fp8 | int4 | mixed (NVFP4 has no onnxruntime kernel)"),
     provider: str = typer.Option("auto", "--provider", help="with --onnx: onnxruntime on auto | cpu | cuda (CUDA needs onnxruntime-gpu)"),
     steps: int = typer.Option(20, "--steps", help="timed transformer steps (after warm-up)"),
     loop_steps: Optional[int] = typer.Option(None, "--loop-steps", help="denoising steps of each end-to-end image [default: 28; Turbo 4]"),
@@ -442,7 +450,7 @@ def preflight(
     gpu: str = typer.Option("ada", "--gpu", help="the GPU of make engines"),
     backend: str = typer.Option("auto", "--backend", help="auto | tensorrt | tensorrt-rtx"),
     fp8: str = typer.Option("transformer", "--fp8", help="components calibrated to FP8 (make's FP8=)"),
-    fmt: str = typer.Option("fp8", "--format", help="the calibration format: fp8 | int4 | nvfp4 (make's QUANT=)"),
+    fmt: str = typer.Option("fp8", "--format", help="the calibration format: fp8 | int4 | nvfp4 | mixed (make's QUANT=)"),
     t5: bool = T5Opt,
     lora: Optional[str] = LoraOpt,
     work: Optional[Path] = typer.Option(None, "--work", help="the work dir make uses"),
@@ -478,7 +486,7 @@ def preflight(
         from sd35trt.core.errors import InvalidInputError
 
         raise InvalidInputError(f"QUANT={quant.value} quantizes the transformer only, but FP8={','.join(calibrated)}",
-                                hint="leave FP8= at its default (transformer) with QUANT=int4 or nvfp4")
+                                hint="leave FP8= at its default (transformer) with QUANT=int4, nvfp4 or mixed")
     if work is not None:
         ensure_writable_dir(work, "--work")
     ensure_writable_dir(engines, "--engines")

@@ -114,7 +114,8 @@ def calibrate(
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps per prompt [default: 4 for tiny, 20 for real models]"),
     seed: int = typer.Option(Calib.seed, "--seed", help="seed of the calibration loop"),
     components: str = typer.Option(",".join(Calib.components), "--components", help="calibrated components: transformer[,clip_l,clip_g,t5] (4-bit formats: transformer)"),
-    fmt: str = typer.Option(Calib.format.value, "--format", help="fp8 (E4M3 weights and activations) | int4 (weight-only, AWQ: Ampere SM86/Ada/Blackwell, the 8-12 GB cards) | nvfp4 (weight-only FP4: Blackwell SM120)"),
+    fmt: str = typer.Option(Calib.format.value, "--format", help="fp8 (E4M3 weights and activations) | int4 (weight-only, AWQ: Ampere SM86/Ada/Blackwell, the 8-12 GB cards) | nvfp4 (weight-only FP4: Blackwell SM120) | mixed (FP8, and INT4 in the layers that cost least, to fit --max-transformer-gib: Ada/Hopper/Blackwell)"),
+    max_transformer_gib: Optional[float] = typer.Option(None, "--max-transformer-gib", help="--format mixed: the transformer's weights budget in GiB [default: midway between all FP8 and all INT4]"),
     config: Optional[Path] = typer.Option(None, "--config", help="FP8 recipe TOML [default: calibration/fp8.toml]"),
     height: Optional[int] = typer.Option(None, "--height", help="calibration image height (px) [default: 512 for tiny, 1024 for real models]"),
     width: Optional[int] = typer.Option(None, "--width", help="calibration image width (px) [default: as --height's]"),
@@ -130,7 +131,7 @@ def calibrate(
     force: bool = typer.Option(False, "--force", help="recalibrate even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the full report as JSON instead of a table"),
 ) -> None:
-    """FP8 (E4M3) or 4-bit (INT4 AWQ, NVFP4) calibration with ModelOpt on real denoising traffic, an activation
+    """FP8 (E4M3), 4-bit (INT4 AWQ, NVFP4) or mixed FP8/INT4 calibration with ModelOpt on real denoising traffic, an activation
     census and FP32 islands (state in OUT/calibration/; `sd35trt export` builds the quantized and FP16 ONNX from it)."""
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.models import resolve_model
@@ -152,7 +153,8 @@ def calibrate(
         recipe_file=config or DEFAULT_RECIPE, height=default_size if height is None else height,
         width=default_size if width is None else width,
         guidance=source.defaults.guidance if guidance is None else guidance, batch=calib_batch,
-        holdout=holdout, dtype=dtype, t5=t5 and source.has_t5, format=parse_format(fmt))
+        holdout=holdout, dtype=dtype, t5=t5 and source.has_t5, format=parse_format(fmt),
+        max_transformer_gib=max_transformer_gib)
     ensure_writable_dir(out)
     result = calibrate_model(source, out, cfg, device=device, force=force, shards=shards)
     if result is None:  # a torchrun worker other than rank 0: rank 0 prints the report

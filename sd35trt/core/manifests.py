@@ -18,7 +18,7 @@ from sd35trt.core.specs import ARTIFACT_PRECISIONS, SPECS, Precision
 
 MANIFEST = "manifest.json"
 VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8",
-                Precision.INT4: "onnx-int4", Precision.NVFP4: "onnx-nvfp4"}
+                Precision.INT4: "onnx-int4", Precision.NVFP4: "onnx-nvfp4", Precision.MIXED: "onnx-mixed"}
 CALIBRATION_LAYOUT = 2  # bump when the calibration folder's files change meaning
 
 
@@ -118,7 +118,7 @@ class CalibrationManifest:
     files: dict[str, dict[str, Any]]
     reference: str
     margin: float
-    format: Precision = Precision.FP8  # the calibrated format: fp8 | int4 | nvfp4
+    format: Precision = Precision.FP8  # the calibrated format: fp8 | int4 | nvfp4 | mixed
     layout: int = CALIBRATION_LAYOUT
     extra: dict[str, Any] = field(default_factory=dict)
 

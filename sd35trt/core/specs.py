@@ -28,6 +28,7 @@ class Precision(str, Enum):
     FP8 = "fp8"  # E4M3 weights and activations, per-tensor scales (ModelOpt max calibration)
     INT4 = "int4"  # weight-only INT4, blocks of up to 128 input channels, AWQ (activations FP16)
     NVFP4 = "nvfp4"  # weight-only FP4 (E2M1), FP8 scales per 16 weights and one FP32 scale (activations FP16)
+    MIXED = "mixed"  # FP8 GEMMs, and INT4 weight-only (AWQ) in the layers chosen to meet a size budget
     BF16 = "bf16"  # diffusers' modules on the GPU (the torch runner, its peers); never an ONNX or engine precision
 
     @property
@@ -42,7 +43,7 @@ class Precision(str, Enum):
         return format(self.value, spec)
 
 
-QUANTIZED = (Precision.FP8, Precision.INT4, Precision.NVFP4)
+QUANTIZED = (Precision.FP8, Precision.INT4, Precision.NVFP4, Precision.MIXED)
 # What ONNX variants, engines and their manifests may carry (BF16 runs only as torch modules).
 ARTIFACT_PRECISIONS = (Precision.FP32, Precision.FP16, *QUANTIZED)
 
@@ -332,7 +333,7 @@ SPECS: dict[str, ComponentSpec] = {
         wrapper=transformer_wrapper,
         tolerances={Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(1e-2, 0.05),
                     Precision.FP8: Tolerance(0.08, 0.5), Precision.INT4: Tolerance(0.08, 0.5),
-                    Precision.NVFP4: Tolerance(0.1, 0.5)},
+                    Precision.NVFP4: Tolerance(0.1, 0.5), Precision.MIXED: Tolerance(0.08, 0.5)},
         export_context=crop_pos_embed, calibratable=True, island_units=(r"transformer_blocks\.\d+",),
     ),
     "clip_l": _clip_spec("clip_l", "text_encoder", "clip_l", "CLIP ViT-L/14 text encoder"),
@@ -361,7 +362,7 @@ CALIBRATABLE = tuple(name for name, spec in SPECS.items() if spec.calibratable)
 
 
 def parse_format(text: str, option: str = "--format") -> Precision:
-    """A calibrated format by name (fp8 | int4 | nvfp4), one line otherwise."""
+    """A calibrated format by name (fp8 | int4 | nvfp4 | mixed), one line otherwise."""
     names = tuple(p.value for p in QUANTIZED)
     if text not in names:
         raise InvalidInputError(f"{option} '{text}' is not one of {', '.join(names)}", hint=f"e.g. {option} int4")

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import TypeVar
 
 from sd35trt.core.errors import BuildError, InvalidInputError
-from sd35trt.core.specs import Precision
+from sd35trt.core.specs import ARTIFACT_PRECISIONS, Precision
 
 E = TypeVar("E", bound=Enum)
 
@@ -68,17 +68,20 @@ QUANT_SUPPORT: dict[Backend, dict[Precision, Callable[[tuple[int, int]], bool]]]
         Precision.FP8: lambda cc: cc in ((8, 9), (12, 0), (12, 1)),
         Precision.INT4: lambda cc: cc in ((8, 6), (8, 9), (12, 0), (12, 1)),
         Precision.NVFP4: lambda cc: cc in ((12, 0), (12, 1)),
+        Precision.MIXED: lambda cc: cc in ((8, 9), (12, 0), (12, 1)),  # FP8 and INT4 both
     },
     Backend.TENSORRT: {
         Precision.FP8: lambda cc: cc >= (8, 9),
         Precision.INT4: lambda cc: cc >= (7, 5),
         Precision.NVFP4: lambda cc: cc >= (10, 0),
+        Precision.MIXED: lambda cc: cc >= (8, 9),
     },
 }
 # What each quantized format is called in a reason.
-QUANT_NAMES = {Precision.FP8: "FP8", Precision.INT4: "INT4 weight-only", Precision.NVFP4: "FP4 (NVFP4)"}
+QUANT_NAMES = {Precision.FP8: "FP8", Precision.INT4: "INT4 weight-only", Precision.NVFP4: "FP4 (NVFP4)",
+               Precision.MIXED: "mixed FP8/INT4"}
 
-# Preference per component, best first: its calibrated format (the work dir's calibration: fp8, int4 or nvfp4)
+# Preference per component, best first: its calibrated format (the work dir's calibration: fp8, int4, nvfp4, mixed)
 # where the GPU runs it, FP16 as the fallback, FP32 as last resort. The VAE decoder is convolution-bound and never
 # calibrated: FP16.
 CALIBRATED_FORMAT = Precision.FP8  # stands for "the calibrated format" in the table below
@@ -168,7 +171,7 @@ def plan_precisions(target: TargetInfo, components: tuple[str, ...], available: 
         raise InvalidInputError(
             f"{QUANT_NAMES[requested]} requested for target {target.target.value} ({names}), where {backend.value} runs "
             f"no {QUANT_NAMES[requested]} GEMM", hint="drop --precision to get the automatic FP16 fallback, or target "
-            "a GPU that has it (FP8: ada/hopper/blackwell; INT4: ampere (SM86)/ada/blackwell; NVFP4: blackwell)")
+            "a GPU that has it (FP8 and mixed: ada/hopper/blackwell; INT4: ampere (SM86)/ada/blackwell; NVFP4: blackwell)")
     plan = {}
     for name in components:
         have = available.get(name, set())
@@ -202,13 +205,14 @@ def plan_precisions(target: TargetInfo, components: tuple[str, ...], available: 
 
 # --- the same policy for ONNX variants (export produces them, runners and compare pick among them) --------
 
-EXPORT_VARIANTS = ("auto", "fp32", "fp16", "fp8", "int4", "nvfp4")
+EXPORT_VARIANTS = ("auto", "fp32", "fp16", "fp8", "int4", "nvfp4", "mixed")
 # --precision of a runner on a work dir: "auto" takes the engines' preference order (the best variant the work
 # dir has); "fp8"/"int4" fall back to FP16 where a component was not calibrated, as engines do; the others are exact.
 # onnxruntime has no FP4 DequantizeLinear (opset 23: NOT_IMPLEMENTED in 1.31), so NVFP4 is never a runner variant.
 RUNNER_VARIANTS: dict[str, tuple[Precision, ...]] = {
-    "auto": (Precision.FP8, Precision.INT4, Precision.FP16, Precision.FP32), "fp8": (Precision.FP8, Precision.FP16),
-    "int4": (Precision.INT4, Precision.FP16), "fp16": (Precision.FP16,), "fp32": (Precision.FP32,)}
+    "auto": (Precision.FP8, Precision.INT4, Precision.MIXED, Precision.FP16, Precision.FP32),
+    "fp8": (Precision.FP8, Precision.FP16), "int4": (Precision.INT4, Precision.FP16),
+    "mixed": (Precision.MIXED, Precision.FP16), "fp16": (Precision.FP16,), "fp32": (Precision.FP32,)}
 
 
 def exported_variants(requested: str, components: tuple[str, ...], calibrated: set[str],
@@ -226,7 +230,7 @@ def exported_variants(requested: str, components: tuple[str, ...], calibrated: s
         check_choice("--precision", name, EXPORT_VARIANTS)
     wanted = {Precision.FP16, quant} if "auto" in names else {Precision(n) for n in names}
     pairs = []
-    for precision in (Precision.FP32, Precision.FP16, Precision.FP8, Precision.INT4, Precision.NVFP4):
+    for precision in ARTIFACT_PRECISIONS:
         if precision not in wanted:
             continue
         for name in components:

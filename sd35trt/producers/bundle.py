@@ -164,10 +164,10 @@ def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_m
 
 def bundle_suffix(plan: Mapping[str, Any], base: str = "") -> str:
     """The suffix that sets a bundle's folder apart from the plain FP8/FP16 bundle of its target, so that no build
-    replaces a different kind of bundle: ``base`` (-portable, -ampereplus), then -int4/-nvfp4 for a 4-bit
+    replaces a different kind of bundle: ``base`` (-portable, -ampereplus), then -int4/-nvfp4/-mixed for a 4-bit
     transformer, then -clip for a whole bundle but T5-XXL (``make engines T5=0`` beside the full one; a build of
     some components, ``--components clip_l``, is not CLIP-only)."""
-    four_bit = sorted({c.precision.value for c in plan.values() if c.precision in (Precision.INT4, Precision.NVFP4)})
+    four_bit = sorted({c.precision.value for c in plan.values() if c.precision.quantized and c.precision is not Precision.FP8})
     clip_only = set(plan) == set(COMPONENTS) - {"t5"}
     return base + "".join(f"-{f}" for f in four_bit) + ("-clip" if clip_only else "")
 
@@ -527,11 +527,12 @@ def check_layer_report(name: str, precision: Precision, summary: dict[str, Any],
         log.warn(f"{name}: the builder's per-layer report could not be read; layer precisions are unknown")
         return
     summary["report"] = source
-    found = {Precision.FP8: ("gemm_fp8", "FP8 GEMM"), Precision.INT4: ("int4_weights", "INT4 weight"),
-             Precision.NVFP4: ("fp4_weights", "FP4 weight")}.get(precision)
-    if found is not None and summary.get(found[0], 0) == 0:
-        raise BuildError(f"{name}: {precision.value} requested but the engine has no {found[1]}", path=onnx_path,
-                         hint="the Q/DQ placement was not fused; report this with layers/ and the ONNX manifest")
+    fp8, int4, fp4 = ("gemm_fp8", "FP8 GEMM"), ("int4_weights", "INT4 weight"), ("fp4_weights", "FP4 weight")
+    wanted = {Precision.FP8: [fp8], Precision.INT4: [int4], Precision.NVFP4: [fp4], Precision.MIXED: [fp8, int4]}
+    for key, what in wanted.get(precision, []):
+        if summary.get(key, 0) == 0:
+            raise BuildError(f"{name}: {precision.value} requested but the engine has no {what}", path=onnx_path,
+                             hint="the Q/DQ placement was not fused; report this with layers/ and the ONNX manifest")
 
 
 def format_layers(name: str, precision: Precision, summary: dict[str, int], layers: list[dict[str, Any]],

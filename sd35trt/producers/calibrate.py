@@ -52,6 +52,7 @@ from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, pipeline_attrs, vae_input
 from sd35trt.core.traffic import TrafficRecorder, spread
 from sd35trt.core.wrappers import CastIO, eager_text_attention
+from sd35trt.producers.mixed import MixedPlan, plan_mix, resolve_budget, transformer_sizes
 from sd35trt.producers.quantize import collect_scales, is_quantizer, quant_state
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
@@ -98,7 +99,8 @@ class CalibrationConfig:
     report_steps: int = 0  # denoising steps for the held-out report; 0 = same as --steps
     dtype: str = "auto"  # compute dtype of the loops: auto = BF16 on CUDA, FP32 on CPU (weights stay FP32)
     t5: bool = True  # False: CLIP-only traffic (zero T5 embeddings), for bundles that ship without T5
-    format: Precision = Precision.FP8  # fp8 | int4 (AWQ, weight-only) | nvfp4 (weight-only FP4): calibrate --format
+    format: Precision = Precision.FP8  # fp8 | int4 (AWQ, weight-only) | nvfp4 (weight-only FP4) | mixed: --format
+    max_transformer_gib: float | None = None  # mixed: the transformer's weights budget (None: midway FP8/INT4)
 
     def __post_init__(self):
         from sd35trt.core.shapes import check_pixels
@@ -126,7 +128,11 @@ class CalibrationConfig:
             raise InvalidInputError("--components names t5 but --no-t5 leaves T5 out", hint="drop one of them")
         if not self.format.quantized:
             raise InvalidInputError(f"--format {self.format.value} is not a calibrated format",
-                                    hint="choose fp8, int4 or nvfp4")
+                                    hint="choose fp8, int4, nvfp4 or mixed")
+        if self.max_transformer_gib is not None and (self.format is not Precision.MIXED
+                                                     or not 0 < self.max_transformer_gib < math.inf):
+            raise InvalidInputError(f"--max-transformer-gib {self.max_transformer_gib:g} needs --format mixed and a "
+                                    "size in GiB above 0", hint="e.g. --format mixed --max-transformer-gib 5")
         if self.format is not Precision.FP8 and self.components != ("transformer",):
             raise InvalidInputError(f"--format {self.format.value} quantizes the transformer only (4-bit text encoders "
                                     "are not supported)", hint="use --components transformer")
@@ -200,6 +206,7 @@ def calibration_inputs_hash(source: ModelSource, cfg: CalibrationConfig, prompts
         "batch": cfg.batch, "holdout": cfg.holdout, "report_steps": cfg.report_steps, "toolkit": __version__,
         "compute": [device.split(":")[0], compute_dtype_name(cfg.dtype, device)],
         **({} if cfg.t5 else {"t5": False}), **({} if cfg.format is Precision.FP8 else {"format": cfg.format.value}),
+        **({} if cfg.max_transformer_gib is None else {"max_transformer_gib": cfg.max_transformer_gib}),
     })
 
 
@@ -317,6 +324,12 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
             log.warn(f"{name}: every quantizable layer is excluded by the recipe or inside an FP32 island; it is "
                      "not calibrated to FP8 (its engines use FP16 with the islands)")
             cfg = replace(cfg, components=tuple(c for c in cfg.components if c != name))
+    budget = None
+    if cfg.format is Precision.MIXED and cfg.components:  # a budget no mix meets fails before minutes of calibration
+        network = getattr(pipe, SPECS["transformer"].pipeline_attr)
+        sizes = transformer_sizes(network, recipe.quantizable("transformer", network, islands["transformer"]),
+                                  islands["transformer"])
+        budget = (sizes, resolve_budget(cfg.max_transformer_gib, sizes))
     share_note = f", {shard} of the batches" if shard.distributed else ""
     fmt = cfg.format
     quantized, scales, calib_timing = None, {}, {"seconds": 0.0}
@@ -324,14 +337,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     if cfg.components:
         with log.step(f"calibrate {','.join(cfg.components)} to {fmt.value}: {cfg.num_prompts} prompts × {cfg.steps} "
                       f"steps at {cfg.height}×{cfg.width} ({compute}{share_note})") as calib_timing:
-            if fmt is Precision.NVFP4:  # weight-only FP4 is a function of the weights: nothing to run
-                four_bit = FourBitState(nvfp4=nvfp4_layers(pipe, cfg.components, recipe, islands))
-                scales = {name: 0.0 for layers in four_bit.nvfp4.values() for name in layers}
-            else:
-                quantized, scales = calibrate_networks(pipe, cfg, recipe, calib_prompts, islands, compute=compute,
-                                                       shard=shard)
-                if fmt is Precision.INT4:
-                    four_bit = FourBitState(int4=int4_layers_of(quantized))
+            quantized, scales, four_bit = _quantize(pipe, cfg, recipe, calib_prompts, islands, compute, shard,
+                                                    held_out, budget)
     if not shard.main:
         return None
     assert held_out is not None
@@ -339,7 +346,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     traffic, references = held_out.traffic, held_out.references
 
     # 4. The quantized (fake-quant) networks vs FP32 per component on held-out traffic, and end to end.
-    label = {Precision.FP8: "ModelOpt FP8", Precision.INT4: "ModelOpt INT4 AWQ", Precision.NVFP4: "NVFP4 (sd35trt)"}[fmt]
+    label = {Precision.FP8: "ModelOpt FP8", Precision.INT4: "ModelOpt INT4 AWQ", Precision.NVFP4: "NVFP4 (sd35trt)",
+             Precision.MIXED: "ModelOpt FP8 and INT4 AWQ (mixed)"}[fmt]
     end_to_end: dict[str, Any] = {
         "prompts": holdout_prompts, "steps": report_steps,
         "reference": f"diffusers pipeline, FP32 weights, {compute} compute on {torch_device}",
@@ -356,7 +364,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
                            "image_psnr_db": [round(psnr(r.numpy(), c.numpy()), 2) for r, c in zip(ref_images, q_images)]}
         else:
             end_to_end["candidate"] = f"none: no component runs in {fmt.value}"
-    state = quant_state(quantized) if quantized is not None and fmt is Precision.FP8 else None
+    state = quant_state(quantized) if quantized is not None and fmt in (Precision.FP8, Precision.MIXED) else None
     if fmt is Precision.INT4 and quantized is not None:
         undo_awq(quantized)  # the FP16 check below runs the model as it is, not AWQ's rescaled weights
 
@@ -397,6 +405,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
             "t5": "t5" in present,
             "format": fmt.value,
             **({"layers": four_bit.layer_formats(pipe, cfg.components, recipe, islands)} if fmt is not Precision.FP8 else {}),
+            **({"mixed": four_bit.mixed.to_dict()} if four_bit.mixed is not None else {}),
 
             "components": {name: {"calls": len(traffic[name]), fmt.value: quant_checks[name]} for name in cfg.components},
             "end_to_end": end_to_end,
@@ -412,7 +421,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
             inputs_hash=calib_hash, model=source.describe(), components=tuple(cfg.components), islands=islands,
             fp16=decisions, files=file_entries(tmp), reference=report["reference"], margin=recipe.margin, format=fmt,
             extra={"toolkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "probe_ranges": probe_ranges(cfg).to_dict()})
+                   "probe_ranges": probe_ranges(cfg).to_dict(),
+                   **({"mixed": four_bit.mixed.to_dict()} if four_bit.mixed is not None else {})})
         write_json_atomic(tmp / "manifest.json", manifest.to_dict())
     return CalibrationResult(False, calib_hash, report, folder, time.perf_counter() - start)
 
@@ -518,6 +528,47 @@ def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompt
     return networks, scales
 
 
+def _quantize(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[str], islands: dict[str, list[Island]],
+              compute: str, shard: Shard, held_out: HeldOut | None,
+              budget: tuple[Any, tuple[float, str]] | None) -> tuple[Any, dict[str, float], FourBitState]:
+    """Step 3 in ``cfg.format``: ModelOpt's calibration (FP8, INT4 AWQ, or both for mixed) or NVFP4's layer list.
+    Returns the quantized networks (None for NVFP4), their scales, and what a 4-bit format keeps."""
+    fmt = cfg.format
+    if fmt is Precision.NVFP4:  # weight-only FP4 is a function of the weights: nothing to run
+        four_bit = FourBitState(nvfp4=nvfp4_layers(pipe, cfg.components, recipe, islands))
+        return None, {name: 0.0 for layers in four_bit.nvfp4.values() for name in layers}, four_bit
+    if fmt is not Precision.MIXED:
+        quantized, scales = calibrate_networks(pipe, cfg, recipe, prompts, islands, compute=compute, shard=shard)
+        return quantized, scales, FourBitState(int4=int4_layers_of(quantized) if fmt is Precision.INT4 else {})
+    # mixed: INT4 AWQ on a copy of the transformer, then FP8 on the model itself; then the budget's choice on the
+    # held-out traffic (producers.mixed)
+    import copy
+
+    assert held_out is not None and budget is not None  # mixed runs unsharded (rank 0 holds the held-out traffic)
+    attr = SPECS["transformer"].pipeline_attr
+    spare = copy.deepcopy(getattr(pipe, attr))
+    awq, _ = calibrate_networks(pipe, replace(cfg, format=Precision.INT4, max_transformer_gib=None), recipe, prompts, islands, compute=compute)
+    int4 = int4_layers_of(awq).get(attr, {})
+    setattr(pipe, attr, spare)
+    del awq
+    quantized, scales = calibrate_networks(pipe, replace(cfg, format=Precision.FP8, max_transformer_gib=None), recipe, prompts, islands,
+                                           compute=compute)
+    spec = SPECS["transformer"]
+    module = spec.module(pipe)
+    calls, refs = held_out.traffic["transformer"], held_out.references["transformer"]
+
+    def error_of() -> float:
+        per_call = [error_stats(ref[0], _run_module(module, spec, call)[0]).rel_l2 for call, ref in zip(calls, refs)]
+        return sum(per_call) / len(per_call)
+
+    with log.step(f"mixed FP8/INT4: {len(int4)} candidate layers, each alone INT4 on {len(calls)} held-out calls"):
+        plan = plan_mix(getattr(pipe, attr), int4, budget[0], budget[1], error_of)
+    log.info(f"mixed FP8/INT4: {len(plan.chosen)} of {len(plan.delta)} layers INT4, transformer weights "
+             f"{plan.bytes['mixed'] / 2**30:.4g} GiB (budget {plan.budget_gib:.4g}); held-out rel-L2 "
+             f"{plan.error['fp8']:.3g} all FP8, {plan.error['mixed']:.3g} mixed, {plan.error['int4']:.3g} all INT4")
+    return quantized, scales, FourBitState(int4={attr: {n: int4[n] for n in plan.chosen}}, mixed=plan)
+
+
 @dataclass
 class FourBitState:
     """What a 4-bit calibration keeps (by pipeline attribute, then layer name): INT4's AWQ layers (``Int4Layer``),
@@ -525,25 +576,20 @@ class FourBitState:
 
     int4: dict[str, Any] = field(default_factory=dict)
     nvfp4: dict[str, list[str]] = field(default_factory=dict)
+    mixed: MixedPlan | None = None  # mixed: the budget's choice (``int4`` holds the chosen layers only)
 
     @contextlib.contextmanager
     def faked(self, pipe: Any):
-        """NVFP4's fake-quant networks for the block (the layers swapped for ``QuantizedLinear`` and back);
-        ModelOpt's FP8 and INT4 quantizers are in the networks already."""
-        from sd35trt.producers.weight_quant import swap_in
+        """The fake-quant networks for the block where ModelOpt's quantizers are not all of it: NVFP4's layers, and
+        mixed's INT4 layers inside the FP8 network, swapped for ``QuantizedLinear`` and back."""
+        from sd35trt.producers.weight_quant import swapped
 
-        saved = []
-        for attr, names in self.nvfp4.items():
-            network = getattr(pipe, attr)
-            modules = dict(network.named_modules())
-            saved += [(network, name, modules[name]) for name in names]
-            swap_in(network, {name: None for name in names}, "nvfp4")
-        try:
+        with contextlib.ExitStack() as stack:
+            for attr, names in self.nvfp4.items():
+                stack.enter_context(swapped(getattr(pipe, attr), {name: None for name in names}, "nvfp4"))
+            for attr, layers in (self.int4 if self.mixed is not None else {}).items():
+                stack.enter_context(swapped(getattr(pipe, attr), layers, "int4"))
             yield
-        finally:
-            for network, name, module in saved:
-                parent, _, child = name.rpartition(".")
-                setattr(dict(network.named_modules())[parent] if parent else network, child, module)
 
     def layer_formats(self, pipe: Any, components: tuple[str, ...], recipe: Recipe,
                       islands: dict[str, list[Island]]) -> dict[str, dict[str, str]]:
@@ -562,13 +608,18 @@ class FourBitState:
                 if not isinstance(module, torch.nn.Linear) or not layer:
                     continue
                 if layer in self.int4.get(attr, {}):
-                    rows[layer] = f"int4 (AWQ, block {self.int4[attr][layer].block})"
+                    cost = f", {self.mixed.delta[layer]:+.3g} rel-L2 alone" if self.mixed is not None else ""
+                    rows[layer] = f"int4 (AWQ, block {self.int4[attr][layer].block}{cost})"
                 elif layer in self.nvfp4.get(attr, ()):
                     rows[layer] = "nvfp4 (E2M1, FP8 scale per 16)"
                 elif any(layer == m or layer.startswith(m + ".") for m in inside):
                     rows[layer] = "fp32: inside an FP32 island"
                 elif layer not in wanted:
                     rows[layer] = "fp16: the recipe keeps it out (embedders, norm_out, proj_out)"
+                elif self.mixed is not None:
+                    cost = self.mixed.delta.get(layer)
+                    rows[layer] = "fp8 (E4M3)" + (f": kept, {cost:+.3g} rel-L2 as INT4" if cost is not None else
+                                                  ": its input width takes no 4-bit block")
                 else:
                     rows[layer] = "fp16: its input width takes no 4-bit block"
             table[name] = rows

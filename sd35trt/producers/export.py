@@ -54,7 +54,7 @@ from sd35trt.core.numerics import Island, fp32_islands, hottest_module, plan_isl
 from sd35trt.core.onnx_utils import PROVIDERS
 from sd35trt.core.probes import EXPORT_CHECK_SEED, EXPORT_TRACE_SEED, export_dims
 from sd35trt.core.shapes import ShapeRanges
-from sd35trt.core.specs import COMPONENTS, SPECS, ComponentSpec, PipeDims, Precision
+from sd35trt.core.specs import ARTIFACT_PRECISIONS, COMPONENTS, SPECS, ComponentSpec, PipeDims, Precision
 from sd35trt.core.targets import TargetInfo, exported_variants
 from sd35trt.core.wrappers import CastIO
 
@@ -287,6 +287,9 @@ def _reference_label(precision: Precision, module: Any) -> str:
     dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
     if precision is Precision.FP8:
         return f"the ModelOpt fake-quant network ({dtype})"
+    if precision is Precision.MIXED:
+        return (f"the mixed fake-quant network ({dtype}: ModelOpt's FP8 quantizers, and the ONNX's own INT4 weights "
+                "dequantized in the layers the budget chose)")
     if precision.quantized:
         return f"the {precision.value} fake-quant network ({dtype} activations, the ONNX's own 4-bit weights dequantized)"
     return f"the PyTorch network in {dtype}" + (" (TF32 off)" if dtype == "float32" else "")
@@ -379,7 +382,7 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
     quant = calibration.format if calibration else Precision.FP8
     names = [v.strip() for v in requested.split(",") if v.strip()]
     pairs = exported_variants(requested, components, calibrated, target, quant)
-    asked = [n for n in names if n in ("fp8", "int4", "nvfp4")]
+    asked = [n for n in names if n in ("fp8", "int4", "nvfp4", "mixed")]
     if asked and "auto" not in names and components and (not calibrated & set(components) or asked != [quant.value]):
         raise InvalidInputError(f"no {'/'.join(asked)} calibration for {', '.join(components)} in this work dir"
                                 + (f" (it is calibrated to {quant.value})" if calibrated else ""),
@@ -478,7 +481,7 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
     traffic = load_traffic(work, calibration) if todo and config.validate else {}
     results: list[ComponentExport] = []
     fp8_attrs = {SPECS[c].pipeline_attr for c in calibration.components} if calibration else set()
-    for variant in (Precision.FP32, Precision.FP16, Precision.FP8, Precision.INT4, Precision.NVFP4):
+    for variant in ARTIFACT_PRECISIONS:
         group = [p for p in plans if p.precision is variant]
         if group:
             results += _export_group(source, work, config, group, hashes, current, traffic, device, fp8_attrs,
@@ -660,15 +663,18 @@ def _group_pipelines(source: ModelSource, work: WorkDir, todo: list[VariantPlan]
         dtype = torch.float32 if weights is Precision.FP32 else torch.float16
         with log.step(f"build {source.id} pipeline ({', '.join(sorted(attrs))}) on {torch_device}, {weights}"):
             pipes[weights] = build_pipeline(source, device=torch_device, dtype=dtype, components=attrs)
-    if precision is Precision.FP8:
+    if precision in (Precision.FP8, Precision.MIXED):
         from sd35trt.producers.quantize import restore_quantized
 
         networks = restore_quantized(pipes[Precision.FP16], work.calibration / "quant_state.pt")
         networks.half()  # amax buffers in FP16, as the Q/DQ scales are exported
-    elif precision.quantized:  # 4-bit: each quantized Linear swapped for the layer its ONNX will hold
+    if precision in (Precision.INT4, Precision.NVFP4, Precision.MIXED):
+        # 4-bit: each quantized Linear swapped for the layer its ONNX will hold (mixed: the layers the size budget
+        # chose, their FP8 quantizers leaving with them)
         from sd35trt.producers.quantize import restore_4bit
 
-        restore_4bit(pipes[Precision.FP16], work.calibration, precision)
+        restore_4bit(pipes[Precision.FP16], work.calibration,
+                     Precision.INT4 if precision is Precision.MIXED else precision)
     return pipes
 
 
@@ -780,9 +786,15 @@ def _rewrite_4bit(model_path: Path) -> None:
     write_json_atomic(model_path.parent / "4bit_rewrite.json", counts)
 
 
-POSTPROCESS = {Precision.FP8: _rewrite_and_count, Precision.INT4: _rewrite_4bit, Precision.NVFP4: _rewrite_4bit}
+def _rewrite_mixed(model_path: Path) -> None:
+    _rewrite_and_count(model_path)
+    _rewrite_4bit(model_path)
+
+
+POSTPROCESS = {Precision.FP8: _rewrite_and_count, Precision.INT4: _rewrite_4bit, Precision.NVFP4: _rewrite_4bit,
+               Precision.MIXED: _rewrite_mixed}
 
 
 def opset_for(precision: Precision, opset: int) -> int:
     """4-bit weights need block-wise DequantizeLinear (opset 21); NVFP4's rewrite raises it to 23 afterwards."""
-    return max(opset, 21) if precision in (Precision.INT4, Precision.NVFP4) else opset
+    return max(opset, 21) if precision in (Precision.INT4, Precision.NVFP4, Precision.MIXED) else opset

@@ -20,6 +20,8 @@ Each quantized ``nn.Linear`` is swapped for a ``QuantizedLinear`` that computes 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,9 +214,28 @@ def swap_in(network: Any, layers: dict[str, Any], fmt: str) -> list[str]:
     ``Int4Layer`` for int4, anything for nvfp4). Returns the names swapped."""
     modules = dict(network.named_modules())
     for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else network, child, quantized_linear(modules[name], fmt, layer))
+        _put(network, modules, name, quantized_linear(modules[name], fmt, layer))
     return list(layers)
+
+
+@contextlib.contextmanager
+def swapped(network: Any, layers: dict[str, Any], fmt: str) -> Iterator[None]:
+    """``swap_in`` for the block, the original layers put back after it (a fake-quant run of a network that stays
+    the model)."""
+    modules = dict(network.named_modules())
+    saved = {name: modules[name] for name in layers}
+    swap_in(network, layers, fmt)
+    try:
+        yield
+    finally:
+        current = dict(network.named_modules())
+        for name, module in saved.items():
+            _put(network, current, name, module)
+
+
+def _put(network: Any, modules: dict[str, Any], name: str, module: Any) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(modules[parent] if parent else network, child, module)
 
 
 # --- the ONNX: 4-bit initializers --------------------------------------------------------------------------------

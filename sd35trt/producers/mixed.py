@@ -1,0 +1,152 @@
+"""The mixed FP8/INT4 recipe (``calibrate --format mixed``): which transformer layers store INT4 weights (AWQ,
+weight-only) instead of FP8, so that the transformer's weights fit a size budget at the least measured error.
+
+Calibrate runs both ModelOpt calibrations on the same prompts (INT4 AWQ on a copy of the transformer, then FP8)
+and this module decides, on the held-out traffic:
+
+1. sizes: the transformer's weights as the engine stores them — FP8 1 byte, INT4 ½ byte plus an FP16 scale per
+   block and the FP16 AWQ input scale, FP32 islands 4 bytes, every other parameter and buffer FP16 (``pos_embed``
+   whole: export crops it to the shape range, so the estimate errs high) — with every candidate layer in FP8 and in
+   INT4 (checked against the budget before minutes of calibration);
+2. sensitivity: each candidate alone swapped to its INT4 form inside the FP8 network, the transformer's output
+   rel-L2 against the FP32 reference on the held-out calls, minus the all-FP8 error (its measured cost);
+3. the choice: candidates by measured cost per byte saved, cheapest first, until the weights fit the budget;
+4. the brackets: the same error with the chosen mix and with every candidate INT4.
+
+ModelOpt's ``auto_quantize`` searches formats per layer too, but by gradient scores through a loss and its ONNX
+exporter fails on the SD3 transformer for INT4 (ENVIRONMENT.md), so the choice is made here, on measured errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sd35trt.core.errors import CalibrationError, InvalidInputError
+from sd35trt.core.numerics import Island
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The transformer's weight bytes with every candidate in FP8 (``fp8``), and what INT4 saves per candidate."""
+
+    fp8: int
+    saved: dict[str, int]
+
+    @property
+    def int4(self) -> int:
+        return self.fp8 - sum(self.saved.values())
+
+
+def int4_bytes(out_features: int, in_features: int, block: int) -> int:
+    """An INT4 layer's weight as stored: packed codes, an FP16 scale per block, the FP16 AWQ input scale."""
+    return out_features * in_features // 2 + out_features * (in_features // block) * 2 + in_features * 2
+
+
+def transformer_sizes(network: Any, quantizable: list[str], islands: list[Island]) -> Sizes:
+    """The weights of ``network`` in the engine's storage, with the recipe's ``quantizable`` layers in FP8 and the
+    candidates (those Linear layers whose width takes an INT4 block) priced in INT4 too."""
+    import torch
+
+    from sd35trt.producers.weight_quant import int4_block
+
+    modules = dict(network.named_modules())
+    fp8_weights = {f"{name}.weight" for name in quantizable}
+    inside = tuple(f"{i.module}." for i in islands)
+    total = 0
+    for name, param in network.named_parameters():
+        width = 4 if name.startswith(inside) else 1 if name in fp8_weights else 2
+        total += param.numel() * width
+    total += sum(buffer.numel() * 2 for buffer in network.buffers())  # pos_embed (whole: export crops it to the range)
+    saved = {}
+    for name in quantizable:
+        module = modules[name]
+        block = int4_block(module.in_features) if isinstance(module, torch.nn.Linear) else None
+        if block is not None:
+            out_features, in_features = module.weight.shape
+            saved[name] = out_features * in_features - int4_bytes(out_features, in_features, block)
+    return Sizes(total, saved)
+
+
+def resolve_budget(max_gib: float | None, sizes: Sizes) -> tuple[float, str]:
+    """The budget in GiB and where it came from: ``--max-transformer-gib``, or midway between all-FP8 and
+    every-candidate-INT4. One line when no mix can meet it, or when FP8 alone does."""
+    fp8, int4 = sizes.fp8 / GIB, sizes.int4 / GIB
+    if max_gib is None:
+        return (fp8 + int4) / 2, f"default: midway between all FP8 ({fp8:.4g} GiB) and every 4-bit-able layer INT4 ({int4:.4g} GiB)"
+    if max_gib < int4:
+        raise InvalidInputError(f"--max-transformer-gib {max_gib:g} is below this transformer's smallest mix "
+                                f"({int4:.4g} GiB, every 4-bit-able layer INT4)",
+                                hint=f"raise it to at least {int4:.4g}, or use --format int4")
+    if max_gib >= fp8:
+        raise InvalidInputError(f"--max-transformer-gib {max_gib:g} holds the whole FP8 transformer ({fp8:.4g} GiB): "
+                                "no layer needs INT4", hint=f"use --format fp8, or a budget below {fp8:.4g}")
+    return max_gib, "--max-transformer-gib"
+
+
+@dataclass
+class MixedPlan:
+    """The choice and its evidence: per candidate layer its measured cost (``delta``: output rel-L2 change when it
+    alone is INT4) and bytes saved; the chosen ones; sizes and errors of all-FP8, the mix and all-INT4."""
+
+    budget_gib: float
+    budget_from: str
+    delta: dict[str, float]
+    saved: dict[str, int]
+    chosen: list[str]
+    bytes: dict[str, int]
+    error: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget_gib": self.budget_gib, "budget_from": self.budget_from,
+            "estimated_gib": {k: v / GIB for k, v in self.bytes.items()},
+            "error": {k: round(v, 8) for k, v in self.error.items()},
+            "error_is": "transformer output rel-L2 vs the FP32 reference (TF32 off), mean over the held-out calls",
+            "ranking": "each layer alone INT4 inside the FP8 network: its output rel-L2 change per byte saved, "
+                       "cheapest first until the weights fit the budget",
+            "layers": {name: {"format": "int4" if name in self.chosen else "fp8", "delta_rel_l2": self.delta[name],
+                              "saved_bytes": self.saved[name]} for name in self.delta},
+        }
+
+
+def choose(delta: dict[str, float], sizes: Sizes, budget_gib: float) -> list[str]:
+    """The fewest-cost candidates to INT4 so the weights fit ``budget_gib``: by cost per byte saved, ties by name."""
+    order = sorted(delta, key=lambda n: (delta[n] / max(sizes.saved[n], 1), n))
+    total, chosen = sizes.fp8, []
+    for name in order:
+        if total <= budget_gib * GIB:
+            break
+        chosen.append(name)
+        total -= sizes.saved[name]
+    return chosen
+
+
+def plan_mix(network: Any, int4: dict[str, Any], sizes: Sizes, budget: tuple[float, str],
+             error_of: Callable[[], float]) -> MixedPlan:
+    """Steps 2-4 on the FP8-calibrated ``network`` (its INT4 AWQ layers in ``int4``, by name): ``error_of()`` is
+    the transformer's current error on the held-out calls."""
+    from sd35trt.producers.weight_quant import swapped
+
+    candidates = sorted(n for n in int4 if n in sizes.saved)
+    base = error_of()
+    delta = {}
+    for name in candidates:
+        with swapped(network, {name: int4[name]}, "int4"):
+            delta[name] = error_of() - base
+    priced = Sizes(sizes.fp8, {n: sizes.saved[n] for n in candidates})
+    chosen = choose(delta, priced, budget[0])
+    with swapped(network, {n: int4[n] for n in chosen}, "int4"):
+        mixed = error_of()
+    with swapped(network, {n: int4[n] for n in candidates}, "int4"):
+        every = error_of()
+    size = priced.fp8 - sum(priced.saved[n] for n in chosen)
+    if not math.isfinite(mixed):
+        raise CalibrationError("the mixed FP8/INT4 transformer gives NaN/Inf on the held-out calls",
+                               hint="try a larger --max-transformer-gib, or --format fp8")
+    return MixedPlan(budget[0], budget[1], delta, priced.saved, chosen,
+                     {"fp8": priced.fp8, "mixed": size, "int4": priced.int4}, {"fp8": base, "mixed": mixed, "int4": every})

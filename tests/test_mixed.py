@@ -1,0 +1,101 @@
+"""The mixed FP8/INT4 recipe (#35 item 4) on a user's directory whose weights overflow FP16: `make engines GPU=ada
+QUANT=mixed T5=0` chooses INT4 for the layers that cost least on held-out traffic until the transformer's weights fit
+the budget, keeps the FP32 islands out, lands between FP8's and INT4's errors, exports standard ONNX validated in
+onnxruntime, and TensorRT-RTX builds it for SM89 with FP8 GEMMs and INT4 weights; the user's own budget moves the
+choice, and a budget no mix meets is one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_rtx
+from tests.test_bad_inputs import assert_user_error, run_cli
+from tests.test_journeys import MAKE_SMALL, REPO
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """(root, make's process): `make engines GPU=ada QUANT=mixed T5=0` on a directory with FP16 outliers."""
+    from tests.outliers import inject_stream_outliers, save_model
+
+    root = tmp_path_factory.mktemp("mixed")
+    model = save_model(root / "hot", inject_stream_outliers)
+    run = subprocess.run(["make", "engines", f"MODEL={model}", "GPU=ada", "QUANT=mixed", "T5=0", f"WORK={root / 'work'}",
+                          f"ENGINES={root / 'engines'}", *MAKE_SMALL], cwd=REPO, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return root, run
+
+
+def _initializer_bytes(path: Path) -> int:
+    """Bytes of every weight the ONNX holds (initializers and Constant tensors, 4-bit ones packed)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    tensors = [*model.graph.initializer,
+               *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")]
+    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in tensors)
+
+
+@needs_rtx
+def test_mixed_fits_its_budget_between_fp8_and_int4(mixed):
+    root, run = mixed
+    work = root / "work"
+    report = json.loads((work / "calibration" / "calibration.json").read_text())
+    plan = report["mixed"]
+    assert report["format"] == "mixed" and report["components"]["transformer"]["mixed"]["passed"]
+    size, error = plan["estimated_gib"], plan["error"]
+    assert plan["budget_from"].startswith("default: midway") and size["int4"] < plan["budget_gib"] < size["fp8"]
+    assert size["mixed"] <= plan["budget_gib"]  # the budget is met ...
+    assert error["fp8"] < error["mixed"] < error["int4"], error  # ... and the error lands between FP8's and INT4's
+
+    layers = report["layers"]["transformer"]  # each layer's format and its measured cost
+    chosen = {n for n, row in plan["layers"].items() if row["format"] == "int4"}
+    assert 0 < len(chosen) < len(plan["layers"]) and all(layers[n].startswith("int4") for n in chosen)
+    assert all(layers[n].startswith("fp8") for n in set(plan["layers"]) - chosen)
+    islands = tuple(f"{i['module']}." for i in report["fp32_islands"]["transformer"])
+    assert islands and not any(n.startswith(islands) for n in plan["layers"])  # islands are never quantized
+    assert all(layers[n].startswith("fp32") for n in layers if n.startswith(islands))
+    cheapest = sorted(plan["layers"], key=lambda n: plan["layers"][n]["delta_rel_l2"] / plan["layers"][n]["saved_bytes"])
+    assert set(cheapest[: len(chosen)]) == chosen  # the cheapest per byte saved, by the measured costs
+
+    onnx_dir = work / "onnx-mixed" / "transformer"
+    exported = json.loads((onnx_dir / "manifest.json").read_text())
+    assert "mixed fake-quant" in exported["validation"]["reference"] and exported["traffic_check"]["passed"]
+    assert json.loads((onnx_dir / "4bit_rewrite.json").read_text())["int4_weights"] == len(chosen)
+    stored = _initializer_bytes(onnx_dir / "model.onnx") / 2**30
+    assert abs(stored - size["mixed"]) < 0.05 * size["mixed"], (stored, size)  # the size model is what the ONNX holds
+
+    bundle = root / "engines" / "hot" / "ada-tensorrt-rtx-mixed-clip"
+    entry = json.loads((bundle / "manifest.json").read_text())["components"]["transformer"]
+    assert entry["precision"] == "mixed" and entry["layers"]["gemm_fp8"] > 0
+    assert entry["layers"]["int4_weights"] == len(chosen), entry["layers"]  # every chosen layer INT4 in the engine
+    assert entry["layers"]["island_gemm"] == entry["layers"]["island_gemm_fp32"] > 0
+
+
+@needs_rtx
+def test_the_users_budget_moves_the_choice_and_one_no_mix_meets_is_one_line(mixed, capsys):
+    root, _ = mixed
+    default = json.loads((root / "work" / "calibration" / "calibration.json").read_text())["mixed"]
+    size = default["estimated_gib"]
+    tight = size["int4"] + 0.1 * (size["fp8"] - size["int4"])
+    argv = ["calibrate", "--model", root / "hot", "--format", "mixed", "--no-t5", "--num-prompts", "4", "--steps", "2",
+            "--height", "256", "--width", "256", "--out", root / "tight"]
+    code, err = run_cli(capsys, [*argv, "--max-transformer-gib", f"{tight:.6g}"])
+    assert code == 0, err[-3000:]
+    plan = json.loads((root / "tight" / "calibration" / "calibration.json").read_text())["mixed"]
+    int4 = [n for n, row in plan["layers"].items() if row["format"] == "int4"]
+    assert plan["budget_from"] == "--max-transformer-gib" and plan["estimated_gib"]["mixed"] <= tight
+    assert len(int4) > sum(row["format"] == "int4" for row in default["layers"].values())
+    assert plan["error"]["mixed"] > default["error"]["mixed"]  # a smaller transformer costs more error
+
+    code, err = run_cli(capsys, [*argv[:-1], root / "none", "--max-transformer-gib", f"{size['int4'] / 2:.6g}"])
+    assert_user_error(code, err, "below this transformer's smallest mix")
+    assert not (root / "none" / "calibration").exists()
+    code, err = run_cli(capsys, ["calibrate", "--model", "tiny", "--format", "int4", "--max-transformer-gib", "3",
+                                 "--out", root / "none"])
+    assert_user_error(code, err, "needs --format mixed")
