@@ -78,6 +78,28 @@ def test_a_plan_whose_bytes_differ_is_refused_before_tensorrt_sees_it(bundle, tm
         runners(copy).runners["clip_l"].load()
 
 
+def test_the_sha256_cache_forgets_files_that_are_gone_and_stays_bounded(tmp_path, monkeypatch):
+    """The per-user cache of file digests is read by every command for every file it names: entries of deleted work
+    dirs are dropped and the oldest go past the cap, so it does not grow with every work dir ever made."""
+    from sd35trt.core import artifacts
+
+    monkeypatch.setenv("SD35TRT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(artifacts, "SHA256_CACHE_ENTRIES", 4)
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"w{i}.bin")
+        files[-1].write_bytes(bytes([i]) * 10)
+        assert artifacts.known_sha256(files[-1]) == artifacts.sha256_file(files[-1])
+    kept = json.loads((tmp_path / "cache" / "sha256.json").read_text())
+    assert list(kept) == [str(f.resolve()) for f in files[2:]]  # the newest four
+    files[3].unlink()
+    assert artifacts.known_sha256(files[5]) == artifacts.sha256_file(files[5])  # a hit: nothing written
+    files[0].write_bytes(b"changed")
+    artifacts.known_sha256(files[0])  # a miss: written, the deleted file's entry dropped
+    kept = json.loads((tmp_path / "cache" / "sha256.json").read_text())
+    assert str(files[3].resolve()) not in kept and str(files[0].resolve()) in kept and len(kept) == 4
+
+
 def test_streaming_budget_is_shared_by_the_parts_in_proportion_to_their_weights(bundle):
     transformer = runners(bundle).runners["transformer"]
     assert transformer.streamable and all(p.streamable for p in transformer.parts)

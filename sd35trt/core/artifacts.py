@@ -51,13 +51,9 @@ def file_stamp(path: Path) -> list[int]:
 def known_sha256(path: Path) -> str:
     """sha256 of ``path``, read from the per-user cache while the file's stamp (size, mtime, inode) is unchanged:
     a model directory's weights (tens of GB) are hashed once, not by every command that names the model."""
-    store = cache_dir() / "sha256.json"
     key = str(path.resolve())
     stamp = file_stamp(path)
-    try:
-        cached = json.loads(store.read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        cached = None
+    cached = _sha256_store().get(key)
     if isinstance(cached, list) and len(cached) == 2 and cached[0] == stamp:
         return str(cached[1])
     digest = sha256_file(path)
@@ -65,15 +61,35 @@ def known_sha256(path: Path) -> str:
     return digest
 
 
-def remember_sha256(entries: dict[str, Any]) -> None:
-    """Add ``{resolved path: [stamp, sha256]}`` to the per-user cache (best effort: a read-only home only costs a
-    re-hash next time)."""
+SHA256_CACHE_ENTRIES = 4096  # the most files the cache remembers (the oldest go first)
+_store_read: dict[str, Any] = {}  # the cache as this process last read it, by the file's stamp
+
+
+def _sha256_store() -> dict[str, Any]:
+    """The per-user sha256 cache, parsed once per version of its file (a command asks for every file it names)."""
     store = cache_dir() / "sha256.json"
     try:
-        data = json.loads(store.read_text()) if store.is_file() else {}
-        data = data if isinstance(data, dict) else {}
+        stamp = file_stamp(store)
+    except OSError:
+        return {}
+    if _store_read.get("stamp") != (str(store), stamp):
+        try:
+            data = json.loads(store.read_text())
+        except (OSError, ValueError):
+            data = {}
+        _store_read.update(stamp=(str(store), stamp), data=data if isinstance(data, dict) else {})
+    return _store_read["data"]
+
+
+def remember_sha256(entries: dict[str, Any]) -> None:
+    """Add ``{resolved path: [stamp, sha256]}`` to the per-user cache (best effort: a read-only home only costs a
+    re-hash next time). Entries of files that are gone are dropped, and the oldest past SHA256_CACHE_ENTRIES, so
+    the file stays small however many work dirs come and go."""
+    store = cache_dir() / "sha256.json"
+    try:
+        data = {k: v for k, v in _sha256_store().items() if k not in entries and os.path.exists(k)}
         data.update(entries)
-        write_json_atomic(store, data)
+        write_json_atomic(store, dict(list(data.items())[-SHA256_CACHE_ENTRIES:]))
     except (OSError, ValueError):
         pass
 
@@ -87,10 +103,7 @@ def check_mapped(path: Path, mapped: Any, sha256: str, size: int) -> str:
         raise ArtifactError(f"size {len(mapped)} differs from the manifest ({size} bytes): truncated or replaced",
                             path=path, hint="rebuild this artifact, or copy the bundle again")
     key, stamp = str(path.resolve()), file_stamp(path)
-    try:
-        cached = json.loads((cache_dir() / "sha256.json").read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        cached = None
+    cached = _sha256_store().get(key)
     if isinstance(cached, list) and len(cached) == 2 and cached[0] == stamp and cached[1] == sha256:
         return "sha256 checked before (file unchanged since)"
     digest = hashlib.sha256(mapped).hexdigest()
