@@ -52,7 +52,7 @@ from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, pipeline_attrs, vae_input
 from sd35trt.core.traffic import TrafficRecorder, spread
 from sd35trt.core.wrappers import CastIO, eager_text_attention
-from sd35trt.producers.mixed import MixedPlan, plan_mix, resolve_budget, transformer_sizes
+from sd35trt.producers.mixed import MixedPlan, plan_mix, ranking_compute, resolve_budget, transformer_sizes
 from sd35trt.producers.quantize import collect_scales, is_quantizer, quant_state
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
@@ -561,8 +561,10 @@ def _quantize(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[s
         per_call = [error_stats(ref[0], _run_module(module, spec, call)[0]).rel_l2 for call, ref in zip(calls, refs)]
         return sum(per_call) / len(per_call)
 
-    with log.step(f"mixed FP8/INT4: {len(int4)} candidate layers, each alone INT4 on {len(calls)} held-out calls"):
+    with log.step(f"mixed FP8/INT4: {len(int4)} candidate layers, each alone INT4 on {len(calls)} held-out calls"), \
+            ranking_compute(str(pipe._execution_device)) as ranked_in:
         plan = plan_mix(getattr(pipe, attr), int4, budget[0], budget[1], error_of)
+        plan.compute = ranked_in
     log.info(f"mixed FP8/INT4: {len(plan.chosen)} of {len(plan.delta)} layers INT4, transformer weights "
              f"{plan.bytes['mixed'] / 2**30:.4g} GiB (budget {plan.budget_gib:.4g}); held-out rel-L2 "
              f"{plan.error['fp8']:.3g} all FP8, {plan.error['mixed']:.3g} mixed, {plan.error['int4']:.3g} all INT4")

@@ -19,8 +19,9 @@ exporter fails on the SD3 transformer for INT4 (ENVIRONMENT.md), so the choice i
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,24 @@ def resolve_budget(max_gib: float | None, sizes: Sizes) -> tuple[float, str]:
     return max_gib, "--max-transformer-gib"
 
 
+@contextlib.contextmanager
+def ranking_compute(device: str) -> Iterator[str]:
+    """The compute of the ranking's runs, named: FP32 on a CPU; FP32 with TF32 matmuls on CUDA (a candidate's cost is
+    one forward of the whole transformer: several hundred of them at SD3.5 size, minutes with TF32 instead of most of
+    an hour without; the same TF32 in the all-FP8 run they are measured against). TF32 is off again afterwards."""
+    if not device.startswith("cuda"):
+        yield "fp32"
+        return
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield "fp32 with TF32 matmuls (CUDA)"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @dataclass
 class MixedPlan:
     """The choice and its evidence: per candidate layer its measured cost (``delta``: output rel-L2 change when it
@@ -100,13 +119,15 @@ class MixedPlan:
     chosen: list[str]
     bytes: dict[str, int]
     error: dict[str, float] = field(default_factory=dict)
+    compute: str = "fp32"  # of the ranking's runs (``ranking_compute``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget_gib": self.budget_gib, "budget_from": self.budget_from,
             "estimated_gib": {k: v / GIB for k, v in self.bytes.items()},
             "error": {k: round(v, 8) for k, v in self.error.items()},
-            "error_is": "transformer output rel-L2 vs the FP32 reference (TF32 off), mean over the held-out calls",
+            "error_is": f"transformer output rel-L2 vs the FP32 reference (TF32 off), mean over the held-out calls; "
+                        f"the quantized runs in {self.compute}",
             "ranking": "each layer alone INT4 inside the FP8 network: its output rel-L2 change per byte saved, "
                        "cheapest first until the weights fit the budget",
             "layers": {name: {"format": "int4" if name in self.chosen else "fp8", "delta_rel_l2": self.delta[name],
