@@ -52,8 +52,16 @@ from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, pipeline_attrs, vae_input
 from sd35trt.core.traffic import TrafficRecorder, spread
 from sd35trt.core.wrappers import CastIO, eager_text_attention
-from sd35trt.producers.mixed import MixedPlan, plan_mix, ranking_compute, resolve_budget, transformer_sizes
-from sd35trt.producers.quantize import collect_scales, is_quantizer, quant_state
+from sd35trt.producers.mixed import plan_mix, ranking_compute, resolve_budget, transformer_sizes
+from sd35trt.producers.quantize import (
+    FourBitState,
+    collect_scales,
+    int4_layers_of,
+    is_quantizer,
+    nvfp4_layers,
+    quant_state,
+    undo_awq,
+)
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
 
@@ -569,112 +577,6 @@ def _quantize(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[s
              f"{plan.bytes['mixed'] / 2**30:.4g} GiB (budget {plan.budget_gib:.4g}); held-out rel-L2 "
              f"{plan.error['fp8']:.3g} all FP8, {plan.error['mixed']:.3g} mixed, {plan.error['int4']:.3g} all INT4")
     return quantized, scales, FourBitState(int4={attr: {n: int4[n] for n in plan.chosen}}, mixed=plan)
-
-
-@dataclass
-class FourBitState:
-    """What a 4-bit calibration keeps (by pipeline attribute, then layer name): INT4's AWQ layers (``Int4Layer``),
-    or the layers NVFP4 quantizes (weight-only: a function of the weights, faked by swapping them in)."""
-
-    int4: dict[str, Any] = field(default_factory=dict)
-    nvfp4: dict[str, list[str]] = field(default_factory=dict)
-    mixed: MixedPlan | None = None  # mixed: the budget's choice (``int4`` holds the chosen layers only)
-
-    @contextlib.contextmanager
-    def faked(self, pipe: Any):
-        """The fake-quant networks for the block where ModelOpt's quantizers are not all of it: NVFP4's layers, and
-        mixed's INT4 layers inside the FP8 network, swapped for ``QuantizedLinear`` and back."""
-        from sd35trt.producers.weight_quant import swapped
-
-        with contextlib.ExitStack() as stack:
-            for attr, names in self.nvfp4.items():
-                stack.enter_context(swapped(getattr(pipe, attr), {name: None for name in names}, "nvfp4"))
-            for attr, layers in (self.int4 if self.mixed is not None else {}).items():
-                stack.enter_context(swapped(getattr(pipe, attr), layers, "int4"))
-            yield
-
-    def layer_formats(self, pipe: Any, components: tuple[str, ...], recipe: Recipe,
-                      islands: dict[str, list[Island]]) -> dict[str, dict[str, str]]:
-        """What each GEMM (Linear) of the calibrated networks got and why, for the report: its 4-bit format and
-        block, or FP16/FP32 with the reason it was left out."""
-        import torch
-
-        table: dict[str, dict[str, str]] = {}
-        for name in components:
-            attr = SPECS[name].pipeline_attr
-            network = getattr(pipe, attr)
-            wanted = set(recipe.quantizable(name, network, islands.get(name, [])))
-            inside = [i.module for i in islands.get(name, [])]
-            rows = {}
-            for layer, module in network.named_modules():
-                if not isinstance(module, torch.nn.Linear) or not layer:
-                    continue
-                if layer in self.int4.get(attr, {}):
-                    cost = f", {self.mixed.delta[layer]:+.3g} rel-L2 alone" if self.mixed is not None else ""
-                    rows[layer] = f"int4 (AWQ, block {self.int4[attr][layer].block}{cost})"
-                elif layer in self.nvfp4.get(attr, ()):
-                    rows[layer] = "nvfp4 (E2M1, FP8 scale per 16)"
-                elif any(layer == m or layer.startswith(m + ".") for m in inside):
-                    rows[layer] = "fp32: inside an FP32 island"
-                elif layer not in wanted:
-                    rows[layer] = "fp16: the recipe keeps it out (embedders, norm_out, proj_out)"
-                elif self.mixed is not None:
-                    cost = self.mixed.delta.get(layer)
-                    rows[layer] = "fp8 (E4M3)" + (f": kept, {cost:+.3g} rel-L2 as INT4" if cost is not None else
-                                                  ": its input width takes no 4-bit block")
-                else:
-                    rows[layer] = "fp16: its input width takes no 4-bit block"
-            table[name] = rows
-        return table
-
-    def save(self, folder: Path) -> None:
-        if self.int4:
-            save_torch({attr: {name: layer.to_state() for name, layer in layers.items()}
-                        for attr, layers in self.int4.items()}, folder / INT4_STATE)
-        if self.nvfp4:
-            write_json_atomic(folder / NVFP4_LAYERS, self.nvfp4)
-
-
-INT4_STATE, NVFP4_LAYERS = "int4_state.pt", "nvfp4_layers.json"
-
-
-def int4_layers_of(networks: Any) -> dict[str, Any]:
-    """The INT4 layers of the calibrated networks, by pipeline attribute, then layer name."""
-    from sd35trt.producers.weight_quant import int4_layers_of as layers_of
-
-    found: dict[str, dict[str, Any]] = {}
-    for name, layer in layers_of(networks).items():
-        attr, _, module = name.partition(".")
-        found.setdefault(attr, {})[module] = layer
-    return found
-
-
-def undo_awq(networks: Any) -> None:
-    """AWQ-lite multiplies each layer's weight by 1/s and scales its input by s (``pre_quant_scale``): put the weights
-    back and switch the input scale off, so the networks are the model again (the scales are kept in the state)."""
-    import torch
-
-    with torch.no_grad():
-        for module in networks.modules():
-            quantizer = getattr(module, "input_quantizer", None)
-            scale = getattr(quantizer, "pre_quant_scale", None)
-            if scale is not None:
-                module.weight.mul_(scale.to(module.weight.dtype).view(1, -1))
-                quantizer._enable_pre_quant_scale = False
-
-
-def nvfp4_layers(pipe: Any, components: tuple[str, ...], recipe: Recipe, islands: dict[str, list[Island]]) -> dict[str, list[str]]:
-    """The layers NVFP4 quantizes: every Linear the recipe quantizes (its excludes and the islands left out) whose
-    width takes FP4's blocks of 16."""
-    from sd35trt.producers.weight_quant import nvfp4_quantizable
-
-    found = {}
-    for name in components:
-        network = getattr(pipe, SPECS[name].pipeline_attr)
-        modules = dict(network.named_modules())
-        found[SPECS[name].pipeline_attr] = [layer for layer in recipe.quantizable(name, network, islands.get(name, []))
-                                            if nvfp4_quantizable(modules[layer])]
-    return found
 
 
 def _run_module(module: Any, spec: Any, call: dict[str, Any]) -> list[Any]:

@@ -1,7 +1,8 @@
 """ModelOpt quantizer state: the scales of a calibrated network, saved and restored in another process.
 
 ``calibrate`` writes the state, ``export`` restores it into an FP16 network to trace the FP8 ONNX; both import
-this module, so neither imports the other.
+this module, so neither imports the other. The same holds for the 4-bit formats' state (``FourBitState``: INT4's AWQ
+layers, NVFP4's layer list, the mixed recipe's choice), what each Linear got, and its files.
 """
 
 from __future__ import annotations
@@ -9,10 +10,16 @@ from __future__ import annotations
 import contextlib
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd35trt.core.artifacts import save_torch, write_json_atomic
 from sd35trt.core.errors import CalibrationError
+from sd35trt.core.numerics import Island
+from sd35trt.core.specs import SPECS
+from sd35trt.producers.mixed import MixedPlan
+from sd35trt.producers.recipe import Recipe
 
 
 def is_quantizer(module: Any) -> bool:
@@ -69,7 +76,7 @@ def restore_4bit(pipe: Any, calibration: Path, fmt: Any) -> dict[str, list[str]]
 
     swapped = {}
     if fmt.value == "int4":
-        state = torch.load(calibration / "int4_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(calibration / INT4_STATE, map_location="cpu", weights_only=True)
         for attr, layers in state.items():
             network = getattr(pipe, attr)
             missing = [n for n in layers if n not in dict(network.named_modules())]
@@ -78,6 +85,115 @@ def restore_4bit(pipe: Any, calibration: Path, fmt: Any) -> dict[str, list[str]]
                                        path=calibration, hint="re-run `sd35trt calibrate --force` for this model")
             swapped[attr] = swap_in(network, {n: Int4Layer.from_state(v) for n, v in layers.items()}, "int4")
     else:
-        for attr, names in json.loads((calibration / "nvfp4_layers.json").read_text()).items():
+        for attr, names in json.loads((calibration / NVFP4_LAYERS).read_text()).items():
             swapped[attr] = swap_in(getattr(pipe, attr), {n: None for n in names}, "nvfp4")
     return swapped
+
+
+# --- the 4-bit state calibrate keeps ------------------------------------------------------------------------
+
+
+@dataclass
+class FourBitState:
+    """What a 4-bit calibration keeps (by pipeline attribute, then layer name): INT4's AWQ layers (``Int4Layer``),
+    or the layers NVFP4 quantizes (weight-only: a function of the weights, faked by swapping them in)."""
+
+    int4: dict[str, Any] = field(default_factory=dict)
+    nvfp4: dict[str, list[str]] = field(default_factory=dict)
+    mixed: MixedPlan | None = None  # mixed: the budget's choice (``int4`` holds the chosen layers only)
+
+    @contextlib.contextmanager
+    def faked(self, pipe: Any):
+        """The fake-quant networks for the block where ModelOpt's quantizers are not all of it: NVFP4's layers, and
+        mixed's INT4 layers inside the FP8 network, swapped for ``QuantizedLinear`` and back."""
+        from sd35trt.producers.weight_quant import swapped
+
+        with contextlib.ExitStack() as stack:
+            for attr, names in self.nvfp4.items():
+                stack.enter_context(swapped(getattr(pipe, attr), {name: None for name in names}, "nvfp4"))
+            for attr, layers in (self.int4 if self.mixed is not None else {}).items():
+                stack.enter_context(swapped(getattr(pipe, attr), layers, "int4"))
+            yield
+
+    def layer_formats(self, pipe: Any, components: tuple[str, ...], recipe: Recipe,
+                      islands: dict[str, list[Island]]) -> dict[str, dict[str, str]]:
+        """What each GEMM (Linear) of the calibrated networks got and why, for the report: its 4-bit format and
+        block, or FP16/FP32 with the reason it was left out."""
+        import torch
+
+        table: dict[str, dict[str, str]] = {}
+        for name in components:
+            attr = SPECS[name].pipeline_attr
+            network = getattr(pipe, attr)
+            wanted = set(recipe.quantizable(name, network, islands.get(name, [])))
+            inside = [i.module for i in islands.get(name, [])]
+            rows = {}
+            for layer, module in network.named_modules():
+                if not isinstance(module, torch.nn.Linear) or not layer:
+                    continue
+                if layer in self.int4.get(attr, {}):
+                    cost = f", {self.mixed.delta[layer]:+.3g} rel-L2 alone" if self.mixed is not None else ""
+                    rows[layer] = f"int4 (AWQ, block {self.int4[attr][layer].block}{cost})"
+                elif layer in self.nvfp4.get(attr, ()):
+                    rows[layer] = "nvfp4 (E2M1, FP8 scale per 16)"
+                elif any(layer == m or layer.startswith(m + ".") for m in inside):
+                    rows[layer] = "fp32: inside an FP32 island"
+                elif layer not in wanted:
+                    rows[layer] = "fp16: the recipe keeps it out (embedders, norm_out, proj_out)"
+                elif self.mixed is not None:
+                    cost = self.mixed.delta.get(layer)
+                    rows[layer] = "fp8 (E4M3)" + (f": kept, {cost:+.3g} rel-L2 as INT4" if cost is not None else
+                                                  ": its input width takes no 4-bit block")
+                else:
+                    rows[layer] = "fp16: its input width takes no 4-bit block"
+            table[name] = rows
+        return table
+
+    def save(self, folder: Path) -> None:
+        if self.int4:
+            save_torch({attr: {name: layer.to_state() for name, layer in layers.items()}
+                        for attr, layers in self.int4.items()}, folder / INT4_STATE)
+        if self.nvfp4:
+            write_json_atomic(folder / NVFP4_LAYERS, self.nvfp4)
+
+
+INT4_STATE, NVFP4_LAYERS = "int4_state.pt", "nvfp4_layers.json"
+
+
+def int4_layers_of(networks: Any) -> dict[str, Any]:
+    """The INT4 layers of the calibrated networks, by pipeline attribute, then layer name."""
+    from sd35trt.producers.weight_quant import int4_layers_of as layers_of
+
+    found: dict[str, dict[str, Any]] = {}
+    for name, layer in layers_of(networks).items():
+        attr, _, module = name.partition(".")
+        found.setdefault(attr, {})[module] = layer
+    return found
+
+
+def undo_awq(networks: Any) -> None:
+    """AWQ-lite multiplies each layer's weight by 1/s and scales its input by s (``pre_quant_scale``): put the weights
+    back and switch the input scale off, so the networks are the model again (the scales are kept in the state)."""
+    import torch
+
+    with torch.no_grad():
+        for module in networks.modules():
+            quantizer = getattr(module, "input_quantizer", None)
+            scale = getattr(quantizer, "pre_quant_scale", None)
+            if scale is not None:
+                module.weight.mul_(scale.to(module.weight.dtype).view(1, -1))
+                quantizer._enable_pre_quant_scale = False
+
+
+def nvfp4_layers(pipe: Any, components: tuple[str, ...], recipe: Recipe, islands: dict[str, list[Island]]) -> dict[str, list[str]]:
+    """The layers NVFP4 quantizes: every Linear the recipe quantizes (its excludes and the islands left out) whose
+    width takes FP4's blocks of 16."""
+    from sd35trt.producers.weight_quant import nvfp4_quantizable
+
+    found = {}
+    for name in components:
+        network = getattr(pipe, SPECS[name].pipeline_attr)
+        modules = dict(network.named_modules())
+        found[SPECS[name].pipeline_attr] = [layer for layer in recipe.quantizable(name, network, islands.get(name, []))
+                                            if nvfp4_quantizable(modules[layer])]
+    return found
