@@ -554,11 +554,16 @@ def _quantize(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[s
 
     assert held_out is not None and budget is not None  # mixed runs unsharded (rank 0 holds the held-out traffic)
     attr = SPECS["transformer"].pipeline_attr
-    spare = copy.deepcopy(getattr(pipe, attr))
-    awq, _ = calibrate_networks(pipe, replace(cfg, format=Precision.INT4, max_transformer_gib=None), recipe, prompts, islands, compute=compute)
+    network = getattr(pipe, attr)
+    device = next(network.parameters()).device
+    spare = copy.deepcopy(network.to("cpu"))  # waits in host memory: a second FP32 Large would not fit an 80 GB GPU
+    network.to(device)
+    awq, _ = calibrate_networks(pipe, replace(cfg, format=Precision.INT4, max_transformer_gib=None), recipe, prompts,
+                                islands, compute=compute)
     int4 = int4_layers_of(awq).get(attr, {})
-    setattr(pipe, attr, spare)
-    del awq
+    del awq, network
+    setattr(pipe, attr, None)  # AWQ's network leaves the GPU before the spare arrives
+    setattr(pipe, attr, spare.to(device))
     quantized, scales = calibrate_networks(pipe, replace(cfg, format=Precision.FP8, max_transformer_gib=None), recipe, prompts, islands,
                                            compute=compute)
     spec = SPECS["transformer"]
