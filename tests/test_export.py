@@ -141,7 +141,7 @@ def test_traffic_checks_stay_inside_their_memory_budget():
     import torch
 
     from sd35trt.core.specs import SPECS
-    from sd35trt.producers.export import plan_traffic_check
+    from sd35trt.producers.validation import plan_traffic_check
 
     def call(rows, size):
         return {"hidden_states": torch.zeros(rows, 16, size // 8, size // 8), "encoder_hidden_states": torch.zeros(rows, 333, 8)}
@@ -168,13 +168,13 @@ def test_a_bounded_traffic_check_says_what_it_checked(work_copy, monkeypatch):
     """The held-out check's report: every row on the chain's own export; when the rows do not fit the budget, export
     still checks one whole prompt (negative and positive rows), passes on it, and the manifest says how many rows,
     on which provider, within which budget."""
-    import sd35trt.producers.export as export
+    import sd35trt.producers.validation as validation
     from sd35trt.cli.main import main
 
     manifest = work_copy / "onnx-fp8" / "transformer" / "manifest.json"
     whole = json.loads(manifest.read_text())["traffic_check"]
     assert whole["passed"] and whole["provider"] == "cpu" and whole["checked"].startswith("every row (4)"), whole
-    monkeypatch.setattr(export, "CHECK_MEMORY_GIB", 1e-6)
+    monkeypatch.setattr(validation, "CHECK_MEMORY_GIB", 1e-6)
     assert main(["export", "--model", "tiny", "--out", str(work_copy), "--components", "transformer",
                  "--precision", "fp8", "--force", "--provider", "cpu"]) == 0
     bounded = json.loads(manifest.read_text())["traffic_check"]
