@@ -11,9 +11,10 @@
 #   sizes     #33: the same 64 images at --batch 1, 2, 4 and auto (SIZES="1 2 4 auto"), one after another in one chain, each
 #             index kept as soon as it ends; then the same-image check against auto
 #   refusal   bench/reach_refusal.sh: every command that opens engines reaches TensorRT-RTX's compute-capability refusal
-#   fourbit   #35: `make build MODEL=M GPU=ada QUANT=q T5=0` for each "M:q" of FOURBIT (default
-#             "sd3.5-medium:int4 sd3.5-medium:mixed sd3.5-large:int4"), each measured (wall, peak RSS), then
-#             `doctor BUNDLE --vram 8` on its bundle (the 8 GB plan from the manifests) and the calibration's errors
+#   fourbit   #35: `make engines MODEL=M GPU=ada QUANT=q [T5=0]` for each "M:q[:clip]" of FOURBIT (default
+#             "sd3.5-medium:int4:clip sd3.5-medium:mixed:clip sd3.5-large:int4"; Large with T5 for the issue's 25-min
+#             bar), each measured (wall, peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
+#             the manifests), plan sizes, layer summaries and the calibration's errors
 #   USERPATH="default clip lora" picks the work dirs of userpath and compare (all three by default)
 #
 #   bash bench/gpu_round12.sh launch [STAGES...]   detached (setsid); returns at once
@@ -57,17 +58,22 @@ stage_compare() {
 }
 
 stage_fourbit() {
-  local item model quant work
-  for item in ${FOURBIT:-sd3.5-medium:int4 sd3.5-medium:mixed sd3.5-large:int4}; do
-    model=${item%%:*}; quant=${item##*:}; work=build/$model-$quant-clip
-    "$PY" bench/measure.py "$RUN/fourbit-measure.jsonl" "make build MODEL=$model GPU=ada QUANT=$quant T5=0" -- \
-      make build MODEL="$model" GPU=ada QUANT="$quant" T5=0 WORK="$work" SYSTEM_PYTHON=1 > "$RUN/make-$model-$quant.log" 2>&1
-    echo "make $model $quant: rc $?"
-    mkdir -p "$RUN/fourbit-$model-$quant"
-    cp "$work"/calibration/calibration.json "$work"/onnx-"$quant"/transformer/manifest.json "$RUN/fourbit-$model-$quant/" 2>/dev/null
-    local bundle=engines/$model/ada-tensorrt-rtx-$quant-clip
-    cp "$bundle/manifest.json" "$RUN/fourbit-$model-$quant/bundle.json" 2>/dev/null
-    $CLI doctor "$bundle" --vram 8 > "$RUN/fourbit-$model-$quant/doctor.json" 2> "$RUN/fourbit-$model-$quant/doctor.log"
+  local item model quant clip t5 suffix work bundle
+  for item in ${FOURBIT:-sd3.5-medium:int4:clip sd3.5-medium:mixed:clip sd3.5-large:int4}; do
+    IFS=: read -r model quant clip <<< "$item"
+    t5=1; suffix=""; [[ $clip == clip ]] && { t5=0; suffix=-clip; }
+    work=build/$model-$quant$suffix; bundle=engines/$model/ada-tensorrt-rtx-$quant$suffix
+    "$PY" bench/measure.py "$RUN/fourbit-measure.jsonl" "make engines MODEL=$model GPU=ada QUANT=$quant T5=$t5" -- \
+      make engines MODEL="$model" GPU=ada QUANT="$quant" T5="$t5" WORK="$work" SYSTEM_PYTHON=1 \
+      > "$RUN/make-$model-$quant$suffix.log" 2>&1
+    echo "make $model $quant T5=$t5: rc $?"
+    local keep=$RUN/fourbit-$model-$quant$suffix
+    mkdir -p "$keep"
+    cp "$work"/calibration/calibration.json "$bundle"/layers/transformer*.txt "$keep/" 2>/dev/null
+    cp "$work"/onnx-"$quant"/transformer/manifest.json "$keep/onnx-transformer.json" 2>/dev/null
+    cp "$bundle/manifest.json" "$keep/bundle.json" 2>/dev/null
+    $CLI doctor "$bundle" --vram 8 --no-t5 > "$keep/doctor-8gb-clip.json" 2> "$keep/doctor.log"
+    du -sb "$bundle"/*.plan > "$keep/plans.txt" 2>/dev/null
     rm -rf "$work"/onnx-fp16 "$work"/onnx-"$quant" "$bundle"/*.plan  # the 64 GB disk holds one model's at a time
   done
   return 0
