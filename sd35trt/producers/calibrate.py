@@ -335,8 +335,9 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     budget = None
     if cfg.format is Precision.MIXED and cfg.components:  # a budget no mix meets fails before minutes of calibration
         network = getattr(pipe, SPECS["transformer"].pipeline_attr)
-        sizes = transformer_sizes(network, recipe.quantizable("transformer", network, islands["transformer"]),
-                                  islands["transformer"])
+        with SPECS["transformer"].exporting(pipe, probe_ranges(cfg), PipeDims.from_pipeline(pipe)):  # as exported
+            sizes = transformer_sizes(network, recipe.quantizable("transformer", network, islands["transformer"]),
+                                      islands["transformer"])
         budget = (sizes, resolve_budget(cfg.max_transformer_gib, sizes))
     share_note = f", {shard} of the batches" if shard.distributed else ""
     fmt = cfg.format

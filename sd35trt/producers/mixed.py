@@ -6,8 +6,8 @@ and this module decides, on the held-out traffic:
 
 1. sizes: the transformer's weights as the engine stores them — FP8 1 byte, INT4 ½ byte plus an FP16 scale per
    block and the FP16 AWQ input scale, FP32 islands 4 bytes, every other parameter and buffer FP16 (``pos_embed``
-   whole: export crops it to the shape range, so the estimate errs high) — with every candidate layer in FP8 and in
-   INT4 (checked against the budget before minutes of calibration);
+   cropped to the engine's shape range, as export does) — with every candidate layer in FP8 and in INT4 (checked
+   against the budget before minutes of calibration);
 2. sensitivity: each candidate alone swapped to its INT4 form inside the FP8 network, the transformer's output
    rel-L2 against the FP32 reference on the held-out calls, minus the all-FP8 error (its measured cost);
 3. the choice: candidates by measured cost per byte saved, cheapest first, until the weights fit the budget;
@@ -62,7 +62,7 @@ def transformer_sizes(network: Any, quantizable: list[str], islands: list[Island
     for name, param in network.named_parameters():
         width = 4 if name.startswith(inside) else 1 if name in fp8_weights else 2
         total += param.numel() * width
-    total += sum(buffer.numel() * 2 for buffer in network.buffers())  # pos_embed (whole: export crops it to the range)
+    total += sum(buffer.numel() * 2 for buffer in network.buffers())  # pos_embed (calibrate sizes it cropped as exported)
     saved = {}
     for name in quantizable:
         module = modules[name]
