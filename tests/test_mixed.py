@@ -91,7 +91,13 @@ def test_mixed_fits_its_budget_between_fp8_and_int4(mixed, capsys):
     code = main(["doctor", str(bundle), "--vram", "8"])
     out, err = capsys.readouterr()
     assert code in (0, 3), err[-2000:]  # 3: no engine of it runs on this host (no GPU here), said in the report
-    assert 0 < json.loads(out)["vram"]["plans_gib"]["resident"] < 8
+    vram = json.loads(out)["vram"]
+    assert 0 < vram["plans_gib"]["resident"] < 8
+    # the transformer room on an 8 GiB card: a transformer engine of that size makes the resident plan exactly 8 GiB
+    room, weights = vram["transformer_room"], vram["needs"]["transformer"]["weights_gib"]
+    assert abs(vram["plans_gib"]["resident"] - weights + room["resident_gib"] - 8) < 0.02, vram
+    assert room["sequential_gib"] > room["resident_gib"] > room["mixed_gib"]["resident"] > 0
+    assert "MIXED_GIB" in room["for"]
 
 
 @needs_rtx

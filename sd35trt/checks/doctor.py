@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -109,4 +110,25 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
         report["plan"] = choose_plan(needs, budget).to_dict()
     except Sd35TrtError as err:
         report["plan"], report["error"] = None, str(err)
+    report["transformer_room"] = _room_report(needs, budget)
+    return report
+
+
+# The mixed recipe's size model counts the transformer's weights; its engine is up to ~3 % larger (SD3.5-Large and
+# Medium FP8: the model's 8.18 and 2.14 GiB against the 8.27 and 2.2 GiB the built bundles imply, docs/BENCHMARKS.md).
+ENGINE_OVER_WEIGHTS = 1.03
+
+
+def _room_report(needs: dict[str, Any], budget: int) -> dict[str, Any]:
+    """How large a transformer engine each plan fits on this card, and the ``--max-transformer-gib`` that aims at
+    it (``calibrate --format mixed``, ``make engines QUANT=mixed MIXED_GIB=``): resident is faster, sequential
+    (one network at a time) leaves the transformer more room."""
+    from sd35trt.runtime.vram import GIB, transformer_room
+
+    room = transformer_room(needs, budget)
+    report: dict[str, Any] = {f"{mode}_gib": None if size is None else round(size / GIB, 2) for mode, size in room.items()}
+    report["mixed_gib"] = {mode: math.floor(size / ENGINE_OVER_WEIGHTS / GIB * 100) / 100
+                           for mode, size in room.items() if size is not None}
+    report["for"] = ("`make engines QUANT=mixed MIXED_GIB=<mixed_gib of the plan you want>` (the transformer's weights; "
+                     f"its engine runs up to {ENGINE_OVER_WEIGHTS - 1:.0%} larger)")
     return report

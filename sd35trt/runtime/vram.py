@@ -134,6 +134,21 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
                             f"{largest.total / GIB:.1f} GiB)", hint=hint)
 
 
+def transformer_room(needs: dict[str, Need], budget: int) -> dict[str, int | None]:
+    """The largest transformer engine the resident and the sequential plan fit in ``budget`` bytes, every other
+    network and every activation as they are (None: the others alone do not fit): the size a mixed FP8/INT4
+    transformer may take on this card (``calibrate --format mixed --max-transformer-gib``)."""
+    transformer = needs.get("transformer")
+    if transformer is None:
+        return {}
+    others = [n for k, n in needs.items() if k != "transformer"]
+    resident = budget - RUNTIME_OVERHEAD - sum(n.weights for n in others) - max(n.activations for n in needs.values())
+    sequential = budget - RUNTIME_OVERHEAD - transformer.activations
+    if max((n.total for n in others), default=0) + RUNTIME_OVERHEAD > budget:
+        sequential = -1
+    return {"resident": resident if resident > 0 else None, "sequential": sequential if sequential > 0 else None}
+
+
 def check_vram(requested_gib: float | None) -> None:
     """``--vram`` is a positive, finite number of GiB (a GPU with more than 16 TiB does not exist)."""
     import math
