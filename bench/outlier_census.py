@@ -20,16 +20,11 @@ import torch
 from sd35trt.core.host import computing, strict_fp32
 from sd35trt.core.models import build_pipeline, resolve_model
 from sd35trt.core.numerics import ActivationCensus, plan_islands
+from sd35trt.core.prompts import read_prompts
 from sd35trt.core.specs import SPECS
-from sd35trt.producers.calibrate import (
-    CalibrationConfig,
-    TrafficRecorder,
-    _fp16_decision,
-    _run_module,
-    read_prompts,
-    run_pipeline,
-    spread,
-)
+from sd35trt.core.traffic import TrafficRecorder, spread
+from sd35trt.producers.calibrate import CalibrationConfig
+from sd35trt.producers.reference import fp16_decision, run_module, run_pipeline
 
 
 def main() -> None:
@@ -64,10 +59,10 @@ def main() -> None:
     census.close()
     table = census.result()["transformer"]
     calls = spread(recorder.calls["transformer"], 2)
-    refs = [_run_module(spec.module(pipe), spec, call) for call in calls]
+    refs = [run_module(spec.module(pipe), spec, call) for call in calls]
     names = [n for n, _ in pipe.transformer.named_modules()]
     islands = plan_islands(table, names, margin=2.0**14, upcast=(), units=spec.island_units)  # census only
-    checks, decision = _fp16_decision(pipe, "transformer", calls, refs, islands, table)
+    checks, decision = fp16_decision(pipe, "transformer", calls, refs, islands, table)
     result = {
         "model": args.model, "random_weights": True, "injected": f"transformer_blocks.{args.block}.ff x{args.scale:g}",
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "compute": compute,

@@ -19,17 +19,12 @@ import torch
 
 from sd35trt.core.metrics import error_stats, psnr
 from sd35trt.core.models import build_pipeline, resolve_model
+from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
 from sd35trt.core.specs import SPECS
-from sd35trt.producers.calibrate import (
-    DEFAULT_PROMPTS,
-    DEFAULT_RECIPE,
-    CalibrationConfig,
-    Recipe,
-    TrafficRecorder,
-    calibrate_networks,
-    read_prompts,
-    run_pipeline,
-)
+from sd35trt.core.traffic import TrafficRecorder
+from sd35trt.producers.calibrate import CalibrationConfig, calibrate_networks
+from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
+from sd35trt.producers.reference import run_pipeline
 
 
 def variant(model: str, recipe_path: Path, cfg: CalibrationConfig, prompts: list[str], holdout: list[str],

@@ -16,7 +16,7 @@ import torch
 from sd35trt.core.metrics import error_stats
 from sd35trt.core.models import build_pipeline, resolve_model
 from sd35trt.core.specs import SPECS, PipeDims
-from sd35trt.producers.calibrate import DEFAULT_RECIPE, Recipe
+from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 
 
 def time_steps(fn, steps: int, warmup: int = 3) -> list[float]:

@@ -57,7 +57,7 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
     from sd35trt.runtime.runners import ranges_of_bundle
 
     assert ranges_of_bundle(result.manifest) == ShapeRanges()  # the exported ranges travel with the engines
-    from sd35trt.core.manifests import BundleManifest
+    from sd35trt.core.bundle_manifest import BundleManifest
 
     assert BundleManifest.from_dict(result.manifest.to_dict(), folder) == result.manifest  # round trip
 

@@ -77,7 +77,9 @@ def test_fp32_island_hooks_cast_and_restore():
 def test_fp16_last_resort_is_whole_fp32_with_why():
     """When FP16 fails even with its islands (here: none given), the component's FP16 variant is FP32."""
     from sd35trt.core.models import build_pipeline, resolve_model
-    from sd35trt.producers.calibrate import CalibrationConfig, TrafficRecorder, _fp16_decision, _run_module, run_pipeline
+    from sd35trt.core.traffic import TrafficRecorder
+    from sd35trt.producers.calibrate import CalibrationConfig
+    from sd35trt.producers.reference import fp16_decision, run_module, run_pipeline
     from tests.conftest import CALIB
     from tests.outliers import inject_outliers
 
@@ -87,7 +89,7 @@ def test_fp16_last_resort_is_whole_fp32_with_why():
     recorder = TrafficRecorder(pipe, ("t5",))
     run_pipeline(pipe, ["a cat"], CalibrationConfig(**{**CALIB, "steps": 1}), seed=0, steps=1)
     recorder.close()
-    refs = [_run_module(SPECS["t5"].module(pipe), SPECS["t5"], c) for c in recorder.calls["t5"]]
-    checks, decision = _fp16_decision(pipe, "t5", recorder.calls["t5"], refs, [], {})
+    refs = [run_module(SPECS["t5"].module(pipe), SPECS["t5"], c) for c in recorder.calls["t5"]]
+    checks, decision = fp16_decision(pipe, "t5", recorder.calls["t5"], refs, [], {})
     assert decision.precision == "fp32" and decision.reason.startswith("last resort")
     assert not checks["with_islands"]["passed"]

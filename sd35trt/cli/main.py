@@ -8,7 +8,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -141,7 +141,6 @@ def calibrate(
         CalibrationConfig,
         calibrate_model,
         calibration_size,
-        format_report,
     )
     from sd35trt.producers.recipe import DEFAULT_RECIPE
 
@@ -162,7 +161,38 @@ def calibrate(
     if json_out:
         emit(result.report)
     else:
-        echo(format_report(result.report))
+        echo(calibration_table(result.report))
+
+
+def calibration_table(report: dict[str, Any]) -> str:
+    """The readable table ``calibrate`` prints on stdout (torch-level, vs the FP32 reference)."""
+    lines = [f"{'component':<12} {'variant':<14} {'output':<18} {'rel-L2 mean':>11} {'rel-L2 max':>10} "
+             f"{'max-abs':>9} {'ok':>3}"]
+
+    def rows(name: str, variant: str, checks: dict[str, Any]) -> None:
+        for out, s in checks.items():
+            if isinstance(s, dict) and "rel_l2_mean" in s:
+                lines.append(f"{name:<12} {variant:<14} {out:<18} {s['rel_l2_mean']:>11.4%} {s['rel_l2_max']:>10.4%} "
+                             f"{s['max_abs']:>9.3g} {'yes' if s['passed'] else 'NO':>3}")
+
+    for name, entry in report["components"].items():
+        fmt = report.get("format", "fp8")
+        rows(name, f"{fmt} fake-quant", entry[fmt])
+
+    for name, entry in report["fp16"].items():
+        rows(name, f"{entry['precision']} islands" if report["fp32_islands"][name] else entry["precision"],
+             entry["with_islands"])
+    for name, found in report["fp32_islands"].items():
+        for island in found:
+            lines.append(f"FP32 island  {name}: {island['module']} (max |x| {island['max_abs']:.4g}; {island['why']})")
+    e2e = report["end_to_end"]
+    if "latents" in e2e:
+        lines.append(f"end to end ({len(e2e['prompts'])} held-out prompts, {e2e['steps']} steps): latents rel-L2 "
+                     f"{e2e['latents']['rel_l2']:.4%}, image PSNR {', '.join(f'{p:.1f}' for p in e2e['image_psnr_db'])} dB")
+    else:
+        lines.append(f"end to end: {e2e['candidate']}")
+    lines.append(f"reference: {report['reference']}")
+    return "\n".join(lines)
 
 
 # What to do about an operating-system error on a path the user gave, by errno.

@@ -1,18 +1,21 @@
-"""FP8 (E4M3, per-tensor) post-training calibration with ModelOpt, and the FP16-range census.
+"""Post-training calibration with ModelOpt — FP8 (E4M3, per-tensor), INT4 AWQ, NVFP4 or mixed FP8/INT4 — and the
+FP16-range census.
 
 ``calibrate_model`` runs diffusers' own ``StableDiffusion3Pipeline`` loop with FP32 weights (on a GPU the
 loop computes in BF16 under autocast, SD3.5's training precision, which cannot overflow) and writes the
-calibration state into ``W/calibration/`` and nothing else; ``sd35trt export`` builds the FP16 and FP8 ONNX
+calibration state into ``W/calibration/`` and nothing else; ``sd35trt export`` builds the FP16 and quantized ONNX
 from it. In order:
 
-1. Reference on held-out prompts: the inputs every network sees (traffic), an activation census of every
-   module, and per-component outputs on that traffic in FP32 with TF32 off (the honest reference).
+1. Reference on held-out prompts (``producers.reference``): the inputs every network sees (traffic), an activation
+   census of every module, and per-component outputs on that traffic in FP32 with TF32 off (the honest reference).
 2. FP32 islands per component (``sd35trt.core.numerics.plan_islands``): recipe ``upcast`` sites ∪ census.
-3. ModelOpt calibration of the requested components on the calibration prompts (islands excluded).
-4. The FP8 fake-quant networks and the FP16 networks (with their islands) vs the FP32 reference on the
+3. ModelOpt calibration of the requested components on the calibration prompts (islands excluded); for mixed,
+   the budget's per-layer choice on the held-out traffic (``producers.mixed``).
+4. The quantized fake-quant networks and the FP16 networks (with their islands) vs the FP32 reference on the
    held-out traffic; a component whose FP16 run still fails is FP32 as a last resort, with why.
-5. ``quant_state.pt`` (ModelOpt state + amax), ``scales.json``, ``census.json``, ``traffic.pt``,
-   ``calibration.json`` (the report) and ``manifest.json`` (``CalibrationManifest``), swapped in atomically.
+5. ``quant_state.pt`` (ModelOpt state + amax), the 4-bit state (``producers.quantize.FourBitState``),
+   ``scales.json``, ``census.json``, ``traffic.pt``, ``calibration.json`` (the report) and ``manifest.json``
+   (``CalibrationManifest``), swapped in atomically.
 
 Deterministic: prompts, seeds and the recipe fully decide the scales (the test suite checks byte
 equality). Unchanged inputs skip the whole step without building a model.
@@ -25,7 +28,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +46,37 @@ from sd35trt.core.artifacts import (
 )
 from sd35trt.core.errors import CalibrationError, InvalidInputError, check_choice, check_seed
 from sd35trt.core.host import DTYPES
-from sd35trt.core.manifests import CalibrationManifest, Fp16Decision, WorkDir, load_current
-from sd35trt.core.metrics import error_stats, psnr, summarize
+from sd35trt.core.manifests import CalibrationManifest, WorkDir, load_current
+from sd35trt.core.metrics import error_stats, psnr
 from sd35trt.core.models import ModelSource
-from sd35trt.core.numerics import ActivationCensus, Island, fp32_islands, hottest_module, plan_islands
+from sd35trt.core.numerics import Island, plan_islands
 from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
-from sd35trt.core.shapes import ShapeRanges
-from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, pipeline_attrs, vae_input
-from sd35trt.core.traffic import TrafficRecorder, spread
-from sd35trt.core.wrappers import CastIO, eager_text_attention
+from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, pipeline_attrs
+from sd35trt.core.wrappers import eager_text_attention
 from sd35trt.producers.mixed import plan_mix, ranking_compute, resolve_budget, transformer_sizes
 from sd35trt.producers.quantize import (
     FourBitState,
     collect_scales,
     int4_layers_of,
-    is_quantizer,
     nvfp4_layers,
     quant_state,
     undo_awq,
 )
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
+from sd35trt.producers.reference import (
+    HeldOut,
+    check_calls,
+    decode_latents,
+    fp16_decision,
+    held_out_reference,
+    probe_ranges,
+    prompt_batches,
+    run_module,
+    run_pipeline,
+)
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
 
 MAX_HOLDOUT = 64  # held-out prompts: each is a full FP32 reference run and a fake-quant run
-
-# Held-out calls kept per component for the reference, the FP16/FP8 checks and export's traffic check
-# (evenly spread over the denoising steps); at SD3.5 size a transformer call is ~30 MB of inputs.
-TRAFFIC_CALLS = {"transformer": 2, "clip_l": 4, "clip_g": 4, "t5": 4, "vae_decoder": 1}
-
 
 def calibration_size(source: ModelSource) -> tuple[int, int, int]:
     """(prompts, steps, pixels per side) by model size. A test-size model (the tiny preset, or a directory whose
@@ -155,51 +161,6 @@ class CalibrationResult:
     seconds: float = 0.0
 
 
-# --- traffic capture -----------------------------------------------------------------------------------
-
-
-def _chunks(items: list[str], size: int) -> list[list[str]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def run_pipeline(pipe: Any, prompts: list[str], cfg: CalibrationConfig, *, seed: int, steps: int,
-                 label: str | None = None, shard: Shard = SINGLE) -> Any:
-    """diffusers' own loop → latents (one call per chunk of ``cfg.batch`` prompts, chunk ``i`` seeded
-    ``seed + i``; with shards only this shard's chunks, same seeds); a progress bar with ETA over every
-    denoising step when ``label`` is given."""
-    import torch
-
-    device = pipe._execution_device
-    chunks = [(i, chunk) for i, chunk in enumerate(_chunks(prompts, cfg.batch)) if shard.owns(i)]
-    latents = []
-    with (log.progress(label, len(chunks) * steps) if label else contextlib.nullcontext()) as advance:
-        def tick(_pipe, _i, _t, kwargs):
-            if advance is not None:
-                advance()
-            return kwargs
-
-        for i, chunk in chunks:
-            generator = torch.Generator(device="cpu").manual_seed(seed + i)
-            out = pipe(prompt=chunk, negative_prompt=[""] * len(chunk), num_inference_steps=steps,
-                       guidance_scale=cfg.guidance, height=cfg.height, width=cfg.width, generator=generator,
-                       output_type="latent", callback_on_step_end=tick)
-            latents.append(out.images.float().cpu())
-            del out
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return torch.cat(latents)
-
-
-def decode_latents(pipe: Any, latents: Any) -> tuple[Any, Any]:
-    """The pipeline's own VAE decode step: (VAE decoder inputs, images in [-1, 1])."""
-    import torch
-
-    vae = pipe.vae
-    with torch.no_grad():
-        z = vae_input(latents.to(vae.device, vae.dtype), vae.config)
-        return z.float().cpu(), vae.decode(z, return_dict=False)[0].float().cpu()
-
-
 # --- the step --------------------------------------------------------------------------------------------
 
 
@@ -235,7 +196,7 @@ def calibrate_model(source: ModelSource, out: Path, cfg: CalibrationConfig, *, d
         raise InvalidInputError(f"--shards {shards} differs from the launcher's {launched.world} processes",
                                 hint="leave --shards out under torchrun; its --nproc-per-node decides")
     workers = launched.world if launched is not None else shards
-    check_shards(workers, len(_chunks(prompts[: cfg.num_prompts], cfg.batch)), target_device)
+    check_shards(workers, len(prompt_batches(prompts[: cfg.num_prompts], cfg.batch)), target_device)
     if workers > 1 and cfg.format is not Precision.FP8:
         raise InvalidInputError(f"--shards {workers} with --format {cfg.format.value}: sharded calibration merges FP8 "
                                 "amax only (AWQ's scale search runs in one process)", hint="use --shards 1")
@@ -315,7 +276,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     # 1. Reference on held-out prompts (rank 0): traffic, census, FP32 outputs per component.
     # 2. FP32 islands: recipe sites present in this model ∪ census values past the margin; every shard leaves
     #    the same modules unquantized.
-    held_out = _held_out_reference(pipe, cfg, holdout_prompts, report_steps, torch_device, compute) if shard.main else None
+    held_out = held_out_reference(pipe, cfg, holdout_prompts, report_steps, torch_device, compute) if shard.main else None
     islands = share(shard, {name: plan_islands(held_out.census.get(name, {}), module_names[name], margin=recipe.margin,
                                                upcast=recipe.upcast.get(name, ()), units=SPECS[name].island_units,
                                                feeds=held_out.feeds.get(name))
@@ -362,7 +323,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
         "reference": f"diffusers pipeline, FP32 weights, {compute} compute on {torch_device}",
         "candidate": f"the same with {label} fake-quant (same seeds)"}
     with four_bit.faked(pipe):
-        quant_checks = {name: _check_calls(SPECS[name].module(pipe), SPECS[name], traffic[name], references[name],
+        quant_checks = {name: check_calls(SPECS[name].module(pipe), SPECS[name], traffic[name], references[name],
                                            fmt) for name in cfg.components}
         if cfg.components:
             with log.step(f"{fmt.value} (fake-quant) loop on held-out prompts"), computing(torch_device, compute):
@@ -380,7 +341,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     # 5. FP16 with islands vs FP32 (in place, last: the pipeline is not used in FP32 afterwards).
     fp16_checks, decisions = {}, {}
     for name in present:
-        fp16_checks[name], decisions[name] = _fp16_decision(pipe, name, traffic[name], references[name],
+        fp16_checks[name], decisions[name] = fp16_decision(pipe, name, traffic[name], references[name],
                                                             islands[name], census_table.get(name, {}))
 
     with atomic_dir(folder) as tmp:
@@ -434,68 +395,6 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
                    **({"mixed": four_bit.mixed.to_dict()} if four_bit.mixed is not None else {})})
         write_json_atomic(tmp / "manifest.json", manifest.to_dict())
     return CalibrationResult(False, calib_hash, report, folder, time.perf_counter() - start)
-
-
-@dataclass
-class HeldOut:
-    """The held-out reference run: latents and images, activation census, traffic and its FP32 outputs."""
-
-    latents: Any
-    images: Any
-    census: dict[str, Any]
-    traffic: dict[str, list[dict[str, Any]]]
-    references: dict[str, list[list[Any]]]
-    feeds: dict[str, Any] = field(default_factory=dict)  # the census's data flow (ActivationCensus.feeds)
-    probes: dict[str, list[str]] = field(default_factory=dict)  # range probes the census also saw, per component
-
-
-def _held_out_reference(pipe: Any, cfg: CalibrationConfig, prompts: list[str], steps: int, device: str,
-                        compute: str) -> HeldOut:
-    from sd35trt.core.host import computing
-
-    present = tuple(c for c in COMPONENTS if getattr(pipe, SPECS[c].pipeline_attr, None) is not None)
-    networks = {name: getattr(pipe, SPECS[name].pipeline_attr) for name in present}
-    with log.step(f"reference on {len(prompts)} held-out prompts × {steps} steps ({compute}), activation census"):
-        census = ActivationCensus(networks)
-        recorder = TrafficRecorder(pipe, tuple(c for c in CALIBRATABLE if c in present))
-        with computing(device, compute):
-            latents = run_pipeline(pipe, prompts, cfg, seed=cfg.seed + 10_000, steps=steps, label="reference")
-            vae_latents, images = decode_latents(pipe, latents)
-        recorder.close()
-        traffic = {name: spread(calls, TRAFFIC_CALLS[name]) for name, calls in recorder.calls.items()}
-        traffic["vae_decoder"] = spread([{"latent": z[None]} for z in vae_latents], TRAFFIC_CALLS["vae_decoder"])
-        # The census must hold for what the engines accept, not only this traffic: the ends of the default shape
-        # ranges and of the timestep range, and export's own check inputs (sd35trt.core.probes).
-        probed = _probe_census(pipe, present, traffic, device, compute, probe_ranges(cfg))
-        census.close()
-    with log.step(f"FP32 reference outputs (TF32 off) on {sum(map(len, traffic.values()))} held-out calls"):
-        references = {name: [_run_module(SPECS[name].module(pipe), SPECS[name], call) for call in calls]
-                      for name, calls in traffic.items()}
-    return HeldOut(latents, images, census.result(), traffic, references, census.feeds(), probed)
-
-
-def probe_ranges(cfg: CalibrationConfig) -> ShapeRanges:
-    """The engine shape ranges the census probes: export's defaults (what `make engines` builds); an export with
-    other ranges probes its own (``export.probe_islands``)."""
-    return ShapeRanges(cfg=cfg.guidance > 1)
-
-
-def _probe_census(pipe: Any, present: tuple[str, ...], traffic: dict[str, list], device: str, compute: str,
-                  ranges: ShapeRanges) -> dict[str, list[str]]:
-    """Run every network on its range probes while the census records (it is hooked to them); their labels."""
-    from sd35trt.core.host import computing
-    from sd35trt.core.probes import range_probes, run_probes
-
-    pipe_dims = PipeDims.from_pipeline(pipe)
-    labels = {}
-    with computing(device, compute):
-        for name in present:
-            spec = SPECS[name]
-            text = traffic.get("transformer", [None])[0] if name == "transformer" else None
-            probes = range_probes(spec, ranges, pipe_dims, text)
-            run_probes(spec.module(pipe), spec, probes)
-            labels[name] = [p.label for p in probes]
-    return labels
 
 
 def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[str],
@@ -572,7 +471,7 @@ def _quantize(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[s
     calls, refs = held_out.traffic["transformer"], held_out.references["transformer"]
 
     def error_of() -> float:
-        per_call = [error_stats(ref[0], _run_module(module, spec, call)[0]).rel_l2 for call, ref in zip(calls, refs)]
+        per_call = [error_stats(ref[0], run_module(module, spec, call)[0]).rel_l2 for call, ref in zip(calls, refs)]
         return sum(per_call) / len(per_call)
 
     with log.step(f"mixed FP8/INT4: {len(int4)} candidate layers, each alone INT4 on {len(calls)} held-out calls"), \
@@ -583,89 +482,3 @@ def _quantize(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[s
              f"{plan.bytes['mixed'] / 2**30:.4g} GiB (budget {plan.budget_gib:.4g}); held-out rel-L2 "
              f"{plan.error['fp8']:.3g} all FP8, {plan.error['mixed']:.3g} mixed, {plan.error['int4']:.3g} all INT4")
     return quantized, scales, FourBitState(int4={attr: {n: int4[n] for n in plan.chosen}}, mixed=plan)
-
-
-def _run_module(module: Any, spec: Any, call: dict[str, Any]) -> list[Any]:
-    import torch
-
-    device = next(module.parameters()).device
-    dtype = next(module.parameters()).dtype
-    with torch.no_grad():
-        out = module(*[call[n].to(device, dtype) if call[n].is_floating_point() else call[n].to(device)
-                       for n in spec.input_names])
-    out = out if isinstance(out, tuple) else (out,)
-    return [o.float().cpu().numpy() for o in out]
-
-
-def _check_calls(module: Any, spec: Any, calls: list, refs: list, precision: Precision) -> dict[str, Any]:
-    """Per output: rel-L2 mean/max, max-abs, cosine, NaN/Inf of ``module`` vs the FP32 reference outputs,
-    and whether every call is within the spec's ``precision`` tolerance."""
-    per_call = [dict(zip(spec.output_names, (error_stats(r, o) for r, o in zip(ref, _run_module(module, spec, call)))))
-                for call, ref in zip(calls, refs)]
-    return summarize(per_call, spec.output_names, spec.tolerances[precision])
-
-
-def _fp16_decision(pipe: Any, name: str, calls: list, refs: list, islands: list[Island],
-                   census: dict[str, Any]) -> tuple[dict[str, Any], Fp16Decision]:
-    """Convert the network to FP16 in place (quantizers off) and run it on the held-out traffic, without
-    and with its FP32 islands. FP16 with islands within tolerance → "fp16"; else "fp32" (last resort)."""
-    import torch
-
-    from sd35trt.core.numerics import island_state
-
-    spec = SPECS[name]
-    network = getattr(pipe, spec.pipeline_attr)
-    for module in network.modules():
-        if is_quantizer(module):
-            module.disable()
-    fp32_weights = island_state(network, islands)  # the islands run on their FP32 weights, as the export will
-    network.half()
-    module = CastIO(spec.wrapper(network).eval(), torch.float16)
-    checks: dict[str, Any] = {}
-    if islands:
-        checks["without_islands"] = _check_calls(module, spec, calls, refs, Precision.FP16)
-    with fp32_islands(network, islands, torch.float16, fp32_weights):
-        checks["with_islands"] = _check_calls(module, spec, calls, refs, Precision.FP16)
-    if checks["with_islands"]["passed"]:
-        why = (f"FP16 with {len(islands)} FP32 island(s) within tolerance on held-out traffic" if islands
-               else "FP16 within tolerance on held-out traffic")
-        return checks, Fp16Decision(Precision.FP16, why)
-    failing = next(n for n in spec.output_names if not checks["with_islands"][n]["passed"])
-    stats = checks["with_islands"][failing]
-    what = "NaN/Inf" if stats["nonfinite"] else f"rel-L2 {stats['rel_l2_max']:.3g} > {spec.tolerances[Precision.FP16].rel_l2:g}"
-    hot = hottest_module(census, islands)
-    where = f"; largest activation outside islands: {hot[0]} {hot[1]:.4g}" if hot else ""
-    log.warn(f"{name}: FP16 fails on held-out traffic even with its islands ({failing}: {what}{where}); "
-             "its FP16 variant is built in FP32 (last resort)")
-    return checks, Fp16Decision(Precision.FP32, f"last resort: FP16 with islands fails on held-out traffic ({failing}: {what}{where})")
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The readable table ``calibrate`` prints on stdout (torch-level, vs the FP32 reference)."""
-    lines = [f"{'component':<12} {'variant':<14} {'output':<18} {'rel-L2 mean':>11} {'rel-L2 max':>10} "
-             f"{'max-abs':>9} {'ok':>3}"]
-
-    def rows(name: str, variant: str, checks: dict[str, Any]) -> None:
-        for out, s in checks.items():
-            if isinstance(s, dict) and "rel_l2_mean" in s:
-                lines.append(f"{name:<12} {variant:<14} {out:<18} {s['rel_l2_mean']:>11.4%} {s['rel_l2_max']:>10.4%} "
-                             f"{s['max_abs']:>9.3g} {'yes' if s['passed'] else 'NO':>3}")
-
-    for name, entry in report["components"].items():
-        fmt = report.get("format", "fp8")
-        rows(name, f"{fmt} fake-quant", entry[fmt])
-
-    for name, entry in report["fp16"].items():
-        rows(name, f"{entry['precision']} islands" if report["fp32_islands"][name] else entry["precision"],
-             entry["with_islands"])
-    for name, found in report["fp32_islands"].items():
-        for island in found:
-            lines.append(f"FP32 island  {name}: {island['module']} (max |x| {island['max_abs']:.4g}; {island['why']})")
-    e2e = report["end_to_end"]
-    if "latents" in e2e:
-        lines.append(f"end to end ({len(e2e['prompts'])} held-out prompts, {e2e['steps']} steps): latents rel-L2 "
-                     f"{e2e['latents']['rel_l2']:.4%}, image PSNR {', '.join(f'{p:.1f}' for p in e2e['image_psnr_db'])} dB")
-    else:
-        lines.append(f"end to end: {e2e['candidate']}")
-    lines.append(f"reference: {report['reference']}")
-    return "\n".join(lines)
