@@ -57,7 +57,7 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
     from sd35trt.runtime.runners import ranges_of_bundle
 
     assert ranges_of_bundle(result.manifest) == ShapeRanges()  # the exported ranges travel with the engines
-    from sd35trt.core.bundle_manifest import BundleManifest
+    from sd35trt.core.manifests import BundleManifest
 
     assert BundleManifest.from_dict(result.manifest.to_dict(), folder) == result.manifest  # round trip
 
@@ -69,7 +69,7 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
 def test_ampere_falls_back_to_fp16(calibrated, tmp_path):
     out, _ = calibrated
     result = build_bundle(out, tmp_path, BuildConfig(target=GpuTarget.AMPERE, components=("transformer",)))
-    entry = result.manifest.components["transformer"].data
+    entry = result.manifest.components["transformer"].to_dict()
     assert entry["precision"] == "fp16" and entry["layers"]["gemm_fp8"] == 0
     assert result.manifest.compute_capabilities == ["8.0", "8.6"]
     text = plan_precisions(TARGETS[GpuTarget.AMPERE], ("clip_l",), {"clip_l": {Precision.FP16}})["clip_l"].reason

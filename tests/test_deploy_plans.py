@@ -211,7 +211,7 @@ def test_clip_only_onnx_loop_matches_diffusers_without_t5(exported):
 @needs_rtx
 def test_clip_only_bundle_leaves_t5_out(calibrated, capsys, tmp_path):
     from sd35trt.cli.main import main
-    from sd35trt.core.bundle_manifest import BundleManifest
+    from sd35trt.core.manifests import BundleManifest
 
     out, _ = calibrated
     assert main(["build", "--onnx", str(out), "--out", str(tmp_path), "--components", "t5,clip_l"]) == 0

@@ -155,7 +155,7 @@ def test_the_vram_plan_counts_what_engines_allocate_their_profiles_maximum(bundl
 
 
 def test_a_weight_stripped_bundle_refuses_to_run_until_refit(bundle, tmp_path):
-    from sd35trt.core.bundle_manifest import BundleManifest
+    from sd35trt.core.manifests import BundleManifest
     from sd35trt.producers.refit import refitted
 
     copy = tmp_path / "stripped"
@@ -173,8 +173,7 @@ def test_a_weight_stripped_bundle_refuses_to_run_until_refit(bundle, tmp_path):
 def test_parts_are_refit_from_the_same_cut_of_the_refit_onnx(bundle, calibrated, tmp_path):
     """The weights of a part engine come from the part graph the build cut, never from the whole graph (whose
     folded weights TensorRT names by another running counter)."""
-    from sd35trt.core.bundle_manifest import BundleManifest
-    from sd35trt.core.manifests import OnnxManifest, WorkDir
+    from sd35trt.core.manifests import BundleManifest, OnnxManifest, WorkDir
     from sd35trt.core.specs import Precision
     from sd35trt.producers.refit import _part_graphs
 

@@ -140,7 +140,7 @@ def test_build_in_parts_makes_a_bundle_the_runners_chain(work_copy):
     the manifest lists each part's plan, I/O and builder memory, `bundle verify` checks every part, a re-run
     skips, and a different count rebuilds that component only."""
     from sd35trt.cli.main import app
-    from sd35trt.core.bundle_manifest import BundleManifest
+    from sd35trt.core.manifests import BundleManifest
 
     engines = work_copy / "engines"
     runner = CliRunner()

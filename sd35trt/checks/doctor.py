@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sd35trt.core.bundle_manifest import BUNDLE_MANIFEST, STATIC_ACTIVATIONS, BundleManifest
 from sd35trt.core.errors import InvalidInputError, Sd35TrtError
 from sd35trt.core.host import host_report
+from sd35trt.core.manifests import BUNDLE_MANIFEST, STATIC_ACTIVATIONS, BundleManifest
 from sd35trt.core.portability import RuntimeRecord, bundle_fit
 
 

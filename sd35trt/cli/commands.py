@@ -126,7 +126,7 @@ def doctor(
     plan (resident / sequential / streaming) needs for the bundle. Exit 3 when no engine of the bundle can run on
     this host (the report says why, and which ONNX to run instead)."""
     from sd35trt.checks.doctor import diagnose, vram_report
-    from sd35trt.core.bundle_manifest import BUNDLE_MANIFEST
+    from sd35trt.core.manifests import BUNDLE_MANIFEST
     from sd35trt.runtime.vram import check_vram
 
     check_vram(vram)
@@ -246,7 +246,7 @@ def _compare_runners(options: LoopOptions, source: ModelSource,
     """compare's candidates: the bundle's engines (with polygraphy's TrtRunner twin), or each ONNX variant; checked
     to be built from ``source``."""
     from sd35trt.checks.compare import onnx_variants, twin_refusal
-    from sd35trt.core.bundle_manifest import BundleManifest
+    from sd35trt.core.manifests import BundleManifest
     from sd35trt.runtime.launch import open_runners
 
     if options.bundle is None:

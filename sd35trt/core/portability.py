@@ -19,7 +19,7 @@ from sd35trt.core.targets import RTX_CCS
 from sd35trt.core.trt_api import MODULES
 
 if TYPE_CHECKING:
-    from sd35trt.core.bundle_manifest import BundleManifest
+    from sd35trt.core.manifests import BundleManifest
 
 HARDWARE_COMPAT = ("none", "ampere+")
 # Python modules of the runtimes a bundle may name, by backend.

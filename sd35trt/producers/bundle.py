@@ -30,17 +30,20 @@ from sd35trt.core.artifacts import (
     write_json_atomic,
 )
 from sd35trt.core.assets import ASSETS_FILE, PipelineAssets
-from sd35trt.core.bundle_manifest import (
-    BUNDLE_ASSETS,
-    BUNDLE_MANIFEST,
-    STATIC_ACTIVATIONS,
-    BundleManifest,
-    EngineEntry,
-    PlanFile,
-)
 from sd35trt.core.errors import ArtifactError, BuildError, InvalidInputError
 from sd35trt.core.host import resolve_target
-from sd35trt.core.manifests import MANIFEST, VARIANT_DIRS, OnnxManifest, WorkDir
+from sd35trt.core.manifests import (
+    BUNDLE_ASSETS,
+    BUNDLE_MANIFEST,
+    MANIFEST,
+    STATIC_ACTIVATIONS,
+    VARIANT_DIRS,
+    BundleManifest,
+    EngineEntry,
+    OnnxManifest,
+    PlanFile,
+    WorkDir,
+)
 from sd35trt.core.models import model_slug
 from sd35trt.core.portability import RuntimeRecord, check_portability
 from sd35trt.core.specs import COMPONENTS, Precision

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.core import log, trt_api
 from sd35trt.core.artifacts import atomic_dir, sha256_file, write_buffer_atomic, write_json_atomic
-from sd35trt.core.bundle_manifest import BUNDLE_MANIFEST, BundleManifest, EngineEntry, PlanFile
 from sd35trt.core.errors import ArtifactError, InvalidInputError
-from sd35trt.core.manifests import OnnxManifest, WorkDir
+from sd35trt.core.manifests import BUNDLE_MANIFEST, BundleManifest, EngineEntry, OnnxManifest, PlanFile, WorkDir
 from sd35trt.core.models import model_slug
 from sd35trt.core.specs import Precision
 

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd35trt.core.bundle_manifest import BundleManifest, PlanFile
 from sd35trt.core.errors import ArtifactError, InvalidInputError, RuntimeUnavailableError, VariantMissingError
-from sd35trt.core.manifests import MANIFEST, OnnxManifest, WorkDir
+from sd35trt.core.manifests import MANIFEST, BundleManifest, OnnxManifest, PlanFile, WorkDir
 from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import ARTIFACT_PRECISIONS, COMPONENTS, SPECS, ComponentSpec, Precision, precision_of_dtype
 from sd35trt.core.targets import RUNNER_VARIANTS, runner_variant
