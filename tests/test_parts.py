@@ -160,7 +160,7 @@ def test_build_in_parts_makes_a_bundle_the_runners_chain(work_copy):
     entry = manifest.components["transformer"]
     assert entry.parted and [p.file for p in entry.plans] == ["transformer.part1of2.plan", "transformer.part2of2.plan"]
     assert entry.plans[0].inputs is not None and entry.plans[-1].outputs == ("noise_pred",)
-    assert all("peak_rss_gib" in p["builder_memory"] for p in entry.data["parts"])
+    assert all("peak_rss_gib" in p["builder_memory"] for p in entry.to_dict()["parts"])
     assert not list((engines / "tiny" / "ada-tensorrt-rtx").glob(".parts*"))
     result = runner.invoke(app, ["bundle", "verify", str(engines / "tiny" / "ada-tensorrt-rtx")])
     assert result.exit_code == 0, result.output
@@ -182,7 +182,7 @@ def test_a_host_short_of_memory_builds_in_parts_instead_of_refusing(work_copy, m
     monkeypatch.setattr(build, "available_memory", lambda: GIB + int(1.8 * weights))
     config = BuildConfig(components=("transformer",))
     entry = build_bundle(work_copy, work_copy / "engines", config).manifest.components["transformer"]
-    assert len(entry.plans) == 2 and "available" in entry.data["parts_reason"]
+    assert len(entry.plans) == 2 and "available" in entry.to_dict()["parts_reason"]
     whole = build_bundle(work_copy, work_copy / "engines-whole", BuildConfig(components=("transformer",),
                                                                              memory_check=False))
     assert len(whole.manifest.components["transformer"].plans) == 1
