@@ -122,3 +122,21 @@ def test_the_users_budget_moves_the_choice_and_one_no_mix_meets_is_one_line(mixe
     code, err = run_cli(capsys, ["calibrate", "--model", "tiny", "--format", "int4", "--max-transformer-gib", "3",
                                  "--out", root / "none"])
     assert_user_error(code, err, "needs --format mixed")
+
+
+def test_the_choice_takes_the_cheapest_per_byte_until_the_budget_holds():
+    """``mixed.choose`` and ``resolve_budget`` on made-up costs: the order is cost per byte saved, it stops as soon as
+    the weights fit, and a budget outside (all INT4, all FP8) is one line each way."""
+    from sd35trt.core.errors import InvalidInputError
+    from sd35trt.producers.mixed import GIB, Sizes, choose, resolve_budget
+
+    sizes = Sizes(100 * GIB, {"a": 30 * GIB, "b": 20 * GIB, "c": 10 * GIB})  # all INT4: 40 GiB
+    cost = {"a": 0.3, "b": 0.1, "c": 0.3}  # per GiB saved: b 0.005, a 0.01, c 0.03
+    assert choose(cost, sizes, 85) == ["b"]
+    assert choose(cost, sizes, 60) == ["b", "a"]
+    assert choose(cost, sizes, 40) == ["b", "a", "c"]
+    assert resolve_budget(None, sizes)[0] == 70 and resolve_budget(55, sizes) == (55, "--max-transformer-gib")
+    with pytest.raises(InvalidInputError, match="below this transformer's smallest mix"):
+        resolve_budget(39, sizes)
+    with pytest.raises(InvalidInputError, match="holds the whole FP8 transformer"):
+        resolve_budget(100, sizes)

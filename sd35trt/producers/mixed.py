@@ -158,7 +158,8 @@ def plan_mix(network: Any, int4: dict[str, Any], sizes: Sizes, budget: tuple[flo
     delta = {}
     for name in candidates:
         with swapped(network, {name: int4[name]}, "int4"):
-            delta[name] = error_of() - base
+            cost = error_of() - base
+        delta[name] = cost if math.isfinite(cost) else math.inf  # a layer that overflows as INT4 goes last
     priced = Sizes(sizes.fp8, {n: sizes.saved[n] for n in candidates})
     chosen = choose(delta, priced, budget[0])
     with swapped(network, {n: int4[n] for n in chosen}, "int4"):
@@ -166,6 +167,10 @@ def plan_mix(network: Any, int4: dict[str, Any], sizes: Sizes, budget: tuple[flo
     with swapped(network, {n: int4[n] for n in candidates}, "int4"):
         every = error_of()
     size = priced.fp8 - sum(priced.saved[n] for n in chosen)
+    if size > budget[0] * GIB:  # ModelOpt left some priced layer without INT4 weights: the budget is out of reach
+        raise CalibrationError(f"the transformer's weights reach {size / GIB:.4g} GiB at best ({len(candidates)} layers "
+                               f"took INT4 weights), above the budget of {budget[0]:.4g} GiB",
+                               hint=f"use --max-transformer-gib {math.ceil(size / GIB * 1000) / 1000:g} or more")
     if not math.isfinite(mixed):
         raise CalibrationError("the mixed FP8/INT4 transformer gives NaN/Inf on the held-out calls",
                                hint="try a larger --max-transformer-gib, or --format fp8")
