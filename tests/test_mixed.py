@@ -1,5 +1,5 @@
-"""The mixed FP8/INT4 recipe (#35 item 4) on a user's directory whose weights overflow FP16: `make engines GPU=ada
-QUANT=mixed T5=0` chooses INT4 for the layers that cost least on held-out traffic until the transformer's weights fit
+"""The mixed FP8/INT4 recipe (#35 item 4) on a user's directory whose weights overflow FP16, with a LoRA: `make engines
+GPU=ada QUANT=mixed T5=0 LORA=...` chooses INT4 for the layers that cost least on held-out traffic until the transformer's weights fit
 the budget, keeps the FP32 islands out, lands between FP8's and INT4's errors, exports standard ONNX validated in
 onnxruntime, and TensorRT-RTX builds it for SM89 with FP8 GEMMs and INT4 weights; the user's own budget moves the
 choice, and a budget no mix meets is one line."""
@@ -18,17 +18,19 @@ from tests.test_journeys import MAKE_SMALL, REPO
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    """(root, make's process): `make engines GPU=ada QUANT=mixed T5=0` on a directory with FP16 outliers."""
+def mixed(tmp_path_factory, adapter):
+    """(root, make's process, LORA=): `make engines GPU=ada QUANT=mixed T5=0 LORA=...` on a directory with FP16
+    outliers."""
     from tests.outliers import inject_stream_outliers, save_model
 
     root = tmp_path_factory.mktemp("mixed")
     model = save_model(root / "hot", inject_stream_outliers)
-    run = subprocess.run(["make", "engines", f"MODEL={model}", "GPU=ada", "QUANT=mixed", "T5=0", f"WORK={root / 'work'}",
-                          f"ENGINES={root / 'engines'}", *MAKE_SMALL], cwd=REPO, capture_output=True, text=True,
-                         timeout=1200)
+    lora = f"{adapter}:0.8"
+    run = subprocess.run(["make", "engines", f"MODEL={model}", "GPU=ada", "QUANT=mixed", "T5=0", f"LORA={lora}",
+                          f"WORK={root / 'work'}", f"ENGINES={root / 'engines'}", *MAKE_SMALL], cwd=REPO,
+                         capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return root, run
+    return root, run, lora
 
 
 def _initializer_bytes(path: Path) -> int:
@@ -43,11 +45,12 @@ def _initializer_bytes(path: Path) -> int:
 
 @needs_rtx
 def test_mixed_fits_its_budget_between_fp8_and_int4(mixed, capsys):
-    root, run = mixed
+    root, run, _ = mixed
     work = root / "work"
     report = json.loads((work / "calibration" / "calibration.json").read_text())
     plan = report["mixed"]
     assert report["format"] == "mixed" and report["components"]["transformer"]["mixed"]["passed"]
+    assert report["model"]["lora"], "the adapter fused before calibration"
     size, error = plan["estimated_gib"], plan["error"]
     assert plan["budget_from"].startswith("default: midway") and size["int4"] < plan["budget_gib"] < size["fp8"]
     assert size["mixed"] <= plan["budget_gib"]  # the budget is met ...
@@ -70,7 +73,8 @@ def test_mixed_fits_its_budget_between_fp8_and_int4(mixed, capsys):
     stored = _initializer_bytes(onnx_dir / "model.onnx") / 2**30
     assert abs(stored - size["mixed"]) < 0.05 * size["mixed"], (stored, size)  # the size model is what the ONNX holds
 
-    bundle = root / "engines" / "hot" / "ada-tensorrt-rtx-mixed-clip"
+    (model_folder,) = (root / "engines").glob("hot-lora-*")  # the LoRA model's own folder
+    bundle = model_folder / "ada-tensorrt-rtx-mixed-clip"
     entry = json.loads((bundle / "manifest.json").read_text())["components"]["transformer"]
     assert entry["precision"] == "mixed" and entry["layers"]["gemm_fp8"] > 0
     assert entry["layers"]["int4_weights"] == len(chosen), entry["layers"]  # every chosen layer INT4 in the engine
@@ -81,7 +85,7 @@ def test_mixed_fits_its_budget_between_fp8_and_int4(mixed, capsys):
     code, err = run_cli(capsys, ["build", "--onnx", work, "--gpu", "blackwell", "--out", root / "engines", "--no-t5",
                                  "--parts", "transformer=2"])
     assert code == 0, err[-3000:]
-    parts = json.loads((root / "engines" / "hot" / "blackwell-tensorrt-rtx-mixed-clip" / "manifest.json").read_text())
+    parts = json.loads((model_folder / "blackwell-tensorrt-rtx-mixed-clip" / "manifest.json").read_text())
     cut = parts["components"]["transformer"]
     assert len(cut["parts"]) == 2 and cut["layers"]["int4_weights"] == len(chosen)
     # (FP8 GEMMs are counted after the builder's fusions, which a cut between two layers can prevent: 9 vs 8 here)
@@ -102,11 +106,11 @@ def test_mixed_fits_its_budget_between_fp8_and_int4(mixed, capsys):
 
 @needs_rtx
 def test_the_users_budget_moves_the_choice_and_one_no_mix_meets_is_one_line(mixed, capsys):
-    root, _ = mixed
+    root, _, lora = mixed
     default = json.loads((root / "work" / "calibration" / "calibration.json").read_text())["mixed"]
     size = default["estimated_gib"]
     tight = size["int4"] + 0.1 * (size["fp8"] - size["int4"])
-    argv = ["calibrate", "--model", root / "hot", "--format", "mixed", "--no-t5", "--num-prompts", "4", "--steps", "2",
+    argv = ["calibrate", "--model", root / "hot", "--lora", lora, "--format", "mixed", "--no-t5", "--num-prompts", "4", "--steps", "2",
             "--height", "256", "--width", "256", "--out", root / "tight"]
     code, err = run_cli(capsys, [*argv, "--max-transformer-gib", f"{tight:.6g}"])
     assert code == 0, err[-3000:]
