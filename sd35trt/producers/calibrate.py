@@ -71,7 +71,6 @@ from sd35trt.producers.reference import (
     held_out_reference,
     probe_ranges,
     prompt_batches,
-    run_module,
     run_pipeline,
 )
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
@@ -358,6 +357,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
                                                 "feeds": held_out.feeds})
         fp32_islands_report = {name: [{"module": i.module, "max_abs": i.max_abs, "why": i.why} for i in found]
                                for name, found in islands.items()}
+        mixed_report = {"mixed": four_bit.mixed.to_dict()} if four_bit.mixed is not None else {}
         report = {
             "kind": "calibration-report", "toolkit": __version__, "model": source.describe(),
             "random_weights": source.random_weights, "inputs_hash": calib_hash,
@@ -375,7 +375,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
             "t5": "t5" in present,
             "format": fmt.value,
             **({"layers": four_bit.layer_formats(pipe, cfg.components, recipe, islands)} if fmt is not Precision.FP8 else {}),
-            **({"mixed": four_bit.mixed.to_dict()} if four_bit.mixed is not None else {}),
+            **mixed_report,
 
             "components": {name: {"calls": len(traffic[name]), fmt.value: quant_checks[name]} for name in cfg.components},
             "end_to_end": end_to_end,
@@ -392,7 +392,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
             fp16=decisions, files=file_entries(tmp), reference=report["reference"], margin=recipe.margin, format=fmt,
             extra={"toolkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "probe_ranges": probe_ranges(cfg).to_dict(),
-                   **({"mixed": four_bit.mixed.to_dict()} if four_bit.mixed is not None else {})})
+                   **mixed_report})
         write_json_atomic(tmp / "manifest.json", manifest.to_dict())
     return CalibrationResult(False, calib_hash, report, folder, time.perf_counter() - start)
 
@@ -470,14 +470,12 @@ def _quantize(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[s
     module = spec.module(pipe)
     calls, refs = held_out.traffic["transformer"], held_out.references["transformer"]
 
-    def error_of() -> float:
-        per_call = [error_stats(ref[0], run_module(module, spec, call)[0]).rel_l2 for call, ref in zip(calls, refs)]
-        return sum(per_call) / len(per_call)
+    def error_of() -> float:  # the transformer's rel-L2 vs FP32, mean over the held-out calls
+        return check_calls(module, spec, calls, refs, Precision.MIXED)[spec.output_names[0]]["rel_l2_mean"]
 
     with log.step(f"mixed FP8/INT4: {len(int4)} candidate layers, each alone INT4 on {len(calls)} held-out calls"), \
             ranking_compute(str(pipe._execution_device)) as ranked_in:
-        plan = plan_mix(getattr(pipe, attr), int4, budget[0], budget[1], error_of)
-        plan.compute = ranked_in
+        plan = plan_mix(getattr(pipe, attr), int4, budget[0], budget[1], error_of, ranked_in)
     log.info(f"mixed FP8/INT4: {len(plan.chosen)} of {len(plan.delta)} layers INT4, transformer weights "
              f"{plan.bytes['mixed'] / 2**30:.4g} GiB (budget {plan.budget_gib:.4g}); held-out rel-L2 "
              f"{plan.error['fp8']:.3g} all FP8, {plan.error['mixed']:.3g} mixed, {plan.error['int4']:.3g} all INT4")

@@ -51,9 +51,7 @@ def int4_bytes(out_features: int, in_features: int, block: int) -> int:
 def transformer_sizes(network: Any, quantizable: list[str], islands: list[Island]) -> Sizes:
     """The weights of ``network`` in the engine's storage, with the recipe's ``quantizable`` layers in FP8 and the
     candidates (those Linear layers whose width takes an INT4 block) priced in INT4 too."""
-    import torch
-
-    from sd35trt.producers.weight_quant import int4_block
+    from sd35trt.producers.weight_quant import int4_block_of
 
     modules = dict(network.named_modules())
     fp8_weights = {f"{name}.weight" for name in quantizable}
@@ -65,10 +63,9 @@ def transformer_sizes(network: Any, quantizable: list[str], islands: list[Island
     total += sum(buffer.numel() * 2 for buffer in network.buffers())  # pos_embed (calibrate sizes it cropped as exported)
     saved = {}
     for name in quantizable:
-        module = modules[name]
-        block = int4_block(module.in_features) if isinstance(module, torch.nn.Linear) else None
+        block = int4_block_of(modules[name])
         if block is not None:
-            out_features, in_features = module.weight.shape
+            out_features, in_features = modules[name].weight.shape
             saved[name] = out_features * in_features - int4_bytes(out_features, in_features, block)
     return Sizes(total, saved)
 
@@ -148,9 +145,9 @@ def choose(delta: dict[str, float], sizes: Sizes, budget_gib: float) -> list[str
 
 
 def plan_mix(network: Any, int4: dict[str, Any], sizes: Sizes, budget: tuple[float, str],
-             error_of: Callable[[], float]) -> MixedPlan:
+             error_of: Callable[[], float], compute: str = "fp32") -> MixedPlan:
     """Steps 2-4 on the FP8-calibrated ``network`` (its INT4 AWQ layers in ``int4``, by name): ``error_of()`` is
-    the transformer's current error on the held-out calls."""
+    the transformer's current error on the held-out calls, run in ``compute`` (``ranking_compute``)."""
     from sd35trt.producers.weight_quant import swapped
 
     candidates = sorted(n for n in int4 if n in sizes.saved)
@@ -175,4 +172,5 @@ def plan_mix(network: Any, int4: dict[str, Any], sizes: Sizes, budget: tuple[flo
         raise CalibrationError("the mixed FP8/INT4 transformer gives NaN/Inf on the held-out calls",
                                hint="try a larger --max-transformer-gib, or --format fp8")
     return MixedPlan(budget[0], budget[1], delta, priced.saved, chosen,
-                     {"fp8": priced.fp8, "mixed": size, "int4": priced.int4}, {"fp8": base, "mixed": mixed, "int4": every})
+                     {"fp8": priced.fp8, "mixed": size, "int4": priced.int4}, {"fp8": base, "mixed": mixed, "int4": every},
+                     compute)

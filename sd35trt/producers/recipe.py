@@ -90,7 +90,7 @@ class Recipe:
         (``INT4_AWQ_CFG``: weight-only, 4-bit blocks, AWQ-lite's per-channel input scales), each layer with the
         largest block of 128/64/32/16 that divides its input width (``networks`` names the layers; one whose width
         takes none is left out)."""
-        from sd35trt.producers.weight_quant import int4_block
+        from sd35trt.producers.weight_quant import int4_block_of
 
         cfg: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
         if fmt == "fp8":
@@ -98,12 +98,11 @@ class Recipe:
             cfg += [{"quantizer_name": "*weight_quantizer", "cfg": fp8}, {"quantizer_name": "*input_quantizer", "cfg": fp8}]
             algorithm: Any = self.algorithm
         else:
-            import torch
 
             for component in components:
                 prefix = SPECS[component].pipeline_attr
                 for name, module in (networks or {})[prefix].named_modules():
-                    block = int4_block(module.in_features) if isinstance(module, torch.nn.Linear) else None
+                    block = int4_block_of(module)
                     if block is not None:
                         cfg.append({"quantizer_name": f"{prefix}.{name}.weight_quantizer",
                                     "cfg": {"num_bits": 4, "block_sizes": {-1: block, "type": "static"}}})

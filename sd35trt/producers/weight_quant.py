@@ -122,6 +122,13 @@ def dequantize_nvfp4(codes: torch.Tensor, block_scale: torch.Tensor, global_scal
     return (values.view(out_features, in_features // NVFP4_BLOCK, NVFP4_BLOCK) * scale).view(out_features, in_features)
 
 
+def int4_block_of(module: Any) -> int | None:
+    """INT4 block size for a module (None: not a Linear, or its width takes no block size TensorRT supports)."""
+    import torch
+
+    return int4_block(module.in_features) if isinstance(module, torch.nn.Linear) else None
+
+
 def nvfp4_quantizable(module: Any) -> bool:
     import torch
 
