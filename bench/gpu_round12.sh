@@ -12,8 +12,8 @@
 #             index kept as soon as it ends; then the same-image check against auto
 #   refusal   bench/reach_refusal.sh: every command that opens engines reaches TensorRT-RTX's compute-capability refusal
 #   fourbit   #35: `make engines MODEL=M GPU=ada QUANT=q [T5=0]` for each "M:q[:clip]" of FOURBIT (default
-#             "sd3.5-medium:int4:clip sd3.5-medium:mixed:clip sd3.5-large:int4"; Large with T5 for the issue's 25-min
-#             bar), each measured (wall, peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
+#             "sd3.5-medium:int4:clip sd3.5-medium:mixed:clip | sd3.5-large:int4": groups split by "|" run side by
+#             side; Large with T5 for the issue's 25-min bar), each measured (wall, peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
 #             the manifests), plan sizes, layer summaries and the calibration's errors
 #   USERPATH="default clip lora" picks the work dirs of userpath and compare (all three by default)
 #
@@ -57,9 +57,17 @@ stage_compare() {
   return 0
 }
 
-stage_fourbit() {
+stage_fourbit() {  # FOURBIT groups separated by "|" run side by side (each group's items one after another)
+  local group pids=()
+  IFS='|' read -ra groups <<< "${FOURBIT:-sd3.5-medium:int4:clip sd3.5-medium:mixed:clip | sd3.5-large:int4}"
+  for group in "${groups[@]}"; do fourbit_items $group & pids+=($!); done
+  wait "${pids[@]}"
+  return 0
+}
+
+fourbit_items() {
   local item model quant clip t5 suffix work bundle
-  for item in ${FOURBIT:-sd3.5-medium:int4:clip sd3.5-medium:mixed:clip sd3.5-large:int4}; do
+  for item in "$@"; do
     IFS=: read -r model quant clip <<< "$item"
     t5=1; suffix=""; [[ $clip == clip ]] && { t5=0; suffix=-clip; }
     work=build/$model-$quant$suffix; bundle=engines/$model/ada-tensorrt-rtx-$quant$suffix
@@ -76,7 +84,6 @@ stage_fourbit() {
     du -sb "$bundle"/*.plan > "$keep/plans.txt" 2>/dev/null
     rm -rf "$work"/onnx-fp16 "$work"/onnx-"$quant" "$bundle"/*.plan  # the 64 GB disk holds one model's at a time
   done
-  return 0
 }
 
 stage_refusal() {  # #31/#34: every engine command still reaches TensorRT-RTX's own refusal after the runner refactor
@@ -159,7 +166,7 @@ chain) chain_run "$@" ;;
 wait)
   chain_wait "${1:?seconds}"
   cat "$RUN"/*-measure.jsonl 2>/dev/null
-  (cd "$RUN" && tar czf "$OUT/round.tgz" --exclude='batch' . )
+  (cd "$RUN" && tar czf "$OUT/round.tgz" --exclude='batch' --exclude='refusal/work*' --exclude='refusal/engines*' --exclude='*.plan' --exclude='*.onnx' --exclude='*.data' --exclude='*.png' --exclude='*.pt' . )
   cp "$RUN"/compare-default/*.png "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 *) echo "unknown stage $STAGE" >&2; exit 2 ;;
 esac

@@ -93,3 +93,34 @@ def test_fp16_last_resort_is_whole_fp32_with_why():
     checks, decision = fp16_decision(pipe, "t5", recorder.calls["t5"], refs, [], {})
     assert decision.precision == "fp32" and decision.reason.startswith("last resort")
     assert not checks["with_islands"]["passed"]
+
+
+def test_awq_sample_spreads_steps_and_batches_and_records_those_calls():
+    """AWQ's search runs on a sample of the calibration loop's transformer calls: every step range and prompt batch
+    is represented, no call twice, and the recorder keeps exactly the sampled calls of a real loop."""
+    import torch
+
+    from sd35trt.core.models import build_pipeline, resolve_model
+    from sd35trt.core.traffic import sample_calls
+    from sd35trt.producers.calibrate import CalibrationConfig
+    from sd35trt.producers.reference import sampled_traffic
+    from tests.conftest import CALIB
+
+    picked = sample_calls(8, 20, 16)  # SD3.5's defaults: 32 prompts in batches of 4, 20 steps
+    pairs = sorted(divmod(c, 20) for c in picked)
+    assert len(picked) == 16 and {s for _, s in pairs} >= {0, 19}
+    assert sorted(b for b, _ in pairs) == sorted(list(range(8)) * 2)  # each batch twice
+    assert len({s for _, s in pairs}) == 16  # no step twice
+    assert sample_calls(1, 2, 16) == {0, 1} and len(sample_calls(2, 20, 3)) == 3
+
+    pipe = build_pipeline(resolve_model("tiny"))
+    pipe.set_progress_bar_config(disable=True)
+    cfg = CalibrationConfig(**{**CALIB, "steps": 3, "batch": 1})
+    traffic = sampled_traffic(pipe, ["a cat", "a dog"], cfg, ("transformer", "clip_l"), steps=3, keep=2,
+                              device="cpu", compute="fp32")
+    assert len(traffic["clip_l"]) == 4  # every encoder call: prompt and negative prompt of each batch
+    timesteps = [float(call["timestep"][0]) for call in traffic["transformer"]]
+    pipe.scheduler.set_timesteps(3)
+    first, last = float(pipe.scheduler.timesteps[0]), float(pipe.scheduler.timesteps[-1])
+    assert timesteps == [first, last]  # batch 0's first step, batch 1's last
+    assert all(torch.isfinite(v).all() for call in traffic["transformer"] for v in call.values())

@@ -116,6 +116,7 @@ def calibrate(
     components: str = typer.Option(",".join(Calib.components), "--components", help="calibrated components: transformer[,clip_l,clip_g,t5] (4-bit formats: transformer)"),
     fmt: str = typer.Option(Calib.format.value, "--format", help="fp8 (E4M3 weights and activations) | int4 (weight-only, AWQ: Ampere SM86/Ada/Blackwell, the 8-12 GB cards) | nvfp4 (weight-only FP4: Blackwell SM120) | mixed (FP8, and INT4 in the layers that cost least, to fit --max-transformer-gib: Ada/Hopper/Blackwell)"),
     max_transformer_gib: Optional[float] = typer.Option(None, "--max-transformer-gib", help="--format mixed: the transformer's weights budget in GiB [default: midway between all FP8 and all INT4]"),
+    awq_calls: int = typer.Option(Calib.awq_calls, "--awq-calls", help="int4/mixed: transformer calls of the calibration loop that AWQ's scale search runs on, spread over steps and prompts (the search costs ~12 forwards per call)"),
     config: Optional[Path] = typer.Option(None, "--config", help="FP8 recipe TOML [default: calibration/fp8.toml]"),
     height: Optional[int] = typer.Option(None, "--height", help="calibration image height (px) [default: 512 for tiny, 1024 for real models]"),
     width: Optional[int] = typer.Option(None, "--width", help="calibration image width (px) [default: as --height's]"),
@@ -153,7 +154,7 @@ def calibrate(
         width=default_size if width is None else width,
         guidance=source.defaults.guidance if guidance is None else guidance, batch=calib_batch,
         holdout=holdout, dtype=dtype, t5=t5 and source.has_t5, format=parse_format(fmt),
-        max_transformer_gib=max_transformer_gib)
+        max_transformer_gib=max_transformer_gib, awq_calls=awq_calls)
     ensure_writable_dir(out)
     result = calibrate_model(source, out, cfg, device=device, force=force, shards=shards)
     if result is None:  # a torchrun worker other than rank 0: rank 0 prints the report

@@ -11,17 +11,24 @@ from sd35trt.core.specs import SPECS
 class TrafficRecorder:
     """Record a network's inputs (spec names) while the real pipeline runs: the report's held-out inputs."""
 
-    def __init__(self, pipe: Any, components: tuple[str, ...], limit: int = 64):
+    def __init__(self, pipe: Any, components: tuple[str, ...], limit: int = 64,
+                 only: dict[str, set[int]] | None = None):
+        """The first ``limit`` calls of each network, or for those named in ``only`` the calls of those indices
+        (0 = the network's first call while recording)."""
         self.calls: dict[str, list[dict[str, Any]]] = {c: [] for c in components}
+        self.seen = dict.fromkeys(components, 0)
         self.handles = []
         for name in components:
             spec = SPECS[name]
             network = getattr(pipe, spec.pipeline_attr)
-            self.handles.append(network.register_forward_hook(self._hook(name, spec, limit), with_kwargs=True))
+            keep = (only or {}).get(name)
+            self.handles.append(network.register_forward_hook(self._hook(name, spec, limit, keep), with_kwargs=True))
 
-    def _hook(self, name, spec, limit):
+    def _hook(self, name, spec, limit, keep):
         def hook(_module, args, kwargs, _output):
-            if len(self.calls[name]) >= limit:
+            index = self.seen[name]
+            self.seen[name] += 1
+            if (index not in keep) if keep is not None else len(self.calls[name]) >= limit:
                 return
             values = dict(zip(spec.input_names, args))
             values.update({k: v for k, v in kwargs.items() if k in spec.input_names})
@@ -39,3 +46,18 @@ def spread(items: list[Any], keep: int) -> list[Any]:
     if len(items) <= keep:
         return list(items)
     return [items[round(i * (len(items) - 1) / (keep - 1))] for i in range(keep)] if keep > 1 else items[:1]
+
+
+def sample_calls(batches: int, steps: int, keep: int) -> set[int]:
+    """Up to ``keep`` (distinct) of the transformer's ``batches × steps`` calls (call ``b × steps + s`` is step ``s`` of prompt batch
+    ``b``), the steps spread evenly from first to last and the batches taken in turn, so that neither repeats
+    while the other could differ. All of them when ``keep`` covers them."""
+    total = batches * steps
+    if keep >= total:
+        return set(range(total))
+    picked = set()
+    for j in range(keep):
+        step = round(j * (steps - 1) / (keep - 1)) if keep > 1 else 0
+        batch = j % batches if keep >= batches else j * batches // keep
+        picked.add(batch * steps + step)
+    return picked

@@ -71,7 +71,9 @@ from sd35trt.producers.reference import (
     held_out_reference,
     probe_ranges,
     prompt_batches,
+    replay,
     run_pipeline,
+    sampled_traffic,
 )
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
 
@@ -114,6 +116,7 @@ class CalibrationConfig:
     t5: bool = True  # False: CLIP-only traffic (zero T5 embeddings), for bundles that ship without T5
     format: Precision = Precision.FP8  # fp8 | int4 (AWQ, weight-only) | nvfp4 (weight-only FP4) | mixed: --format
     max_transformer_gib: float | None = None  # mixed: the transformer's weights budget (None: midway FP8/INT4)
+    awq_calls: int = 16  # int4/mixed: transformer calls of the loop that AWQ's scale search runs on (spread)
 
     def __post_init__(self):
         from sd35trt.core.shapes import check_pixels
@@ -142,6 +145,8 @@ class CalibrationConfig:
         if not self.format.quantized:
             raise InvalidInputError(f"--format {self.format.value} is not a calibrated format",
                                     hint="choose fp8, int4, nvfp4 or mixed")
+        if self.awq_calls < 1:
+            raise InvalidInputError(f"--awq-calls {self.awq_calls} must be ≥ 1", hint="e.g. --awq-calls 16")
         if self.max_transformer_gib is not None and (self.format is not Precision.MIXED
                                                      or not 0 < self.max_transformer_gib < math.inf):
             raise InvalidInputError(f"--max-transformer-gib {self.max_transformer_gib:g} needs --format mixed and a "
@@ -175,6 +180,7 @@ def calibration_inputs_hash(source: ModelSource, cfg: CalibrationConfig, prompts
         "compute": [device.split(":")[0], compute_dtype_name(cfg.dtype, device)],
         **({} if cfg.t5 else {"t5": False}), **({} if cfg.format is Precision.FP8 else {"format": cfg.format.value}),
         **({} if cfg.max_transformer_gib is None else {"max_transformer_gib": cfg.max_transformer_gib}),
+        **({"awq_calls": cfg.awq_calls} if cfg.format in (Precision.INT4, Precision.MIXED) else {}),
     })
 
 
@@ -368,7 +374,8 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
                        "components": list(cfg.components), "recipe": str(cfg.recipe_file),
                        "recipe_sha256": recipe.sha256, "height": cfg.height, "width": cfg.width,
                        "guidance": cfg.guidance, "batch": cfg.batch, "holdout": cfg.holdout, "dtype": cfg.dtype,
-                       "compute_dtype": compute, "margin": recipe.margin, "shards": shard.world},
+                       "compute_dtype": compute, "margin": recipe.margin, "shards": shard.world,
+                       **({"awq_calls": cfg.awq_calls} if fmt in (Precision.INT4, Precision.MIXED) else {})},
             "quantizers": {"enabled": len(scales), "scales_sha256": hash_json({k: v.hex() for k, v in scales.items()})},
             "fp32_islands": fp32_islands_report,
             "fp16": {name: {**decisions[name].to_dict(), **fp16_checks[name]} for name in present},
@@ -415,9 +422,17 @@ def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompt
     device = str(pipe._execution_device)
     torch.manual_seed(cfg.seed)
 
-    def forward_loop(_model):
-        with computing(device, compute):
-            run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=cfg.steps, label="calibration", shard=shard)
+    if cfg.format is Precision.INT4:  # AWQ runs the loop twice, its search ~12 forwards per call: on a sample
+        traffic = sampled_traffic(pipe, prompts, cfg, cfg.components, steps=cfg.steps, keep=cfg.awq_calls,
+                                  device=device, compute=compute)
+        log.info(f"AWQ searches on {len(traffic['transformer'])} of the loop's transformer calls (--awq-calls)")
+
+        def forward_loop(_model):
+            replay(pipe, traffic, device, compute)
+    else:
+        def forward_loop(_model):
+            with computing(device, compute):
+                run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=cfg.steps, label="calibration", shard=shard)
 
     with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints progress; stdout carries results only
         mtq.quantize(networks, recipe.quant_cfg(cfg.components, islands, dict(networks), cfg.format.value), forward_loop)

@@ -19,7 +19,7 @@ from sd35trt.core.metrics import error_stats, summarize
 from sd35trt.core.numerics import ActivationCensus, Island, fp32_islands, hottest_module
 from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, vae_input
-from sd35trt.core.traffic import TrafficRecorder, spread
+from sd35trt.core.traffic import TrafficRecorder, sample_calls, spread
 from sd35trt.core.wrappers import CastIO
 from sd35trt.producers.quantize import is_quantizer
 from sd35trt.producers.shards import SINGLE, Shard
@@ -78,6 +78,33 @@ def run_pipeline(pipe: Any, prompts: list[str], cfg: LoopSettings, *, seed: int,
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return torch.cat(latents)
+
+
+def sampled_traffic(pipe: Any, prompts: list[str], cfg: LoopSettings, components: tuple[str, ...], *, steps: int,
+                    keep: int, device: str, compute: str) -> dict[str, list[dict[str, Any]]]:
+    """One run of the loop over ``prompts`` (seeded as ``run_pipeline``) recording the networks' inputs: every
+    encoder call, and ``keep`` of the transformer's calls spread over the steps and prompt batches
+    (``traffic.sample_calls``)."""
+    from sd35trt.core.host import computing
+
+    only = {"transformer": sample_calls(len(prompt_batches(prompts, cfg.batch)), steps, keep)}
+    recorder = TrafficRecorder(pipe, components, limit=2**31, only=only)
+    try:
+        with computing(device, compute):
+            run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=steps, label="recording calibration traffic")
+    finally:
+        recorder.close()
+    return recorder.calls
+
+
+def replay(pipe: Any, traffic: dict[str, list[dict[str, Any]]], device: str, compute: str) -> None:
+    """Run each network on its recorded calls (a calibration's forward loop over recorded traffic)."""
+    from sd35trt.core.host import computing
+
+    with computing(device, compute):
+        for name, calls in traffic.items():
+            for call in calls:
+                run_module(SPECS[name].module(pipe), SPECS[name], call)
 
 
 def decode_latents(pipe: Any, latents: Any) -> tuple[Any, Any]:
