@@ -35,10 +35,13 @@ ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
 FP8 ?= transformer
 SHARDS ?= 1
 BUILD_FLAGS ?=
-# Engine shape ranges (export's --height/--width, MIN:OPT:MAX pixels; default 512:1024:1536): checked by preflight.
+# Engine shape ranges (export's --height/--width, MIN:OPT:MAX pixels; default 512:1024:1536; --batch images per
+# prompt, default 1:1:4): checked by preflight. An engine holds activation memory for its largest shapes, so ranges
+# that end where a small card's requests end (`sd35trt doctor BUNDLE --vram 8` names them) shrink its plans.
 HEIGHT ?=
 WIDTH ?=
-RANGE_FLAGS := $(if $(HEIGHT),--height "$(HEIGHT)") $(if $(WIDTH),--width "$(WIDTH)")
+BATCH ?=
+RANGE_FLAGS := $(if $(HEIGHT),--height "$(HEIGHT)") $(if $(WIDTH),--width "$(WIDTH)") $(if $(BATCH),--batch "$(BATCH)")
 # T5=0: a CLIP-only bundle (no T5-XXL: 9.5 GB less at SD3.5 size), calibrated on CLIP-only traffic.
 T5_FLAG := $(if $(filter 0,$(T5)),--no-t5,)
 # LORA=adapter.safetensors[:scale][,more]: style adapters fused into the model before calibration.
@@ -56,7 +59,7 @@ CALIB_SIZE := $(if $(NUM_PROMPTS),--num-prompts $(NUM_PROMPTS)) $(if $(STEPS),--
 
 help:
 	@echo "make engines GPU=ada [MODEL=tiny]   preflight -> calibrate -> export -> build one engine bundle (steps skip when unchanged)"
-	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= T5=0 FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 BUILD_FLAGS=..."
+	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= T5=0 HEIGHT= WIDTH= BATCH= FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 BUILD_FLAGS=..."
 	@echo "make test                           run the test suite (CPU, tiny preset; what CI runs)"
 	@echo "make test-fast                      the pure-function tier (no model, no build): under 90 s"
 	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"

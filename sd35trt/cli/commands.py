@@ -457,6 +457,7 @@ def preflight(
     engines: Path = typer.Option(Path("engines"), "--engines", help="the engines root make uses"),
     height: str = typer.Option(str(_RANGES.height), "--height", help="the pixel height range export will use (make's HEIGHT=)"),
     width: str = typer.Option(str(_RANGES.width), "--width", help="the pixel width range export will use (make's WIDTH=)"),
+    batch: str = typer.Option(str(_RANGES.batch), "--batch", help="the images-per-prompt range export will use (make's BATCH=)"),
 ) -> None:
     """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
     from sd35trt.cli.app import ranges_from_options
@@ -477,7 +478,7 @@ def preflight(
     from sd35trt.producers.trt_builder import choose_backend
 
     source = resolve_model(model, lora=lora)
-    check_model_side(ranges_from_options(str(_RANGES.batch), height, width, str(_RANGES.t5_tokens.max)),
+    check_model_side(ranges_from_options(batch, height, width, str(_RANGES.t5_tokens.max)),
                      source.largest_side(), source.id)
     target = resolve_target(parse_target(gpu))
     calibrated = parse_components(fp8, CALIBRATABLE, option="--fp8")

@@ -30,11 +30,12 @@ class Range:
     @classmethod
     def parse(cls, text: str, option: str) -> Range:
         """Parse ``N`` or ``MIN:MAX`` or ``MIN:OPT:MAX`` (opt defaults to max)."""
+        example = "1:1:4" if "batch" in option else "512:1024:1024"
         try:
             values = [int(v) for v in str(text).split(":")]
         except ValueError:
             raise InvalidInputError(f"{option} '{text}' is not N, MIN:MAX or MIN:OPT:MAX of integers",
-                                    hint=f"e.g. {option} 512:1024:1024") from None
+                                    hint=f"e.g. {option} {example}") from None
         if len(values) == 1:
             return cls(values[0], values[0], values[0])
         if len(values) == 2:
@@ -42,7 +43,7 @@ class Range:
         if len(values) == 3:
             return cls(*values)
         raise InvalidInputError(f"{option} '{text}' has {len(values)} fields",
-                                hint=f"use N, MIN:MAX or MIN:OPT:MAX, e.g. {option} 512:1024:1024")
+                                hint=f"use N, MIN:MAX or MIN:OPT:MAX, e.g. {option} {example}")
 
     def scaled(self, factor: int) -> Range:
         return Range(self.min * factor, self.opt * factor, self.max * factor)

@@ -122,7 +122,12 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
     least = min(fits) if fits else 0
     named = "" if mode == "auto" else f" with --vram-plan {mode}"
     largest = max(needs.values(), key=lambda n: n.total)
-    if largest.component == "transformer" and peaks["streaming"] is None:
+    if largest.activations_at.startswith("the profile"):  # an engine: the request's size does not change its share
+        hint = ("its engines hold activation memory for their largest shapes: rebuild with ranges that end at your "
+                "requests (make engines BATCH= HEIGHT= WIDTH=; `sd35trt doctor BUNDLE --vram N` names them and "
+                "their plan)" + (", or build the transformer with `sd35trt build --weight-streaming`"
+                                 if largest.component == "transformer" and peaks["streaming"] is None else ""))
+    elif largest.component == "transformer" and peaks["streaming"] is None:
         hint = "build the transformer with `sd35trt build --weight-streaming`, or lower the image size or batch"
     elif largest.component == "t5":
         hint = "drop T5 (--no-t5 / make engines T5=0), or build T5 in FP8 (make engines FP8=transformer,t5)"
