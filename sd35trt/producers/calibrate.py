@@ -76,6 +76,7 @@ from sd35trt.producers.reference import (
     sampled_traffic,
 )
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
+from sd35trt.producers.weight_quant import swapped
 
 MAX_HOLDOUT = 64  # held-out prompts: each is a full FP32 reference run and a fake-quant run
 
@@ -485,12 +486,15 @@ def _quantize(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[s
     module = spec.module(pipe)
     calls, refs = held_out.traffic["transformer"], held_out.references["transformer"]
 
-    def error_of() -> float:  # the transformer's rel-L2 vs FP32, mean over the held-out calls
-        return check_calls(module, spec, calls, refs, Precision.MIXED)[spec.output_names[0]]["rel_l2_mean"]
+    fp8_network = getattr(pipe, attr)
 
-    with log.step(f"mixed FP8/INT4: {len(int4)} candidate layers, each alone INT4 on {len(calls)} held-out calls"), \
+    def measure(layers: list[str]) -> float:  # the transformer's rel-L2 vs FP32 with `layers` INT4, mean over the calls
+        with swapped(fp8_network, {n: int4[n] for n in layers}, "int4"):
+            return check_calls(module, spec, calls, refs, Precision.MIXED)[spec.output_names[0]]["rel_l2_mean"]
+
+    with log.step(f"mixed FP8/INT4: ranking {len(int4)} candidate layers on {len(calls)} held-out calls"), \
             ranking_compute(str(pipe._execution_device)) as ranked_in:
-        plan = plan_mix(getattr(pipe, attr), int4, budget[0], budget[1], error_of, ranked_in)
+        plan = plan_mix(list(int4), budget[0], budget[1], measure, ranked_in)
     log.info(f"mixed FP8/INT4: {len(plan.chosen)} of {len(plan.delta)} layers INT4, transformer weights "
              f"{plan.bytes['mixed'] / 2**30:.4g} GiB (budget {plan.budget_gib:.4g}); held-out rel-L2 "
              f"{plan.error['fp8']:.3g} all FP8, {plan.error['mixed']:.3g} mixed, {plan.error['int4']:.3g} all INT4")

@@ -9,7 +9,9 @@ and this module decides, on the held-out traffic:
    cropped to the engine's shape range, as export does) — with every candidate layer in FP8 and in INT4 (checked
    against the budget before minutes of calibration);
 2. sensitivity: each candidate alone swapped to its INT4 form inside the FP8 network, the transformer's output
-   rel-L2 against the FP32 reference on the held-out calls, minus the all-FP8 error (its measured cost);
+   rel-L2 against the FP32 reference on the held-out calls, minus the all-FP8 error (its measured cost); above
+   ``GROUPED_ABOVE`` candidates (SD3.5 size) each block's candidates together first, then one by one only in the
+   block where the budget is crossed (a whole-transformer forward per block, not per layer);
 3. the choice: candidates by measured cost per byte saved, cheapest first, until the weights fit the budget;
 4. the brackets: the same error with the chosen mix and with every candidate INT4.
 
@@ -117,6 +119,12 @@ class MixedPlan:
     bytes: dict[str, int]
     error: dict[str, float] = field(default_factory=dict)
     compute: str = "fp32"  # of the ranking's runs (``ranking_compute``)
+    ranked_as: dict[str, str] = field(default_factory=dict)  # layer → the block it was measured with (large models)
+
+    def measured(self, layer: str) -> str:
+        """How a layer's cost was measured, in words."""
+        block = self.ranked_as.get(layer, layer)
+        return "alone" if block == layer else f"with all of {block}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -125,10 +133,15 @@ class MixedPlan:
             "error": {k: round(v, 8) for k, v in self.error.items()},
             "error_is": f"transformer output rel-L2 vs the FP32 reference (TF32 off), mean over the held-out calls; "
                         f"the quantized runs in {self.compute}",
-            "ranking": "each layer alone INT4 inside the FP8 network: its output rel-L2 change per byte saved, "
-                       "cheapest first until the weights fit the budget",
+            "ranking": ("by block, then layer: each block's layers INT4 together inside the FP8 network (their "
+                        "output rel-L2 change, shared), whole blocks cheapest per byte saved until one crosses the "
+                        "budget, then that block's layers one by one" if self.ranked_as else
+                        "each layer alone INT4 inside the FP8 network: its output rel-L2 change per byte saved, "
+                        "cheapest first until the weights fit the budget"),
             "layers": {name: {"format": "int4" if name in self.chosen else "fp8", "delta_rel_l2": self.delta[name],
-                              "saved_bytes": self.saved[name]} for name in self.delta},
+                              "saved_bytes": self.saved[name],
+                              **({"measured_with": self.ranked_as[name]} if self.ranked_as.get(name, name) != name
+                                 else {})} for name in self.delta},
         }
 
 
@@ -144,25 +157,59 @@ def choose(delta: dict[str, float], sizes: Sizes, budget_gib: float) -> list[str
     return chosen
 
 
-def plan_mix(network: Any, int4: dict[str, Any], sizes: Sizes, budget: tuple[float, str],
-             error_of: Callable[[], float], compute: str = "fp32") -> MixedPlan:
-    """Steps 2-4 on the FP8-calibrated ``network`` (its INT4 AWQ layers in ``int4``, by name): ``error_of()`` is
-    the transformer's current error on the held-out calls, run in ``compute`` (``ranking_compute``)."""
-    from sd35trt.producers.weight_quant import swapped
+# Above this many candidates (SD3.5-Medium has 385, Large 515) the ranking goes by transformer block first: one
+# whole-transformer forward per block instead of per layer, then the layers of the one block at the margin.
+GROUPED_ABOVE = 64
 
-    candidates = sorted(n for n in int4 if n in sizes.saved)
-    base = error_of()
-    delta = {}
+
+def group_of(layer: str) -> str:
+    """The block a layer belongs to (``transformer_blocks.7.attn.to_q`` → ``transformer_blocks.7``), or itself."""
+    parts = layer.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else layer
+
+
+def _finite(cost: float) -> float:
+    return cost if math.isfinite(cost) else math.inf  # a layer that overflows as INT4 goes last
+
+
+def _rank(candidates: list[str], sizes: Sizes, budget_gib: float, base: float,
+          measure: Callable[[list[str]], float]) -> tuple[dict[str, float], list[str], dict[str, str]]:
+    """Step 2 and 3: each candidate's measured cost and the choice. Up to ``GROUPED_ABOVE`` candidates, each alone
+    INT4; above, each block's candidates INT4 together (their cost, shared), whole blocks cheapest per byte saved
+    until one crosses the budget, then that block's layers one by one inside the blocks already taken.
+    Returns (cost by layer, chosen layers, the block a layer was ranked with)."""
+    if len(candidates) <= GROUPED_ABOVE:
+        delta = {name: _finite(measure([name]) - base) for name in candidates}
+        return delta, choose(delta, sizes, budget_gib), {}
+    groups: dict[str, list[str]] = {}
     for name in candidates:
-        with swapped(network, {name: int4[name]}, "int4"):
-            cost = error_of() - base
-        delta[name] = cost if math.isfinite(cost) else math.inf  # a layer that overflows as INT4 goes last
+        groups.setdefault(group_of(name), []).append(name)
+    group_cost = {g: _finite(measure(members) - base) for g, members in groups.items()}
+    taken = choose(group_cost, Sizes(sizes.fp8, {g: sum(sizes.saved[n] for n in m) for g, m in groups.items()}),
+                   budget_gib)
+    delta = {name: group_cost[group_of(name)] for name in candidates}
+    ranked_as = {name: group_of(name) for name in candidates}
+    if not taken:
+        return delta, [], ranked_as
+    whole = [n for g in taken[:-1] for n in groups[g]]
+    margin = groups[taken[-1]]
+    inside = measure(whole)
+    for name in margin:
+        delta[name] = _finite(measure([*whole, name]) - inside)
+        ranked_as[name] = name
+    left = Sizes(sizes.fp8 - sum(sizes.saved[n] for n in whole), {n: sizes.saved[n] for n in margin})
+    return delta, whole + choose({n: delta[n] for n in margin}, left, budget_gib), ranked_as
+
+
+def plan_mix(candidates: list[str], sizes: Sizes, budget: tuple[float, str], measure: Callable[[list[str]], float],
+             compute: str = "fp32") -> MixedPlan:
+    """Steps 2-4: ``measure(layers)`` is the transformer's error on the held-out calls with ``layers`` INT4 and the
+    rest FP8 (run in ``compute``, ``ranking_compute``); ``candidates`` the layers that have INT4 weights."""
+    candidates = sorted(n for n in candidates if n in sizes.saved)
     priced = Sizes(sizes.fp8, {n: sizes.saved[n] for n in candidates})
-    chosen = choose(delta, priced, budget[0])
-    with swapped(network, {n: int4[n] for n in chosen}, "int4"):
-        mixed = error_of()
-    with swapped(network, {n: int4[n] for n in candidates}, "int4"):
-        every = error_of()
+    base = measure([])
+    delta, chosen, ranked_as = _rank(candidates, priced, budget[0], base, measure)
+    mixed, every = measure(chosen), measure(candidates)
     size = priced.fp8 - sum(priced.saved[n] for n in chosen)
     if size > budget[0] * GIB:  # ModelOpt left some priced layer without INT4 weights: the budget is out of reach
         raise CalibrationError(f"the transformer's weights reach {size / GIB:.4g} GiB at best ({len(candidates)} layers "
@@ -173,4 +220,4 @@ def plan_mix(network: Any, int4: dict[str, Any], sizes: Sizes, budget: tuple[flo
                                hint="try a larger --max-transformer-gib, or --format fp8")
     return MixedPlan(budget[0], budget[1], delta, priced.saved, chosen,
                      {"fp8": priced.fp8, "mixed": size, "int4": priced.int4}, {"fp8": base, "mixed": mixed, "int4": every},
-                     compute)
+                     compute, ranked_as)

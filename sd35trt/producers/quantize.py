@@ -132,7 +132,8 @@ class FourBitState:
                 if not isinstance(module, torch.nn.Linear) or not layer:
                     continue
                 if layer in self.int4.get(attr, {}):
-                    cost = f", {self.mixed.delta[layer]:+.3g} rel-L2 alone" if self.mixed is not None else ""
+                    cost = f", {self.mixed.delta[layer]:+.3g} rel-L2 {self.mixed.measured(layer)}" \
+                        if self.mixed is not None else ""
                     rows[layer] = f"int4 (AWQ, block {self.int4[attr][layer].block}{cost})"
                 elif layer in self.nvfp4.get(attr, ()):
                     rows[layer] = "nvfp4 (E2M1, FP8 scale per 16)"
@@ -142,7 +143,8 @@ class FourBitState:
                     rows[layer] = "fp16: the recipe keeps it out (embedders, norm_out, proj_out)"
                 elif self.mixed is not None:
                     cost = self.mixed.delta.get(layer)
-                    rows[layer] = "fp8 (E4M3)" + (f": kept, {cost:+.3g} rel-L2 as INT4" if cost is not None else
+                    rows[layer] = "fp8 (E4M3)" + (f": kept, {cost:+.3g} rel-L2 as INT4 "
+                                                  f"{self.mixed.measured(layer)}" if cost is not None else
                                                   ": its input width takes no 4-bit block")
                 else:
                     rows[layer] = "fp16: its input width takes no 4-bit block"
