@@ -65,15 +65,14 @@ from sd35trt.producers.quantize import (
 from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.producers.reference import (
     HeldOut,
+    calibration_loop,
     check_calls,
     decode_latents,
     fp16_decision,
     held_out_reference,
     probe_ranges,
     prompt_batches,
-    replay,
     run_pipeline,
-    sampled_traffic,
 )
 from sd35trt.producers.shards import SINGLE, Shard, check_shards, from_environment, gather, process_group, run_workers, share
 from sd35trt.producers.weight_quant import swapped
@@ -408,13 +407,11 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
 def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompts: list[str],
                        islands: dict[str, list[Island]] | None = None, *, compute: str = "fp32",
                        shard: Shard = SINGLE) -> tuple[Any, dict[str, float]]:
-    """Insert FP8 quantizers into the requested networks (in place) and calibrate them in one pass of the
-    pipeline's own loop over ``prompts`` (this shard's batches of them; ModelOpt merges the shards' amax with
-    an all-reduce MAX). Returns the ModuleDict of networks and their scales, the same on every shard."""
+    """Insert ``cfg.format``'s quantizers into the requested networks (in place) and calibrate them on the pipeline's
+    own loop over ``prompts`` (``reference.calibration_loop``: this shard's batches; ModelOpt merges the shards' amax
+    with an all-reduce MAX). Returns the ModuleDict of networks and their scales, the same on every shard."""
     import modelopt.torch.quantization as mtq
     import torch
-
-    from sd35trt.core.host import computing
 
     networks = torch.nn.ModuleDict({SPECS[c].pipeline_attr: getattr(pipe, SPECS[c].pipeline_attr)
                                     for c in cfg.components})
@@ -423,18 +420,8 @@ def calibrate_networks(pipe: Any, cfg: CalibrationConfig, recipe: Recipe, prompt
     device = str(pipe._execution_device)
     torch.manual_seed(cfg.seed)
 
-    if cfg.format is Precision.INT4:  # AWQ runs the loop twice, its search ~12 forwards per call: on a sample
-        traffic = sampled_traffic(pipe, prompts, cfg, cfg.components, steps=cfg.steps, keep=cfg.awq_calls,
-                                  device=device, compute=compute)
-        log.info(f"AWQ searches on {len(traffic['transformer'])} of the loop's transformer calls (--awq-calls)")
-
-        def forward_loop(_model):
-            replay(pipe, traffic, device, compute)
-    else:
-        def forward_loop(_model):
-            with computing(device, compute):
-                run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=cfg.steps, label="calibration", shard=shard)
-
+    forward_loop = calibration_loop(pipe, prompts, cfg, cfg.components, steps=cfg.steps, device=device, compute=compute, shard=shard,
+                                    awq_calls=cfg.awq_calls if cfg.format is Precision.INT4 else None)
     with contextlib.redirect_stdout(sys.stderr):  # ModelOpt prints progress; stdout carries results only
         mtq.quantize(networks, recipe.quant_cfg(cfg.components, islands, dict(networks), cfg.format.value), forward_loop)
     scales = collect_scales(networks)

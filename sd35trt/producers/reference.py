@@ -10,6 +10,7 @@ last resort (``fp16_decision``). ``calibrate`` uses all of it; ``mixed`` ranks l
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -82,9 +83,9 @@ def run_pipeline(pipe: Any, prompts: list[str], cfg: LoopSettings, *, seed: int,
 
 def sampled_traffic(pipe: Any, prompts: list[str], cfg: LoopSettings, components: tuple[str, ...], *, steps: int,
                     keep: int, device: str, compute: str) -> dict[str, list[dict[str, Any]]]:
-    """One run of the loop over ``prompts`` (seeded as ``run_pipeline``) recording the networks' inputs: every
-    encoder call, and ``keep`` of the transformer's calls spread over the steps and prompt batches
-    (``traffic.sample_calls``)."""
+    """One run of the loop over ``prompts`` (seeded as ``run_pipeline``) recording the inputs of the networks of
+    ``components``: ``keep`` of the transformer's calls spread over the steps and prompt batches
+    (``traffic.sample_calls``), every call of the others."""
     from sd35trt.core.host import computing
 
     only = {"transformer": sample_calls(len(prompt_batches(prompts, cfg.batch)), steps, keep)}
@@ -97,14 +98,30 @@ def sampled_traffic(pipe: Any, prompts: list[str], cfg: LoopSettings, components
     return recorder.calls
 
 
-def replay(pipe: Any, traffic: dict[str, list[dict[str, Any]]], device: str, compute: str) -> None:
-    """Run each network on its recorded calls (a calibration's forward loop over recorded traffic)."""
+def calibration_loop(pipe: Any, prompts: list[str], cfg: LoopSettings, components: tuple[str, ...], *, steps: int,
+                     device: str, compute: str, shard: Shard = SINGLE,
+                     awq_calls: int | None = None) -> Callable[[Any], None]:
+    """ModelOpt's forward loop for the networks of ``components``: the pipeline's own loop over ``prompts`` (this
+    shard's batches), or for AWQ (``awq_calls``: it runs the loop twice and its scale search costs ~12 forwards per
+    call) a replay of that many of the transformer's calls (every call of the others) recorded in one run of the
+    loop now (``sampled_traffic``)."""
     from sd35trt.core.host import computing
 
-    with computing(device, compute):
-        for name, calls in traffic.items():
-            for call in calls:
-                run_module(SPECS[name].module(pipe), SPECS[name], call)
+    if awq_calls is None:
+        def run(_model: Any) -> None:
+            with computing(device, compute):
+                run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=steps, label="calibration", shard=shard)
+        return run
+    traffic = sampled_traffic(pipe, prompts, cfg, components, steps=steps, keep=awq_calls, device=device,
+                              compute=compute)
+    log.info(f"AWQ searches on {len(traffic['transformer'])} of the loop's transformer calls (--awq-calls)")
+
+    def replay(_model: Any) -> None:
+        with computing(device, compute):
+            for name, calls in traffic.items():
+                for call in calls:
+                    run_module(SPECS[name].module(pipe), SPECS[name], call)
+    return replay
 
 
 def decode_latents(pipe: Any, latents: Any) -> tuple[Any, Any]:
