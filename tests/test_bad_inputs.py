@@ -431,7 +431,8 @@ def test_library_prints_go_to_stderr_and_results_stay_on_stdout(capsys, monkeypa
 
 @pytest.mark.parametrize("args,message", [(["GPU=foo"], "unknown GPU target 'foo'"),
                                           (["MODEL=/nonexistent"], "no such model directory '/nonexistent'"),
-                                          (["T5=0", "FP8=transformer,t5"], "FP8=... names t5 but T5=0")])
+                                          (["T5=0", "FP8=transformer,t5"], "FP8=... names t5 but T5=0"),
+                                          (["BATCH=1:x:1"], "--batch '1:x:1' is not N, MIN:MAX or MIN:OPT:MAX")])
 def test_make_engines_refuses_bad_options_before_any_step(tmp_path, args, message):
     """`make engines` runs preflight first: a bad target or model is one line before calibrate starts."""
     import subprocess
