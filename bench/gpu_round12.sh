@@ -11,7 +11,8 @@
 #   sizes     #33: the same 64 images at --batch 1, 2, 4 and auto (SIZES="1 2 4 auto"), one after another in one chain, each
 #             index kept as soon as it ends; then the same-image check against auto
 #   refusal   bench/reach_refusal.sh: every command that opens engines reaches TensorRT-RTX's compute-capability refusal
-#   fourbit   #35: `make engines MODEL=M GPU=ada QUANT=q [T5=0]` for each "M:q[:clip]" of FOURBIT (default
+#   fourbit   #35: `make engines MODEL=M GPU=ada QUANT=q [T5=0]` for each "M:q[:clip[:fit]]" of FOURBIT (nvfp4 builds
+#             GPU=blackwell; ":fit" adds doctor's 8 GB ranges BATCH=1:1:1 HEIGHT/WIDTH=512:1024:1024) (default
 #             "sd3.5-medium:int4:clip sd3.5-medium:mixed:clip | sd3.5-large:int4": groups split by "|" run side by
 #             side; Large with T5 for the issue's 25-min bar), each measured (wall, peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
 #             the manifests), plan sizes, layer summaries and the calibration's errors
@@ -66,16 +67,18 @@ stage_fourbit() {  # FOURBIT groups separated by "|" run side by side (each grou
 }
 
 fourbit_items() {
-  local item model quant clip t5 suffix work bundle
+  local item model quant clip fit t5 suffix work bundle
   for item in "$@"; do
-    IFS=: read -r model quant clip <<< "$item"
+    IFS=: read -r model quant clip fit <<< "$item"
     t5=1; suffix=""; [[ $clip == clip ]] && { t5=0; suffix=-clip; }
-    work=build/$model-$quant$suffix; bundle=engines/$model/ada-tensorrt-rtx-$quant$suffix
-    "$PY" bench/measure.py "$RUN/fourbit-measure.jsonl" "make engines MODEL=$model GPU=ada QUANT=$quant T5=$t5" -- \
-      make engines MODEL="$model" GPU=ada QUANT="$quant" T5="$t5" WORK="$work" SYSTEM_PYTHON=1 \
-      > "$RUN/make-$model-$quant$suffix.log" 2>&1
-    echo "make $model $quant T5=$t5: rc $?"
-    local keep=$RUN/fourbit-$model-$quant$suffix
+    local gpu=ada ranges=(); [[ $quant == nvfp4 ]] && gpu=blackwell
+    [[ $fit == fit ]] && ranges=(BATCH=1:1:1 HEIGHT=512:1024:1024 WIDTH=512:1024:1024)  # doctor's 8 GB ranges
+    work=build/$model-$quant$suffix; bundle=engines/$model/$gpu-tensorrt-rtx-$quant$suffix
+    "$PY" bench/measure.py "$RUN/fourbit-measure.jsonl" "make engines MODEL=$model GPU=$gpu QUANT=$quant T5=$t5 ${ranges[*]}" -- \
+      make engines MODEL="$model" GPU="$gpu" QUANT="$quant" T5="$t5" WORK="$work" SYSTEM_PYTHON=1 "${ranges[@]}" \
+      > "$RUN/make-$model-$quant$suffix${fit:+-fit}.log" 2>&1
+    echo "make $model $quant T5=$t5 ${ranges[*]}: rc $?"
+    local keep=$RUN/fourbit-$model-$quant$suffix${fit:+-fit}
     mkdir -p "$keep"
     cp "$work"/calibration/calibration.json "$bundle"/layers/transformer*.txt "$keep/" 2>/dev/null
     cp "$work"/onnx-"$quant"/transformer/manifest.json "$keep/onnx-transformer.json" 2>/dev/null
