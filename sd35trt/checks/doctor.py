@@ -69,7 +69,7 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     from sd35trt.core.specs import SPECS
     from sd35trt.runtime.request import GenerateRequest, LoopShape
     from sd35trt.runtime.runners import ComponentRunner
-    from sd35trt.runtime.vram import GIB, MODES, choose_plan, gpu_budget, peak
+    from sd35trt.runtime.vram import GIB, all_peaks, choose_plan, gpu_budget, in_gib
 
     manifest = BundleManifest.load(folder)
     assets_dir = folder / BUNDLE_MANIFEST.replace("manifest.json", "assets")
@@ -92,14 +92,11 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     shape = LoopShape(assets, sized_runners)
     request = shape.resolve(GenerateRequest(prompt="", height=height, width=width, batch=batch))
     needs = shape.needs(request)
-    for runner in sized_runners.values():  # the same engines rebuilt with ranges that end at this request
-        runner.static_activations = False
-    fitted_needs = shape.needs(request)
     report: dict[str, Any] = {
         "request": {"height": height, "width": width, "batch": batch, "steps": request.steps,
                     "guidance": request.guidance, "t5": "t5" in sized_runners},
         "bundle_gib": round(sum(n.weights for n in needs.values()) / GIB, 2),
-        "plans_gib": {m: None if p is None else round(p / GIB, 2) for m in MODES[1:] for p in [peak(m, needs)]},
+        "plans_gib": in_gib(all_peaks(needs)),
         "needs": {k: v.to_dict() for k, v in needs.items()},
         "activations": "estimated (ComponentSpec.activation_bytes) at each engine's profile maximum, what static "
                        "allocation holds whatever the request; TensorRT reports its own when the engine loads",
@@ -114,7 +111,8 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     except Sd35TrtError as err:
         report["plan"], report["error"] = None, str(err)
     report["transformer_room"] = _room_report(needs, budget)
-    report["fitted_ranges"] = _fitted_report(fitted_needs, budget, height=height, width=width, batch=batch)
+    report["fitted_ranges"] = _fitted_report(shape.needs(request, fitted=True), budget, height=height, width=width,
+                                             batch=batch)
     return report
 
 
@@ -122,13 +120,13 @@ def _fitted_report(needs: dict[str, Any], budget: int, *, height: int, width: in
     """The plans of this bundle's engines rebuilt with shape ranges that end at the request (an engine holds
     activation memory for its profile's largest shapes): the ``make engines`` knobs and what they would need."""
     from sd35trt.core.errors import Sd35TrtError
-    from sd35trt.runtime.vram import GIB, MODES, choose_plan, peak
+    from sd35trt.runtime.vram import GIB, all_peaks, choose_plan, in_gib
 
     ranges = {"BATCH": f"1:1:{batch}", "HEIGHT": f"{min(512, height)}:{height}:{height}",
               "WIDTH": f"{min(512, width)}:{width}:{width}"}
     report: dict[str, Any] = {
         "make": " ".join(f"{k}={v}" for k, v in ranges.items()),
-        "plans_gib": {m: None if p is None else round(p / GIB, 2) for m in MODES[1:] for p in [peak(m, needs)]},
+        "plans_gib": in_gib(all_peaks(needs)),
         "estimated": "the same weights, activations at this request's shapes (ComponentSpec.activation_bytes); "
                      "export and build again with these ranges to get such engines"}
     try:

@@ -185,17 +185,18 @@ class LoopShape:
                                     hint=f"ranges are batch {self.ranges.batch}, height {self.ranges.height}, width "
                                          f"{self.ranges.width}; re-export with wider --height/--width/--batch to go beyond")
 
-    def needs(self, request: GenerateRequest) -> dict[str, Need]:
+    def needs(self, request: GenerateRequest, *, fitted: bool = False) -> dict[str, Need]:
         """What each network needs on the GPU for ``request`` (the VRAM plan's input): its weights, and its activations
         at the request's shapes, or at its profile's largest shapes for an engine, which allocates for those
-        whatever it runs (static allocation: ``device_memory_size_v2``)."""
+        whatever it runs (static allocation: ``device_memory_size_v2``). ``fitted``: as if every engine's profile
+        ended at this request (doctor's rebuild estimate)."""
         found: dict[str, Need] = {}
         for planned in self.planned_calls(request):
             runner = self.runners[planned.component]
             spec = SPECS[planned.component]
             width = self.assets.widths.get(planned.component, 0)
             dims, at = planned.dims, "the request's shapes"
-            if runner.static_activations and runner.profile:
+            if runner.static_activations and runner.profile and not fitted:
                 dims = spec.dims_of({name: shapes[-1] for name, shapes in runner.profile.items()}, self.vae_scale)
                 at = "the profile's largest shapes (static allocation)"
             act = spec.activation_bytes(dims, width)

@@ -69,6 +69,15 @@ def peak(mode: str, needs: dict[str, Need]) -> int | None:
     raise ValueError(mode)
 
 
+def all_peaks(needs: dict[str, Need]) -> dict[str, int | None]:
+    """Every plan's peak (``peak``), by mode."""
+    return {m: peak(m, needs) for m in MODES[1:]}
+
+
+def in_gib(peaks: dict[str, int | None]) -> dict[str, float | None]:
+    return {m: None if p is None else round(p / GIB, 2) for m, p in peaks.items()}
+
+
 @dataclass(frozen=True)
 class VramPlan:
     mode: str
@@ -87,7 +96,7 @@ class VramPlan:
         return {"mode": self.mode, "why": self.why, "budget_gib": round(self.budget / GIB, 2),
                 "peak_gib": round(self.peak / GIB, 2),
                 "streaming_budget_gib": None if self.streaming_budget is None else round(self.streaming_budget / GIB, 2),
-                "plans_gib": {m: None if p is None else round(p / GIB, 2) for m, p in self.peaks.items()},
+                "plans_gib": in_gib(self.peaks),
                 "needs": {k: v.to_dict() for k, v in self.needs.items()}}
 
     def summary(self) -> str:
@@ -101,7 +110,7 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
     named; one line naming the memory needed when nothing fits."""
     if mode not in MODES:
         raise InvalidInputError(f"--vram-plan {mode} is not one of {', '.join(MODES)}", hint="e.g. --vram-plan auto")
-    peaks = {m: peak(m, needs) for m in MODES[1:]}
+    peaks = all_peaks(needs)
     order = MODES[1:] if mode == "auto" else (mode,)
     for candidate in order:
         need = peaks[candidate]
