@@ -11,10 +11,10 @@ from sd35trt.core.specs import SPECS
 class TrafficRecorder:
     """Record a network's inputs (spec names) while the real pipeline runs: the report's held-out inputs."""
 
-    def __init__(self, pipe: Any, components: tuple[str, ...], limit: int = 64,
+    def __init__(self, pipe: Any, components: tuple[str, ...], limit: int | None = 64,
                  only: dict[str, set[int]] | None = None):
-        """The first ``limit`` calls of each network, or for those named in ``only`` the calls of those indices
-        (0 = the network's first call while recording)."""
+        """The first ``limit`` calls of each network (None: all), or for those named in ``only`` the calls of those
+        indices (0 = the network's first call while recording)."""
         self.calls: dict[str, list[dict[str, Any]]] = {c: [] for c in components}
         self.seen = dict.fromkeys(components, 0)
         self.handles = []
@@ -28,7 +28,7 @@ class TrafficRecorder:
         def hook(_module, args, kwargs, _output):
             index = self.seen[name]
             self.seen[name] += 1
-            if (index not in keep) if keep is not None else len(self.calls[name]) >= limit:
+            if (index not in keep) if keep is not None else limit is not None and len(self.calls[name]) >= limit:
                 return
             values = dict(zip(spec.input_names, args))
             values.update({k: v for k, v in kwargs.items() if k in spec.input_names})
@@ -49,8 +49,8 @@ def spread(items: list[Any], keep: int) -> list[Any]:
 
 
 def sample_calls(batches: int, steps: int, keep: int) -> set[int]:
-    """Up to ``keep`` (distinct) of the transformer's ``batches × steps`` calls (call ``b × steps + s`` is step ``s`` of prompt batch
-    ``b``), the steps spread evenly from first to last and the batches taken in turn, so that neither repeats
+    """Up to ``keep`` (distinct) of the transformer's ``batches × steps`` calls (call ``b × steps + s`` is step ``s``
+    of prompt batch ``b``), the steps spread evenly from first to last and the batches taken in turn, so that neither repeats
     while the other could differ. All of them when ``keep`` covers them."""
     total = batches * steps
     if keep >= total:

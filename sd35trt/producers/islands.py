@@ -13,9 +13,9 @@ from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import Island, fp32_islands, plan_islands
 from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import ComponentSpec, PipeDims
+from sd35trt.producers.quantize import is_quantizer
 
 PROBE_ROUNDS = 4  # islands added by export's probes, one round after another, before it gives up
-
 
 
 def probe_islands(network: Any, module: Any, spec: ComponentSpec, pipe_dims: PipeDims, ranges: ShapeRanges,
@@ -28,6 +28,8 @@ def probe_islands(network: Any, module: Any, spec: ComponentSpec, pipe_dims: Pip
     the probe labels; a network that still overflows after ``PROBE_ROUNDS`` rounds is one line naming the module."""
     import math
 
+    import torch
+
     from sd35trt.core.numerics import ActivationCensus, island_unit, natural_key
     from sd35trt.core.probes import range_probes
 
@@ -38,7 +40,7 @@ def probe_islands(network: Any, module: Any, spec: ComponentSpec, pipe_dims: Pip
         census = ActivationCensus({spec.name: network})
         bad_probe = None
         try:
-            with fp32_islands(network, islands, low, weights), torch_no_grad():
+            with fp32_islands(network, islands, low, weights), torch.no_grad():
                 for probe in probes:
                     out = module(*[probe.inputs[n].to(next(network.parameters()).device) for n in spec.input_names])
                     if bad_probe is None and not all(bool(o.isfinite().all()) for o in (out if isinstance(out, tuple) else (out,))):
@@ -65,8 +67,7 @@ def probe_islands(network: Any, module: Any, spec: ComponentSpec, pipe_dims: Pip
         islands = merged
         for island in islands:  # an island is never quantized (an FP8 network's quantizers inside it are switched off)
             for inner in dict(network.named_modules())[island.module].modules():
-                if any(cls.__name__ == "TensorQuantizer" for cls in type(inner).__mro__):
-
+                if is_quantizer(inner):
                     inner.disable()
     raise ExportValidationError(f"{spec.name}: FP32 islands did not settle after {PROBE_ROUNDS} rounds of probes "
                                 f"({', '.join(i.module for i in islands)})",
@@ -94,14 +95,8 @@ def _merge_islands(current: list[Island], found: list[Island], first: str | None
     return sorted(merged.values(), key=lambda i: natural_key(i.module))
 
 
-def torch_no_grad():
-    import torch
-
-    return torch.no_grad()
-
-
 def island_weights_for(source: ModelSource, spec: ComponentSpec, islands: list[Island], have: dict[str, Any],
-                    device: str) -> tuple[dict[str, Any], str]:
+                       device: str) -> tuple[dict[str, Any], str]:
     """``have`` plus the FP32 weights of the islands that have none there yet (``models.island_weights``)."""
     from sd35trt.core.models import island_weights
 

@@ -89,7 +89,7 @@ def sampled_traffic(pipe: Any, prompts: list[str], cfg: LoopSettings, components
     from sd35trt.core.host import computing
 
     only = {"transformer": sample_calls(len(prompt_batches(prompts, cfg.batch)), steps, keep)}
-    recorder = TrafficRecorder(pipe, components, limit=2**31, only=only)
+    recorder = TrafficRecorder(pipe, components, limit=None, only=only)
     try:
         with computing(device, compute):
             run_pipeline(pipe, prompts, cfg, seed=cfg.seed, steps=steps, label="recording calibration traffic")
