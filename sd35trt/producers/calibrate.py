@@ -310,8 +310,9 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
     quantized, scales, calib_timing = None, {}, {"seconds": 0.0}
     four_bit = FourBitState()
     if cfg.components:
-        with log.step(f"calibrate {','.join(cfg.components)} to {fmt.value}: {cfg.num_prompts} prompts × {cfg.steps} "
-                      f"steps at {cfg.height}×{cfg.width} ({compute}{share_note})") as calib_timing:
+        what = ("FP4 scales from the weights (weight-only: no calibration traffic)" if fmt is Precision.NVFP4 else
+                f"{cfg.num_prompts} prompts × {cfg.steps} steps at {cfg.height}×{cfg.width} ({compute}{share_note})")
+        with log.step(f"calibrate {','.join(cfg.components)} to {fmt.value}: {what}") as calib_timing:
             quantized, scales, four_bit = _quantize(pipe, cfg, recipe, calib_prompts, islands, compute, shard,
                                                     held_out, budget)
     if not shard.main:
