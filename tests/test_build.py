@@ -54,9 +54,8 @@ def test_ada_bundle_has_fp8_transformer_and_manifest(calibrated, tmp_path):
     assert transformer["onnx"]["calibration_hash"]
     assert verify_bundle(folder).target == "ada"
     from sd35trt.core.shapes import ShapeRanges
-    from sd35trt.runtime.runners import ranges_of_bundle
 
-    assert ranges_of_bundle(result.manifest) == ShapeRanges()  # the exported ranges travel with the engines
+    assert result.manifest.shape_ranges == ShapeRanges()  # the exported ranges travel with the engines
     from sd35trt.core.manifests import BundleManifest
 
     assert BundleManifest.from_dict(result.manifest.to_dict(), folder) == result.manifest  # round trip

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from sd35trt.core.manifests import CalibrationManifest, OnnxManifest, WorkDir, load_calibration, load_current
+from sd35trt.core.manifests import OnnxManifest, WorkDir, load_current
 from sd35trt.core.specs import Precision
+from sd35trt.producers.calibration_state import CalibrationManifest, load_calibration
 from tests.test_bad_inputs import assert_user_error, run_cli
 
 
@@ -47,8 +48,8 @@ def test_export_plans_follow_the_calibration(calibrated):
     resort, with its islands otherwise), FP8 for the calibrated components only."""
     from dataclasses import replace
 
-    from sd35trt.core.manifests import Fp16Decision
     from sd35trt.core.numerics import Island
+    from sd35trt.producers.calibration_state import Fp16Decision
     from sd35trt.producers.export import plan_variants
 
     out, _ = calibrated

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from sd35trt.core.errors import InvalidInputError
-from sd35trt.core.portability import RuntimeRecord, check_portability, runtime_fit, runtime_module
+from sd35trt.core.manifests import RuntimeRecord
+from sd35trt.core.portability import check_portability, runtime_fit, runtime_module
 from sd35trt.core.targets import Backend, GpuTarget
 from sd35trt.producers.bundle import BuildConfig, build_bundle, check_memory
 from tests.conftest import needs_rtx

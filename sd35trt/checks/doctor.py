@@ -9,7 +9,7 @@ from typing import Any
 from sd35trt.core.errors import InvalidInputError, Sd35TrtError
 from sd35trt.core.host import host_report
 from sd35trt.core.manifests import BUNDLE_MANIFEST, STATIC_ACTIVATIONS, BundleManifest
-from sd35trt.core.portability import RuntimeRecord, bundle_fit
+from sd35trt.core.portability import bundle_fit
 
 
 def diagnose(path: Path | None) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def diagnose(path: Path | None) -> dict[str, Any]:
             bundles[str(folder)] = {"runnable": False, "why": f"its manifest cannot be read: {err}"}
             continue  # a broken sibling is reported, never the error of the bundle that was asked about
         ok, why = bundle_fit(manifest, host)
-        record = RuntimeRecord.of_bundle(manifest.data)
+        record = manifest.runtime_record
         bundles[str(folder)] = {
             "target": manifest.target, "compute_capabilities": manifest.compute_capabilities,
             "backend": f"{manifest.backend} {manifest.backend_version}", "runnable": ok, "why": why,

@@ -142,12 +142,10 @@ def _loop_options(model, bundle, onnx, torch_, precision="auto", provider="auto"
                   cuda_graph=False, t5=True, turbo=None, vram=None, vram_plan="auto", vae_tiling="auto", lora=None):
     from sd35trt.runtime.launch import LoopOptions
 
-    options = LoopOptions(model=model if model is not None or not torch_ else "tiny", bundle=bundle, onnx=onnx,
-                          torch=torch_, precision=precision, provider=provider, device=device, dtype=dtype,
-                          cuda_graph=cuda_graph, t5=t5, turbo=turbo, vram_gib=vram, vram_plan=vram_plan,
-                          vae_tiling=vae_tiling, lora=lora)
-    options.check()
-    return options
+    return LoopOptions(model=model if model is not None or not torch_ else "tiny", bundle=bundle, onnx=onnx,
+                       torch=torch_, precision=precision, provider=provider, device=device, dtype=dtype,
+                       cuda_graph=cuda_graph, t5=t5, turbo=turbo, vram_gib=vram, vram_plan=vram_plan,
+                       vae_tiling=vae_tiling, lora=lora)
 
 
 

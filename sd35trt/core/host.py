@@ -137,7 +137,7 @@ def host_report() -> dict[str, Any]:
             pass
     from importlib import metadata
 
-    from sd35trt.core.portability import RUNTIME_MODULES
+    from sd35trt.core.manifests import RUNTIME_MODULES
 
     for modules in RUNTIME_MODULES.values():
         for module in modules:  # versions from the installed distributions: importing TensorRT takes seconds

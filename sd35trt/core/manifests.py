@@ -1,9 +1,8 @@
-"""The work-dir layout and the typed artifacts in it, in one place.
+"""The work-dir layout, the ONNX and bundle manifests runners read, typed: consumers never read raw keys.
 
-``W/calibration/`` is written by ``calibrate`` alone and ``W/onnx*/<component>/`` by ``export`` alone; each
-folder carries a ``manifest.json`` with the hash of its inputs. Consumers read these through the classes
-here, never by raw keys, and ``load_current`` is the one "is this artifact still current?" check.
-"""
+``W/calibration/`` is written by ``calibrate`` alone (its record: ``producers.calibration_state``) and
+``W/onnx*/<component>/`` by ``export`` alone, each with a ``manifest.json`` holding the hash of its inputs;
+``load_current`` is the one "is this artifact still current?" check."""
 
 from __future__ import annotations
 
@@ -14,13 +13,13 @@ from typing import Any
 
 from sd35trt.core.artifacts import inside, read_json, verify_files
 from sd35trt.core.errors import ArtifactError
-from sd35trt.core.numerics import Island
+from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import ARTIFACT_PRECISIONS, SPECS, Precision
+from sd35trt.core.trt_api import MODULES
 
 MANIFEST = "manifest.json"
 VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8",
                 Precision.INT4: "onnx-int4", Precision.NVFP4: "onnx-nvfp4", Precision.MIXED: "onnx-mixed"}
-CALIBRATION_LAYOUT = 2  # bump when the calibration folder's files change meaning
 
 
 @dataclass(frozen=True)
@@ -97,71 +96,6 @@ def require_model(described: dict[str, Any], fingerprint: str, model_id: str, wh
 
 
 @dataclass(frozen=True)
-class Fp16Decision:
-    """How a component's FP16 variant is built: FP16 with its FP32 islands, or whole FP32 (last resort)."""
-
-    precision: Precision  # FP16 or FP32
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"precision": self.precision.value, "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class CalibrationManifest:
-    """``W/calibration/manifest.json``: what calibrate decided, for export to build from."""
-
-    inputs_hash: str
-    model: dict[str, Any]
-    components: tuple[str, ...]  # calibrated to FP8
-    islands: dict[str, list[Island]]  # every component, empty lists included
-    fp16: dict[str, Fp16Decision]
-    files: dict[str, dict[str, Any]]
-    reference: str
-    margin: float
-    format: Precision = Precision.FP8  # the calibrated format: fp8 | int4 | nvfp4 | mixed
-    layout: int = CALIBRATION_LAYOUT
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "calibration", "layout": self.layout, "inputs_hash": self.inputs_hash, "model": self.model,
-                "components": list(self.components), "format": self.format.value, "reference": self.reference,
-                "margin": self.margin,
-                "fp32_islands": {c: [i.to_dict() for i in v] for c, v in self.islands.items()},
-                "fp16": {c: d.to_dict() for c, d in self.fp16.items()}, "files": self.files, **self.extra}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], path: Path) -> CalibrationManifest:
-        if data.get("kind") != "calibration" or data.get("layout") != CALIBRATION_LAYOUT:
-            raise ArtifactError("calibration state is of an older sd35trt layout", path=path,
-                                hint="re-run `sd35trt calibrate --force` with this --out")
-        try:
-            return cls(
-                inputs_hash=data["inputs_hash"], model=data["model"], components=tuple(data["components"]),
-                islands={c: [Island.from_dict(i) for i in v] for c, v in data["fp32_islands"].items()},
-                fp16={c: Fp16Decision(Precision(d["precision"]), d["reason"]) for c, d in data["fp16"].items()},
-                files=data["files"], reference=data["reference"], margin=float(data["margin"]),
-                format=Precision(data.get("format", "fp8")),
-                extra={k: v for k, v in data.items() if k not in {
-                    "kind", "layout", "inputs_hash", "model", "components", "reference", "margin", "fp32_islands",
-                    "fp16", "files", "format"}})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"calibration manifest is malformed ({exc.__class__.__name__}: {exc})", path=path,
-                                hint="re-run `sd35trt calibrate --force` with this --out") from None
-
-
-def load_calibration(work: WorkDir, *, verify: bool = True) -> CalibrationManifest | None:
-    """The calibration state of a work dir, or None when there is none; files checked against the manifest."""
-    path = work.calibration / MANIFEST
-    if not path.is_file():
-        return None
-    manifest = CalibrationManifest.from_dict(read_json(path, "calibration manifest"), path)
-    if verify:
-        verify_files(work.calibration, manifest.files, path)
-    return manifest
-
-
-@dataclass(frozen=True)
 class OnnxManifest:
     """``W/onnx*/<component>/manifest.json``: one exported ONNX variant, as build and the runners read it."""
 
@@ -183,6 +117,11 @@ class OnnxManifest:
     @property
     def onnx_path(self) -> Path:
         return self.folder / "model.onnx"
+
+    @property
+    def shape_ranges(self) -> ShapeRanges | None:
+        """The ranges it was exported for (None in manifests from before ranges were recorded)."""
+        return ShapeRanges.from_dict(self.ranges) if self.ranges else None
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.data, "component": self.component, "precision": self.precision.value, "model": self.model,
@@ -382,6 +321,49 @@ def _sha256(value: str, where: str, path: Path) -> str:
 BUNDLE_ASSETS = "assets"  # the loop's tokenizers and configs (core.assets.PipelineAssets), shipped in every bundle
 
 
+# Python modules of the runtimes a bundle may name, by backend.
+RUNTIME_MODULES = {"tensorrt": (MODULES["tensorrt"], "tensorrt_lean"), "tensorrt-rtx": (MODULES["tensorrt-rtx"],)}
+
+
+@dataclass(frozen=True)
+class RuntimeRecord:
+    """The manifest's ``runtime``: which runtime (module and version) and which GPUs can run the engines."""
+
+    backend: str
+    version: str
+    version_compatible: bool
+    hardware_compatibility: str
+    compute_capabilities: tuple[str, ...]
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Runtime modules that can deserialize the plans: the lean runtime only for version-compatible plans."""
+        if self.backend == "tensorrt":
+            return ("tensorrt", "tensorrt_lean") if self.version_compatible else ("tensorrt",)
+        return RUNTIME_MODULES[self.backend]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "version": self.version, "version_compatible": self.version_compatible,
+                "lean_runtime_in_plan": False if self.version_compatible else None,
+                "hardware_compatibility": self.hardware_compatibility,
+                "compute_capabilities": list(self.compute_capabilities),
+                "runs_on": [f"{m} {self.version}" for m in self.modules],
+                "gpus": ("compute capability 8.0 or newer" if self.hardware_compatibility == "ampere+"
+                         else f"compute capability {' or '.join(self.compute_capabilities)}")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeRecord:
+        return cls(str(data["backend"]), str(data["version"]), bool(data.get("version_compatible", False)),
+                   str(data.get("hardware_compatibility", "none")), tuple(data.get("compute_capabilities", ())))
+
+    @classmethod
+    def of_bundle(cls, data: dict[str, Any]) -> RuntimeRecord:
+        """The record of a bundle manifest; bundles from before ``runtime`` existed were plain engines."""
+        if isinstance(data.get("runtime"), dict) and data["runtime"]:
+            return cls.from_dict(data["runtime"])
+        return cls(data["backend"], data["backend_version"], False, "none", tuple(data["compute_capabilities"]))
+
+
 @dataclass(frozen=True)
 class BundleManifest:
     """``engines/<model>/<target>-<backend>/manifest.json``: what a deploy host needs to know about a bundle."""
@@ -418,6 +400,23 @@ class BundleManifest:
     @property
     def data(self) -> dict[str, Any]:
         return self.to_dict()
+
+    @property
+    def runtime_record(self) -> RuntimeRecord:
+        """Which runtime (module, version) and GPUs run the engines; bundles from before ``runtime`` existed were
+        plain engines of their backend."""
+        return RuntimeRecord.of_bundle({"runtime": self.runtime, "backend": self.backend, "backend_version": self.backend_version,
+                                        "compute_capabilities": self.compute_capabilities})
+
+    @property
+    def shape_ranges(self) -> ShapeRanges:
+        """The shape ranges every engine accepts: the exported ranges recorded per component, which must agree."""
+        recorded = [e.ranges for e in self.components.values()]
+        first = recorded[0] if recorded else None
+        if first is None or any(r != first for r in recorded):
+            raise ArtifactError("bundle manifest lacks consistent shape ranges for its engines", path=self.folder / BUNDLE_MANIFEST,
+                                hint="rebuild the bundle from one export (sd35trt build --force)")
+        return ShapeRanges.from_dict(first)
 
     def to_dict(self) -> dict[str, Any]:
         runs_on = self.runtime.get("runs_on", [])

@@ -6,63 +6,20 @@ built for. ``sd35trt build --portable`` builds full-TensorRT engines version-com
 lean runtime of the same version (``tensorrt-lean``, a 44 MB wheel with no builder), so deploy hosts need not
 carry the full library. ``--hardware-compat ampere+`` (``HardwareCompatibilityLevel.AMPERE_PLUS``) lets one
 engine run on every GPU from Ampere on. Every bundle manifest holds the result under ``runtime``; ``doctor``
-compares it with the host. Pure functions: tested here without a GPU.
+compares it with the host (the record itself, ``manifests.RuntimeRecord``). Pure functions: tested here without a GPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sd35trt.core.errors import InvalidInputError, check_choice
 from sd35trt.core.targets import RTX_CCS
-from sd35trt.core.trt_api import MODULES
 
 if TYPE_CHECKING:
-    from sd35trt.core.manifests import BundleManifest
+    from sd35trt.core.manifests import BundleManifest, RuntimeRecord
 
 HARDWARE_COMPAT = ("none", "ampere+")
-# Python modules of the runtimes a bundle may name, by backend.
-RUNTIME_MODULES = {"tensorrt": (MODULES["tensorrt"], "tensorrt_lean"), "tensorrt-rtx": (MODULES["tensorrt-rtx"],)}
-
-
-@dataclass(frozen=True)
-class RuntimeRecord:
-    """The manifest's ``runtime``: which runtime (module and version) and which GPUs can run the engines."""
-
-    backend: str
-    version: str
-    version_compatible: bool
-    hardware_compatibility: str
-    compute_capabilities: tuple[str, ...]
-
-    @property
-    def modules(self) -> tuple[str, ...]:
-        """Runtime modules that can deserialize the plans: the lean runtime only for version-compatible plans."""
-        if self.backend == "tensorrt":
-            return ("tensorrt", "tensorrt_lean") if self.version_compatible else ("tensorrt",)
-        return RUNTIME_MODULES[self.backend]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "version": self.version, "version_compatible": self.version_compatible,
-                "lean_runtime_in_plan": False if self.version_compatible else None,
-                "hardware_compatibility": self.hardware_compatibility,
-                "compute_capabilities": list(self.compute_capabilities),
-                "runs_on": [f"{m} {self.version}" for m in self.modules],
-                "gpus": ("compute capability 8.0 or newer" if self.hardware_compatibility == "ampere+"
-                         else f"compute capability {' or '.join(self.compute_capabilities)}")}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RuntimeRecord:
-        return cls(str(data["backend"]), str(data["version"]), bool(data.get("version_compatible", False)),
-                   str(data.get("hardware_compatibility", "none")), tuple(data.get("compute_capabilities", ())))
-
-    @classmethod
-    def of_bundle(cls, data: dict[str, Any]) -> RuntimeRecord:
-        """The record of a bundle manifest; bundles from before ``runtime`` existed were plain engines."""
-        if isinstance(data.get("runtime"), dict) and data["runtime"]:
-            return cls.from_dict(data["runtime"])
-        return cls(data["backend"], data["backend_version"], False, "none", tuple(data["compute_capabilities"]))
 
 
 def check_portability(backend: str, portable: bool, hardware_compat: str, *, fp8_components: list[str],
@@ -114,7 +71,7 @@ def runtime_module(record: RuntimeRecord, installed: dict[str, str | None]) -> s
 def bundle_fit(manifest: BundleManifest, host: dict[str, Any]) -> tuple[bool, str]:
     """Can this bundle's engines run on this host? (False, why) names the first blocking reason. The bundle's
     ``runtime`` record decides (a version-compatible bundle also runs on the lean runtime)."""
-    record = RuntimeRecord.of_bundle(manifest.data)
+    record = manifest.runtime_record
     ok, why = runtime_fit(record, host["runtimes"], host["compute_capability"])
     if not ok:
         return False, why

@@ -42,10 +42,11 @@ from sd35trt.core.manifests import (
     EngineEntry,
     OnnxManifest,
     PlanFile,
+    RuntimeRecord,
     WorkDir,
 )
 from sd35trt.core.models import model_slug
-from sd35trt.core.portability import RuntimeRecord, check_portability
+from sd35trt.core.portability import check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
 from sd35trt.core.targets import Backend, GpuTarget, PrecisionChoice, TargetInfo, narrow_for_format, plan_precisions
 from sd35trt.producers.refit import describe_refit
@@ -130,7 +131,7 @@ def load_onnx_variants(onnx_root: Path, components: tuple[str, ...]) -> dict[str
     if not onnx_root.is_dir():
         raise InvalidInputError("ONNX directory not found", path=onnx_root,
                                 hint="pass the --out of `sd35trt export` as --onnx")
-    from sd35trt.core.manifests import load_calibration
+    from sd35trt.producers.calibration_state import load_calibration
 
     work = WorkDir(onnx_root)
     calibration = load_calibration(work, verify=False)

@@ -46,13 +46,14 @@ from sd35trt.core.artifacts import (
 )
 from sd35trt.core.errors import CalibrationError, InvalidInputError, check_choice, check_seed
 from sd35trt.core.host import DTYPES
-from sd35trt.core.manifests import CalibrationManifest, WorkDir, load_current
+from sd35trt.core.manifests import WorkDir, load_current
 from sd35trt.core.metrics import error_stats, psnr
 from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import Island, plan_islands
 from sd35trt.core.prompts import DEFAULT_PROMPTS, read_prompts
 from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, pipeline_attrs
 from sd35trt.core.wrappers import eager_text_attention
+from sd35trt.producers.calibration_state import CalibrationManifest
 from sd35trt.producers.mixed import plan_mix, ranking_compute, resolve_budget, transformer_sizes
 from sd35trt.producers.quantize import (
     FourBitState,

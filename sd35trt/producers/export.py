@@ -41,15 +41,7 @@ from sd35trt.core.artifacts import (
     write_json_atomic,
 )
 from sd35trt.core.errors import ExportValidationError, InvalidInputError, check_choice
-from sd35trt.core.manifests import (
-    MANIFEST,
-    CalibrationManifest,
-    OnnxManifest,
-    WorkDir,
-    load_calibration,
-    load_current,
-    require_model,
-)
+from sd35trt.core.manifests import MANIFEST, OnnxManifest, WorkDir, load_current, require_model
 from sd35trt.core.models import ModelSource
 from sd35trt.core.numerics import Island, fp32_islands, plan_islands
 from sd35trt.core.onnx_utils import PROVIDERS
@@ -58,6 +50,7 @@ from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import ARTIFACT_PRECISIONS, COMPONENTS, SPECS, ComponentSpec, PipeDims, Precision
 from sd35trt.core.targets import TargetInfo, exported_variants
 from sd35trt.core.wrappers import CastIO
+from sd35trt.producers.calibration_state import CalibrationManifest, load_calibration
 from sd35trt.producers.islands import island_weights_for, probe_islands
 from sd35trt.producers.validation import Traffic, load_traffic, validate_onnx
 

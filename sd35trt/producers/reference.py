@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sd35trt.core import log
-from sd35trt.core.manifests import Fp16Decision
 from sd35trt.core.metrics import error_stats, summarize
 from sd35trt.core.numerics import ActivationCensus, Island, fp32_islands, hottest_module
 from sd35trt.core.shapes import ShapeRanges
 from sd35trt.core.specs import CALIBRATABLE, COMPONENTS, SPECS, PipeDims, Precision, vae_input
 from sd35trt.core.traffic import TrafficRecorder, sample_calls, spread
 from sd35trt.core.wrappers import CastIO
+from sd35trt.producers.calibration_state import Fp16Decision
 from sd35trt.producers.quantize import is_quantizer
 from sd35trt.producers.shards import SINGLE, Shard
 

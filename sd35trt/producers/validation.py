@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from sd35trt.core import log
 from sd35trt.core.errors import ExportValidationError
-from sd35trt.core.manifests import CalibrationManifest, WorkDir
+from sd35trt.core.manifests import WorkDir
 from sd35trt.core.metrics import error_stats, summarize
 from sd35trt.core.numerics import Island, hottest_module
 from sd35trt.core.probes import EXPORT_CHECK_SEED
 from sd35trt.core.specs import ComponentSpec, PipeDims, Precision
+from sd35trt.producers.calibration_state import CalibrationManifest
 
 if TYPE_CHECKING:
     import torch

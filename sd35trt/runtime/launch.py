@@ -6,7 +6,7 @@ compare.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,31 @@ class LoopOptions:
     vram_plan: str = "auto"
     vae_tiling: str = "auto"
     lora: str | None = None  # adapters fused into the model (torch), or that the artifacts must have been built with
+    # resolved from the above when made: where torch modules run and in which dtype (--device/--dtype: the --torch
+    # runner and bench's torch peers), where onnxruntime sessions run (--provider, for --onnx)
+    placement: tuple[str, Any] = field(init=False, repr=False, compare=False)
+    ort_device: str = field(init=False, repr=False, compare=False)
 
-    def check(self) -> None:
-        from sd35trt.runtime.vram import check_vram
+    def __post_init__(self) -> None:
+        """Every option checked and resolved once, here: a LoopOptions that exists is one the runners take as it is."""
+        from sd35trt.core.errors import check_choice
+        from sd35trt.core.host import pick_placement
+        from sd35trt.core.onnx_utils import PROVIDERS, resolve_provider
+        from sd35trt.core.targets import RUNNER_VARIANTS
+        from sd35trt.runtime.request import TILING
+        from sd35trt.runtime.vram import MODES, check_vram
 
         chosen = [n for n, v in (("--bundle", self.bundle), ("--onnx", self.onnx), ("--torch", self.torch)) if v]
         if len(chosen) != 1:
             raise InvalidInputError("choose exactly one of --bundle, --onnx, --torch",
                                     hint="e.g. --onnx build/tiny (onnxruntime) or --torch")
         check_vram(self.vram_gib)
+        for option, value, choices in (("--precision", self.precision, tuple(RUNNER_VARIANTS)),
+                                       ("--provider", self.provider, PROVIDERS), ("--vram-plan", self.vram_plan, MODES),
+                                       ("--vae-tiling", self.vae_tiling, TILING)):
+            check_choice(option, value, choices)
+        object.__setattr__(self, "placement", pick_placement(self.device, self.dtype, on_gpu="bf16"))
+        object.__setattr__(self, "ort_device", resolve_provider(self.provider) if self.onnx else "cpu")
 
 
 def open_runners(options: LoopOptions, *, built_from: ModelSource | None = None,
@@ -67,13 +83,12 @@ def open_runners(options: LoopOptions, *, built_from: ModelSource | None = None,
     model. ``loaders``: who else opens the bundle's plans (compare's polygraphy twin)."""
     from sd35trt.core.manifests import require_model
 
-    options.check()
     if options.bundle is not None:
         found = runners_from_bundle(options.bundle, cuda_graph=options.cuda_graph, t5=options.t5, loaders=loaders)
     elif options.onnx is None:
         raise InvalidInputError("runners from artifacts need --bundle or --onnx", hint="--torch runs diffusers' modules")
     else:
-        found = runners_from_onnx(options.onnx, options.precision, provider=options.provider, t5=options.t5)
+        found = runners_from_onnx(options.onnx, options.precision, device=options.ort_device, t5=options.t5)
     if built_from is not None and found.model is not None:
         require_model(found.model, built_from.fingerprint(), built_from.id, Path(found.source))
     return found
@@ -95,8 +110,7 @@ def loop_assets(options: LoopOptions, source: ModelSource | None, found: RunnerS
 
 def open_loop(options: LoopOptions, request: GenerateRequest, *, batch_text: bool = True) -> Sd35Loop:
     """Runners, assets and VRAM plan for ``request``; the returned loop is checked against every engine profile."""
-    # 1. options checked; the model resolved once; the GPU's budget
-    options.check()
+    # 1. the model resolved once (the options were checked when made); the GPU's budget
     source = resolve_model(options.model, turbo=options.turbo, lora=options.lora) if options.model else None
     budget = gpu_budget(options.vram_gib)
     # 2. what the loop will run, as data: the artifacts' runners (nothing loaded yet), or the torch modules' sizes
@@ -151,12 +165,11 @@ class _TorchModules:
 
 def torch_modules(options: LoopOptions, source: ModelSource | None, *, sized: bool) -> _TorchModules:
     """``--torch``: the model's modules counted on the meta device (``sized``: only where a VRAM plan will be chosen)."""
-    from sd35trt.core.host import pick_placement
     from sd35trt.core.models import weight_bytes
 
     if source is None:
         raise InvalidInputError("--torch needs --model", hint="e.g. --torch --model tiny")
-    device, dtype = pick_placement(options.device, options.dtype, on_gpu="bf16")
+    device, dtype = options.placement
     attrs = pipeline_attrs(options.t5 and source.has_t5)
     sizes = weight_bytes(source, dtype, attrs) if sized and device == "cuda" else {}
     runners = {c: ComponentRunner(SPECS[c], precision_of_dtype(dtype), weight_bytes=sizes.get(SPECS[c].pipeline_attr, 0))
@@ -178,12 +191,11 @@ class TorchPeers:
         self.options, self.pipe, self.compiled, self.quantized = options, None, None, None
 
     def _base(self, request: GenerateRequest) -> Sd35Loop:
-        from sd35trt.core.host import pick_placement
         from sd35trt.core.models import build_pipeline
 
         if self.pipe is None:  # once: the model (its LoRA files hashed) and its pipeline serve every peer and batch
             source = resolve_model(self.options.model or "tiny", turbo=self.options.turbo, lora=self.options.lora)
-            device, dtype = pick_placement(self.options.device, self.options.dtype, on_gpu="bf16")
+            device, dtype = self.options.placement
             attrs = pipeline_attrs(self.options.t5 and source.has_t5)
             self.pipe = build_pipeline(source, device=device, dtype=dtype, components=attrs)
             self.assets = load_assets(source, t5="text_encoder_3" in attrs)

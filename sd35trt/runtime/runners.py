@@ -272,13 +272,12 @@ def runners_from_torch(pipe: Any, components: tuple[str, ...] = COMPONENTS, *, d
             if getattr(pipe, SPECS[name].pipeline_attr, None) is not None}
 
 
-def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: Precision, provider: str, profile: Profile | None, *,
+def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: Precision, device: str, profile: Profile | None, *,
                inputs: Sequence[str] | None = None, outputs: Sequence[str] | None = None,
                weight_bytes: int = 0) -> SessionRunner:
-    from sd35trt.core.onnx_utils import resolve_provider
+    """An onnxruntime runner on ``device`` (``cpu`` or ``cuda``: a provider already resolved, ``resolve_provider``)."""
     from sd35trt.runtime.onnxrt import OrtAdapter
 
-    device = resolve_provider(provider)
     whole = inputs is None
     names_in, names_out = tuple(inputs or spec.input_names), tuple(outputs or spec.output_names)
     dtypes = spec.io_dtypes if whole else {}
@@ -289,15 +288,13 @@ def ort_runner(spec: ComponentSpec, onnx_path: Path, precision: Precision, provi
 
 
 def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str, ...] = COMPONENTS,
-                      provider: str = "cpu", *, t5: bool = True) -> RunnerSet:
-    """onnxruntime runners on a work dir's ONNX, the variant per component chosen by ``targets.runner_variant``
-    (the engines' own policy); files are checked against their manifests, and every call against the
-    profile the engines will be built with. ``t5=False``: CLIP-only (T5 embeddings are zeros)."""
-    from sd35trt.core.errors import check_choice
-
+                      device: str = "cpu", *, t5: bool = True) -> RunnerSet:
+    """onnxruntime runners on ``device`` (``cpu`` or ``cuda``) for a work dir's ONNX, the variant per component
+    chosen by ``targets.runner_variant`` (the engines' own policy; ``precision`` is a key of ``RUNNER_VARIANTS``);
+    files are checked against their manifests, and every call against the profile the engines will be built with.
+    ``t5=False``: CLIP-only (T5 embeddings are zeros). ``LoopOptions`` checks and resolves the user's words."""
     if not root.is_dir():
         raise InvalidInputError("ONNX directory not found", path=root, hint="pass the --out of export/calibrate")
-    check_choice("--precision", precision, tuple(RUNNER_VARIANTS))
     work = WorkDir(root)
     runners: dict[str, ComponentRunner] = {}
     ranges, model = None, None
@@ -312,9 +309,9 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
                                 hint=f"run `sd35trt calibrate --out {root}` then `sd35trt export --out {root}` (`--precision fp32` for FP32) first")
         manifest = OnnxManifest.load(work.onnx_folder(chosen, name), name, chosen)
         manifest.verify()
-        runners[name] = ort_runner(SPECS[name], manifest.onnx_path, chosen, provider, manifest.profile,
+        runners[name] = ort_runner(SPECS[name], manifest.onnx_path, chosen, device, manifest.profile,
                                    weight_bytes=sum(e["bytes"] for e in manifest.files.values()))
-        ranges = ranges or (ShapeRanges.from_dict(manifest.ranges) if manifest.ranges else None)
+        ranges = ranges or manifest.shape_ranges
         model = model or manifest.model
     assets = work.root / "assets"
     return RunnerSet(runners, ranges or ShapeRanges(), str(root), assets if assets.is_dir() else None, model=model)
@@ -332,12 +329,11 @@ def check_bundle_host(manifest: BundleManifest, *, loaders: Sequence[Loader] = (
     (compare adds polygraphy's ``TrtRunner``) — and their refusals are the message: a table is never the authority
     over the runtime."""
     from sd35trt.core.host import host_report
-    from sd35trt.core.portability import RuntimeRecord, bundle_fit, runtime_module
+    from sd35trt.core.portability import bundle_fit, runtime_module
 
     host = host_report()
     ok, why = bundle_fit(manifest, host)
-    record = RuntimeRecord.of_bundle(manifest.data)
-    module = runtime_module(record, host["runtimes"])
+    module = runtime_module(manifest.runtime_record, host["runtimes"])
     if ok:
         assert module is not None
         return module
@@ -357,7 +353,6 @@ def check_bundle_host(manifest: BundleManifest, *, loaders: Sequence[Loader] = (
 def runtime_refusals(manifest: BundleManifest, module: str, loaders: Sequence[Loader] = ()) -> list[str]:
     """What the runtime says when the bundle's first plan is loaded, through sd35trt's adapter and each of
     ``loaders`` (empty: every loader loaded it)."""
-    from sd35trt.core.portability import RuntimeRecord
     from sd35trt.runtime.trt import TensorRTAdapter
 
     plan = next(iter(manifest.components.values())).plans[0]
@@ -365,7 +360,7 @@ def runtime_refusals(manifest: BundleManifest, module: str, loaders: Sequence[Lo
     refusals = []
     try:
         TensorRTAdapter(path, module, manifest.backend, sha256=plan.sha256, size=plan.bytes,
-                        host_code=RuntimeRecord.of_bundle(manifest.data).version_compatible).close()
+                        host_code=manifest.runtime_record.version_compatible).close()
     except ArtifactError as err:
         refusals.append(f"sd35trt: {err.what}")
     for name, load in loaders:
@@ -383,14 +378,14 @@ def runners_from_bundle(folder: Path, *, cuda_graph: bool = False, t5: bool = Tr
     when its engine loads, on the very bytes deserialized (``artifacts.check_mapped``, cached by file stamp), so a
     Large bundle's 20 GB are not read twice before the first step. The engines load lazily (the VRAM plan decides
     which stay resident) and share one activation block."""
-    from sd35trt.core.portability import RuntimeRecord
     from sd35trt.runtime.trt import TensorRTAdapter
 
     folder = folder.absolute()  # every engine runner names its plan by a path that holds from any directory
     manifest = BundleManifest.load(folder)
     check_refit(manifest)
-    module = check_bundle_host(manifest, loaders=loaders) if check_host else _bundle_module(manifest)
-    host_code = RuntimeRecord.of_bundle(manifest.data).version_compatible
+    # no host check: tests and plans on hosts that cannot run it take the bundle's own module
+    module = check_bundle_host(manifest, loaders=loaders) if check_host else manifest.runtime_record.modules[0]
+    host_code = manifest.runtime_record.version_compatible
     memory = SharedDeviceMemory()
     cache = folder / "runtime-cache" if manifest.backend == "tensorrt-rtx" else None
     runners: dict[str, ComponentRunner] = {}
@@ -418,7 +413,7 @@ def runners_from_bundle(folder: Path, *, cuda_graph: bool = False, t5: bool = Tr
             engines.append(runner)
         runners[name] = ChainRunner(spec, engines) if entry.parted else engines[0]
     assets = folder / "assets"
-    return RunnerSet(runners, ranges_of_bundle(manifest), str(folder), assets if assets.is_dir() else None,
+    return RunnerSet(runners, manifest.shape_ranges, str(folder), assets if assets.is_dir() else None,
                      bundle=manifest, model=manifest.model)
 
 
@@ -430,21 +425,3 @@ def check_refit(manifest: BundleManifest) -> None:
         raise ArtifactError(f"the {', '.join(stripped)} engine(s) of this bundle are weight-stripped and not refit yet",
                             path=manifest.folder,
                             hint=f"refit it first: sd35trt refit {manifest.folder} --onnx <the work dir it was built from>")
-
-
-def _bundle_module(manifest: BundleManifest) -> str:
-    """The runtime module named by the bundle (no host check: tests and plans on hosts that cannot run it)."""
-    from sd35trt.core.portability import RuntimeRecord
-
-    return RuntimeRecord.of_bundle(manifest.data).modules[0]
-
-
-def ranges_of_bundle(manifest: BundleManifest) -> ShapeRanges:
-    """Shape ranges every engine of a bundle accepts: the exported ranges recorded per component."""
-    recorded = [e.ranges for e in manifest.components.values()]
-    if not recorded or any(r is None for r in recorded) or any(r != recorded[0] for r in recorded):
-        raise ArtifactError("bundle manifest lacks consistent shape ranges for its engines",
-                            hint="rebuild the bundle from one export (sd35trt build --force)")
-    first = recorded[0]
-    assert first is not None
-    return ShapeRanges.from_dict(first)
