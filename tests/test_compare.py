@@ -76,7 +76,7 @@ def test_polygraphy_chain_twin_runs_through_the_comparator(calibrated, tmp_path)
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
-    from sd35trt.checks.compare import chained_poly_runner
+    from sd35trt.checks.polygraphy_runners import chained_poly_runner
     from sd35trt.core.manifests import OnnxManifest, WorkDir
     from sd35trt.core.onnx_utils import ort_session
     from sd35trt.core.specs import SPECS, Precision

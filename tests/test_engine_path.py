@@ -49,7 +49,7 @@ def test_every_engine_runner_names_its_plan_from_any_directory(bundle, tmp_path,
 def test_sd35trt_session_and_polygraphy_twin_both_reach_the_runtime(bundle, tmp_path, monkeypatch):
     """Loading opens the right file, checks its sha256 on the mapped bytes, and hands them to TensorRT-RTX, whose
     own refusal is the error (was: polygraphy's twin opened 'clip_l.plan' relative to the current directory)."""
-    from sd35trt.checks.compare import engine_twin
+    from sd35trt.checks.polygraphy_runners import engine_twin
 
     found = runners(bundle)
     monkeypatch.chdir(tmp_path)
@@ -206,7 +206,7 @@ def test_polygraphy_twin_of_a_bundle_is_scoped_to_tensorrt_rtx(bundle):
 
     import polygraphy.config as polygraphy_config
 
-    from sd35trt.checks.compare import engine_twin
+    from sd35trt.checks.polygraphy_runners import engine_twin
 
     before = polygraphy_config.USE_TENSORRT_RTX
     twin = engine_twin(runners(bundle).runners["clip_l"], "engine-polygraphy:clip_l")

@@ -243,7 +243,8 @@ def _compare_runners(options: LoopOptions, source: ModelSource,
                      cfg: CompareConfig) -> tuple[dict[str, dict[str, Any]], Any, str, dict[str, str]]:
     """compare's candidates: the bundle's engines (with polygraphy's TrtRunner twin), or each ONNX variant; checked
     to be built from ``source``."""
-    from sd35trt.checks.compare import onnx_variants, twin_refusal
+    from sd35trt.checks.compare import onnx_variants
+    from sd35trt.checks.polygraphy_runners import twin_refusal
     from sd35trt.core.manifests import BundleManifest
     from sd35trt.runtime.launch import open_runners
 
@@ -278,7 +279,7 @@ def compare(
     json_out: bool = typer.Option(False, "--json", help="print compare.json instead of the table"),
 ) -> None:
     """Per-component (polygraphy) and end-to-end comparison against PyTorch/diffusers; exit 1 on a failed tolerance."""
-    import sd35trt.checks.compare as compare_mod
+    import sd35trt.checks.polygraphy_runners as polygraphy_runners
     from sd35trt.checks.compare import CompareConfig, format_compare, run_compare
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.errors import InvalidInputError
@@ -297,7 +298,7 @@ def compare(
     # the runners open as generate opens them: one LoopOptions, one open_runners
     options = LoopOptions(model=model, bundle=bundle, onnx=onnx, provider=provider, t5=t5, lora=lora)
     by_variant, ranges, label, missing = _compare_runners(options, source, cfg)
-    compare_mod.VERBOSE = verbose
+    polygraphy_runners.VERBOSE = verbose
     texts = read_prompts(DEFAULT_PROMPTS, prompts)[-prompts:]
     report = run_compare(source, out, cfg, texts, by_variant, ranges, label, missing)
     if json_out:
