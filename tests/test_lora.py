@@ -53,6 +53,26 @@ def test_lora_changes_the_model_and_is_part_of_its_identity(adapter):
     assert error_stats(latents[0].numpy(), latents[1].numpy()).rel_l2 > 1e-2, "the adapter changes the image"
 
 
+def test_island_weights_of_a_directory_with_lora_are_built_off_the_gpu(user_model, adapter):
+    """Export builds a network in FP16 on its device and takes its islands' FP32 weights from a second, FP32 build
+    when LoRA is fused. For a directory that copy is built on the CPU whatever the export's device (SD3.5-Large: 32
+    GB that would sit on the GPU beside the FP16 network): asked for ``cuda`` on this GPU-less host, it still comes
+    back, with the adapter fused in."""
+    from sd35trt.core.models import island_weights
+    from sd35trt.core.numerics import Island
+
+    styled, base = resolve_model(str(user_model), lora=f"{adapter}:0.8"), resolve_model(str(user_model))
+    block = Island("transformer_blocks.0", 1e5, "test")
+    tensors, where = island_weights(styled, "transformer", [block], device="cuda")
+    assert where == "the transformer network built in FP32"
+    fused = dict(build_pipeline(styled, dtype=torch.float32).transformer.named_parameters())
+    plain = dict(build_pipeline(base, dtype=torch.float32).transformer.named_parameters())
+    query = "transformer_blocks.0.attn.to_q.weight"
+    assert set(tensors) >= {query} and all(k.startswith("transformer_blocks.0.") for k in tensors)
+    assert all(t.device.type == "cpu" and torch.equal(t, fused[k]) for k, t in tensors.items())
+    assert not torch.equal(tensors[query], plain[query]), "the adapter is fused into the island's weights"
+
+
 @pytest.fixture(scope="module")
 def lora_work(user_work):
     return user_work[0] / "work"

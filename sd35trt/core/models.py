@@ -365,7 +365,11 @@ def island_weights(source: ModelSource, attr: str, islands: list[Any], device: s
 
     from sd35trt.core.numerics import island_state
 
-    pipe = build_pipeline(source, device=device, dtype=torch.float32, components={attr})
+    # A preset's random weights depend on the device they are drawn on, so they are drawn again there; a directory's
+    # (with its LoRA fused) do not: built on the CPU, the FP32 copy does not sit on the GPU beside the FP16 export
+    # (SD3.5-Large: 32 GB more)
+    where = device if source.path is None else "cpu"
+    pipe = build_pipeline(source, device=where, dtype=torch.float32, components={attr})
     tensors = {k: v.cpu() for k, v in island_state(getattr(pipe, attr), islands).items()}
     del pipe
     return tensors, f"the {attr} network built in FP32"
