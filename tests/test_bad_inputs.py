@@ -446,3 +446,17 @@ def test_make_engines_refuses_bad_options_before_any_step(tmp_path, args, messag
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert " calibrate " not in done.stdout and not (tmp_path / "work").exists(), "nothing ran after the check"
+
+
+def test_cuda_out_of_memory_is_one_line_naming_what_holds_the_gpu():
+    """torch's message from a real out-of-memory (round 17 on the H200: a Large export while two other runs held
+    the card) becomes one line: what was asked, what was free, who holds the rest, what to do."""
+    from sd35trt.cli.main import gpu_oom_line
+
+    log = Path(__file__).resolve().parent.parent / "bench/results/2026-12-05-h200-r17/make-sd3.5-large-int4-clip-fit.log"
+    message = next(line for line in log.read_text().splitlines() if line.startswith("torch.OutOfMemoryError"))
+    line = gpu_oom_line(message.split(": ", 1)[1])
+    assert line == ("CUDA out of memory: 92.00 MiB asked with 31.94 MiB free of 139.80 GiB; this process holds 55.20 GiB, "
+                    "other processes 84.5 GiB: free the GPU of the other processes (84.5 GiB) or run the step on the CPU "
+                    "(--device cpu, slower)")
+    assert gpu_oom_line("CUDA error: an illegal memory access was encountered") is None  # not torch's OOM: a bug

@@ -215,6 +215,25 @@ OS_HINTS = {
 }
 
 
+def gpu_oom_line(message: str) -> str | None:
+    """One line for torch's CUDA out-of-memory message: what was asked, what was free, what this process and the
+    others hold, and what to do; None for a message that is not torch's."""
+    import re
+
+    text = " ".join(message.split())
+    asked = re.search(r"Tried to allocate ([\d.]+ \w+)", text)
+    card = re.search(r"total capacity of ([\d.]+ \w+) of which ([\d.]+ \w+) is free", text)
+    if asked is None or card is None:
+        return None
+    gib = {"KiB": 2.0**-20, "MiB": 2.0**-10, "GiB": 1.0}
+    others = sum(float(n) * gib.get(u, 1.0) for n, u in re.findall(r"Process \d+ has ([\d.]+) (\w+) memory in use", text))
+    mine = re.search(r"this process has ([\d.]+ \w+) memory in use", text)
+    held = (f"; this process holds {mine.group(1)}" if mine else "") + (f", other processes {others:.1f} GiB" if others else "")
+    hint = (f"free the GPU of the other processes ({others:.1f} GiB)" if others >= 1 else "use a GPU with more memory") + \
+        " or run the step on the CPU (--device cpu, slower)"
+    return f"CUDA out of memory: {asked.group(1)} asked with {card.group(2)} free of {card.group(1)}{held}: {hint}"
+
+
 def os_error_line(exc: OSError) -> str | None:
     """One line for an operating-system error on a named path, or None (no path: treated as a bug)."""
     where = exc.filename or getattr(exc, "filename2", None)
@@ -250,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except typer.Exit as exc:
         return exc.exit_code or 0
+    except RuntimeError as exc:
+        # CUDA out of memory is the GPU's state, not a bug: one line with what holds the card (traceback with
+        # SD35TRT_DEBUG=1)
+        line = gpu_oom_line(str(exc)) if type(exc).__name__ == "OutOfMemoryError" else None
+        if line is None or debug:
+            raise
+        sys.stderr.write(f"error: {line}\n")
+        return 2
     except Exception as exc:
         # Usage errors (bad option, missing argument) from typer's vendored click: print, exit 2.
         if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
