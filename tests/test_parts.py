@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from sd35trt.core.errors import BuildError, InvalidInputError
 from sd35trt.core.manifests import OnnxManifest, WorkDir
 from sd35trt.core.specs import COMPONENTS, SPECS, Precision
-from sd35trt.producers.bundle import MAX_PARTS, PEAK_RSS_FACTOR, BuildConfig, builder_need, parse_parts, plan_part_counts
+from sd35trt.producers.bundle import BuildConfig, parse_parts
+from sd35trt.producers.parts import MAX_PARTS, PEAK_RSS_FACTOR, builder_need, plan_part_counts
 from tests.conftest import needs_rtx
 
 GIB = 2**30

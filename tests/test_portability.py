@@ -10,7 +10,8 @@ from sd35trt.core.errors import InvalidInputError
 from sd35trt.core.manifests import RuntimeRecord
 from sd35trt.core.portability import check_portability, runtime_fit, runtime_module
 from sd35trt.core.targets import Backend, GpuTarget
-from sd35trt.producers.bundle import BuildConfig, build_bundle, check_memory
+from sd35trt.producers.bundle import BuildConfig, build_bundle
+from sd35trt.producers.parts import check_memory
 from tests.conftest import needs_rtx
 from tests.test_bad_inputs import assert_user_error, run_cli
 

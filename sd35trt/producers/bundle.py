@@ -49,6 +49,16 @@ from sd35trt.core.models import model_slug
 from sd35trt.core.portability import check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
 from sd35trt.core.targets import Backend, GpuTarget, PrecisionChoice, TargetInfo, narrow_for_format, plan_precisions
+from sd35trt.producers.parts import (
+    BUILDER_BASE_GIB,
+    MAX_PARTS,
+    PEAK_RSS_FACTOR,
+    PartsChoice,
+    available_memory,
+    builder_need,
+    check_memory,
+    plan_part_counts,
+)
 from sd35trt.producers.refit import describe_refit
 from sd35trt.producers.trt_builder import (
     TrtBackend,
@@ -175,81 +185,6 @@ def bundle_suffix(plan: Mapping[str, Any], base: str = "") -> str:
 
 def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, suffix: str = "") -> Path:
     return engines_root / model_slug / f"{target.target.value}-{backend.kind.value}{suffix}"
-
-
-# Memory a build needs per byte of engine weights. Peak RSS is ~2.7-2.8x (TensorRT-RTX 1.7, child process, SD3.5-Large
-# FP8/FP16 transformer and FP16 T5 on the H100 host; SD3.5-Medium FP16 transformer 2.81x on the CPU box), but about
-# 1x of that is file-backed: the ONNX weights the parser maps, clean page cache the kernel can drop and re-read,
-# which MemAvailable already counts as available. The anonymous part measured 1.80x (Medium FP16 transformer,
-# bench/results/2026-11-22-cpu-run7): the builder's copy of the weights it converts, then the whole plan.
-# The host check asks for 2.0x plus 1 GiB for the libraries; a --max-build-memory budget (peak RSS) for 2.8x + 1 GiB.
-BUILDER_MEMORY_FACTOR = 2.0
-PEAK_RSS_FACTOR = 2.8
-BUILDER_BASE_GIB = 1.0
-MAX_PARTS = 8
-
-
-@dataclass(frozen=True)
-class PartsChoice:
-    """How many parts one component's engine is built in (``sd35trt.producers.parts``), and why."""
-
-    count: int
-    reason: str
-
-
-def builder_need(weight_bytes: int, factor: float) -> int:
-    return int(weight_bytes * factor) + int(BUILDER_BASE_GIB * 2**30)
-
-
-def plan_part_counts(weights: dict[str, int], explicit: dict[str, int], budget_gib: float | None,
-                     available: int | None, memory_check: bool) -> dict[str, PartsChoice]:
-    """Parts per component: ``--parts`` where given; else the fewest that keep each builder's estimated peak RSS
-    (PEAK_RSS_FACTOR x its weights + 1 GiB) within ``--max-build-memory``; else, where this host's memory
-    (MemAvailable + swap) cannot hold a whole build (BUILDER_MEMORY_FACTOR), the fewest that fit it, so a small
-    build box builds Large instead of refusing; else one. A component that fits in no count gets one, and
-    ``check_memory`` then refuses it in one line."""
-    choices = {}
-    for name, size in weights.items():
-        if name in explicit:
-            choices[name] = PartsChoice(explicit[name], "--parts")
-            continue
-        if budget_gib is not None:
-            limit, factor, why = int(budget_gib * 2**30), PEAK_RSS_FACTOR, f"--max-build-memory {budget_gib:g} GiB"
-        elif memory_check and available is not None:
-            limit, factor, why = available, BUILDER_MEMORY_FACTOR, f"this host's {available / 2**30:.1f} GiB available"
-        else:
-            choices[name] = PartsChoice(1, "whole")
-            continue
-        count = next((k for k in range(1, MAX_PARTS + 1) if builder_need(size // k, factor) <= limit), None)
-        if count is None or count == 1:
-            choices[name] = PartsChoice(1, "whole" if count else f"does not fit {why} even in {MAX_PARTS} parts")
-        else:
-            choices[name] = PartsChoice(count, f"{why}: about {builder_need(size, factor) / 2**30:.1f} GiB whole, "
-                                               f"{builder_need(size // count, factor) / 2**30:.1f} GiB per part")
-    return choices
-
-
-def available_memory() -> int | None:
-    """MemAvailable + SwapFree from /proc/meminfo (bytes), or None where that cannot be read."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def check_memory(onnx_bytes: int, what: str, available: int | None) -> None:
-    """One line before a build whose builder would not fit in this host's memory (the OOM killer would end it
-    minutes later, the previous bundle untouched, but with no time saved). ``available`` is MemAvailable +
-    SwapFree; ``BUILDER_MEMORY_FACTOR`` says what is counted."""
-    needed = builder_need(onnx_bytes, BUILDER_MEMORY_FACTOR)
-    if available is not None and needed > available:
-        raise InvalidInputError(f"not enough memory to build {what}: the builder needs about {needed / 2**30:.1f} GiB "
-                                f"({BUILDER_MEMORY_FACTOR}x its {onnx_bytes / 2**30:.1f} GiB of weights, measured, besides "
-                                f"the mapped ONNX itself), "
-                                f"{available / 2**30:.1f} GiB available",
-                                hint=f"build it in parts (--parts NAME=N, up to {MAX_PARTS}), free memory, or build on a "
-                                     "larger machine; --no-memory-check tries anyway (VMs whose memory grows on demand)")
 
 
 def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, force: bool = False) -> BundleResult:
