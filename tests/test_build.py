@@ -161,7 +161,7 @@ def test_a_crashing_builder_is_one_error_not_a_dead_process(tmp_path):
 
 def test_an_unreadable_layer_report_is_unknown_not_a_failed_build(tmp_path):
     from sd35trt.producers.bundle import check_layer_report
-    from sd35trt.producers.trt_builder import summarize_layers
+    from sd35trt.producers.layer_report import summarize_layers
 
     unknown = summarize_layers([])
     check_layer_report("transformer", Precision.FP8, unknown, tmp_path / "model.onnx")
@@ -174,7 +174,7 @@ def test_an_unreadable_layer_report_is_unknown_not_a_failed_build(tmp_path):
 def test_gemms_fused_with_their_add_count_as_gemms():
     """TensorRT-RTX reports a GEMM fused with its bias/residual add as a ``runtime_fusion`` layer named ``Fc…``
     (SD3.5-Large's FP8 transformer: 12 of them, the GEMMs the recipe leaves unquantized); they are GEMMs."""
-    from sd35trt.producers.trt_builder import is_gemm, summarize_layers
+    from sd35trt.producers.layer_report import is_gemm, summarize_layers
 
     def layer(kind, name, dtype="Half"):
         return {"type": kind, "name": name, "input_dtypes": [dtype], "weight_dtypes": [dtype]}
@@ -219,7 +219,7 @@ def test_layer_precision_from_the_engine_inspector_json():
     between 10.x and 11.x). Shape as documented (trex reads the same keys); anything else is "unknown"."""
     import json
 
-    from sd35trt.producers.trt_builder import parse_inspector_json, summarize_layers
+    from sd35trt.producers.layer_report import parse_inspector_json, summarize_layers
 
     doc = {"Layers": [
         {"Name": "/transformer_blocks.0/attn/to_q/MatMul", "LayerType": "gemm",

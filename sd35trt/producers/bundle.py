@@ -49,6 +49,7 @@ from sd35trt.core.models import model_slug
 from sd35trt.core.portability import check_portability
 from sd35trt.core.specs import COMPONENTS, Precision
 from sd35trt.core.targets import Backend, GpuTarget, PrecisionChoice, TargetInfo, narrow_for_format, plan_precisions
+from sd35trt.producers.layer_report import summarize_layers
 from sd35trt.producers.parts import (
     BUILDER_BASE_GIB,
     MAX_PARTS,
@@ -65,7 +66,6 @@ from sd35trt.producers.trt_builder import (
     build_engine_isolated,
     choose_backend,
     local_compute_capability,
-    summarize_layers,
 )
 
 if TYPE_CHECKING:
