@@ -21,7 +21,7 @@ LONG = {
     "runtime/pipeline.py:Sd35Loop.__call__": ORCHESTRATOR,
     "cli/commands.py:generate": OPTIONS,
     "cli/commands.py:bench": OPTIONS,
-    "cli/commands.py:preflight": OPTIONS,
+    "cli/build_commands.py:preflight": OPTIONS,
     "cli/main.py:export": OPTIONS,
 }
 

@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from sd35trt.cli import commands  # noqa: E402, F401  (registers build, bundle, doctor, generate, compare, bench)
+from sd35trt.cli import build_commands, commands  # noqa: E402, F401  (register their subcommands)
 from sd35trt.cli.app import (  # noqa: E402
     DeviceOpt,
     LoraOpt,
