@@ -42,8 +42,10 @@ def test_runtime_record_round_trip_and_older_bundles():
     data = PORTABLE.to_dict()
     assert data["runs_on"] == ["tensorrt 11.4.0.106", "tensorrt_lean 11.4.0.106"] and data["lean_runtime_in_plan"] is False
     assert RuntimeRecord.from_dict(data) == PORTABLE
-    old = {"backend": "tensorrt-rtx", "backend_version": "1.7.1.116", "compute_capabilities": ["8.9"]}
-    assert RuntimeRecord.of_bundle(old) == RuntimeRecord("tensorrt-rtx", "1.7.1.116", False, "none", ("8.9",))
+    # a bundle from before the runtime record existed: plain engines of its backend
+    older = RuntimeRecord.recorded({}, "tensorrt-rtx", "1.7.1.116", ["8.9"])
+    assert older == RuntimeRecord("tensorrt-rtx", "1.7.1.116", False, "none", ("8.9",))
+    assert RuntimeRecord.recorded(data, "tensorrt-rtx", "1.7.1.116", ["8.9"]) == PORTABLE
 
 
 def test_refused_combinations():

@@ -357,11 +357,9 @@ class RuntimeRecord:
                    str(data.get("hardware_compatibility", "none")), tuple(data.get("compute_capabilities", ())))
 
     @classmethod
-    def of_bundle(cls, data: dict[str, Any]) -> RuntimeRecord:
-        """The record of a bundle manifest; bundles from before ``runtime`` existed were plain engines."""
-        if isinstance(data.get("runtime"), dict) and data["runtime"]:
-            return cls.from_dict(data["runtime"])
-        return cls(data["backend"], data["backend_version"], False, "none", tuple(data["compute_capabilities"]))
+    def recorded(cls, runtime: dict[str, Any], backend: str, version: str, ccs: list[str]) -> RuntimeRecord:
+        """``runtime`` as recorded, or for an empty one (bundles from before it existed) plain engines of ``backend``."""
+        return cls.from_dict(runtime) if runtime else cls(backend, version, False, "none", tuple(ccs))
 
 
 @dataclass(frozen=True)
@@ -405,8 +403,7 @@ class BundleManifest:
     def runtime_record(self) -> RuntimeRecord:
         """Which runtime (module, version) and GPUs run the engines; bundles from before ``runtime`` existed were
         plain engines of their backend."""
-        return RuntimeRecord.of_bundle({"runtime": self.runtime, "backend": self.backend, "backend_version": self.backend_version,
-                                        "compute_capabilities": self.compute_capabilities})
+        return RuntimeRecord.recorded(self.runtime, self.backend, self.backend_version, self.compute_capabilities)
 
     @property
     def shape_ranges(self) -> ShapeRanges:
