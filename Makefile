@@ -35,6 +35,10 @@ ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
 FP8 ?= transformer
 SHARDS ?= 1
 BUILD_FLAGS ?=
+# Where calibrate and export run torch (auto: the GPU when there is one): DEVICE=cpu on a build box whose GPU is too
+# small or busy (slower; host memory instead).
+DEVICE ?=
+DEVICE_FLAG := $(if $(DEVICE),--device "$(DEVICE)")
 # Engine shape ranges (export's --height/--width, MIN:OPT:MAX pixels; default 512:1024:1536; --batch images per
 # prompt, default 1:1:4): checked by preflight. An engine holds activation memory for its largest shapes, so ranges
 # that end where a small card's requests end (`sd35trt doctor BUNDLE --vram 8` names them) shrink its plans.
@@ -59,7 +63,7 @@ CALIB_SIZE := $(if $(NUM_PROMPTS),--num-prompts $(NUM_PROMPTS)) $(if $(STEPS),--
 
 help:
 	@echo "make engines GPU=ada [MODEL=tiny]   preflight -> calibrate -> export -> build one engine bundle (steps skip when unchanged)"
-	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= T5=0 HEIGHT= WIDTH= BATCH= FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 BUILD_FLAGS=..."
+	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= T5=0 HEIGHT= WIDTH= BATCH= FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 DEVICE=cpu BUILD_FLAGS=..."
 	@echo "make test                           run the test suite (CPU, tiny preset; what CI runs)"
 	@echo "make test-fast                      the pure-function tier (no model, no build): under 90 s"
 	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"
@@ -84,14 +88,14 @@ install: $(VENV)/.installed
 # Model, target and options are checked before any step (a bad GPU= or MODEL= fails in seconds, not after export).
 preflight: $(STAMP)
 	@$(CLI) preflight --model "$(MODEL)" --gpu "$(GPU)" --backend "$(BACKEND)" --fp8 "$(FP8)" --format "$(QUANT)" --work "$(WORK)" \
-	  --engines "$(ENGINES)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG)
+	  --engines "$(ENGINES)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG)
 
 calibrate: preflight
 	$(CLI) calibrate --model "$(MODEL)" --out "$(WORK)" --prompts "$(PROMPTS)" $(strip $(CALIB_SIZE)) \
-	  --components "$(FP8)" --format "$(QUANT)" $(MIXED_FLAG) --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG)
+	  --components "$(FP8)" --format "$(QUANT)" $(MIXED_FLAG) --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG)
 
 export: calibrate
-	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG)
+	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG)
 
 build: export
 	$(CLI) build --gpu "$(GPU)" --backend "$(BACKEND)" --onnx "$(WORK)" --out "$(ENGINES)" $(T5_FLAG) $(BUILD_FLAGS)

@@ -432,7 +432,8 @@ def test_library_prints_go_to_stderr_and_results_stay_on_stdout(capsys, monkeypa
 @pytest.mark.parametrize("args,message", [(["GPU=foo"], "unknown GPU target 'foo'"),
                                           (["MODEL=/nonexistent"], "no such model directory '/nonexistent'"),
                                           (["T5=0", "FP8=transformer,t5"], "FP8=... names t5 but T5=0"),
-                                          (["BATCH=1:x:1"], "--batch '1:x:1' is not N, MIN:MAX or MIN:OPT:MAX")])
+                                          (["BATCH=1:x:1"], "--batch '1:x:1' is not N, MIN:MAX or MIN:OPT:MAX"),
+                                          (["DEVICE=gpu"], "--device 'gpu' is not one of auto, cpu, cuda")])
 def test_make_engines_refuses_bad_options_before_any_step(tmp_path, args, message):
     """`make engines` runs preflight first: a bad target or model is one line before calibrate starts."""
     import subprocess
@@ -458,5 +459,5 @@ def test_cuda_out_of_memory_is_one_line_naming_what_holds_the_gpu():
     line = gpu_oom_line(message.split(": ", 1)[1])
     assert line == ("CUDA out of memory: 92.00 MiB asked with 31.94 MiB free of 139.80 GiB; this process holds 55.20 GiB, "
                     "other processes 84.5 GiB: free the GPU of the other processes (84.5 GiB) or run the step on the CPU "
-                    "(--device cpu, slower)")
+                    "(--device cpu; make engines DEVICE=cpu; slower)")
     assert gpu_oom_line("CUDA error: an illegal memory access was encountered") is None  # not torch's OOM: a bug

@@ -99,11 +99,13 @@ def preflight(
     height: str = typer.Option(str(_RANGES.height), "--height", help="the pixel height range export will use (make's HEIGHT=)"),
     width: str = typer.Option(str(_RANGES.width), "--width", help="the pixel width range export will use (make's WIDTH=)"),
     batch: str = typer.Option(str(_RANGES.batch), "--batch", help="the images-per-prompt range export will use (make's BATCH=)"),
+    device: str = typer.Option("auto", "--device", help="where calibrate and export will run torch (make's DEVICE=)"),
 ) -> None:
     """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
     from sd35trt.cli.app import ranges_from_options
     from sd35trt.core.artifacts import ensure_writable_dir
-    from sd35trt.core.host import resolve_target
+    from sd35trt.core.errors import check_choice
+    from sd35trt.core.host import DEVICES, resolve_target
     from sd35trt.core.models import resolve_model
     from sd35trt.core.shapes import check_model_side
     from sd35trt.core.specs import (
@@ -118,6 +120,7 @@ def preflight(
     from sd35trt.producers.bundle import bundle_suffix
     from sd35trt.producers.trt_builder import choose_backend
 
+    check_choice("--device", device, DEVICES)
     source = resolve_model(model, lora=lora)
     check_model_side(ranges_from_options(batch, height, width, str(_RANGES.t5_tokens.max)),
                      source.largest_side(), source.id)

@@ -230,7 +230,7 @@ def gpu_oom_line(message: str) -> str | None:
     mine = re.search(r"this process has ([\d.]+ \w+) memory in use", text)
     held = (f"; this process holds {mine.group(1)}" if mine else "") + (f", other processes {others:.1f} GiB" if others else "")
     hint = (f"free the GPU of the other processes ({others:.1f} GiB)" if others >= 1 else "use a GPU with more memory") + \
-        " or run the step on the CPU (--device cpu, slower)"
+        " or run the step on the CPU (--device cpu; make engines DEVICE=cpu; slower)"
     return f"CUDA out of memory: {asked.group(1)} asked with {card.group(2)} free of {card.group(1)}{held}: {hint}"
 
 
