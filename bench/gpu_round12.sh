@@ -13,8 +13,10 @@
 #   refusal   bench/reach_refusal.sh: every command that opens engines reaches TensorRT-RTX's compute-capability refusal
 #   fourbit   #35: `make engines MODEL=M GPU=ada QUANT=q [T5=0]` for each "M:q[:clip[:fit]]" of FOURBIT (nvfp4 builds
 #             GPU=blackwell; ":fit" adds doctor's 8 GB ranges BATCH=1:1:1 HEIGHT/WIDTH=512:1024:1024) (default
-#             "sd3.5-medium:int4:clip sd3.5-medium:mixed:clip | sd3.5-large:int4": groups split by "|" run side by
-#             side; Large with T5 for the issue's 25-min bar), each measured (wall, peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
+#             "sd3.5-large:int4:clip:fit | sd3.5-medium:int4:clip:fit sd3.5-medium:nvfp4:clip": groups split by "|"
+#             run side by side — a Large export peaks at 55 GB of GPU memory, so on an H100 run Large alone, on an
+#             H200 beside one Medium group, never two Large at once: round 17's did not fit), each measured (wall,
+#             peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
 #             the manifests), plan sizes, layer summaries and the calibration's errors
 #   USERPATH="default clip lora" picks the work dirs of userpath and compare (all three by default)
 #
@@ -60,7 +62,7 @@ stage_compare() {
 
 stage_fourbit() {  # FOURBIT groups separated by "|" run side by side (each group's items one after another)
   local group pids=()
-  IFS='|' read -ra groups <<< "${FOURBIT:-sd3.5-medium:int4:clip sd3.5-medium:mixed:clip | sd3.5-large:int4}"
+  IFS='|' read -ra groups <<< "${FOURBIT:-sd3.5-large:int4:clip:fit | sd3.5-medium:int4:clip:fit sd3.5-medium:nvfp4:clip}"
   for group in "${groups[@]}"; do fourbit_items $group & pids+=($!); done
   wait "${pids[@]}"
   return 0
