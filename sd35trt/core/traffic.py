@@ -28,7 +28,8 @@ class TrafficRecorder:
         def hook(_module, args, kwargs, _output):
             index = self.seen[name]
             self.seen[name] += 1
-            if (index not in keep) if keep is not None else limit is not None and len(self.calls[name]) >= limit:
+            wanted = index in keep if keep is not None else limit is None or len(self.calls[name]) < limit
+            if not wanted:
                 return
             values = dict(zip(spec.input_names, args))
             values.update({k: v for k, v in kwargs.items() if k in spec.input_names})

@@ -195,14 +195,13 @@ class LoopShape:
             runner = self.runners[planned.component]
             spec = SPECS[planned.component]
             width = self.assets.widths.get(planned.component, 0)
-            dims, at = planned.dims, "the request's shapes"
-            if runner.static_activations and runner.profile and not fitted:
-                dims = spec.dims_of({name: shapes[-1] for name, shapes in runner.profile.items()}, self.vae_scale)
-                at = "the profile's largest shapes (static allocation)"
+            at_max = bool(runner.static_activations and runner.profile and not fitted)
+            dims = spec.dims_of({name: shapes[-1] for name, shapes in runner.profile.items()}, self.vae_scale) \
+                if at_max else planned.dims
             act = spec.activation_bytes(dims, width)
             old = found.get(planned.component)
             found[planned.component] = Need(planned.component, runner.weight_bytes,
-                                            max(act, old.activations if old else 0), runner.streamable, at)
+                                            max(act, old.activations if old else 0), runner.streamable, at_max)
         return found
 
 

@@ -37,7 +37,11 @@ class Need:
     weights: int
     activations: int
     streamable: bool = False
-    activations_at: str = "the request's shapes"  # or "the profile's largest shapes" (an engine's static allocation)
+    at_profile_max: bool = False  # activations for the profile's largest shapes (an engine's static allocation)
+
+    @property
+    def activations_at(self) -> str:
+        return "the profile's largest shapes (static allocation)" if self.at_profile_max else "the request's shapes"
 
     @property
     def total(self) -> int:
@@ -131,7 +135,7 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
     least = min(fits) if fits else 0
     named = "" if mode == "auto" else f" with --vram-plan {mode}"
     largest = max(needs.values(), key=lambda n: n.total)
-    if largest.activations_at.startswith("the profile"):  # an engine: the request's size does not change its share
+    if largest.at_profile_max:  # an engine: the request's size does not change its share
         hint = ("its engines hold activation memory for their largest shapes: rebuild with ranges that end at your "
                 "requests (make engines BATCH= HEIGHT= WIDTH=; `sd35trt doctor BUNDLE --vram N` names them and "
                 "their plan)" + (", or build the transformer with `sd35trt build --weight-streaming`"
