@@ -119,7 +119,6 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
 def _fitted_report(needs: dict[str, Any], budget: int, *, height: int, width: int, batch: int) -> dict[str, Any]:
     """The plans of this bundle's engines rebuilt with shape ranges that end at the request (an engine holds
     activation memory for its profile's largest shapes): the ``make engines`` knobs and what they would need."""
-    from sd35trt.core.errors import Sd35TrtError
     from sd35trt.runtime.vram import GIB, all_peaks, choose_plan, in_gib
 
     ranges = {"BATCH": f"1:1:{batch}", "HEIGHT": f"{min(512, height)}:{height}:{height}",
