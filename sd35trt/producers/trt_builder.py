@@ -9,6 +9,7 @@ precision) is shared in ``build_engine``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -283,6 +284,12 @@ def _build_failure(backend: TrtBackend, problems: list[str], onnx_path: Path, re
     # TensorRT-RTX compiles some kernels on the host's own GPU while it builds (refittable plans); on a GPU it does
     # not support (Hopper, SM90) loading them fails with "CUDA error 222 loading a module"
     wrong_gpu = "CUDA error 222" in detail or "CUDAMod" in detail
+    refused = re.search(r"Cannot compile operation '([^']+)' for [^(]*\((SM\d+)\): ([^.(]+)", detail)
+    if refused:  # the cause; a driver error that follows it is the builder's cascade, not what to fix
+        op, sm, why = refused.groups()
+        return BuildError(f"{backend.kind.value} cannot build {op} for {sm}: {why.strip()}", path=onnx_path,
+                          hint="this builder has no kernel for that operation on that GPU: report it with the ONNX "
+                               "manifest; full TensorRT on a host with that GPU (--backend tensorrt) may build it")
     hint = ("this build needs a CUDA driver (TensorRT-RTX builds refittable or weight-stripped plans only on a GPU "
             "host): build there, or drop --refittable/--strip-weights" if needs_gpu and refit != "none" else
             "this build needs a CUDA driver: build on a GPU host" if needs_gpu else
