@@ -30,9 +30,15 @@ WORK ?= build/$(shell basename -- "$(MODEL)")$(if $(filter-out fp8,$(QUANT)),-$(
 ENGINES ?= engines
 PROMPTS ?= calibration/prompts.txt
 ORT_VERSION := $(shell sed -n 's/^onnxruntime==//p' requirements.lock)
-# FP8 components (transformer,t5 adds T5-XXL in FP8: docs/BENCHMARKS.md has its measured error), calibration
-# workers (SHARDS=2: one per GPU), and extra build options (BUILD_FLAGS=--portable for full TensorRT).
+# The components calibrated to QUANT's format (FP8= is this knob's older name): transformer,t5 adds T5-XXL in FP8
+# (docs/BENCHMARKS.md has its measured error); 4-bit formats quantize the transformer only. INT8=clip_l,clip_g[,t5]:
+# those components' weights stored in INT8 (weight-only, per output channel; no calibration), half their FP16 size,
+# on every GPU target. Calibration workers (SHARDS=2: one per GPU), and extra build options (BUILD_FLAGS=--portable
+# for full TensorRT).
 FP8 ?= transformer
+QUANTIZE ?= $(FP8)
+INT8 ?=
+INT8_FLAG := $(if $(INT8),--int8 "$(INT8)")
 SHARDS ?= 1
 BUILD_FLAGS ?=
 # Where calibrate and export run torch (auto: the GPU when there is one): DEVICE=cpu on a build box whose GPU is too
@@ -63,7 +69,7 @@ CALIB_SIZE := $(if $(NUM_PROMPTS),--num-prompts $(NUM_PROMPTS)) $(if $(STEPS),--
 
 help:
 	@echo "make engines GPU=ada [MODEL=tiny]   preflight -> calibrate -> export -> build one engine bundle (steps skip when unchanged)"
-	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= T5=0 HEIGHT= WIDTH= BATCH= FP8=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 DEVICE=cpu BUILD_FLAGS=..."
+	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= INT8=clip_l,clip_g T5=0 HEIGHT= WIDTH= BATCH= QUANTIZE=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 DEVICE=cpu BUILD_FLAGS=..."
 	@echo "make test                           run the test suite (CPU, tiny preset; what CI runs)"
 	@echo "make test-fast                      the pure-function tier (no model, no build): under 90 s"
 	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"
@@ -87,18 +93,18 @@ install: $(VENV)/.installed
 
 # Model, target and options are checked before any step (a bad GPU= or MODEL= fails in seconds, not after export).
 preflight: $(STAMP)
-	@$(CLI) preflight --model "$(MODEL)" --gpu "$(GPU)" --backend "$(BACKEND)" --fp8 "$(FP8)" --format "$(QUANT)" --work "$(WORK)" \
-	  --engines "$(ENGINES)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG)
+	@$(CLI) preflight --model "$(MODEL)" --gpu "$(GPU)" --backend "$(BACKEND)" --quantize "$(QUANTIZE)" --format "$(QUANT)" --work "$(WORK)" \
+	  --engines "$(ENGINES)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG) $(INT8_FLAG)
 
 calibrate: preflight
 	$(CLI) calibrate --model "$(MODEL)" --out "$(WORK)" --prompts "$(PROMPTS)" $(strip $(CALIB_SIZE)) \
-	  --components "$(FP8)" --format "$(QUANT)" $(MIXED_FLAG) --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG)
+	  --components "$(QUANTIZE)" --format "$(QUANT)" $(MIXED_FLAG) --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG)
 
 export: calibrate
-	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG)
+	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG) $(INT8_FLAG)
 
 build: export
-	$(CLI) build --gpu "$(GPU)" --backend "$(BACKEND)" --onnx "$(WORK)" --out "$(ENGINES)" $(T5_FLAG) $(BUILD_FLAGS)
+	$(CLI) build --gpu "$(GPU)" --backend "$(BACKEND)" --onnx "$(WORK)" --out "$(ENGINES)" $(T5_FLAG) $(INT8_FLAG) $(BUILD_FLAGS)
 
 engines: build
 

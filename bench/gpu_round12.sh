@@ -11,13 +11,15 @@
 #   sizes     #33: the same 64 images at --batch 1, 2, 4 and auto (SIZES="1 2 4 auto"), one after another in one chain, each
 #             index kept as soon as it ends; then the same-image check against auto
 #   refusal   bench/reach_refusal.sh: every command that opens engines reaches TensorRT-RTX's compute-capability refusal
-#   fourbit   #35: `make engines MODEL=M GPU=ada QUANT=q [T5=0]` for each "M:q[:clip[:fit]]" of FOURBIT (nvfp4 builds
-#             GPU=blackwell; ":fit" adds doctor's 8 GB ranges BATCH=1:1:1 HEIGHT/WIDTH=512:1024:1024) (default
-#             "sd3.5-large:int4:clip:fit | sd3.5-medium:int4:clip:fit sd3.5-medium:nvfp4:clip": groups split by "|"
+#   fourbit   #35: `make engines MODEL=M GPU=ada QUANT=q [T5=0]` for each "M:q[:clip[:fit[:int8]]]" of FOURBIT (nvfp4
+#             builds GPU=blackwell; ":fit" adds doctor's 8 GB ranges BATCH=1:1:1 HEIGHT/WIDTH=512:1024:1024, ":int8" the
+#             text encoders' weights in INT8, INT8=clip_l,clip_g[,t5]) (default "sd3.5-large:int4:clip:fit:int8 |
+#             sd3.5-medium:int4:clip:fit:int8 sd3.5-medium:nvfp4:clip": groups split by "|"
 #             run side by side — a Large export peaks at 55 GB of GPU memory, so on an H100 run Large alone, on an
 #             H200 beside one Medium group, never two Large at once: round 17's did not fit), each measured (wall,
 #             peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
 #             the manifests), plan sizes, layer summaries and the calibration's errors
+#   int8      #35: bench/int8_encoders.py --t5 on the GPU: CLIP-L, CLIP-G and T5-XXL with INT8 weights vs FP32 (TF32 off)
 #   USERPATH="default clip lora" picks the work dirs of userpath and compare (all three by default)
 #
 #   bash bench/gpu_round12.sh launch [STAGES...]   detached (setsid); returns at once
@@ -62,7 +64,7 @@ stage_compare() {
 
 stage_fourbit() {  # FOURBIT groups separated by "|" run side by side (each group's items one after another)
   local group pids=()
-  IFS='|' read -ra groups <<< "${FOURBIT:-sd3.5-large:int4:clip:fit | sd3.5-medium:int4:clip:fit sd3.5-medium:nvfp4:clip}"
+  IFS='|' read -ra groups <<< "${FOURBIT:-sd3.5-large:int4:clip:fit:int8 | sd3.5-medium:int4:clip:fit:int8 sd3.5-medium:nvfp4:clip}"
   for group in "${groups[@]}"; do fourbit_items $group & pids+=($!); done
   wait "${pids[@]}"
   return 0
@@ -71,24 +73,33 @@ stage_fourbit() {  # FOURBIT groups separated by "|" run side by side (each grou
 fourbit_items() {
   local item model quant clip fit t5 suffix work bundle
   for item in "$@"; do
-    IFS=: read -r model quant clip fit <<< "$item"
+    IFS=: read -r model quant clip fit int8 <<< "$item"
     t5=1; suffix=""; [[ $clip == clip ]] && { t5=0; suffix=-clip; }
     local gpu=ada ranges=(); [[ $quant == nvfp4 ]] && gpu=blackwell
     [[ $fit == fit ]] && ranges=(BATCH=1:1:1 HEIGHT=512:1024:1024 WIDTH=512:1024:1024)  # doctor's 8 GB ranges
-    work=build/$model-$quant$suffix; bundle=engines/$model/$gpu-tensorrt-rtx-$quant$suffix
+    [[ $int8 == int8 ]] && ranges+=(INT8=clip_l,clip_g$([[ $t5 == 1 ]] && echo ,t5))  # the text encoders' weights in INT8
+    work=build/$model-$quant$suffix; bundle=engines/$model/$gpu-tensorrt-rtx-$quant${int8:+-int8}$suffix
     "$PY" bench/measure.py "$RUN/fourbit-measure.jsonl" "make engines MODEL=$model GPU=$gpu QUANT=$quant T5=$t5 ${ranges[*]}" -- \
       make engines MODEL="$model" GPU="$gpu" QUANT="$quant" T5="$t5" WORK="$work" SYSTEM_PYTHON=1 "${ranges[@]}" \
-      > "$RUN/make-$model-$quant$suffix${fit:+-fit}.log" 2>&1
+      > "$RUN/make-$model-$quant$suffix${fit:+-fit}${int8:+-int8}.log" 2>&1
     echo "make $model $quant T5=$t5 ${ranges[*]}: rc $?"
-    local keep=$RUN/fourbit-$model-$quant$suffix${fit:+-fit}
+    local keep=$RUN/fourbit-$model-$quant$suffix${fit:+-fit}${int8:+-int8}
     mkdir -p "$keep"
     cp "$work"/calibration/calibration.json "$bundle"/layers/transformer*.txt "$keep/" 2>/dev/null
     cp "$work"/onnx-"$quant"/transformer/manifest.json "$keep/onnx-transformer.json" 2>/dev/null
     cp "$bundle/manifest.json" "$keep/bundle.json" 2>/dev/null
+    for f in "$work"/onnx-int8/*/manifest.json; do [[ -f $f ]] && cp "$f" "$keep/onnx-int8-$(basename "$(dirname "$f")").json"; done
     $CLI doctor "$bundle" --vram 8 --no-t5 > "$keep/doctor-8gb-clip.json" 2> "$keep/doctor.log"
     du -sb "$bundle"/*.plan > "$keep/plans.txt" 2>/dev/null
-    rm -rf "$work"/onnx-fp16 "$work"/onnx-"$quant" "$bundle"/*.plan  # the 64 GB disk holds one model's at a time
+    rm -rf "$work"/onnx-fp16 "$work"/onnx-int8 "$work"/onnx-"$quant" "$bundle"/*.plan  # the 64 GB disk: one model's at a time
   done
+}
+
+stage_int8() {  # #35: the text encoders' INT8 error vs FP32 at SD3.5 size, T5-XXL included (19 GB FP32: not on the CPU box)
+  "$PY" bench/int8_encoders.py --model sd3.5-medium --prompts 16 --t5 --device cuda --out "$RUN/int8_encoders.json" \
+    > "$RUN/int8_encoders.log" 2>&1
+  echo "int8_encoders: rc $?"
+  return 0
 }
 
 stage_refusal() {  # #31/#34: every engine command still reaches TensorRT-RTX's own refusal after the runner refactor

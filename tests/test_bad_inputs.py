@@ -160,7 +160,7 @@ CALIBRATE_CASES = [
     (lambda d: ["--config", d / "missing.toml"], "FP8 recipe not found"),
     (lambda d: ["--config", d / "bad.toml"], "not valid TOML"),
     (lambda d: ["--config", d / "unknown.toml"], "unknown key(s) unet"),
-    (lambda d: ["--components", "vae_decoder"], "not supported here"),
+    (lambda d: ["--components", "vae_decoder"], "not supported by --components"),
     (lambda d: ["--dtype", "fp64"], "--dtype 'fp64'"),
     (lambda d: ["--height", "520"], "not divisible by 16"),
 ]
@@ -311,9 +311,9 @@ def test_generate_against_artifacts(capsys, calibrated, tmp_path):
     code, err = run_cli(capsys, ["generate", "--onnx", out, "--model", "sd3.5-medium", "--prompt", "x",
                                  "--out", tmp_path / "x.png"])
     assert_user_error(code, err, "built from model 'tiny'")
-    code, err = run_cli(capsys, ["generate", "--onnx", out, "--precision", "int8", "--prompt", "x",
+    code, err = run_cli(capsys, ["generate", "--onnx", out, "--precision", "int3", "--prompt", "x",
                                  "--out", tmp_path / "x.png"])
-    assert_user_error(code, err, "--precision 'int8'")
+    assert_user_error(code, err, "--precision 'int3'")
 
 
 @needs_rtx
@@ -431,7 +431,7 @@ def test_library_prints_go_to_stderr_and_results_stay_on_stdout(capsys, monkeypa
 
 @pytest.mark.parametrize("args,message", [(["GPU=foo"], "unknown GPU target 'foo'"),
                                           (["MODEL=/nonexistent"], "no such model directory '/nonexistent'"),
-                                          (["T5=0", "FP8=transformer,t5"], "FP8=... names t5 but T5=0"),
+                                          (["T5=0", "QUANTIZE=transformer,t5"], "QUANTIZE=... names t5 but T5=0"),
                                           (["BATCH=1:x:1"], "--batch '1:x:1' is not N, MIN:MAX or MIN:OPT:MAX"),
                                           (["DEVICE=gpu"], "--device 'gpu' is not one of auto, cpu, cuda")])
 def test_make_engines_refuses_bad_options_before_any_step(tmp_path, args, message):

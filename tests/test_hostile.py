@@ -329,8 +329,10 @@ def test_preflight_catches_broken_and_foreign_model_directories(capsys, tmp_path
 
 
 def test_options_name_themselves_in_their_errors(capsys, tmp_path):
-    code, err = run_cli(capsys, ["preflight", "--fp8", "transformer,;x"])
-    assert_user_error(code, err, "--fp8")
+    code, err = run_cli(capsys, ["preflight", "--quantize", "transformer,;x"])
+    assert_user_error(code, err, "--quantize")
+    code, err = run_cli(capsys, ["preflight", "--int8", "clip_l,;x"])
+    assert_user_error(code, err, "--int8")
     code, err = run_cli(capsys, ["calibrate", "--holdout", "100000", "--out", tmp_path / "w"])
     assert_user_error(code, err, "--holdout")
     code, err = run_cli(capsys, ["calibrate", "--holdout", "500", "--out", tmp_path / "w"])  # the file has 512

@@ -31,6 +31,7 @@ VramPlanOpt = typer.Option("auto", "--vram-plan", help="auto | resident | sequen
 TilingOpt = typer.Option("auto", "--vae-tiling", help="auto (tiles only past what the VAE decoder takes whole) | on | off")
 LoraOpt = typer.Option(None, "--lora", help="LoRA adapters fused into the model first: adapter.safetensors[:scale][,more] (diffusers' SD3 LoRA loader; part of every cache key)")
 DeviceOpt = typer.Option("auto", "--device", help="torch device for export/calibration: auto, cpu or cuda")
+Int8Opt = typer.Option("", "--int8", help="components whose weights are stored in INT8 (weight-only, one scale per output channel; no calibration), e.g. clip_l,clip_g: half their FP16 size, on every GPU target (make's INT8=)")
 
 
 _results: Any = None  # stdout while a command runs; sys.stdout is then stderr (see results_on_stdout)

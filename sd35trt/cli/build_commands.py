@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from sd35trt.cli.app import LoraOpt, T5Opt, app, echo, emit
+from sd35trt.cli.app import Int8Opt, LoraOpt, T5Opt, app, echo, emit
 from sd35trt.core.shapes import ShapeRanges
 from sd35trt.producers.bundle import BuildConfig
 
@@ -33,13 +33,14 @@ def build(
     weight_streaming: bool = typer.Option(False, "--weight-streaming", help="build the transformer for weight streaming (the VRAM plan's streaming mode on small GPUs)"),
     refittable: bool = typer.Option(False, "--refittable", help="refittable engines (BuilderFlag.REFIT): `sd35trt refit` puts a LoRA's weights in on the deploy host"),
     strip_weights: bool = typer.Option(False, "--strip-weights", help="refittable and weight-stripped plans (STRIP_PLAN): smaller bundles, weights from the ONNX at refit"),
+    int8: str = Int8Opt,
     force: bool = typer.Option(False, "--force", help="rebuild even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
     """Build one engine bundle for a GPU target (FP8 where the GPU has it, FP16 fallback where not)."""
     from sd35trt.core.artifacts import ensure_writable_dir
     from sd35trt.core.errors import check_choice
-    from sd35trt.core.specs import ARTIFACT_PRECISIONS, Precision, parse_components, with_t5
+    from sd35trt.core.specs import ARTIFACT_PRECISIONS, Precision, parse_components, parse_int8, with_t5
     from sd35trt.core.targets import parse_backend, parse_target
     from sd35trt.producers.bundle import BuildConfig, build_bundle, parse_parts
 
@@ -50,13 +51,13 @@ def build(
                          refit="stripped" if strip_weights else "refit" if refittable else "none",
                          precision=None if precision == "auto" else Precision(precision), workspace_gib=workspace_gib,
                          portable=portable, hardware_compat=hardware_compat, memory_check=memory_check,
-                         parts=parse_parts(parts), max_build_memory_gib=max_build_memory)
+                         parts=parse_parts(parts), max_build_memory_gib=max_build_memory, int8=parse_int8(int8))
     ensure_writable_dir(out)
     result = build_bundle(onnx, out, config, force=force)
     m = result.manifest
     rows = {k: {"precision": e.precision, "bytes": e.bytes, "parts": len(e.plans), "gemm_fp8": e.layers["gemm_fp8"],
                 "gemm": e.layers["gemm"], "int4_weights": e.layers.get("int4_weights", 0),
-                "fp4_weights": e.layers.get("fp4_weights", 0),
+                "fp4_weights": e.layers.get("fp4_weights", 0), "int8_weights": e.layers.get("int8_weights", 0),
                 "fp32_islands": [i["module"] for i in e.fp32_islands], "reused": k not in result.rebuilt}
             for k, e in m.components.items()}
     if json_out:
@@ -77,7 +78,7 @@ def _bundle_table(result: Any, rows: dict[str, dict[str, Any]]) -> str:
         # FP8: GEMMs running FP8 of all GEMMs; 4-bit: weight tensors the plan holds as INT4 / FP4 (dequantized in
         # generated kernels before FP16 GEMMs, so the layer report counts those GEMMs as FP16)
         # (mixed: FP8 GEMMs + INT4 weight tensors)
-        done = row["int4_weights"] or row["fp4_weights"] or row["gemm_fp8"]
+        done = row["int4_weights"] or row["fp4_weights"] or row["int8_weights"] or row["gemm_fp8"]
         if row["precision"] == "mixed":
             done = f"{row['gemm_fp8']}+{row['int4_weights']}"
         lines.append(f"{name:<12} {row['precision']:<9} {row['bytes'] / 1e6:>8.1f}MB {row['parts']:>5} "
@@ -90,7 +91,8 @@ def preflight(
     model: str = typer.Option("tiny", "--model", "-m", help="the MODEL of make engines"),
     gpu: str = typer.Option("ada", "--gpu", help="the GPU of make engines"),
     backend: str = typer.Option("auto", "--backend", help="auto | tensorrt | tensorrt-rtx"),
-    fp8: str = typer.Option("transformer", "--fp8", help="components calibrated to FP8 (make's FP8=)"),
+    fp8: str = typer.Option("transformer", "--quantize", "--fp8",
+                            help="components quantized to --format (make's QUANTIZE=; --fp8 and FP8= are older names)"),
     fmt: str = typer.Option("fp8", "--format", help="the calibration format: fp8 | int4 | nvfp4 | mixed (make's QUANT=)"),
     t5: bool = T5Opt,
     lora: Optional[str] = LoraOpt,
@@ -100,6 +102,7 @@ def preflight(
     width: str = typer.Option(str(_RANGES.width), "--width", help="the pixel width range export will use (make's WIDTH=)"),
     batch: str = typer.Option(str(_RANGES.batch), "--batch", help="the images-per-prompt range export will use (make's BATCH=)"),
     device: str = typer.Option("auto", "--device", help="where calibrate and export will run torch (make's DEVICE=)"),
+    int8: str = Int8Opt,
 ) -> None:
     """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
     from sd35trt.cli.app import ranges_from_options
@@ -114,6 +117,7 @@ def preflight(
         Precision,
         parse_components,
         parse_format,
+        parse_int8,
         with_t5,
     )
     from sd35trt.core.targets import narrow_for_format, parse_backend, parse_target, plan_precisions
@@ -125,29 +129,36 @@ def preflight(
     check_model_side(ranges_from_options(batch, height, width, str(_RANGES.t5_tokens.max)),
                      source.largest_side(), source.id)
     target = resolve_target(parse_target(gpu))
-    calibrated = parse_components(fp8, CALIBRATABLE, option="--fp8")
+    calibrated = parse_components(fp8, CALIBRATABLE, option="--quantize")
     quant = parse_format(fmt)
     if quant is not Precision.FP8 and set(calibrated) != {"transformer"}:
         from sd35trt.core.errors import InvalidInputError
 
-        raise InvalidInputError(f"QUANT={quant.value} quantizes the transformer only, but FP8={','.join(calibrated)}",
-                                hint="leave FP8= at its default (transformer) with QUANT=int4, nvfp4 or mixed")
+        raise InvalidInputError(f"QUANT={quant.value} quantizes the transformer only, but QUANTIZE={','.join(calibrated)}",
+                                hint="leave QUANTIZE= at its default (transformer) with QUANT=int4, nvfp4 or mixed; "
+                                     "INT8=clip_l,clip_g stores the text encoders' weights in 8 bits")
     if work is not None:
         ensure_writable_dir(work, "--work")
     ensure_writable_dir(engines, "--engines")
     if not t5 and "t5" in calibrated:
         from sd35trt.core.errors import InvalidInputError
 
-        raise InvalidInputError("FP8=... names t5 but T5=0 leaves T5 out", hint="drop t5 from FP8= or set T5=1")
+        raise InvalidInputError("QUANTIZE=... names t5 but T5=0 leaves T5 out", hint="drop t5 from QUANTIZE= or set T5=1")
+    int8_names = parse_int8(int8)
+    if not t5 and "t5" in int8_names:
+        from sd35trt.core.errors import InvalidInputError
+
+        raise InvalidInputError("INT8=... names t5 but T5=0 leaves T5 out", hint="drop t5 from INT8= or set T5=1")
     chosen = choose_backend(parse_backend(backend), target)
     names = with_t5(COMPONENTS, t5 and source.has_t5)
-    have = {c: {Precision.FP16} | ({quant} if c in calibrated else set()) for c in names}
+    have = {c: {Precision.FP16} | ({quant} if c in calibrated else set()) | ({Precision.INT8} if c in int8_names else set())
+            for c in names}
     ccs = chosen.buildable_ccs(target)
     if quant is not Precision.FP8:
         ccs, dropped = narrow_for_format(target, chosen.kind, quant, ccs)
         if dropped:
             echo(f"note: {dropped}")
-    plan = plan_precisions(target, names, have, backend=chosen.kind, ccs=ccs)
+    plan = plan_precisions(target, names, have, backend=chosen.kind, ccs=ccs, int8=int8_names)
     where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}{bundle_suffix(plan)}"
     echo(f"make engines: {source.id} ({'random weights' if source.random_weights else 'local weights'}"
          f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}) with "

@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from sd35trt.cli import build_commands, commands  # noqa: E402, F401  (register their subcommands)
 from sd35trt.cli.app import (  # noqa: E402
     DeviceOpt,
+    Int8Opt,
     LoraOpt,
     ModelOpt,
     app,
@@ -52,7 +53,8 @@ def export(
     t5: bool = typer.Option(True, "--t5/--no-t5", help="--no-t5: leave T5-XXL out (CLIP-only bundles)"),
     turbo: Optional[bool] = typer.Option(None, "--turbo/--no-turbo", help="a Turbo model: engine profiles optimised for batch 1 (no guidance) [default: what the model says]"),
     lora: Optional[str] = LoraOpt,
-    precision: str = typer.Option("auto", "--precision", help="auto (what engines use: FP16 for every component, FP8 for the calibrated ones) | fp16 | fp8 | fp32, comma-separated"),
+    precision: str = typer.Option("auto", "--precision", help="auto (what engines use: FP16 for every component, FP8 for the calibrated ones, INT8 for --int8's) | fp16 | int8 | fp8 | fp32, comma-separated"),
+    int8: str = Int8Opt,
     validate: bool = typer.Option(True, "--validate/--no-validate", help="compare every output with PyTorch in onnxruntime (and on calibrate's held-out traffic)"),
     provider: str = typer.Option("auto", "--provider", help="onnxruntime for validation: auto (CUDA when onnxruntime-gpu sees a GPU) | cpu | cuda"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="only what this target's engines use (FP8 target: no FP16 twin of an FP8 component; FP16 target: no FP8 ONNX): ada|hopper|blackwell|ampere|turing|auto [default: every variant]"),
@@ -67,17 +69,18 @@ def export(
     from sd35trt.core.models import resolve_model
     from sd35trt.core.onnx_utils import resolve_provider
     from sd35trt.core.shapes import check_model_side
-    from sd35trt.core.specs import parse_components, with_t5
+    from sd35trt.core.specs import parse_components, parse_int8, with_t5
     from sd35trt.core.targets import parse_target
     from sd35trt.producers.export import ExportConfig, export_model, plan_variants
 
-    plan_variants(precision, (), None, {})  # a bad --precision fails before any work
+    int8_names = parse_int8(int8)
+    plan_variants(precision, (), None, {}, int8=int8_names)  # a bad --precision fails before any work
     if validate:
         resolve_provider(provider)  # an explicit --provider cuda that cannot run fails before any export
     target = resolve_target(parse_target(gpu)) if gpu else None
     source = resolve_model(model, turbo=turbo, lora=lora)
     names = with_t5(parse_components(components), t5 and source.has_t5)
-    config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider, target=target,
+    config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider, target=target, int8=int8_names,
                           ranges=ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo,
                                                      vae_max=vae_max, vae_batch=vae_batch))
     check_model_side(config.ranges, source.largest_side(), source.id)

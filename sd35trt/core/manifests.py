@@ -19,7 +19,8 @@ from sd35trt.core.trt_api import MODULES
 
 MANIFEST = "manifest.json"
 VARIANT_DIRS = {Precision.FP32: "onnx", Precision.FP16: "onnx-fp16", Precision.FP8: "onnx-fp8",
-                Precision.INT4: "onnx-int4", Precision.NVFP4: "onnx-nvfp4", Precision.MIXED: "onnx-mixed"}
+                Precision.INT4: "onnx-int4", Precision.NVFP4: "onnx-nvfp4", Precision.MIXED: "onnx-mixed",
+                Precision.INT8: "onnx-int8"}
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,18 @@ class Precision(str, Enum):
     INT4 = "int4"  # weight-only INT4, blocks of up to 128 input channels, AWQ (activations FP16)
     NVFP4 = "nvfp4"  # weight-only FP4 (E2M1), FP8 scales per 16 weights and one FP32 scale (activations FP16)
     MIXED = "mixed"  # FP8 GEMMs, and INT4 weight-only (AWQ) in the layers chosen to meet a size budget
+    INT8 = "int8"  # weight-only INT8, one scale per output channel (activations FP16); no calibration: asked per component
     BF16 = "bf16"  # diffusers' modules on the GPU (the torch runner, its peers); never an ONNX or engine precision
 
     @property
     def quantized(self) -> bool:
         """A calibrated format (its ONNX carries Q/DQ nodes); FP16/FP32 are plain casts."""
         return self in QUANTIZED
+
+    @property
+    def low_bit(self) -> bool:
+        """Weights stored below 16 bits (a calibrated format, or INT8 weight-only): a GPU must run its GEMMs."""
+        return self in QUANTIZED or self is Precision.INT8
 
     def __str__(self) -> str:  # "fp8" in messages and f-strings, as in manifests (Python's default: "Precision.FP8")
         return self.value
@@ -45,7 +51,7 @@ class Precision(str, Enum):
 
 QUANTIZED = (Precision.FP8, Precision.INT4, Precision.NVFP4, Precision.MIXED)
 # What ONNX variants, engines and their manifests may carry (BF16 runs only as torch modules).
-ARTIFACT_PRECISIONS = (Precision.FP32, Precision.FP16, *QUANTIZED)
+ARTIFACT_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8, *QUANTIZED)
 
 
 def precision_of_dtype(dtype: Any) -> Precision:
@@ -306,7 +312,7 @@ def crop_pos_embed(transformer, ranges: ShapeRanges, pipe_dims: PipeDims):
 
 
 _TEXT_TOL = {Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(2e-2, 0.1),
-             Precision.FP8: Tolerance(0.1, 1.0)}
+             Precision.FP8: Tolerance(0.1, 1.0), Precision.INT8: Tolerance(0.05, 0.5)}
 
 
 def _clip_spec(name: str, attr: str, key: str, description: str) -> ComponentSpec:
@@ -333,7 +339,8 @@ SPECS: dict[str, ComponentSpec] = {
         wrapper=transformer_wrapper,
         tolerances={Precision.FP32: Tolerance(1e-4, 1e-3), Precision.FP16: Tolerance(1e-2, 0.05),
                     Precision.FP8: Tolerance(0.08, 0.5), Precision.INT4: Tolerance(0.08, 0.5),
-                    Precision.NVFP4: Tolerance(0.1, 0.5), Precision.MIXED: Tolerance(0.08, 0.5)},
+                    Precision.NVFP4: Tolerance(0.1, 0.5), Precision.MIXED: Tolerance(0.08, 0.5),
+                    Precision.INT8: Tolerance(0.05, 0.5)},
         export_context=crop_pos_embed, calibratable=True, island_units=(r"transformer_blocks\.\d+",),
     ),
     "clip_l": _clip_spec("clip_l", "text_encoder", "clip_l", "CLIP ViT-L/14 text encoder"),
@@ -385,6 +392,11 @@ def vae_input(latents: Any, vae_config: Any) -> Any:
     return latents / vae_config.scaling_factor + vae_config.shift_factor
 
 
+def parse_int8(text: str) -> tuple[str, ...]:
+    """``--int8 clip_l,clip_g``: the GEMM networks whose weights INT8 stores (empty: none)."""
+    return parse_components(text, CALIBRATABLE, option="--int8") if text.strip() else ()
+
+
 def parse_components(text: str | None, allowed: tuple[str, ...] = COMPONENTS, *,
                      option: str = "--components") -> tuple[str, ...]:
     """``--components a,b`` (or the ``option`` named) → ordered tuple, rejecting unknown names with the valid ones."""
@@ -397,6 +409,6 @@ def parse_components(text: str | None, allowed: tuple[str, ...] = COMPONENTS, *,
                                 hint=f"choose from {','.join(allowed)}")
     not_allowed = [n for n in names if n not in allowed]
     if not_allowed:
-        raise InvalidInputError(f"component(s) {', '.join(not_allowed)} not supported here",
+        raise InvalidInputError(f"component(s) {', '.join(not_allowed)} not supported by {option}",
                                 hint=f"choose from {','.join(allowed)}")
     return tuple(n for n in COMPONENTS if n in names)

@@ -69,27 +69,29 @@ QUANT_SUPPORT: dict[Backend, dict[Precision, Callable[[tuple[int, int]], bool]]]
         Precision.INT4: lambda cc: cc in ((8, 6), (8, 9), (12, 0), (12, 1)),
         Precision.NVFP4: lambda cc: cc in ((12, 0), (12, 1)),
         Precision.MIXED: lambda cc: cc in ((8, 9), (12, 0), (12, 1)),  # FP8 and INT4 both
+        Precision.INT8: lambda cc: cc in RTX_CCS,  # weight-only: built for SM75 to SM121 (measured on the CPU box)
     },
     Backend.TENSORRT: {
         Precision.FP8: lambda cc: cc >= (8, 9),
         Precision.INT4: lambda cc: cc >= (7, 5),
         Precision.NVFP4: lambda cc: cc >= (10, 0),
         Precision.MIXED: lambda cc: cc >= (8, 9),
+        Precision.INT8: lambda cc: cc >= (7, 5),
     },
 }
 # What each quantized format is called in a reason.
 QUANT_NAMES = {Precision.FP8: "FP8", Precision.INT4: "INT4 weight-only", Precision.NVFP4: "FP4 (NVFP4)",
-               Precision.MIXED: "mixed FP8/INT4"}
+               Precision.MIXED: "mixed FP8/INT4", Precision.INT8: "INT8 weight-only"}
 
 # Preference per component, best first: its calibrated format (the work dir's calibration: fp8, int4, nvfp4, mixed)
-# where the GPU runs it, FP16 as the fallback, FP32 as last resort. The VAE decoder is convolution-bound and never
-# calibrated: FP16.
+# where the GPU runs it, then INT8 weight-only for the components --int8 names, FP16 as the fallback, FP32 as last
+# resort. The VAE decoder is convolution-bound and never calibrated: FP16.
 CALIBRATED_FORMAT = Precision.FP8  # stands for "the calibrated format" in the table below
 PRECISION_PREFERENCE: dict[str, tuple[Precision, ...]] = {
-    "transformer": (CALIBRATED_FORMAT, Precision.FP16, Precision.FP32),
-    "clip_l": (CALIBRATED_FORMAT, Precision.FP16, Precision.FP32),
-    "clip_g": (CALIBRATED_FORMAT, Precision.FP16, Precision.FP32),
-    "t5": (CALIBRATED_FORMAT, Precision.FP16, Precision.FP32),
+    "transformer": (CALIBRATED_FORMAT, Precision.INT8, Precision.FP16, Precision.FP32),
+    "clip_l": (CALIBRATED_FORMAT, Precision.INT8, Precision.FP16, Precision.FP32),
+    "clip_g": (CALIBRATED_FORMAT, Precision.INT8, Precision.FP16, Precision.FP32),
+    "t5": (CALIBRATED_FORMAT, Precision.INT8, Precision.FP16, Precision.FP32),
     "vae_decoder": (Precision.FP16, Precision.FP32),
 }
 
@@ -156,12 +158,14 @@ class PrecisionChoice:
 
 def plan_precisions(target: TargetInfo, components: tuple[str, ...], available: dict[str, set[Precision]],
                     requested: Precision | None = None, *, backend: Backend | None = None,
-                    ccs: tuple[tuple[int, int], ...] | None = None) -> dict[str, PrecisionChoice]:
+                    ccs: tuple[tuple[int, int], ...] | None = None,
+                    int8: tuple[str, ...] = ()) -> dict[str, PrecisionChoice]:
     """Which precision each component is built in, and why (recorded in the bundle manifest).
 
     ``available`` maps component → ONNX variants present: a calibrated component has its one quantized format
     (FP8, INT4 or NVFP4), used where ``backend`` runs it on every CC of ``ccs`` (the CCs built for; default: the
-    target's), else FP16. ``requested`` (``--precision``) forces one precision for every component that has it; a
+    target's), else INT8 weight-only for the components ``int8`` names (``--int8``; their INT8 ONNX must exist), else
+    FP16. ``requested`` (``--precision``) forces one precision for every component that has it; a
     quantized format the GPU does not run is refused, since that is the hard error other tools give late, at build
     time."""
     backend = backend or likely_backend(target)
@@ -182,10 +186,14 @@ def plan_precisions(target: TargetInfo, components: tuple[str, ...], available: 
             plan[name] = PrecisionChoice(requested, f"--precision {requested.value}")
             continue
         calibrated = [p for p in have if p.quantized] if PRECISION_PREFERENCE[name][0] is CALIBRATED_FORMAT else []
-        order = [*calibrated, *[p for p in PRECISION_PREFERENCE[name] if not p.quantized]]
+        order = [*calibrated, *[p for p in PRECISION_PREFERENCE[name]
+                                if not p.quantized and (p is not Precision.INT8 or name in int8)]]
         for precision in order:
-            if precision.quantized and runs_on(backend, precision, ccs) != tuple(ccs):
+            if precision.low_bit and runs_on(backend, precision, ccs) != tuple(ccs):
                 continue
+            if precision is Precision.INT8 and precision not in have:
+                raise InvalidInputError(f"--int8 names {name} but there is no int8 ONNX of it",
+                                        hint=f"run `sd35trt export --int8 {','.join(int8)}` with the same --out first")
             if precision in have:
                 plan[name] = PrecisionChoice(precision, _reason(name, precision, ccs, backend, have))
                 break
@@ -205,35 +213,39 @@ def plan_precisions(target: TargetInfo, components: tuple[str, ...], available: 
 
 # --- the same policy for ONNX variants (export produces them, runners and compare pick among them) --------
 
-EXPORT_VARIANTS = ("auto", "fp32", "fp16", "fp8", "int4", "nvfp4", "mixed")
+EXPORT_VARIANTS = ("auto", "fp32", "fp16", "int8", "fp8", "int4", "nvfp4", "mixed")
 # --precision of a runner on a work dir: "auto" takes the engines' preference order (the best variant the work
 # dir has); "fp8"/"int4" fall back to FP16 where a component was not calibrated, as engines do; the others are exact.
 # onnxruntime has no FP4 DequantizeLinear (opset 23: NOT_IMPLEMENTED in 1.31), so NVFP4 is never a runner variant.
 RUNNER_VARIANTS: dict[str, tuple[Precision, ...]] = {
-    "auto": (Precision.FP8, Precision.INT4, Precision.MIXED, Precision.FP16, Precision.FP32),
-    "fp8": (Precision.FP8, Precision.FP16), "int4": (Precision.INT4, Precision.FP16),
+    "auto": (Precision.FP8, Precision.INT4, Precision.MIXED, Precision.INT8, Precision.FP16, Precision.FP32),
+    "fp8": (Precision.FP8, Precision.FP16), "int4": (Precision.INT4, Precision.FP16), "int8": (Precision.INT8, Precision.FP16),
     "mixed": (Precision.MIXED, Precision.FP16), "fp16": (Precision.FP16,), "fp32": (Precision.FP32,)}
 
 
 def exported_variants(requested: str, components: tuple[str, ...], calibrated: set[str],
-                      target: TargetInfo | None = None, quant: Precision = Precision.FP8) -> list[tuple[str, Precision]]:
+                      target: TargetInfo | None = None, quant: Precision = Precision.FP8,
+                      int8: tuple[str, ...] = ()) -> list[tuple[str, Precision]]:
     """(component, precision) pairs ``export --precision`` produces: ``auto`` (what engines use) is FP16 for
     every component and the calibrated format ``quant`` for the calibrated ones whose preference has one; with a
     ``target`` (``--gpu``), just the one variant per component that ``plan_precisions`` gives that target's engines
     (a quantized target skips the FP16 twin of a quantized component: 15 GB and minutes at SD3.5-Large size; an FP16
     target skips the quantized ONNX); otherwise the named ones (quantized formats only where calibrated, and only
-    the calibrated format). Ordered FP32, FP16, then the quantized one."""
+    the calibrated format), INT8 for the components ``int8`` names (``--int8``). Ordered FP32, FP16, INT8, then the
+    quantized one."""
     from sd35trt.core.errors import check_choice
 
     names = [v.strip() for v in requested.split(",") if v.strip()]
     for name in names:
         check_choice("--precision", name, EXPORT_VARIANTS)
-    wanted = {Precision.FP16, quant} if "auto" in names else {Precision(n) for n in names}
+    wanted = {Precision.FP16, quant, Precision.INT8} if "auto" in names else {Precision(n) for n in names}
     pairs = []
     for precision in ARTIFACT_PRECISIONS:
         if precision not in wanted:
             continue
         for name in components:
+            if precision is Precision.INT8 and name not in int8:
+                continue
             if precision.quantized and (name not in calibrated or precision is not quant
                                         or PRECISION_PREFERENCE[name][0] is not CALIBRATED_FORMAT):
                 continue
@@ -242,7 +254,7 @@ def exported_variants(requested: str, components: tuple[str, ...], calibrated: s
         offered = {c: {p for n, p in pairs if n == c} for c in components}
         backend = likely_backend(target)
         ccs, _ = narrow_for_format(target, backend, quant, buildable(target, backend))
-        chosen = plan_precisions(target, components, offered, backend=backend, ccs=ccs)
+        chosen = plan_precisions(target, components, offered, backend=backend, ccs=ccs, int8=int8)
         pairs = [(c, p) for c, p in pairs if chosen[c].precision is p or p is Precision.FP32]
     return pairs
 
@@ -260,6 +272,10 @@ def _reason(name: str, precision: Precision, ccs: tuple[tuple[int, int], ...], b
     sms = ", ".join(f"SM{a}{b}" for a, b in ccs)
     if precision.quantized:
         return f"{QUANT_NAMES[precision]} GEMMs on {sms} ({backend.value}); calibrated {precision.value} ONNX"
+    if precision is Precision.INT8:
+        calibrated = [p for p in have if p.quantized]
+        fallback = f"fallback: {backend.value} runs no {QUANT_NAMES[calibrated[0]]} GEMM on {sms}; " if calibrated else ""
+        return f"{fallback}INT8 weight-only GEMMs on {sms} ({backend.value}): --int8, one scale per output channel"
     if precision is Precision.FP16:
         calibrated = [p for p in have if p.quantized]
         if calibrated:

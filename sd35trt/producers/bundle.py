@@ -86,6 +86,7 @@ class BuildConfig:
     max_build_memory_gib: float | None = None  # build in as many parts as keep each builder's peak RSS under this
     weight_streaming: bool = False  # the transformer with BuilderFlag.WEIGHT_STREAMING (the VRAM plan's streaming mode)
     refit: str = "none"  # "refit": refittable engines (LoRA on the deploy host, producers.refit); "stripped": and weightless
+    int8: tuple[str, ...] = ()  # --int8: components built from their INT8-weight ONNX (export --int8 made it)
 
     def __post_init__(self):
         from sd35trt.core.errors import check_choice
@@ -176,11 +177,11 @@ def component_hash(backend: TrtBackend, ccs: tuple[tuple[int, int], ...], onnx_m
 def bundle_suffix(plan: Mapping[str, Any], base: str = "") -> str:
     """The suffix that sets a bundle's folder apart from the plain FP8/FP16 bundle of its target, so that no build
     replaces a different kind of bundle: ``base`` (-portable, -ampereplus), then -int4/-nvfp4/-mixed for a 4-bit
-    transformer, then -clip for a whole bundle but T5-XXL (``make engines T5=0`` beside the full one; a build of
+    transformer (-int8: INT8 weights, ``--int8``), then -clip for a whole bundle but T5-XXL (``make engines T5=0`` beside the full one; a build of
     some components, ``--components clip_l``, is not CLIP-only)."""
-    four_bit = sorted({c.precision.value for c in plan.values() if c.precision.quantized and c.precision is not Precision.FP8})
+    low_bit = sorted({c.precision.value for c in plan.values() if c.precision.low_bit and c.precision is not Precision.FP8})
     clip_only = set(plan) == set(COMPONENTS) - {"t5"}
-    return base + "".join(f"-{f}" for f in four_bit) + ("-clip" if clip_only else "")
+    return base + "".join(f"-{f}" for f in low_bit) + ("-clip" if clip_only else "")
 
 
 def bundle_folder(engines_root: Path, model_slug: str, target: TargetInfo, backend: TrtBackend, suffix: str = "") -> Path:
@@ -197,8 +198,8 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
     available = {c: set(v) for c, v in variants.items()}
     if config.portable or config.hardware_compat != "none":  # the options' own conflicts first (ampere+ with FP8)
         try:
-            wanted = [n for n, c in plan_precisions(target, config.components, available, config.precision).items()
-                      if c.precision.quantized]
+            wanted = [n for n, c in plan_precisions(target, config.components, available, config.precision,
+                                                    int8=config.int8).items() if c.precision.quantized]
         except (InvalidInputError, BuildError):  # a plan only the chosen backend's CCs make (NVFP4 on SM120)
             wanted = [n for n, v in available.items() if any(p.quantized for p in v)]
 
@@ -213,7 +214,8 @@ def build_bundle(onnx_root: Path, engines_root: Path, config: BuildConfig, *, fo
         ccs, dropped = narrow_for_format(target, backend.kind, quant, ccs)
         if dropped:
             log.warn(dropped)
-    plan = plan_precisions(target, config.components, available, config.precision, backend=backend.kind, ccs=ccs)
+    plan = plan_precisions(target, config.components, available, config.precision, backend=backend.kind, ccs=ccs,
+                           int8=config.int8)
     quantized = [name for name, choice in plan.items() if choice.precision.quantized]
     check_portability(backend.kind.value, config.portable, config.hardware_compat, fp8_components=quantized,
                       build_cc=local_compute_capability() if backend.kind is Backend.TENSORRT else None)
@@ -464,7 +466,8 @@ def check_layer_report(name: str, precision: Precision, summary: dict[str, Any],
         return
     summary["report"] = source
     fp8, int4, fp4 = ("gemm_fp8", "FP8 GEMM"), ("int4_weights", "INT4 weight"), ("fp4_weights", "FP4 weight")
-    wanted = {Precision.FP8: [fp8], Precision.INT4: [int4], Precision.NVFP4: [fp4], Precision.MIXED: [fp8, int4]}
+    wanted = {Precision.FP8: [fp8], Precision.INT4: [int4], Precision.NVFP4: [fp4], Precision.MIXED: [fp8, int4],
+              Precision.INT8: [("int8_weights", "INT8 weight")]}
     for key, what in wanted.get(precision, []):
         if summary.get(key, 0) == 0:
             raise BuildError(f"{name}: {precision.value} requested but the engine has no {what}", path=onnx_path,
@@ -477,7 +480,8 @@ def format_layers(name: str, precision: Precision, summary: dict[str, int], laye
              f"# GEMM layers: {summary['gemm']} total, {summary['gemm_fp8']} FP8, {summary['gemm_fp16']} FP16, "
              f"{summary['gemm_other']} other; {summary['layers']} layers in all"
              + (f"; 4-bit weight tensors: {summary.get('int4_weights', 0)} INT4, {summary.get('fp4_weights', 0)} FP4"
-                if summary.get("int4_weights") or summary.get("fp4_weights") else "")]
+                if summary.get("int4_weights") or summary.get("fp4_weights") else "")
+             + (f"; INT8 weight tensors: {summary['int8_weights']}" if summary.get("int8_weights") else "")]
     for island in islands or []:
         lines.append(f"# FP32 island: {island['module']} (max |x| {island['max_abs']:.4g}; {island['why']})")
     if islands:

@@ -70,6 +70,7 @@ class ExportConfig:
     validate: bool = True
     provider: str = "auto"  # onnxruntime execution provider for validation; not part of the artifact
     target: TargetInfo | None = None  # --gpu: only the variants that target's engines use; None: every variant
+    int8: tuple[str, ...] = ()  # --int8: components also exported with INT8 weights (weight-only, no calibration)
 
     def __post_init__(self):
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -79,9 +80,14 @@ class ExportConfig:
         unknown = [c for c in self.components if c not in SPECS]
         if unknown:
             raise InvalidInputError(f"unknown component(s) {', '.join(unknown)}", hint=f"choose from {','.join(COMPONENTS)}")
+        convolutional = [c for c in self.int8 if not SPECS[c].calibratable]
+        if convolutional:
+            raise InvalidInputError(f"--int8 {','.join(convolutional)}: INT8 weights are for GEMM networks",
+                                    hint=f"choose from {','.join(c for c in COMPONENTS if SPECS[c].calibratable)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"components": list(self.components), "opset": self.opset, "ranges": self.ranges.to_dict()}
+        return {"components": list(self.components), "opset": self.opset, "ranges": self.ranges.to_dict(),
+                **({"int8": list(self.int8)} if self.int8 else {})}
 
 
 @dataclass
@@ -184,17 +190,21 @@ class VariantPlan:
 
 
 def plan_variants(requested: str, components: tuple[str, ...], calibration: CalibrationManifest | None,
-                  recipe_islands: dict[str, list[Island]], target: TargetInfo | None = None) -> list[VariantPlan]:
+                  recipe_islands: dict[str, list[Island]], target: TargetInfo | None = None,
+                  int8: tuple[str, ...] = (), recipe_sha256: str = "") -> list[VariantPlan]:
     """Which variants ``--precision`` asks for, with the islands and weights each is built with.
 
     ``auto`` (what engines use): FP16 for every component and FP8 for the calibrated ones (``fp8`` alone:
-    the calibrated ones, an error when none of ``components`` is calibrated); ``target`` keeps what that GPU's
-    engines use (``targets.exported_variants``). FP16 takes the
-    calibration's islands and its FP16/FP32 decision; without a calibration, the recipe's known sites."""
+    the calibrated ones, an error when none of ``components`` is calibrated), and INT8 for those ``int8`` names;
+    ``target`` keeps what that GPU's engines use (``targets.exported_variants``). FP16 takes the calibration's
+    islands and its FP16/FP32 decision; without a calibration, the recipe's known sites; INT8 the same islands
+    (its weights FP16 around them, the recipe's quantized Linear layers in INT8)."""
     calibrated = set(calibration.components) if calibration else set()
     quant = calibration.format if calibration else Precision.FP8
     names = [v.strip() for v in requested.split(",") if v.strip()]
-    pairs = exported_variants(requested, components, calibrated, target, quant)
+    if "int8" in names and not int8:
+        raise InvalidInputError("--precision int8 without --int8", hint="name the components, e.g. --int8 clip_l,clip_g")
+    pairs = exported_variants(requested, components, calibrated, target, quant, int8)
     asked = [n for n in names if n in ("fp8", "int4", "nvfp4", "mixed")]
     if asked and "auto" not in names and components and (not calibrated & set(components) or asked != [quant.value]):
         raise InvalidInputError(f"no {'/'.join(asked)} calibration for {', '.join(components)} in this work dir"
@@ -206,7 +216,7 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
     for c, precision in pairs:
         if precision is Precision.FP32:
             plans.append(VariantPlan(c, Precision.FP32, Precision.FP32, (), "asked for", {}))
-        elif precision is Precision.FP16:
+        elif precision in (Precision.FP16, Precision.INT8):
             if calibration is not None:
                 islands, decision = tuple(calibration.islands.get(c, [])), calibration.fp16.get(c)
                 weights, reason = (decision.precision, decision.reason) if decision else (Precision.FP16, "not checked")
@@ -214,11 +224,15 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
             else:
                 islands, weights, source = tuple(recipe_islands.get(c, [])), Precision.FP16, "recipe (no calibration)"
                 reason = "no calibration: FP16 with the recipe's known FP32 islands only (run calibrate for the census)"
+            if precision is Precision.INT8:  # the census may ask for FP32 weights; INT8 keeps its islands instead
+                weights, reason = Precision.FP16, f"--int8: INT8 weights outside the FP32 islands (FP16: {reason})"
             if weights is Precision.FP32:
                 islands = ()
-            plans.append(VariantPlan(c, Precision.FP16, weights, islands, reason, {
-                "fp32_islands": [i.to_dict() for i in islands], "weights_precision": weights.value,
-                "islands_from": source}, islands_from_recipe=calibration is None))
+            plans.append(VariantPlan(c, precision, weights, islands, reason, {
+                "fp32_islands": [i.to_dict() for i in islands],
+                "weights_precision": "int8" if precision is Precision.INT8 else weights.value,
+                "islands_from": source, **({"recipe_sha256": recipe_sha256} if precision is Precision.INT8 else {})},
+                islands_from_recipe=calibration is None))
         else:
             assert calibration is not None
             islands = tuple(calibration.islands.get(c, []))
@@ -256,7 +270,8 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
     recipe = Recipe.load()
     recipe_islands = {c: [Island(p, 0.0, f"recipe: upcast '{p}' (known FP16 overflow site)") for p in recipe.upcast[c]]
                       for c in recipe.upcast}
-    plans = plan_variants(precision, config.components, calibration, recipe_islands, config.target)
+    plans = plan_variants(precision, config.components, calibration, recipe_islands, config.target,
+                          tuple(c for c in config.int8 if c in config.components), recipe.sha256)
     write_assets(source, work)
     hashes = {(p.component, p.precision): export_inputs_hash(source, config, p.component, p.precision, p.extra)
               for p in plans}
@@ -393,6 +408,8 @@ def _export_one(source: ModelSource, config: ExportConfig, plan: VariantPlan, pi
                                                 low, text, weights)
             weights, more = island_weights_for(source, spec, islands, weights, str(network.device))
             weights_from = more or weights_from
+    if precision is Precision.INT8:  # swapped in last: the islands (probed above) keep their weights out of INT8
+        _swap_int8(network, name, islands)
     label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
         (", FP32 weights" if plan.weights is Precision.FP32 and precision is Precision.FP16 else "") + \
         f", opset {opset_for(precision, config.opset)})"
@@ -412,7 +429,7 @@ def _export_one(source: ModelSource, config: ExportConfig, plan: VariantPlan, pi
         described = OnnxManifest(
             folder=folder, component=name, precision=precision, model=source.describe(), inputs_hash=inputs_hash,
             files=file_entries(tmp), profile=record["profile"], ranges=record["ranges"], inputs=record["inputs"],
-            outputs=record["outputs"], weights_precision=plan.weights.value,
+            outputs=record["outputs"], weights_precision=plan.extra.get("weights_precision", plan.weights.value),
             fp32_islands=[i.to_dict() for i in islands], calibration_hash=plan.extra.get("calibration_hash"),
             data={"kind": "onnx", "toolkit": __version__, **record, **plan.extra, "precision_reason": plan.reason,
                   "island_probes": probed, "island_weights": weights_from,
@@ -450,7 +467,7 @@ def _module_and_reference(spec: ComponentSpec, pipe: Any, plan: VariantPlan) -> 
     if plan.precision is Precision.FP32 or plan.weights is Precision.FP32:
         return network_module, None
     module = CastIO(network_module, torch.float16)
-    if plan.precision.quantized:
+    if plan.precision.low_bit:
         return module, None  # validated against the fake-quant network itself
 
     def reference():
@@ -479,10 +496,31 @@ def _rewrite_mixed(model_path: Path) -> None:
     _rewrite_4bit(model_path)
 
 
+def _count_int8(model_path: Path) -> None:
+    from sd35trt.producers.weight_quant import count_int8_weights
+
+    write_json_atomic(model_path.parent / "int8_weights.json", count_int8_weights(model_path))
+
+
+def _swap_int8(network: Any, component: str, islands: list[Island]) -> None:
+    """``--int8``: the recipe's quantized Linear layers of ``network`` outside ``islands`` swapped for their INT8
+    weight-only ``QuantizedLinear`` (the fake-quant network the ONNX is traced from and validated against)."""
+    from sd35trt.producers.quantize import int8_layers
+    from sd35trt.producers.recipe import Recipe
+    from sd35trt.producers.weight_quant import swap_in
+
+    layers = int8_layers(network, component, Recipe.load(), islands)
+    swap_in(network, dict.fromkeys(layers), "int8")
+    log.info(f"  {component}: {len(layers)} Linear layers with INT8 weights")
+
+
 POSTPROCESS = {Precision.FP8: _rewrite_and_count, Precision.INT4: _rewrite_4bit, Precision.NVFP4: _rewrite_4bit,
-               Precision.MIXED: _rewrite_mixed}
+               Precision.MIXED: _rewrite_mixed, Precision.INT8: _count_int8}
 
 
 def opset_for(precision: Precision, opset: int) -> int:
-    """4-bit weights need block-wise DequantizeLinear (opset 21); NVFP4's rewrite raises it to 23 afterwards."""
-    return max(opset, 21) if precision in (Precision.INT4, Precision.NVFP4, Precision.MIXED) else opset
+    """4-bit weights need block-wise DequantizeLinear (opset 21; NVFP4's rewrite raises it to 23 afterwards); INT8's
+    FP16 scales need opset 19."""
+    if precision in (Precision.INT4, Precision.NVFP4, Precision.MIXED):
+        return max(opset, 21)
+    return max(opset, 19) if precision is Precision.INT8 else opset

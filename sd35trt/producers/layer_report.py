@@ -95,4 +95,5 @@ def summarize_layers(layers: list[dict[str, Any]], islands: list[str] | None = N
             # report lists as FP16 GEMMs: these counts say how many 4-bit weight tensors the engine holds.
             "int4_weights": sum(l["weight_dtypes"].count("Int4") for l in layers),
             "fp4_weights": sum(l["weight_dtypes"].count("FP4E2M1") for l in layers),
+            "int8_weights": sum(l["weight_dtypes"].count("Int8") for l in layers),  # --int8: the same, 8-bit
             "island_gemm": len(inside), "island_gemm_fp32": sum(l["input_dtypes"][:1] == ["Float"] for l in inside)}

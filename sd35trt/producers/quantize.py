@@ -187,6 +187,15 @@ def undo_awq(networks: Any) -> None:
                 quantizer._enable_pre_quant_scale = False
 
 
+def int8_layers(network: Any, component: str, recipe: Recipe, islands: list[Island]) -> list[str]:
+    """The layers ``--int8`` stores in INT8: every Linear the recipe quantizes (its excludes, the embedders and
+    projections both NVIDIA recipes keep precise, and the FP32 islands left out)."""
+    from sd35trt.producers.weight_quant import linear
+
+    modules = dict(network.named_modules())
+    return [layer for layer in recipe.quantizable(component, network, islands) if linear(modules[layer])]
+
+
 def nvfp4_layers(pipe: Any, components: tuple[str, ...], recipe: Recipe, islands: dict[str, list[Island]]) -> dict[str, list[str]]:
     """The layers NVFP4 quantizes: every Linear the recipe quantizes (its excludes and the islands left out) whose
     width takes FP4's blocks of 16."""

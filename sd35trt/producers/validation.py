@@ -155,6 +155,8 @@ def _reference_label(precision: Precision, module: Any) -> str:
     if precision is Precision.MIXED:
         return (f"the mixed fake-quant network ({dtype}: ModelOpt's FP8 quantizers, and the ONNX's own INT4 weights "
                 "dequantized in the layers the budget chose)")
+    if precision is Precision.INT8:
+        return f"the INT8-weight network ({dtype} activations, the ONNX's own INT8 weights dequantized)"
     if precision.quantized:
         return f"the {precision.value} fake-quant network ({dtype} activations, the ONNX's own 4-bit weights dequantized)"
     return f"the PyTorch network in {dtype}" + (" (TF32 off)" if dtype == "float32" else "")

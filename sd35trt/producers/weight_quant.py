@@ -1,5 +1,5 @@
-"""4-bit weights: INT4 (AWQ, block-wise) and NVFP4 (E2M1 with FP8 block scales), computed, faked in torch and
-written as standard ONNX that TensorRT and TensorRT-RTX fuse into 4-bit weight GEMMs.
+"""Low-bit weights: INT4 (AWQ, block-wise), NVFP4 (E2M1 with FP8 block scales) and INT8 (per output channel),
+computed, faked in torch and written as standard ONNX that TensorRT and TensorRT-RTX fuse into weight-only GEMMs.
 
 ModelOpt calibrates INT4 with AWQ (``INT4_AWQ_CFG``: per-channel input scales found on real traffic, then block
 amax), but its ONNX exporter fails on the SD3 transformer for every 4-bit format (ENVIRONMENT.md), so the ONNX is
@@ -13,6 +13,9 @@ AWQ input scale and the block amax); export rebuilds the layer from the FP16 net
   channels: ``DequantizeLinear(W_fp4, DequantizeLinear(scale_fp8, global_fp32), axis=0, block_size=16)``, opset
   23; deterministic from the weights (no calibration data), so it runs on a CPU as well. Activations stay FP16:
   FP4 activations (W4A4) need TensorRT's dynamic-quantize op, which neither onnxruntime nor any machine here runs.
+* INT8 (weight-only, ``--int8``): ``y = x @ DequantizeLinear(Wq, scale, axis=1) + b``, Wq signed 8-bit in -127..127,
+  ``scale = amax / 127`` per output channel (torchao's ``int8_weight_only``); deterministic from the weights, no
+  calibration; half the FP16 bytes. TensorRT-RTX 1.7 builds it for every CC it targets (SM75 to SM120).
 
 Each quantized ``nn.Linear`` is swapped for a ``QuantizedLinear`` that computes exactly what the ONNX computes
 (the fake-quant reference the ONNX is validated against) and traces to those nodes.
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 INT4_BLOCKS = (128, 64, 32, 16)  # the first that divides a layer's input width (128 for every SD3.5 layer)
 NVFP4_BLOCK = 16
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 E2M1 magnitudes, by code 0..7 (code 8..15: negative)
-FP8_MAX, FP4_MAX = 448.0, 6.0
+FP8_MAX, FP4_MAX, INT8_MAX = 448.0, 6.0, 127
 FP4_DQ = "FP4Dequantize"  # the traced placeholder, replaced by the double DequantizeLinear in ``rewrite_4bit``
 DOMAIN = "sd35trt"
 
@@ -112,6 +115,16 @@ def quantize_nvfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return code.to(torch.uint8).view(out_features, in_features), block_scale, global_scale
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): signed 8-bit codes ``[out, in]`` in -127..127 and FP32 scales ``[out]``, symmetric per output
+    channel (``scale = amax / 127``)."""
+    import torch
+
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale.unsqueeze(1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
 def dequantize_nvfp4(codes: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     import torch
 
@@ -129,6 +142,12 @@ def int4_block_of(module: Any) -> int | None:
     return int4_block(module.in_features) if isinstance(module, torch.nn.Linear) else None
 
 
+def linear(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear)
+
+
 def nvfp4_quantizable(module: Any) -> bool:
     import torch
 
@@ -136,8 +155,8 @@ def nvfp4_quantizable(module: Any) -> bool:
 
 
 def quantized_linear(module: Any, fmt: str, layer: Int4Layer | None = None) -> Any:
-    """The ``QuantizedLinear`` of an ``nn.Linear`` (ModelOpt's QuantLinear included) in ``fmt`` (int4 | nvfp4), in
-    the dtype and on the device of its weight."""
+    """The ``QuantizedLinear`` of an ``nn.Linear`` (ModelOpt's QuantLinear included) in ``fmt`` (int4 | nvfp4 |
+    int8), in the dtype and on the device of its weight."""
     import torch
 
     class QuantizedLinear(torch.nn.Module):
@@ -155,6 +174,11 @@ def quantized_linear(module: Any, fmt: str, layer: Int4Layer | None = None) -> A
                 self.register_buffer("scale", scale.t().contiguous().to(weight.dtype))  # [in / block, out]
                 pqs = layer.pre_quant_scale
                 self.register_buffer("input_scale", None if pqs is None else pqs.to(weight.device, weight.dtype))
+            elif fmt == "int8":
+                q, scale = quantize_int8(weight)
+                self.register_buffer("codes", q.t().contiguous())  # [in, out]: MatMul's B, a scale per column
+                self.register_buffer("scale", scale.to(weight.dtype))
+                self.register_buffer("input_scale", None)
             else:
                 codes, block_scale, global_scale = quantize_nvfp4(weight)
                 self.block = NVFP4_BLOCK
@@ -168,6 +192,8 @@ def quantized_linear(module: Any, fmt: str, layer: Int4Layer | None = None) -> A
             """The dequantized weight, transposed ``[in, out]``, as the ONNX's DequantizeLinear gives it."""
             if self.fmt == "int4":
                 return _Int4Dequantize.apply(self.codes, self.scale, self.block)
+            if self.fmt == "int8":
+                return _Int8Dequantize.apply(self.codes, self.scale)
             return _Fp4Dequantize.apply(self.codes, self.scale, self.global_scale, self.dtype)
 
         def forward(self, x):
@@ -197,6 +223,15 @@ def _make_dequantizers():
         def symbolic(g, codes, scale, block):
             return g.op("DequantizeLinear", codes, scale, axis_i=0, block_size_i=block)
 
+    class Int8Dequantize(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, codes, scale):  # noqa: ARG004
+            return codes.to(scale.dtype) * scale
+
+        @staticmethod
+        def symbolic(g, codes, scale):
+            return g.op("DequantizeLinear", codes, scale, axis_i=1)
+
     class Fp4Dequantize(torch.autograd.Function):
         @staticmethod
         def forward(ctx, codes, scale, global_scale, dtype):  # noqa: ARG004
@@ -210,10 +245,10 @@ def _make_dequantizers():
             return out
 
 
-    return Int4Dequantize, Fp4Dequantize
+    return Int4Dequantize, Int8Dequantize, Fp4Dequantize
 
 
-_Int4Dequantize, _Fp4Dequantize = _make_dequantizers()
+_Int4Dequantize, _Int8Dequantize, _Fp4Dequantize = _make_dequantizers()
 
 
 def swap_in(network: Any, layers: dict[str, Any], fmt: str) -> list[str]:
@@ -300,6 +335,16 @@ def rewrite_4bit(model_path: Path) -> dict[str, int]:
     del graph.value_info[:]
     save_streaming(model, model_path, source_dir=model_path.parent)
     return counts
+
+
+def count_int8_weights(model_path: Path) -> dict[str, int]:
+    """The INT8 weight tensors of an ONNX (``DequantizeLinear`` of an INT8 initializer), for the manifest; the
+    traced graph is already standard ONNX, so nothing is rewritten (the weights' bytes are not read)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    return {"int8_weights": sum(1 for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8)}
 
 
 class _GraphValues:

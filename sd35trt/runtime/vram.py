@@ -143,7 +143,7 @@ def choose_plan(needs: dict[str, Need], budget: int, mode: str = "auto") -> Vram
     elif largest.component == "transformer" and peaks["streaming"] is None:
         hint = "build the transformer with `sd35trt build --weight-streaming`, or lower the image size or batch"
     elif largest.component == "t5":
-        hint = "drop T5 (--no-t5 / make engines T5=0), or build T5 in FP8 (make engines FP8=transformer,t5)"
+        hint = "drop T5 (--no-t5 / make engines T5=0), or build T5 in FP8 (make engines QUANTIZE=transformer,t5)"
     else:
         hint = "lower the image size or batch (--vae-tiling on shrinks the VAE's share)"
     raise InvalidInputError(f"this run does not fit {budget / GIB:.1f} GiB of GPU memory{named}: it needs at least "
