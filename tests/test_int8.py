@@ -57,6 +57,18 @@ def test_int8_components_get_int8_on_every_target_and_the_transformer_keeps_its_
                         ccs=buildable(target, backend), int8=("clip_l",))
 
 
+@pytest.mark.fast
+def test_runners_take_int8_when_asked_or_when_it_is_all_a_component_has():
+    from sd35trt.core.specs import Precision
+    from sd35trt.core.targets import runner_variant
+
+    both, only = {Precision.FP16, Precision.INT8}, {Precision.INT8}
+    assert runner_variant("clip_g", "auto", both) is Precision.FP16  # as a build without --int8
+    assert runner_variant("clip_g", "auto", only) is Precision.INT8  # exported for one target with --int8
+    assert runner_variant("clip_g", "int8", both) is Precision.INT8
+    assert runner_variant("vae_decoder", "int8", {Precision.FP16}) is Precision.FP16  # as engines: FP16 where none
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory, adapter):
     """`make engines GPU=ampere INT8=transformer,clip_l,clip_g,t5 LORA=...` on a user's directory whose weights
@@ -124,6 +136,20 @@ def test_int8_work_dir_compares_and_generates_in_onnxruntime_and_doctor_plans_fr
     out, err = capsys.readouterr()
     assert code in (0, 3), err[-2000:]  # 3: no engine of it runs on this host (no GPU), said in the report
     assert 0 < json.loads(out)["vram"]["plans_gib"]["resident"] < 8
+
+
+@needs_rtx
+def test_an_int8_transformer_builds_in_parts_and_every_part_keeps_its_int8_weights(int8_bundle, tmp_path):
+    root, _, _ = int8_bundle
+    whole = json.loads(next((root / "engines").glob("hot-lora-*/ampere-tensorrt-rtx-int8/manifest.json")).read_text())
+    built = cli("build", "--onnx", str(root / "work"), "--gpu", "ampere", "--out", str(tmp_path / "e"),
+                "--components", "transformer", "--int8", "transformer", "--parts", "transformer=2")
+    assert built.returncode == 0, built.stderr[-3000:]
+    (manifest,) = (tmp_path / "e").glob("hot-lora-*/ampere-tensorrt-rtx-int8/manifest.json")
+    entry = json.loads(manifest.read_text())["components"]["transformer"]
+    assert entry["precision"] == "int8" and len(entry["parts"]) == 2
+    # the cut may separate the AdaLN pair the whole build merges into one GEMM: never fewer INT8 tensors than it
+    assert entry["layers"]["int8_weights"] >= whole["components"]["transformer"]["layers"]["int8_weights"], entry["layers"]
 
 
 @needs_rtx

@@ -215,10 +215,12 @@ def plan_precisions(target: TargetInfo, components: tuple[str, ...], available: 
 
 EXPORT_VARIANTS = ("auto", "fp32", "fp16", "int8", "fp8", "int4", "nvfp4", "mixed")
 # --precision of a runner on a work dir: "auto" takes the engines' preference order (the best variant the work
-# dir has); "fp8"/"int4" fall back to FP16 where a component was not calibrated, as engines do; the others are exact.
+# dir has; INT8 after FP16, since engines take it only when --int8 asks: a work dir exported for one target with
+# --int8 has no FP16 twin of those components); "fp8"/"int4"/"int8" fall back to FP16 where a component has no such
+# ONNX, as engines do; the others are exact.
 # onnxruntime has no FP4 DequantizeLinear (opset 23: NOT_IMPLEMENTED in 1.31), so NVFP4 is never a runner variant.
 RUNNER_VARIANTS: dict[str, tuple[Precision, ...]] = {
-    "auto": (Precision.FP8, Precision.INT4, Precision.MIXED, Precision.INT8, Precision.FP16, Precision.FP32),
+    "auto": (Precision.FP8, Precision.INT4, Precision.MIXED, Precision.FP16, Precision.INT8, Precision.FP32),
     "fp8": (Precision.FP8, Precision.FP16), "int4": (Precision.INT4, Precision.FP16), "int8": (Precision.INT8, Precision.FP16),
     "mixed": (Precision.MIXED, Precision.FP16), "fp16": (Precision.FP16,), "fp32": (Precision.FP32,)}
 
