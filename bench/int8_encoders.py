@@ -38,7 +38,7 @@ def measure(pipe, name: str, prompts: list[str], recipe: Recipe, device: str) ->
     with torch.no_grad():
         reference = [o.clone() for o in module(ids)]
         network = getattr(pipe, spec.pipeline_attr)
-        layers = int8_layers(network, name, recipe, [])
+        layers = [layer for layer, got in int8_layers(network, name, recipe, []).items() if got.startswith("int8")]
         params = sum(p.numel() for p in network.parameters())
         swap_in(network, dict.fromkeys(layers), "int8")
         quantized = module(ids)

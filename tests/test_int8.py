@@ -101,6 +101,11 @@ def test_int8_make_engines_on_a_directory_keeps_islands_out_of_the_int8_layers(i
         counted = json.loads((root / "work" / "onnx-int8" / name / "int8_weights.json").read_text())["int8_weights"]
         assert entry["precision"] == "int8" and exported["weights_precision"] == "int8", (name, entry["reason"])
         assert "INT8-weight network" in exported["validation"]["reference"]
+        got = exported["layers"]  # every Linear, what it got and why
+        assert sum(v.startswith("int8") for v in got.values()) == counted, (name, got)
+        assert not any(v.startswith("int8") for layer, v in got.items()  # the islands' layers stay FP32
+                       if any(layer.startswith(i["module"] + ".") for i in exported["fp32_islands"]))
+        assert (name in ("transformer", "t5")) == any(v == "fp32: inside an FP32 island" for v in got.values())
         assert all(o["passed"] for o in exported["validation"]["outputs"].values())
         traffic = exported["traffic_check"]  # held-out pipeline calls against the FP32 network
         assert traffic["passed"] and max(v["rel_l2_max"] for k, v in traffic.items()

@@ -408,8 +408,8 @@ def _export_one(source: ModelSource, config: ExportConfig, plan: VariantPlan, pi
                                                 low, text, weights)
             weights, more = island_weights_for(source, spec, islands, weights, str(network.device))
             weights_from = more or weights_from
-    if precision is Precision.INT8:  # swapped in last: the islands (probed above) keep their weights out of INT8
-        _swap_int8(network, name, islands)
+    # INT8 swapped in last: the islands probed above keep their weights out of it
+    layers = _swap_int8(network, name, islands) if precision is Precision.INT8 else None
     label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
         (", FP32 weights" if plan.weights is Precision.FP32 and precision is Precision.FP16 else "") + \
         f", opset {opset_for(precision, config.opset)})"
@@ -432,7 +432,7 @@ def _export_one(source: ModelSource, config: ExportConfig, plan: VariantPlan, pi
             outputs=record["outputs"], weights_precision=plan.extra.get("weights_precision", plan.weights.value),
             fp32_islands=[i.to_dict() for i in islands], calibration_hash=plan.extra.get("calibration_hash"),
             data={"kind": "onnx", "toolkit": __version__, **record, **plan.extra, "precision_reason": plan.reason,
-                  "island_probes": probed, "island_weights": weights_from,
+                  "island_probes": probed, "island_weights": weights_from, **({"layers": layers} if layers else {}),
                   "versions": package_versions("torch", "diffusers", "transformers", "onnx", "onnxruntime",
                                                "nvidia-modelopt"),
                   "host": platform.node(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -502,16 +502,19 @@ def _count_int8(model_path: Path) -> None:
     write_json_atomic(model_path.parent / "int8_weights.json", count_int8_weights(model_path))
 
 
-def _swap_int8(network: Any, component: str, islands: list[Island]) -> None:
+def _swap_int8(network: Any, component: str, islands: list[Island]) -> dict[str, str]:
     """``--int8``: the recipe's quantized Linear layers of ``network`` outside ``islands`` swapped for their INT8
-    weight-only ``QuantizedLinear`` (the fake-quant network the ONNX is traced from and validated against)."""
+    weight-only ``QuantizedLinear`` (the fake-quant network the ONNX is traced from and validated against). Returns
+    what each Linear got and why, for the manifest."""
     from sd35trt.producers.quantize import int8_layers
     from sd35trt.producers.recipe import Recipe
     from sd35trt.producers.weight_quant import swap_in
 
-    layers = int8_layers(network, component, Recipe.load(), islands)
-    swap_in(network, dict.fromkeys(layers), "int8")
-    log.info(f"  {component}: {len(layers)} Linear layers with INT8 weights")
+    table = int8_layers(network, component, Recipe.load(), islands)
+    chosen = [layer for layer, got in table.items() if got.startswith("int8")]
+    swap_in(network, dict.fromkeys(chosen), "int8")
+    log.info(f"  {component}: {len(chosen)} of {len(table)} Linear layers with INT8 weights")
+    return table
 
 
 POSTPROCESS = {Precision.FP8: _rewrite_and_count, Precision.INT4: _rewrite_4bit, Precision.NVFP4: _rewrite_4bit,

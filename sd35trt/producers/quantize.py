@@ -137,10 +137,8 @@ class FourBitState:
                     rows[layer] = f"int4 (AWQ, block {self.int4[attr][layer].block}{cost})"
                 elif layer in self.nvfp4.get(attr, ()):
                     rows[layer] = "nvfp4 (E2M1, FP8 scale per 16)"
-                elif any(layer == m or layer.startswith(m + ".") for m in inside):
-                    rows[layer] = "fp32: inside an FP32 island"
                 elif layer not in wanted:
-                    rows[layer] = "fp16: the recipe keeps it out (embedders, norm_out, proj_out)"
+                    rows[layer] = left_out(layer, inside)
                 elif self.mixed is not None:
                     cost = self.mixed.delta.get(layer)
                     rows[layer] = "fp8 (E4M3)" + (f": kept, {cost:+.3g} rel-L2 as INT4 "
@@ -187,13 +185,23 @@ def undo_awq(networks: Any) -> None:
                 quantizer._enable_pre_quant_scale = False
 
 
-def int8_layers(network: Any, component: str, recipe: Recipe, islands: list[Island]) -> list[str]:
-    """The layers ``--int8`` stores in INT8: every Linear the recipe quantizes (its excludes, the embedders and
-    projections both NVIDIA recipes keep precise, and the FP32 islands left out)."""
+def left_out(layer: str, islands: list[str]) -> str:
+    """Why a Linear the recipe does not quantize keeps its precision, for the reports."""
+    if any(layer == m or layer.startswith(m + ".") for m in islands):
+        return "fp32: inside an FP32 island"
+    return "fp16: the recipe keeps it out (embedders, norm_out, proj_out; the text encoders' projections)"
+
+
+def int8_layers(network: Any, component: str, recipe: Recipe, islands: list[Island]) -> dict[str, str]:
+    """What ``--int8`` gives each Linear of ``network``: INT8 to every one the recipe quantizes (its excludes, the
+    embedders and projections both NVIDIA recipes keep precise, and the FP32 islands left out), and why not to the
+    others."""
     from sd35trt.producers.weight_quant import linear
 
-    modules = dict(network.named_modules())
-    return [layer for layer in recipe.quantizable(component, network, islands) if linear(modules[layer])]
+    wanted = set(recipe.quantizable(component, network, islands))
+    inside = [i.module for i in islands]
+    return {layer: "int8 (weight-only, a scale per output channel)" if layer in wanted else left_out(layer, inside)
+            for layer, module in network.named_modules() if layer and linear(module)}
 
 
 def nvfp4_layers(pipe: Any, components: tuple[str, ...], recipe: Recipe, islands: dict[str, list[Island]]) -> dict[str, list[str]]:
