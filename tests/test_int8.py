@@ -213,3 +213,15 @@ def test_a_gemm_the_builder_cannot_compile_for_turing_is_named_not_blamed_on_the
     assert "driver" not in refused.value.hint
     built = build_engine(backend, tmp_path / "model.onnx", profile, ((8, 6),), tmp_path / "model.plan")
     assert built is not None and (tmp_path / "model.plan").stat().st_size > 0  # the same graph for Ampere
+
+
+def test_preflight_refuses_turing_for_a_model_with_a_recipe_island(capsys):
+    """SD3.5-Large's block 35 is an FP32 island in every precision, and TensorRT-RTX 1.7 has no FP32 GEMM for SM75:
+    refused in preflight (a second, no weights), not after calibrate and export."""
+    from sd35trt.cli.main import main
+
+    code, err = run_cli(capsys, ["preflight", "--model", "sd3.5-large", "--gpu", "turing"])
+    assert_user_error(code, err, "builds no FP32 GEMM for SM75, and sd3.5-large runs transformer_blocks.35")
+    assert main(["preflight", "--model", "sd3.5-large", "--gpu", "ampere"]) == 0
+    assert main(["preflight", "--model", "sd3.5-medium", "--gpu", "turing"]) == 0
+    assert "builds no FP32 GEMM" in capsys.readouterr().out  # the note: islands the census finds stop the build

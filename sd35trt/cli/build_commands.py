@@ -159,6 +159,7 @@ def preflight(
         if dropped:
             echo(f"note: {dropped}")
     plan = plan_precisions(target, names, have, backend=chosen.kind, ccs=ccs, int8=int8_names)
+    _check_fp32_gemms(source, chosen, ccs)
     where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}{bundle_suffix(plan)}"
     echo(f"make engines: {source.id} ({'random weights' if source.random_weights else 'local weights'}"
          f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}) with "
@@ -166,3 +167,28 @@ def preflight(
 
          + ("" if "t5" in names else "; CLIP-only (no T5)") + (f"; LoRA {lora}" if lora else "")
          + (f"; work dir {work}" if work else "") + f" -> {where}")
+
+
+def _check_fp32_gemms(source: Any, chosen: Any, ccs: tuple[tuple[int, int], ...]) -> None:
+    """TensorRT-RTX 1.7 builds no FP32 GEMM for SM75 ("Cannot compile operation ... for Turing (SM75): FP32 GEMM is
+    not supported", measured), and FP32 islands are FP32 GEMMs in every precision: a model with a recipe island
+    (SD3.5-Large's block 35) is refused now, not after calibrate and export; one whose census may find islands gets a
+    note."""
+    import fnmatch
+
+    from sd35trt.core.targets import Backend
+    from sd35trt.producers.recipe import Recipe
+
+    if (7, 5) not in ccs or chosen.kind is not Backend.TENSORRT_RTX:
+        return
+    blocks = [f"transformer_blocks.{i}" for i in range(int(source.transformer_config().get("num_layers", 0)))]
+    sites = [b for b in blocks if any(fnmatch.fnmatchcase(b, p) for p in Recipe.load().upcast["transformer"])]
+    if sites:
+        from sd35trt.core.errors import InvalidInputError
+
+        raise InvalidInputError(f"GPU=turing: {chosen.kind.value} {chosen.version} builds no FP32 GEMM for SM75, and "
+                                f"{source.id} runs {sites[0]} as an FP32 island in every precision",
+                                hint="target ampere or newer, or build on a Turing host with full TensorRT "
+                                     "(BACKEND=tensorrt)")
+    echo(f"note: SM75: {chosen.kind.value} {chosen.version} builds no FP32 GEMM, so if calibrate finds FP32 islands "
+         "(real T5-XXL's feed-forward needs them) the build stops there; T5=0 avoids T5's")
