@@ -20,6 +20,7 @@
 #             peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
 #             the manifests), plan sizes, layer summaries and the calibration's errors
 #   int8      #35: bench/int8_encoders.py --t5 on the GPU: CLIP-L, CLIP-G and T5-XXL with INT8 weights vs FP32 (TF32 off)
+#   side      int8 then refusal in the background, beside the stages after it (`launch side fourbit`)
 #   USERPATH="default clip lora" picks the work dirs of userpath and compare (all three by default)
 #
 #   bash bench/gpu_round12.sh launch [STAGES...]   detached (setsid); returns at once
@@ -99,6 +100,11 @@ stage_int8() {  # #35: the text encoders' INT8 error vs FP32 at SD3.5 size, T5-X
   "$PY" bench/int8_encoders.py --model sd3.5-medium --prompts 16 --t5 --device cuda --out "$RUN/int8_encoders.json" \
     > "$RUN/int8_encoders.log" 2>&1
   echo "int8_encoders: rc $?"
+  return 0
+}
+
+stage_side() {  # int8 then refusal beside the next stages (a few GB of GPU memory; the chain does not wait for them)
+  (stage_int8; stage_refusal; touch "$RUN/side-done") > "$RUN/side.log" 2>&1 &
   return 0
 }
 
