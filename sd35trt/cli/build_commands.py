@@ -140,15 +140,12 @@ def preflight(
     if work is not None:
         ensure_writable_dir(work, "--work")
     ensure_writable_dir(engines, "--engines")
-    if not t5 and "t5" in calibrated:
-        from sd35trt.core.errors import InvalidInputError
-
-        raise InvalidInputError("QUANTIZE=... names t5 but T5=0 leaves T5 out", hint="drop t5 from QUANTIZE= or set T5=1")
     int8_names = parse_int8(int8)
-    if not t5 and "t5" in int8_names:
-        from sd35trt.core.errors import InvalidInputError
+    for knob, named in (("QUANTIZE", calibrated), ("INT8", int8_names)):
+        if not t5 and "t5" in named:
+            from sd35trt.core.errors import InvalidInputError
 
-        raise InvalidInputError("INT8=... names t5 but T5=0 leaves T5 out", hint="drop t5 from INT8= or set T5=1")
+            raise InvalidInputError(f"{knob}=... names t5 but T5=0 leaves T5 out", hint=f"drop t5 from {knob}= or set T5=1")
     chosen = choose_backend(parse_backend(backend), target)
     names = with_t5(COMPONENTS, t5 and source.has_t5)
     have = {c: {Precision.FP16} | ({quant} if c in calibrated else set()) | ({Precision.INT8} if c in int8_names else set())

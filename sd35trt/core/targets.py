@@ -274,14 +274,14 @@ def _reason(name: str, precision: Precision, ccs: tuple[tuple[int, int], ...], b
     sms = ", ".join(f"SM{a}{b}" for a, b in ccs)
     if precision.quantized:
         return f"{QUANT_NAMES[precision]} GEMMs on {sms} ({backend.value}); calibrated {precision.value} ONNX"
+    calibrated = [p for p in have if p.quantized]  # the format this GPU passed over, if any
+    fallback = f"fallback: {backend.value} runs no {QUANT_NAMES[calibrated[0]]} GEMM on {sms}" if calibrated else ""
     if precision is Precision.INT8:
-        calibrated = [p for p in have if p.quantized]
-        fallback = f"fallback: {backend.value} runs no {QUANT_NAMES[calibrated[0]]} GEMM on {sms}; " if calibrated else ""
-        return f"{fallback}INT8 weight-only GEMMs on {sms} ({backend.value}): --int8, one scale per output channel"
+        return (f"{fallback}; " if fallback else "") + \
+            f"INT8 weight-only GEMMs on {sms} ({backend.value}): --int8, one scale per output channel"
     if precision is Precision.FP16:
-        calibrated = [p for p in have if p.quantized]
-        if calibrated:
-            return f"fallback: {backend.value} runs no {QUANT_NAMES[calibrated[0]]} GEMM on {sms}"
+        if fallback:
+            return fallback
         if PRECISION_PREFERENCE[name][0] is CALIBRATED_FORMAT:
             if not runs_on(backend, Precision.FP8, ccs):  # never advice that cannot help on this GPU
                 return f"FP16: {backend.value} runs no FP8 GEMM on {sms}"

@@ -135,23 +135,20 @@ def dequantize_nvfp4(codes: torch.Tensor, block_scale: torch.Tensor, global_scal
     return (values.view(out_features, in_features // NVFP4_BLOCK, NVFP4_BLOCK) * scale).view(out_features, in_features)
 
 
-def int4_block_of(module: Any) -> int | None:
-    """INT4 block size for a module (None: not a Linear, or its width takes no block size TensorRT supports)."""
-    import torch
-
-    return int4_block(module.in_features) if isinstance(module, torch.nn.Linear) else None
-
-
 def linear(module: Any) -> bool:
+    """A Linear layer (ModelOpt's QuantLinear included): what weight quantization applies to."""
     import torch
 
     return isinstance(module, torch.nn.Linear)
 
 
-def nvfp4_quantizable(module: Any) -> bool:
-    import torch
+def int4_block_of(module: Any) -> int | None:
+    """INT4 block size for a module (None: not a Linear, or its width takes no block size TensorRT supports)."""
+    return int4_block(module.in_features) if linear(module) else None
 
-    return isinstance(module, torch.nn.Linear) and module.in_features % NVFP4_BLOCK == 0
+
+def nvfp4_quantizable(module: Any) -> bool:
+    return linear(module) and module.in_features % NVFP4_BLOCK == 0
 
 
 def quantized_linear(module: Any, fmt: str, layer: Int4Layer | None = None) -> Any:
