@@ -314,6 +314,12 @@ def test_generate_against_artifacts(capsys, calibrated, tmp_path):
     code, err = run_cli(capsys, ["generate", "--onnx", out, "--precision", "int3", "--prompt", "x",
                                  "--out", tmp_path / "x.png"])
     assert_user_error(code, err, "--precision 'int3'")
+    for variant, hint in (("int8", "export --out"), ("int4", "calibrate --out")):  # FP16 everywhere is not what was asked
+        code, err = run_cli(capsys, ["generate", "--onnx", out, "--precision", variant, "--prompt", "x",
+                                     "--out", tmp_path / "x.png"])
+        assert_user_error(code, err, f"no {variant} ONNX for any component")
+        assert hint in err
+    assert not (tmp_path / "x.png").exists()
 
 
 @needs_rtx

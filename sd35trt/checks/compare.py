@@ -376,14 +376,8 @@ def onnx_variants(options: LoopOptions, variants: tuple[str, ...],
         try:
             found = open_runners(replace(options, precision=variant), built_from=source)
         except VariantMissingError as err:
-            missing[variant] = err.what
+            missing[variant] = f"{err.what} ({err.hint})" if err.hint else err.what
             continue
-        if Precision(variant).low_bit and not any(r.precision == variant for r in found.runners.values()):
-            missing[variant] = (f"no {variant} ONNX for any component (run " + (
-                "`sd35trt export --int8 clip_l,clip_g`)" if variant == "int8" else
-                f"`sd35trt calibrate --format {variant}`, then `sd35trt export`)"))
-            continue
-
         runners_by_variant[variant], ranges = found.runners, found.ranges
     if not runners_by_variant:
         raise ArtifactError(f"nothing to compare: {'; '.join(missing.values()) or 'no ONNX'}", path=onnx_root,

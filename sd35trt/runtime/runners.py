@@ -313,6 +313,11 @@ def runners_from_onnx(root: Path, precision: str = "auto", components: tuple[str
                                    weight_bytes=sum(e["bytes"] for e in manifest.files.values()))
         ranges = ranges or manifest.shape_ranges
         model = model or manifest.model
+    asked = Precision(precision) if precision != "auto" else None
+    if asked is not None and asked.low_bit and not any(r.precision == precision for r in runners.values()):
+        raise VariantMissingError(  # else --precision int8 would run FP16 everywhere without a word
+            f"no {precision} ONNX for any component", path=root, hint=f"run `sd35trt export --out {root} --int8 clip_l,clip_g`"
+            if asked is Precision.INT8 else f"run `sd35trt calibrate --out {root} --format {precision}`, then `sd35trt export --out {root}`")
     assets = work.root / "assets"
     return RunnerSet(runners, ranges or ShapeRanges(), str(root), assets if assets.is_dir() else None, model=model)
 
