@@ -31,6 +31,31 @@ def test_int8_codes_are_within_half_a_step_of_the_weight_per_output_channel():
 
 
 @pytest.mark.fast
+def test_int8_takes_t5s_wo_which_fp8_keeps_out_for_its_activations(tmp_path):
+    from sd35trt.core.errors import InvalidInputError
+    from sd35trt.core.models import build_pipeline, resolve_model
+    from sd35trt.producers.quantize import int8_layers
+    from sd35trt.producers.recipe import Recipe
+
+    recipe = Recipe.load(REPO / "calibration" / "fp8.toml")
+    t5 = build_pipeline(resolve_model("tiny"), components={"text_encoder_3"}).text_encoder_3
+    got = int8_layers(t5, "t5", recipe, [])
+    wo = [layer for layer in got if layer.endswith("DenseReluDense.wo")]
+    assert wo and all(got[layer].startswith("int8") and "activations" in got[layer] for layer in wo)
+    assert not set(wo) & set(recipe.quantizable("t5", t5, []))  # FP8 still leaves them out
+    clip = build_pipeline(resolve_model("tiny"), components={"text_encoder"}).text_encoder
+    assert got_fp16(int8_layers(clip, "clip_l", recipe, [])) == ["text_projection"]  # no weight_only for CLIP
+    stray = tmp_path / "stray.toml"
+    stray.write_text('[t5]\nexclude = ["shared"]\nweight_only = ["encoder.*"]\n')
+    with pytest.raises(InvalidInputError, match="weight_only pattern 'encoder.\\*' is not one of its excludes"):
+        Recipe.load(stray)
+
+
+def got_fp16(table: dict[str, str]) -> list[str]:
+    return [layer for layer, got in table.items() if got.startswith("fp16")]
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("gpu", ["turing", "ampere", "ada", "hopper", "blackwell"])
 def test_int8_components_get_int8_on_every_target_and_the_transformer_keeps_its_calibrated_format(gpu):
     from sd35trt.core.errors import InvalidInputError

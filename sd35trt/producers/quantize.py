@@ -194,14 +194,21 @@ def left_out(layer: str, islands: list[str]) -> str:
 
 def int8_layers(network: Any, component: str, recipe: Recipe, islands: list[Island]) -> dict[str, str]:
     """What ``--int8`` gives each Linear of ``network``: INT8 to every one the recipe quantizes (its excludes, the
-    embedders and projections both NVIDIA recipes keep precise, and the FP32 islands left out), and why not to the
-    others."""
+    embedders and projections both NVIDIA recipes keep precise, and the FP32 islands left out; the excludes it marks
+    ``weight_only``, out of FP8 for their activations, taken), and why not to the others."""
     from sd35trt.producers.weight_quant import linear
 
-    wanted = set(recipe.quantizable(component, network, islands))
+    wanted = set(recipe.quantizable(component, network, islands, weight_only=True))
+    fp8 = set(recipe.quantizable(component, network, islands))
     inside = [i.module for i in islands]
-    return {layer: "int8 (weight-only, a scale per output channel)" if layer in wanted else left_out(layer, inside)
-            for layer, module in network.named_modules() if layer and linear(module)}
+
+    def why(layer: str) -> str:
+        if layer not in wanted:
+            return left_out(layer, inside)
+        return "int8 (weight-only, a scale per output channel)" + (
+            "" if layer in fp8 else "; FP8 keeps it out for its activations' range, which INT8 weights leave in FP16")
+
+    return {layer: why(layer) for layer, module in network.named_modules() if layer and linear(module)}
 
 
 def nvfp4_layers(pipe: Any, components: tuple[str, ...], recipe: Recipe, islands: dict[str, list[Island]]) -> dict[str, list[str]]:

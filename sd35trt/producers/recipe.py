@@ -1,7 +1,8 @@
 """The FP8 recipe (``calibration/fp8.toml``): what stays high precision, and the FP16-range rules.
 
-Per calibratable component: ``exclude`` (modules kept out of FP8) and ``upcast`` (known FP16 overflow sites
-that always run as FP32 islands, applied when the model has them). ``[fp32_islands] margin``: an activation
+Per calibratable component: ``exclude`` (modules kept out of FP8), ``weight_only`` (those of the excludes that
+are out for their activations' range, which weight-only formats leave in FP16: ``--int8`` quantizes them) and
+``upcast`` (known FP16 overflow sites that always run as FP32 islands, applied when the model has them). ``[fp32_islands] margin``: an activation
 census value above it makes its block an FP32 island (``sd35trt.core.numerics``).
 """
 
@@ -42,6 +43,7 @@ class Recipe:
     algorithm: str
     exclude: dict[str, tuple[str, ...]]
     upcast: dict[str, tuple[str, ...]]
+    weight_only: dict[str, tuple[str, ...]]  # excludes that weight-only INT8 still quantizes
     margin: float = DEFAULT_MARGIN
 
     @classmethod
@@ -68,10 +70,16 @@ class Recipe:
         if not isinstance(margin, (int, float)) or not 0 < margin <= FP16_MAX:
             raise InvalidInputError(f"[fp32_islands] margin {margin!r} must be a number in (0, {FP16_MAX:g}]", path=path,
                                     hint="e.g. margin = 16384 (2^14: 4x headroom to FP16's 65504)")
+        exclude = {n: _strings(data, n, "exclude", path) for n in RECIPE_COMPONENTS}
+        weight_only = {n: _strings(data, n, "weight_only", path) for n in RECIPE_COMPONENTS}
+        for name, patterns in weight_only.items():
+            stray = [p for p in patterns if p not in exclude[name]]
+            if stray:
+                raise InvalidInputError(f"[{name}] weight_only pattern '{stray[0]}' is not one of its excludes", path=path,
+                                        hint="weight_only lists exclude patterns that INT8 weights still quantize")
         return cls(path=path, sha256=sha256_file(path), version=int(data.get("version", 1)), algorithm="max",
-                   exclude={n: _strings(data, n, "exclude", path) for n in RECIPE_COMPONENTS},
-                   upcast={n: _strings(data, n, "upcast", path) for n in RECIPE_COMPONENTS},
-                   margin=float(margin))
+                   exclude=exclude, upcast={n: _strings(data, n, "upcast", path) for n in RECIPE_COMPONENTS},
+                   weight_only=weight_only, margin=float(margin))
 
     def check_patterns(self, component: str, module_names: list[str]) -> None:
         """Every exclude pattern must name at least one module: a typo must not silently quantize.
@@ -114,13 +122,15 @@ class Recipe:
                 cfg.append({"quantizer_name": f"{prefix}.{pattern}.*", "enable": False})
         return {"quant_cfg": cfg, "algorithm": algorithm}
 
-    def quantizable(self, component: str, network: Any, islands: list[Island]) -> list[str]:
+    def quantizable(self, component: str, network: Any, islands: list[Island], *, weight_only: bool = False) -> list[str]:
         """Modules of ``network`` that get FP8 quantizers under this recipe (every Linear/Conv2d outside the
         excludes and the FP32 islands): empty when islands cover what the excludes leave (a model whose only
-        joint block is an island)."""
+        joint block is an island). ``weight_only``: for a format that keeps activations in FP16 (INT8 weights), the
+        excludes the recipe marks ``weight_only`` are quantized too."""
         import torch
 
-        patterns = [*self.exclude[component], *(f"{i.module}" for i in islands)]
+        kept = [p for p in self.exclude[component] if not (weight_only and p in self.weight_only[component])]
+        patterns = [*kept, *(f"{i.module}" for i in islands)]
         return [name for name, module in network.named_modules()
                 if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and name and
                 not any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)]
