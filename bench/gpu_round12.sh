@@ -19,7 +19,8 @@
 #             H200 beside one Medium group, never two Large at once: round 17's did not fit), each measured (wall,
 #             peak RSS), then `doctor BUNDLE --vram 8 --no-t5` (the CLIP-only 8 GB plan from
 #             the manifests), plan sizes, layer summaries and the calibration's errors
-#   int8      #35: bench/int8_encoders.py --t5 on the GPU: CLIP-L, CLIP-G and T5-XXL with INT8 weights vs FP32 (TF32 off)
+#   int8      #35: bench/int8_encoders.py --t5 on the GPU: CLIP-L, CLIP-G and T5-XXL with INT8 weights vs FP32 (TF32 off);
+#             then (T5_ENGINE=1, default) T5-XXL's INT8 ONNX exported and built for SM89: its size and INT8 tensors
 #   side      int8 then refusal in the background, beside the stages after it (`launch side fourbit`)
 #   USERPATH="default clip lora" picks the work dirs of userpath and compare (all three by default)
 #
@@ -100,6 +101,17 @@ stage_int8() {  # #35: the text encoders' INT8 error vs FP32 at SD3.5 size, T5-X
   "$PY" bench/int8_encoders.py --model sd3.5-medium --prompts 16 --t5 --device cuda --out "$RUN/int8_encoders.json" \
     > "$RUN/int8_encoders.log" 2>&1
   echo "int8_encoders: rc $?"
+  [[ ${T5_ENGINE:-1} == 1 ]] || return 0
+  local work=/tmp/t5-int8  # T5-XXL's INT8 engine (wo included) for SM89: its size and INT8 tensor count
+  "$PY" bench/measure.py "$RUN/int8-measure.jsonl" "export t5 --int8 t5 --gpu ada" -- $CLI export --model sd3.5-medium \
+    --out $work --components t5 --int8 t5 --gpu ada > "$RUN/t5-int8-export.log" 2>&1
+  "$PY" bench/measure.py "$RUN/int8-measure.jsonl" "build t5 --int8 t5 --gpu ada" -- $CLI build --gpu ada --onnx $work \
+    --out $work/engines --components t5 --int8 t5 > "$RUN/t5-int8-build.log" 2>&1
+  cp $work/onnx-int8/t5/manifest.json "$RUN/t5-int8-onnx.json" 2>/dev/null
+  cp $work/onnx-int8/t5/int8_weights.json "$RUN/t5-int8-weights.json" 2>/dev/null
+  find $work/engines -name manifest.json -exec cp {} "$RUN/t5-int8-bundle.json" \; 2>/dev/null
+  find $work/engines -name '*.plan' -exec du -sb {} + > "$RUN/t5-int8-plans.txt" 2>/dev/null
+  rm -rf $work
   return 0
 }
 

@@ -193,6 +193,12 @@ def quantized_linear(module: Any, fmt: str, layer: Int4Layer | None = None) -> A
                 return _Int8Dequantize.apply(self.codes, self.scale)
             return _Fp4Dequantize.apply(self.codes, self.scale, self.global_scale, self.dtype)
 
+        @property
+        def weight(self) -> torch.Tensor:
+            """The dequantized weight ``[out, in]``: networks read their Linear's ``weight.dtype`` (transformers' T5
+            feed-forward casts its input to ``wo.weight.dtype``); a traced export drops it where nothing else uses it."""
+            return self.weight_t().t()
+
         def forward(self, x):
             if self.input_scale is not None:
                 x = x * self.input_scale
