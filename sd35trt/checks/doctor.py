@@ -64,12 +64,11 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
     (``ComponentSpec.activation_bytes``); the plan chosen for ``budget_gib`` (the GPU's free memory by default),
     or why none fits."""
     from sd35trt.core.assets import PipelineAssets, load_assets
-    from sd35trt.core.errors import Sd35TrtError
     from sd35trt.core.models import resolve_model
     from sd35trt.core.specs import SPECS
     from sd35trt.runtime.request import GenerateRequest, LoopShape
     from sd35trt.runtime.runners import ComponentRunner
-    from sd35trt.runtime.vram import GIB, all_peaks, choose_plan, gpu_budget, in_gib
+    from sd35trt.runtime.vram import GIB, all_peaks, gpu_budget, in_gib
 
     manifest = BundleManifest.load(folder)
     assets_dir = folder / BUNDLE_MANIFEST.replace("manifest.json", "assets")
@@ -106,10 +105,8 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
         report["plan"] = None
         report["why"] = "no CUDA GPU here and no --vram: the plans' needs are above"
         return report
-    try:
-        report["plan"] = choose_plan(needs, budget).to_dict()
-    except Sd35TrtError as err:
-        report["plan"], report["error"] = None, str(err)
+    plan, error = _plan_or_why(needs, budget)
+    report |= {"plan": plan.to_dict()} if plan is not None else {"plan": None, "error": error}
     report["transformer_room"] = _room_report(needs, budget)
     report["fitted_ranges"] = _fitted_report(shape.needs(request, fitted=True), budget, height=height, width=width,
                                              batch=batch)
@@ -119,7 +116,7 @@ def vram_report(folder: Path, budget_gib: float | None, *, height: int = 1024, w
 def _fitted_report(needs: dict[str, Any], budget: int, *, height: int, width: int, batch: int) -> dict[str, Any]:
     """The plans of this bundle's engines rebuilt with shape ranges that end at the request (an engine holds
     activation memory for its profile's largest shapes): the ``make engines`` knobs and what they would need."""
-    from sd35trt.runtime.vram import GIB, all_peaks, choose_plan, in_gib
+    from sd35trt.runtime.vram import GIB, all_peaks, in_gib
 
     ranges = {"BATCH": f"1:1:{batch}", "HEIGHT": f"{min(512, height)}:{height}:{height}",
               "WIDTH": f"{min(512, width)}:{width}:{width}"}
@@ -128,12 +125,19 @@ def _fitted_report(needs: dict[str, Any], budget: int, *, height: int, width: in
         "plans_gib": in_gib(all_peaks(needs)),
         "estimated": "the same weights, activations at this request's shapes (ComponentSpec.activation_bytes); "
                      "export and build again with these ranges to get such engines"}
-    try:
-        plan = choose_plan(needs, budget)
-        report |= {"plan": plan.mode, "peak_gib": round(plan.peak / GIB, 2)}
-    except Sd35TrtError as err:
-        report |= {"plan": None, "error": str(err)}
+    plan, error = _plan_or_why(needs, budget)
+    report |= {"plan": plan.mode, "peak_gib": round(plan.peak / GIB, 2)} if plan is not None else {"plan": None, "error": error}
     return report
+
+
+def _plan_or_why(needs: dict[str, Any], budget: int) -> tuple[Any, str]:
+    """The plan ``choose_plan`` picks for ``budget``, or None and its one line why none fits."""
+    from sd35trt.runtime.vram import choose_plan
+
+    try:
+        return choose_plan(needs, budget), ""
+    except Sd35TrtError as err:
+        return None, str(err)
 
 
 # The mixed recipe's size model counts the transformer's weights; its engine is up to ~3 % larger (SD3.5-Large and
