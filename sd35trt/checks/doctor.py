@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd35trt.core.errors import InvalidInputError, Sd35TrtError
 from sd35trt.core.host import host_report
 from sd35trt.core.manifests import BUNDLE_MANIFEST, STATIC_ACTIVATIONS, BundleManifest
 from sd35trt.core.portability import bundle_fit
+
+if TYPE_CHECKING:
+    from sd35trt.runtime.vram import VramPlan
 
 
 def diagnose(path: Path | None) -> dict[str, Any]:
@@ -130,7 +133,7 @@ def _fitted_report(needs: dict[str, Any], budget: int, *, height: int, width: in
     return report
 
 
-def _plan_or_why(needs: dict[str, Any], budget: int) -> tuple[Any, str]:
+def _plan_or_why(needs: dict[str, Any], budget: int) -> tuple[VramPlan | None, str]:
     """The plan ``choose_plan`` picks for ``budget``, or None and its one line why none fits."""
     from sd35trt.runtime.vram import choose_plan
 

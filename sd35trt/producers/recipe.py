@@ -2,8 +2,9 @@
 
 Per calibratable component: ``exclude`` (modules kept out of FP8), ``weight_only`` (those of the excludes that
 are out for their activations' range, which weight-only formats leave in FP16: ``--int8`` quantizes them) and
-``upcast`` (known FP16 overflow sites that always run as FP32 islands, applied when the model has them). ``[fp32_islands] margin``: an activation
-census value above it makes its block an FP32 island (``sd35trt.core.numerics``).
+``upcast`` (known FP16 overflow sites that always run as FP32 islands, applied when the model has them).
+``[fp32_islands] margin``: an activation census value above it makes its block an FP32 island
+(``sd35trt.core.numerics``).
 """
 
 from __future__ import annotations
