@@ -118,6 +118,18 @@ def test_unchanged_calibration_is_skipped(calibrated, tiny_source):
     assert calibration_inputs_hash(tiny_source, CalibrationConfig(**CALIB), prompts, recipe, "cuda") != first.inputs_hash
 
 
+def test_a_recipe_edit_calibration_does_not_read_keeps_the_calibration(tmp_path):
+    """A comment or ``weight_only`` (read by INT8 export only) leaves the calibration's digest; an exclude does not."""
+    shipped = REPO / "calibration" / "fp8.toml"
+    text = shipped.read_text()
+    edited = tmp_path / "edited.toml"
+    edited.write_text("# a note\n" + text.replace('weight_only = ["encoder.block.*.layer.1.DenseReluDense.wo"]', ""))
+    assert Recipe.load(edited).sha256 != Recipe.load(shipped).sha256
+    assert Recipe.load(edited).calibration_digest == Recipe.load(shipped).calibration_digest
+    edited.write_text(text.replace('"proj_out",\n', ""))
+    assert Recipe.load(edited).calibration_digest != Recipe.load(shipped).calibration_digest
+
+
 def test_calibration_size_per_model_and_the_makefile_leaves_it_to_calibrate():
     """Tiny stays fast; real models calibrate on 32 prompts x 20 steps (Turbo on its 4); `make -n` passes no size
     (calibrate chooses it from the model, directories included) unless NUM_PROMPTS/STEPS/SIZE are set."""

@@ -176,7 +176,7 @@ def calibration_inputs_hash(source: ModelSource, cfg: CalibrationConfig, prompts
     return hash_json({
         "model": source.fingerprint(), "prompts": hash_json(prompts[: cfg.num_prompts + cfg.holdout]),
         "num_prompts": cfg.num_prompts, "steps": cfg.steps, "seed": cfg.seed, "components": list(cfg.components),
-        "recipe": recipe.sha256, "height": cfg.height, "width": cfg.width, "guidance": cfg.guidance,
+        "recipe": recipe.calibration_digest, "height": cfg.height, "width": cfg.width, "guidance": cfg.guidance,
         "batch": cfg.batch, "holdout": cfg.holdout, "report_steps": cfg.report_steps, "toolkit": __version__,
         "compute": [device.split(":")[0], compute_dtype_name(cfg.dtype, device)],
         **({} if cfg.t5 else {"t5": False}), **({} if cfg.format is Precision.FP8 else {"format": cfg.format.value}),

@@ -16,7 +16,7 @@ from typing import Any
 
 import tomllib
 
-from sd35trt.core.artifacts import sha256_file
+from sd35trt.core.artifacts import hash_json, sha256_file
 from sd35trt.core.errors import CalibrationError, InvalidInputError
 from sd35trt.core.numerics import DEFAULT_MARGIN, FP16_MAX, Island
 from sd35trt.core.prompts import CALIBRATION_DIR
@@ -81,6 +81,13 @@ class Recipe:
         return cls(path=path, sha256=sha256_file(path), version=int(data.get("version", 1)), algorithm="max",
                    exclude=exclude, upcast={n: _strings(data, n, "upcast", path) for n in RECIPE_COMPONENTS},
                    weight_only=weight_only, margin=float(margin))
+
+    @property
+    def calibration_digest(self) -> str:
+        """What calibration reads of the recipe (its excludes, FP32-island sites and margin): an edit elsewhere (a
+        comment, ``weight_only``, which only INT8 export reads and hashes itself) keeps every calibration."""
+        return hash_json({"algorithm": self.algorithm, "exclude": self.exclude, "upcast": self.upcast,
+                          "margin": self.margin})
 
     def check_patterns(self, component: str, module_names: list[str]) -> None:
         """Every exclude pattern must name at least one module: a typo must not silently quantize.
