@@ -119,15 +119,19 @@ def test_unchanged_calibration_is_skipped(calibrated, tiny_source):
 
 
 def test_a_recipe_edit_calibration_does_not_read_keeps_the_calibration(tmp_path):
-    """A comment or ``weight_only`` (read by INT8 export only) leaves the calibration's digest; an exclude does not."""
+    """A comment or ``weight_only`` (read by INT8 export only) leaves the calibration's digest; an exclude does not.
+    INT8 export's digest per component changes with that component's excludes and ``weight_only`` only."""
     shipped = REPO / "calibration" / "fp8.toml"
     text = shipped.read_text()
     edited = tmp_path / "edited.toml"
     edited.write_text("# a note\n" + text.replace('weight_only = ["encoder.block.*.layer.1.DenseReluDense.wo"]', ""))
     assert Recipe.load(edited).sha256 != Recipe.load(shipped).sha256
     assert Recipe.load(edited).calibration_digest == Recipe.load(shipped).calibration_digest
+    assert Recipe.load(edited).int8_digest("t5") != Recipe.load(shipped).int8_digest("t5")  # INT8 reads weight_only
+    assert Recipe.load(edited).int8_digest("clip_g") == Recipe.load(shipped).int8_digest("clip_g")  # not CLIP-G's
     edited.write_text(text.replace('"proj_out",\n', ""))
     assert Recipe.load(edited).calibration_digest != Recipe.load(shipped).calibration_digest
+    assert Recipe.load(edited).int8_digest("transformer") != Recipe.load(shipped).int8_digest("transformer")
 
 
 def test_calibration_size_per_model_and_the_makefile_leaves_it_to_calibrate():

@@ -191,14 +191,15 @@ class VariantPlan:
 
 def plan_variants(requested: str, components: tuple[str, ...], calibration: CalibrationManifest | None,
                   recipe_islands: dict[str, list[Island]], target: TargetInfo | None = None,
-                  int8: tuple[str, ...] = (), recipe_sha256: str = "") -> list[VariantPlan]:
+                  int8: tuple[str, ...] = (), int8_recipe: dict[str, str] | None = None) -> list[VariantPlan]:
     """Which variants ``--precision`` asks for, with the islands and weights each is built with.
 
     ``auto`` (what engines use): FP16 for every component and FP8 for the calibrated ones (``fp8`` alone:
     the calibrated ones, an error when none of ``components`` is calibrated), and INT8 for those ``int8`` names;
     ``target`` keeps what that GPU's engines use (``targets.exported_variants``). FP16 takes the calibration's
     islands and its FP16/FP32 decision; without a calibration, the recipe's known sites; INT8 the same islands
-    (its weights FP16 around them, the recipe's quantized Linear layers in INT8)."""
+    (its weights FP16 around them, the recipe's quantized Linear layers in INT8; ``int8_recipe`` per component: the
+    digest of what INT8 reads of the recipe, part of its inputs hash)."""
     calibrated = set(calibration.components) if calibration else set()
     quant = calibration.format if calibration else Precision.FP8
     names = [v.strip() for v in requested.split(",") if v.strip()]
@@ -231,7 +232,7 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
             plans.append(VariantPlan(c, precision, weights, islands, reason, {
                 "fp32_islands": [i.to_dict() for i in islands],
                 "weights_precision": "int8" if precision is Precision.INT8 else weights.value,
-                "islands_from": source, **({"recipe_sha256": recipe_sha256} if precision is Precision.INT8 else {})},
+                "islands_from": source, **({"recipe_int8": (int8_recipe or {}).get(c, "")} if precision is Precision.INT8 else {})},
                 islands_from_recipe=calibration is None))
         else:
             assert calibration is not None
@@ -271,7 +272,8 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
     recipe_islands = {c: [Island(p, 0.0, f"recipe: upcast '{p}' (known FP16 overflow site)") for p in recipe.upcast[c]]
                       for c in recipe.upcast}
     plans = plan_variants(precision, config.components, calibration, recipe_islands, config.target,
-                          tuple(c for c in config.int8 if c in config.components), recipe.sha256)
+                          tuple(c for c in config.int8 if c in config.components),
+                          {c: recipe.int8_digest(c) for c in config.int8})
     write_assets(source, work)
     hashes = {(p.component, p.precision): export_inputs_hash(source, config, p.component, p.precision, p.extra)
               for p in plans}

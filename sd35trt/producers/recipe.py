@@ -89,6 +89,11 @@ class Recipe:
         return hash_json({"algorithm": self.algorithm, "exclude": self.exclude, "upcast": self.upcast,
                           "margin": self.margin})
 
+    def int8_digest(self, component: str) -> str:
+        """What ``--int8`` export reads of the recipe for ``component`` (its excludes and ``weight_only``): an edit
+        elsewhere keeps its INT8 ONNX."""
+        return hash_json({"exclude": self.exclude[component], "weight_only": self.weight_only[component]})
+
     def check_patterns(self, component: str, module_names: list[str]) -> None:
         """Every exclude pattern must name at least one module: a typo must not silently quantize.
         (``upcast`` patterns name sites of particular models, e.g. Large's block 35, and may be absent.)"""
