@@ -196,6 +196,29 @@ def test_int8_refusals_are_one_line(int8_bundle, capsys, tmp_path):
     assert_user_error(code, err, "no int8 ONNX for vae_decoder")
 
 
+def test_int8_takes_its_layers_from_the_recipe_given_and_refuses_one_calibrate_did_not_use(int8_bundle, tmp_path,
+                                                                                            capsys):
+    """`export --int8 clip_l --config mine.toml`: a user's recipe keeping CLIP-L's first layer's MLP out of 8 bits
+    gets it FP16 in the INT8 ONNX (the shipped recipe would quantize it); on a work dir calibrated with the shipped
+    recipe, that recipe is refused in one line naming the one calibrate used."""
+    mine = tmp_path / "mine.toml"
+    shipped = 'exclude = ["text_projection", "text_model.embeddings*"]'  # [clip_l]'s, then [clip_g]'s
+    mine.write_text((REPO / "calibration" / "fp8.toml").read_text().replace(
+        shipped, shipped[:-1] + ', "text_model.encoder.layers.0.mlp*"]', 1))
+    made = cli("export", "--model", "tiny", "--out", str(tmp_path / "w"), "--components", "clip_l", "--int8", "clip_l",
+               "--precision", "int8", "--config", str(mine))
+    assert made.returncode == 0, made.stderr[-3000:]
+    layers = json.loads((tmp_path / "w" / "onnx-int8" / "clip_l" / "manifest.json").read_text())["layers"]
+    mlp = [layer for layer in layers if layer.startswith("text_model.encoder.layers.0.mlp.")]
+    assert mlp and all(layers[layer].startswith("fp16") for layer in mlp)
+    assert all(got.startswith("int8") for layer, got in layers.items() if ".layers.1." in layer)
+    root, _, lora = int8_bundle
+    code, err = run_cli(capsys, ["export", "--model", root / "hot", "--lora", lora, "--out", root / "work",
+                                 "--components", "clip_l", "--int8", "clip_l", "--config", mine])
+    assert_user_error(code, err, "calibrated with another recipe")
+    assert "fp8.toml" in err and "--config" in err
+
+
 def test_preflight_says_the_int8_plan_and_refuses_int8_t5_without_t5(capsys):
     from sd35trt.cli.main import main
 

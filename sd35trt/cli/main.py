@@ -59,6 +59,7 @@ def export(
     provider: str = typer.Option("auto", "--provider", help="onnxruntime for validation: auto (CUDA when onnxruntime-gpu sees a GPU) | cpu | cuda"),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="only what this target's engines use (FP8 target: no FP16 twin of an FP8 component; FP16 target: no FP8 ONNX): ada|hopper|blackwell|ampere|turing|auto [default: every variant]"),
     device: str = DeviceOpt,
+    recipe_toml: Optional[Path] = typer.Option(None, "--config", help="recipe TOML INT8 takes its layers from (with --int8: the one calibrate used) [default: calibration/fp8.toml]"),
     force: bool = typer.Option(False, "--force", help="re-export even when inputs are unchanged"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON instead of a table"),
 ) -> None:
@@ -72,6 +73,7 @@ def export(
     from sd35trt.core.specs import parse_components, parse_int8, with_t5
     from sd35trt.core.targets import parse_target
     from sd35trt.producers.export import ExportConfig, export_model, plan_variants
+    from sd35trt.producers.recipe import DEFAULT_RECIPE
 
     int8_names = parse_int8(int8)
     plan_variants(precision, (), None, {}, int8=int8_names)  # a bad --precision fails before any work
@@ -80,9 +82,10 @@ def export(
     target = resolve_target(parse_target(gpu)) if gpu else None
     source = resolve_model(model, turbo=turbo, lora=lora)
     names = with_t5(parse_components(components), t5 and source.has_t5)
-    config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider, target=target, int8=int8_names,
-                          ranges=ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo,
-                                                     vae_max=vae_max, vae_batch=vae_batch))
+    ranges = ranges_from_options(batch, height, width, t5_tokens, cfg=not source.turbo, vae_max=vae_max,
+                                 vae_batch=vae_batch)
+    config = ExportConfig(components=names, opset=opset, validate=validate, provider=provider, target=target,
+                          int8=int8_names, recipe_file=recipe_toml or DEFAULT_RECIPE, ranges=ranges)
     check_model_side(config.ranges, source.largest_side(), source.id)
     ensure_writable_dir(out)
     results = export_model(source, out, config, device=device, force=force, precision=precision)

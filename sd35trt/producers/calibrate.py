@@ -401,6 +401,7 @@ def _calibrate(source: ModelSource, folder: Path, cfg: CalibrationConfig, prompt
             fp16=decisions, files=file_entries(tmp), reference=report["reference"], margin=recipe.margin, format=fmt,
             extra={"toolkit": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "probe_ranges": probe_ranges(cfg).to_dict(),
+                   "recipe": str(cfg.recipe_file), "recipe_digest": recipe.calibration_digest,  # export checks its own
                    **mixed_report})
         write_json_atomic(tmp / "manifest.json", manifest.to_dict())
     return CalibrationResult(False, calib_hash, report, folder, time.perf_counter() - start)

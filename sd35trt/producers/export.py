@@ -52,6 +52,7 @@ from sd35trt.core.targets import TargetInfo, exported_variants
 from sd35trt.core.wrappers import CastIO
 from sd35trt.producers.calibration_state import CalibrationManifest, load_calibration
 from sd35trt.producers.islands import island_weights_for, probe_islands
+from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
 from sd35trt.producers.validation import Traffic, load_traffic, validate_onnx
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class ExportConfig:
     provider: str = "auto"  # onnxruntime execution provider for validation; not part of the artifact
     target: TargetInfo | None = None  # --gpu: only the variants that target's engines use; None: every variant
     int8: tuple[str, ...] = ()  # --int8: components also exported with INT8 weights (weight-only, no calibration)
+    recipe_file: Path = DEFAULT_RECIPE  # --config: INT8's layers (and, uncalibrated, the islands) come from it
 
     def __post_init__(self):
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -263,12 +265,10 @@ def export_model(source: ModelSource, out: Path, config: ExportConfig, *, device
 
 def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, device: str, force: bool,
                    precision: str) -> list[ComponentExport]:
-    from sd35trt.producers.recipe import Recipe
-
     calibration = load_calibration(work)
     if calibration is not None:
         require_model(calibration.model, source.fingerprint(), source.id, work.calibration)
-    recipe = Recipe.load()
+    recipe = _recipe(config, calibration)
     recipe_islands = {c: [Island(p, 0.0, f"recipe: upcast '{p}' (known FP16 overflow site)") for p in recipe.upcast[c]]
                       for c in recipe.upcast}
     plans = plan_variants(precision, config.components, calibration, recipe_islands, config.target,
@@ -290,6 +290,18 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
                                      calibration.margin if calibration is not None else recipe.margin,
                                      calibration.extra.get("probe_ranges") if calibration is not None else None)
     return results
+
+
+def _recipe(config: ExportConfig, calibration: CalibrationManifest | None) -> Recipe:
+    """The recipe export reads (``--config``, default the shipped one). INT8 takes its layers from it, so with
+    ``--int8`` it must be the one calibrate used where calibrate recorded it: one line naming that one otherwise."""
+    recipe = Recipe.load(config.recipe_file)
+    if config.int8 and calibration is not None and calibration.extra.get("recipe_digest") not in (
+            None, recipe.calibration_digest):
+        raise InvalidInputError(f"this work dir was calibrated with another recipe ({calibration.extra.get('recipe')})",
+                                path=recipe.path, hint="pass that one with --config (INT8 takes its layers from the "
+                                                       "recipe), or re-run calibrate with this one")
+    return recipe
 
 
 def write_assets(source: ModelSource, work: WorkDir) -> Path:
@@ -411,7 +423,7 @@ def _export_one(source: ModelSource, config: ExportConfig, plan: VariantPlan, pi
             weights, more = island_weights_for(source, spec, islands, weights, str(network.device))
             weights_from = more or weights_from
     # INT8 swapped in last: the islands probed above keep their weights out of it
-    layers = _swap_int8(network, name, islands) if precision is Precision.INT8 else None
+    layers = _swap_int8(network, name, islands, config.recipe_file) if precision is Precision.INT8 else None
     label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
         (", FP32 weights" if plan.weights is Precision.FP32 and precision is Precision.FP16 else "") + \
         f", opset {opset_for(precision, config.opset)})"
@@ -504,15 +516,14 @@ def _count_int8(model_path: Path) -> None:
     write_json_atomic(model_path.parent / "int8_weights.json", count_int8_weights(model_path))
 
 
-def _swap_int8(network: Any, component: str, islands: list[Island]) -> dict[str, str]:
+def _swap_int8(network: Any, component: str, islands: list[Island], recipe_file: Path) -> dict[str, str]:
     """``--int8``: the recipe's quantized Linear layers of ``network`` outside ``islands`` swapped for their INT8
     weight-only ``QuantizedLinear`` (the fake-quant network the ONNX is traced from and validated against). Returns
     what each Linear got and why, for the manifest."""
     from sd35trt.producers.quantize import int8_layers
-    from sd35trt.producers.recipe import Recipe
     from sd35trt.producers.weight_quant import swap_in
 
-    table = int8_layers(network, component, Recipe.load(), islands)
+    table = int8_layers(network, component, Recipe.load(recipe_file), islands)
     chosen = [layer for layer, got in table.items() if got.startswith("int8")]
     swap_in(network, dict.fromkeys(chosen), "int8")
     log.info(f"  {component}: {len(chosen)} of {len(table)} Linear layers with INT8 weights")
