@@ -22,6 +22,7 @@ MEDIUM_BUNDLE = RESULTS / "2026-11-22-h100-run6" / "sd3.5-medium-make_engines" /
 LARGE_FP8_TRANSFORMER = RESULTS / "2026-11-22-h100-run8" / "engines-fp8-transformer-p1"
 T5_FP8 = RESULTS / "2026-11-22-h100-run7" / "t5-fp8" / "engines-fp8-t5" / "sd3.5-medium" / "ada-tensorrt-rtx"
 LARGE_INT4 = RESULTS / "2026-12-05-h200-r16" / "fourbit-sd3.5-large-int4" / "bundle.json"
+LARGE_INT4_FITTED = RESULTS / "2026-12-05-h200-r21" / "fourbit-sd3.5-large-int4-clip-fit-int8" / "bundle.json"
 
 
 def _needs(**sizes_gb: float) -> dict[str, Need]:
@@ -106,20 +107,27 @@ def test_doctor_names_the_ranges_that_fit_large_int4_clip_only_on_8_gb(capsys, t
     """SD3.5-Large INT4 built on the H200 (round 16: `make engines MODEL=sd3.5-large GPU=ada QUANT=int4`), without
     its T5: at the default ranges (4 images up to 1536 px) the transformer engine holds 4.7 GiB of activations beside
     its 4.7 GiB of weights, so no plan fits 8 GiB, and the one-line hint names the ranges, not the request; the
-    ranges that end at one 1024 px image fit it one network at a time, without weight streaming."""
-    manifest = json.loads(LARGE_INT4.read_text())
-    folder = tmp_path / "sd3.5-large" / "ada-tensorrt-rtx-int4"
-    folder.mkdir(parents=True)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    ranges that end at one 1024 px image fit it one network at a time, without weight streaming. Round 21 built
+    that bundle (those ranges; CLIP-L/CLIP-G INT8, which one network at a time leaves out of the peak, the
+    transformer's): its own manifests give the plan the estimate said."""
     from sd35trt.cli.main import main
 
-    assert main(["doctor", str(folder), "--vram", "8", "--no-t5"]) == 3  # the H200 cannot run SM89 engines
-    report = json.loads(capsys.readouterr().out)["vram"]
+    def doctor_on(bundle: Path, name: str) -> dict:
+        folder = tmp_path / name / "sd3.5-large" / "ada-tensorrt-rtx-int4"
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(bundle.read_text())
+        assert main(["doctor", str(folder), "--vram", "8", "--no-t5"]) == 3  # the H200 cannot run SM89 engines
+        return json.loads(capsys.readouterr().out)["vram"]
+
+    report = doctor_on(LARGE_INT4, "default-ranges")
     assert report["needs"]["transformer"]["weights_gib"] <= 5.2  # the issue's bar for the INT4 engine
     assert report["plan"] is None and "largest shapes" in report["error"] and "BATCH=" in report["error"]
     fitted = report["fitted_ranges"]
     assert fitted["make"] == "BATCH=1:1:1 HEIGHT=512:1024:1024 WIDTH=512:1024:1024"
     assert fitted["plan"] == "sequential" and fitted["peak_gib"] <= 8 and fitted["plans_gib"]["streaming"] is None
+    built = doctor_on(LARGE_INT4_FITTED, "fitted-ranges")["plan"]
+    assert built["mode"] == "sequential" and built["peak_gib"] <= 8 and built["streaming_budget_gib"] is None
+    assert abs(built["peak_gib"] - fitted["peak_gib"]) <= 0.1  # the estimate, against the engines built to it
 
 
 def test_tiled_decode_blends_overlapping_tiles_close_to_the_whole_decode():
