@@ -200,7 +200,7 @@ def test_int8_takes_its_layers_from_the_recipe_given_and_refuses_one_calibrate_d
                                                                                             capsys):
     """`export --int8 clip_l --config mine.toml`: a user's recipe keeping CLIP-L's first layer's MLP out of 8 bits
     gets it FP16 in the INT8 ONNX (the shipped recipe would quantize it); on a work dir calibrated with the shipped
-    recipe, that recipe is refused in one line naming the one calibrate used."""
+    recipe, that recipe is refused in one line naming the one calibrate used (with or without --int8)."""
     mine = tmp_path / "mine.toml"
     shipped = 'exclude = ["text_projection", "text_model.embeddings*"]'  # [clip_l]'s, then [clip_g]'s
     mine.write_text((REPO / "calibration" / "fp8.toml").read_text().replace(
@@ -218,6 +218,9 @@ def test_int8_takes_its_layers_from_the_recipe_given_and_refuses_one_calibrate_d
                                  "--components", "clip_l", "--int8", "clip_l", "--config", mine])
     assert_user_error(code, err, "calibrated with another recipe")
     assert "fp8.toml" in err and "--config" in err
+    code, err = run_cli(capsys, ["export", "--model", root / "hot", "--lora", lora, "--out", root / "work",
+                                 "--components", "clip_l", "--config", mine])  # asked for, so not silently unread
+    assert_user_error(code, err, "calibrated with another recipe")
 
 
 def test_preflight_says_the_int8_plan_and_refuses_int8_t5_without_t5(capsys):

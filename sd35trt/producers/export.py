@@ -293,11 +293,13 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
 
 
 def _recipe(config: ExportConfig, calibration: CalibrationManifest | None) -> Recipe:
-    """The recipe export reads (``--config``, default the shipped one). INT8 takes its layers from it, so with
-    ``--int8`` it must be the one calibrate used where calibrate recorded it: one line naming that one otherwise."""
+    """The recipe export reads (``--config``, default the shipped one): INT8 takes its layers from it. Where calibrate
+    recorded the recipe it used, one that differs from it is one line naming that one, with ``--int8`` or an explicit
+    ``--config`` (without either, nothing of it is read: the calibration decided the rest)."""
     recipe = Recipe.load(config.recipe_file)
-    if config.int8 and calibration is not None and calibration.extra.get("recipe_digest") not in (
-            None, recipe.calibration_digest):
+    used = calibration.extra.get("recipe_digest") if calibration is not None else None
+    if (config.int8 or config.recipe_file != DEFAULT_RECIPE) and used not in (None, recipe.calibration_digest):
+        assert calibration is not None
         raise InvalidInputError(f"this work dir was calibrated with another recipe ({calibration.extra.get('recipe')})",
                                 path=recipe.path, hint="pass that one with --config (INT8 takes its layers from the "
                                                        "recipe), or re-run calibrate with this one")
