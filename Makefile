@@ -57,6 +57,10 @@ T5_FLAG := $(if $(filter 0,$(T5)),--no-t5,)
 # LORA=adapter.safetensors[:scale][,more]: style adapters fused into the model before calibration.
 LORA ?=
 LORA_FLAG := $(if $(LORA),--lora "$(LORA)",)
+# RECIPE=mine.toml: your own recipe (calibration/fp8.toml's format: excludes, FP32-island sites, margin) for calibrate
+# and export (INT8 takes its layers from it).
+RECIPE ?=
+RECIPE_FLAG := $(if $(RECIPE),--config "$(RECIPE)",)
 # Calibration size: by default calibrate chooses it from the model (sd35trt.producers.calibrate.calibration_size:
 # a test-size model 8 x 4 at 512 px, real SD3.5 32 prompts x 20 steps at 1024 px, Turbo its 4 steps); set to override.
 NUM_PROMPTS ?=
@@ -69,7 +73,7 @@ CALIB_SIZE := $(if $(NUM_PROMPTS),--num-prompts $(NUM_PROMPTS)) $(if $(STEPS),--
 
 help:
 	@echo "make engines GPU=ada [MODEL=tiny]   preflight -> calibrate -> export -> build one engine bundle (steps skip when unchanged)"
-	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= INT8=clip_l,clip_g T5=0 HEIGHT= WIDTH= BATCH= QUANTIZE=transformer,t5 LORA=a.safetensors[:scale] SHARDS=2 DEVICE=cpu BUILD_FLAGS=..."
+	@echo "  knobs: MODEL= GPU= QUANT=fp8|int4|nvfp4|mixed MIXED_GIB= INT8=clip_l,clip_g T5=0 HEIGHT= WIDTH= BATCH= QUANTIZE=transformer,t5 LORA=a.safetensors[:scale] RECIPE=mine.toml SHARDS=2 DEVICE=cpu BUILD_FLAGS=..."
 	@echo "make test                           run the test suite (CPU, tiny preset; what CI runs)"
 	@echo "make test-fast                      the pure-function tier (no model, no build): under 90 s"
 	@echo "make selftest                       on a GPU host: tiny engines for this GPU, generate and compare through them"
@@ -98,10 +102,12 @@ preflight: $(STAMP)
 
 calibrate: preflight
 	$(CLI) calibrate --model "$(MODEL)" --out "$(WORK)" --prompts "$(PROMPTS)" $(strip $(CALIB_SIZE)) \
-	  --components "$(QUANTIZE)" --format "$(QUANT)" $(MIXED_FLAG) --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG)
+	  --components "$(QUANTIZE)" --format "$(QUANT)" $(MIXED_FLAG) --shards "$(SHARDS)" $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG) \
+	  $(RECIPE_FLAG)
 
 export: calibrate
-	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG) $(INT8_FLAG)
+	$(CLI) export --model "$(MODEL)" --out "$(WORK)" --gpu "$(GPU)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG) $(INT8_FLAG) \
+	  $(RECIPE_FLAG)
 
 build: export
 	$(CLI) build --gpu "$(GPU)" --backend "$(BACKEND)" --onnx "$(WORK)" --out "$(ENGINES)" $(T5_FLAG) $(INT8_FLAG) $(BUILD_FLAGS)

@@ -154,3 +154,8 @@ def test_calibration_size_per_model_and_the_makefile_leaves_it_to_calibrate():
     dry = subprocess.run(["make", "-n", "calibrate", "MODEL=tiny", "NUM_PROMPTS=4", "STEPS=2", "SIZE=576",
                           "SYSTEM_PYTHON=1"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "--num-prompts 4 --steps 2 --height 576 --width 576" in " ".join(dry.replace("\\\n", " ").split()), dry
+    dry = subprocess.run(["make", "-n", "engines", "MODEL=tiny", "RECIPE=mine.toml", "INT8=clip_l", "SYSTEM_PYTHON=1"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    steps = {line.split()[3]: line for line in dry.replace("\\\n", " ").splitlines() if " -m sd35trt " in line}
+    assert all('--config "mine.toml"' in steps[step] for step in ("calibrate", "export")), dry  # both read it
+    assert "--config" not in steps["build"], dry
