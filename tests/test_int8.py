@@ -213,6 +213,12 @@ def test_int8_takes_its_layers_from_the_recipe_given_and_refuses_one_calibrate_d
     assert mlp and all(layers[layer].startswith("fp16") for layer in mlp)
     next_layer = [got for layer, got in layers.items() if ".layers.1." in layer]
     assert next_layer and all(got.startswith("int8") for got in next_layer)  # the rest as the shipped recipe has it
+    typo = tmp_path / "typo.toml"  # as calibrate does, an exclude matching nothing must not quietly quantize it
+    typo.write_text(mine.read_text().replace('"text_model.encoder.layers.0.mlp*"', '"text_model.encoder.layer.0.mlp*"'))
+    code, err = run_cli(capsys, ["export", "--model", "tiny", "--out", tmp_path / "w2", "--components", "clip_l",
+                                 "--int8", "clip_l", "--precision", "int8", "--config", typo])
+    assert_user_error(code, err, "exclude pattern 'text_model.encoder.layer.0.mlp*' matches no module")
+    assert not (tmp_path / "w2" / "onnx-int8").exists()
     root, _, lora = int8_bundle
     code, err = run_cli(capsys, ["export", "--model", root / "hot", "--lora", lora, "--out", root / "work",
                                  "--components", "clip_l", "--int8", "clip_l", "--config", mine])

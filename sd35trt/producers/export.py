@@ -525,7 +525,9 @@ def _swap_int8(network: Any, component: str, islands: list[Island], recipe_file:
     from sd35trt.producers.quantize import int8_layers
     from sd35trt.producers.weight_quant import swap_in
 
-    table = int8_layers(network, component, Recipe.load(recipe_file), islands)
+    recipe = Recipe.load(recipe_file)
+    recipe.check_patterns(component, [name for name, _ in network.named_modules()])  # a typo must not quantize
+    table = int8_layers(network, component, recipe, islands)
     chosen = [layer for layer, got in table.items() if got.startswith("int8")]
     swap_in(network, dict.fromkeys(chosen), "int8")
     log.info(f"  {component}: {len(chosen)} of {len(table)} Linear layers with INT8 weights")
