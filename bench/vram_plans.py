@@ -9,7 +9,7 @@ Every plan counts what the engines allocate: TensorRT's static activation memory
 (#31; before, the request's). The bundles were built with the VAE decoder's old profile (4 images up to 1536 px),
 which alone holds ~23 GiB; "today's VAE profile" rows give the same bundles with the VAE decoder profile export
 builds by default now (1 image up to 1024 px, tiles above), its engine size as built (weights do not depend on the
-profile).
+profile). The 4-bit bundles (#35, rounds 16-21) were built with today's VAE profile and are planned as built.
 
     python bench/vram_plans.py [OUT_DIR]      prints a table; writes OUT_DIR/vram-plans.json when given
 """
@@ -27,6 +27,15 @@ LARGE_TRANSFORMER = RESULTS / "2026-11-22-h100-run8/engines-fp8-transformer-p1/m
 LARGE_T5 = RESULTS / "2026-11-22-h100-run8/engines-fp16-t5-p1/manifest.json"
 T5_FP8 = RESULTS / "2026-11-22-h100-run7/t5-fp8/engines-fp8-t5/sd3.5-medium/ada-tensorrt-rtx/manifest.json"
 BUDGETS = (8, 12, 16, 24)
+FOUR_BIT = {  # whole bundles, as `make engines` built them on the GPU machine (docs/BENCHMARKS.md rounds 16-21)
+    "Medium INT4, CLIP-only": "2026-12-05-h200-r16/fourbit-sd3.5-medium-int4-clip",
+    "Medium INT4, INT8 CLIP, CLIP-only": "2026-12-05-h100-r19/fourbit-sd3.5-medium-int4-clip-int8",
+    "Medium mixed FP8/INT4, CLIP-only": "2026-12-05-h200-r17/fourbit-sd3.5-medium-mixed-clip",
+    "Medium NVFP4 (SM120), CLIP-only": "2026-12-05-h200-r21/fourbit-sd3.5-medium-nvfp4-clip",
+    "Large INT4, T5 FP16": "2026-12-05-h200-r16/fourbit-sd3.5-large-int4",
+    "Large INT4, INT8 CLIP, CLIP-only, 1 image <= 1024 px": "2026-12-05-h200-r21/fourbit-sd3.5-large-int4-clip-fit-int8",
+    "Large NVFP4 (SM120), CLIP-only": "2026-12-05-h200-r17/fourbit-sd3.5-large-nvfp4-clip",
+}
 
 
 def bundles() -> dict[str, dict]:
@@ -73,8 +82,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         variants = {f"{name}{suffix}": how(manifest) for name, manifest in bundles().items()
                     for suffix, how in (("", lambda m: m), (", today's VAE profile", with_todays_vae))}
+        variants |= {name: json.loads((RESULTS / run / "bundle.json").read_text()) for name, run in FOUR_BIT.items()}
         for name, manifest in variants.items():
-            folder = Path(tmp) / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+            folder = Path(tmp) / "".join(c if c.isalnum() else "_" for c in name)
             folder.mkdir()
             (folder / "manifest.json").write_text(json.dumps(manifest))
             entry = {"size_gb": round(sum(c["bytes"] for c in manifest["components"].values()) / 1e9, 2)}
@@ -91,7 +101,7 @@ def main() -> int:
     print("\n".join(rows))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    (out / "vram-plans.json").write_text(json.dumps(report, indent=2))
+        (out / "vram-plans.json").write_text(json.dumps(report, indent=2))
     return 0
 
 
