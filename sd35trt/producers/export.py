@@ -231,11 +231,11 @@ def plan_variants(requested: str, components: tuple[str, ...], calibration: Cali
                 weights, reason = Precision.FP16, f"--int8: INT8 weights outside the FP32 islands (FP16: {reason})"
             if weights is Precision.FP32:
                 islands = ()
-            recipe = {"recipe_int8": (int8_recipe or {}).get(c, "")} if precision is Precision.INT8 else {}
+            int8_extra = {"recipe_int8": (int8_recipe or {}).get(c, "")} if precision is Precision.INT8 else {}
             plans.append(VariantPlan(c, precision, weights, islands, reason, {
                 "fp32_islands": [i.to_dict() for i in islands],
                 "weights_precision": "int8" if precision is Precision.INT8 else weights.value,
-                "islands_from": source, **recipe}, islands_from_recipe=calibration is None))
+                "islands_from": source, **int8_extra}, islands_from_recipe=calibration is None))
         else:
             assert calibration is not None
             islands = tuple(calibration.islands.get(c, []))
