@@ -98,7 +98,7 @@ install: $(VENV)/.installed
 # Model, target and options are checked before any step (a bad GPU= or MODEL= fails in seconds, not after export).
 preflight: $(STAMP)
 	@$(CLI) preflight --model "$(MODEL)" --gpu "$(GPU)" --backend "$(BACKEND)" --quantize "$(QUANTIZE)" --format "$(QUANT)" --work "$(WORK)" \
-	  --engines "$(ENGINES)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG) $(INT8_FLAG)
+	  --engines "$(ENGINES)" $(RANGE_FLAGS) $(T5_FLAG) $(LORA_FLAG) $(DEVICE_FLAG) $(INT8_FLAG) $(RECIPE_FLAG)
 
 calibrate: preflight
 	$(CLI) calibrate --model "$(MODEL)" --out "$(WORK)" --prompts "$(PROMPTS)" $(strip $(CALIB_SIZE)) \

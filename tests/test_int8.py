@@ -4,6 +4,7 @@ runs, the transformer) stored in 8 bits, one scale per output channel, on every 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,21 @@ def test_preflight_refuses_turing_for_a_model_with_a_recipe_island(capsys):
     assert main(["preflight", "--model", "sd3.5-large", "--gpu", "ampere"]) == 0
     assert main(["preflight", "--model", "sd3.5-medium", "--gpu", "turing"]) == 0
     assert "builds no FP32 GEMM" in capsys.readouterr().out  # the note: islands the census finds stop the build
+
+
+def test_preflight_reads_the_users_recipe(capsys, tmp_path):
+    """`make engines RECIPE=mine.toml` passes it to preflight: the Turing check takes its island sites from it, and a
+    broken recipe is one line there, before any step."""
+    from sd35trt.cli.main import main
+
+    mine = tmp_path / "mine.toml"
+    mine.write_text((REPO / "calibration" / "fp8.toml").read_text().replace('upcast = ["transformer_blocks.35"]', ""))
+    assert main(["preflight", "--model", "sd3.5-large", "--gpu", "turing", "--config", str(mine)]) == 0
+    assert "builds no FP32 GEMM" in capsys.readouterr().out  # no recipe island: the census's note, not a refusal
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[transformer\n")
+    code, err = run_cli(capsys, ["preflight", "--model", "tiny", "--gpu", "ada", "--config", broken])
+    assert_user_error(code, err, "recipe is not valid TOML")
+    dry = subprocess.run(["make", "-n", "preflight", f"RECIPE={mine}", "SYSTEM_PYTHON=1"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert f'--config "{mine}"' in dry

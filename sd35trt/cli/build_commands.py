@@ -4,13 +4,16 @@ target) and ``preflight`` (what ``make engines`` will do, checked before any ste
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from sd35trt.cli.app import Int8Opt, LoraOpt, T5Opt, app, echo, emit
 from sd35trt.core.shapes import ShapeRanges
 from sd35trt.producers.bundle import BuildConfig
+
+if TYPE_CHECKING:
+    from sd35trt.producers.recipe import Recipe
 
 _RANGES = ShapeRanges()  # export's default shape ranges (preflight checks what export will use)
 
@@ -103,6 +106,7 @@ def preflight(
     batch: str = typer.Option(str(_RANGES.batch), "--batch", help="the images-per-prompt range export will use (make's BATCH=)"),
     device: str = typer.Option("auto", "--device", help="where calibrate and export will run torch (make's DEVICE=)"),
     int8: str = Int8Opt,
+    recipe_toml: Optional[Path] = typer.Option(None, "--config", help="the recipe calibrate and export will read (make's RECIPE=) [default: calibration/fp8.toml]"),
 ) -> None:
     """What `make engines` will do, checked in seconds before any step: model, target, backend, precisions."""
     from sd35trt.cli.app import ranges_from_options
@@ -122,9 +126,11 @@ def preflight(
     )
     from sd35trt.core.targets import narrow_for_format, parse_backend, parse_target, plan_precisions
     from sd35trt.producers.bundle import bundle_suffix
+    from sd35trt.producers.recipe import DEFAULT_RECIPE, Recipe
     from sd35trt.producers.trt_builder import choose_backend
 
     check_choice("--device", device, DEVICES)
+    recipe = Recipe.load(recipe_toml or DEFAULT_RECIPE)
     source = resolve_model(model, lora=lora)
     check_model_side(ranges_from_options(batch, height, width, str(_RANGES.t5_tokens.max)),
                      source.largest_side(), source.id)
@@ -156,7 +162,7 @@ def preflight(
         if dropped:
             echo(f"note: {dropped}")
     plan = plan_precisions(target, names, have, backend=chosen.kind, ccs=ccs, int8=int8_names)
-    _check_fp32_gemms(source, chosen, ccs)
+    _check_fp32_gemms(source, chosen, ccs, recipe)
     where = f"{engines}/{source.slug}/{target.target.value}-{chosen.kind.value}{bundle_suffix(plan)}"
     echo(f"make engines: {source.id} ({'random weights' if source.random_weights else 'local weights'}"
          f"{', Turbo' if source.turbo else ''}), {target.target.value} ({', '.join(f'SM{a}{b}' for a, b in ccs)}) with "
@@ -166,7 +172,7 @@ def preflight(
          + (f"; work dir {work}" if work else "") + f" -> {where}")
 
 
-def _check_fp32_gemms(source: Any, chosen: Any, ccs: tuple[tuple[int, int], ...]) -> None:
+def _check_fp32_gemms(source: Any, chosen: Any, ccs: tuple[tuple[int, int], ...], recipe: Recipe) -> None:
     """TensorRT-RTX 1.7 builds no FP32 GEMM for SM75 ("Cannot compile operation ... for Turing (SM75): FP32 GEMM is
     not supported", measured), and FP32 islands are FP32 GEMMs in every precision: a model with a recipe island
     (SD3.5-Large's block 35) is refused now, not after calibrate and export; one whose census may find islands gets a
@@ -174,12 +180,11 @@ def _check_fp32_gemms(source: Any, chosen: Any, ccs: tuple[tuple[int, int], ...]
     import fnmatch
 
     from sd35trt.core.targets import Backend
-    from sd35trt.producers.recipe import Recipe
 
     if (7, 5) not in ccs or chosen.kind is not Backend.TENSORRT_RTX:
         return
     blocks = [f"transformer_blocks.{i}" for i in range(int(source.transformer_config().get("num_layers", 0)))]
-    sites = [b for b in blocks if any(fnmatch.fnmatchcase(b, p) for p in Recipe.load().upcast["transformer"])]
+    sites = [b for b in blocks if any(fnmatch.fnmatchcase(b, p) for p in recipe.upcast["transformer"])]
     if sites:
         from sd35trt.core.errors import InvalidInputError
 
