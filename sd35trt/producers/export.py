@@ -286,7 +286,7 @@ def _export_locked(source: ModelSource, work: WorkDir, config: ExportConfig, dev
     for variant in ARTIFACT_PRECISIONS:
         group = [p for p in plans if p.precision is variant]
         if group:
-            results += _export_group(source, work, config, group, hashes, current, traffic, device, fp8_attrs,
+            results += _export_group(source, work, config, group, hashes, current, traffic, device, fp8_attrs, recipe,
                                      calibration.margin if calibration is not None else recipe.margin,
                                      calibration.extra.get("probe_ranges") if calibration is not None else None)
     return results
@@ -297,9 +297,8 @@ def _recipe(config: ExportConfig, calibration: CalibrationManifest | None) -> Re
     recorded the recipe it used, one that differs from it is one line naming that one, with ``--int8`` or an explicit
     ``--config`` (without either, nothing of it is read: the calibration decided the rest)."""
     recipe = Recipe.load(config.recipe_file)
-    used = calibration.extra.get("recipe_digest") if calibration is not None else None
-    if (config.int8 or config.recipe_file != DEFAULT_RECIPE) and used not in (None, recipe.calibration_digest):
-        assert calibration is not None
+    if calibration is not None and (config.int8 or config.recipe_file != DEFAULT_RECIPE) and \
+            calibration.extra.get("recipe_digest") not in (None, recipe.calibration_digest):
         raise InvalidInputError(f"this work dir was calibrated with another recipe ({calibration.extra.get('recipe')})",
                                 path=recipe.path, hint="pass that one with --config (INT8 takes its layers from the "
                                                        "recipe), or re-run calibrate with this one")
@@ -340,7 +339,8 @@ def _resolve_islands(plan: VariantPlan, network: Any) -> list[Island]:
 
 def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, group: list[VariantPlan],
                   hashes: dict, current: dict, traffic: dict[str, Traffic], device: str,
-                  fp8_attrs: set[str], margin: float, probed_ranges: dict[str, Any] | None) -> list[ComponentExport]:
+                  fp8_attrs: set[str], recipe: Recipe, margin: float,
+                  probed_ranges: dict[str, Any] | None) -> list[ComponentExport]:
     """Export one precision's components; builds the pipeline only if something is to do."""
     precision = group[0].precision
     todo = [p for p in group if current[(p.component, p.precision)] is None]
@@ -356,7 +356,8 @@ def _export_group(source: ModelSource, work: WorkDir, config: ExportConfig, grou
             results.append(ComponentExport(name, precision.value, folder / "model.onnx", True, 0.0, current[key]))
             continue
         pipe = pipes[plan.weights if not precision.quantized else Precision.FP16]
-        results.append(_export_one(source, config, plan, pipe, folder, hashes[key], traffic, margin, probed_ranges))
+        results.append(_export_one(source, config, plan, pipe, folder, hashes[key], traffic, recipe, margin,
+                                   probed_ranges))
     _write_group_summary(work.variant(precision), source, config, precision, results)
     return results
 
@@ -398,7 +399,7 @@ def _group_pipelines(source: ModelSource, work: WorkDir, todo: list[VariantPlan]
 
 
 def _export_one(source: ModelSource, config: ExportConfig, plan: VariantPlan, pipe: Any, folder: Path,
-                inputs_hash: str, traffic: dict[str, Traffic], margin: float,
+                inputs_hash: str, traffic: dict[str, Traffic], recipe: Recipe, margin: float,
                 probed_ranges: dict[str, Any] | None) -> ComponentExport:
     """One component's ONNX in one precision, into ``folder`` atomically: its FP32 islands (probed on the inputs
     its engine accepts where calibrate did not), the export, its validation and its manifest."""
@@ -425,7 +426,7 @@ def _export_one(source: ModelSource, config: ExportConfig, plan: VariantPlan, pi
             weights, more = island_weights_for(source, spec, islands, weights, str(network.device))
             weights_from = more or weights_from
     # INT8 swapped in last: the islands probed above keep their weights out of it
-    layers = _swap_int8(network, name, islands, config.recipe_file) if precision is Precision.INT8 else None
+    layers = _swap_int8(network, name, islands, recipe) if precision is Precision.INT8 else None
     label = f"export {name} ({precision.value}" + (f", {len(islands)} FP32 island(s)" if islands else "") + \
         (", FP32 weights" if plan.weights is Precision.FP32 and precision is Precision.FP16 else "") + \
         f", opset {opset_for(precision, config.opset)})"
@@ -518,14 +519,13 @@ def _count_int8(model_path: Path) -> None:
     write_json_atomic(model_path.parent / "int8_weights.json", count_int8_weights(model_path))
 
 
-def _swap_int8(network: Any, component: str, islands: list[Island], recipe_file: Path) -> dict[str, str]:
+def _swap_int8(network: Any, component: str, islands: list[Island], recipe: Recipe) -> dict[str, str]:
     """``--int8``: the recipe's quantized Linear layers of ``network`` outside ``islands`` swapped for their INT8
     weight-only ``QuantizedLinear`` (the fake-quant network the ONNX is traced from and validated against). Returns
     what each Linear got and why, for the manifest."""
     from sd35trt.producers.quantize import int8_layers
     from sd35trt.producers.weight_quant import swap_in
 
-    recipe = Recipe.load(recipe_file)
     recipe.check_patterns(component, [name for name, _ in network.named_modules()])  # a typo must not quantize
     table = int8_layers(network, component, recipe, islands)
     chosen = [layer for layer, got in table.items() if got.startswith("int8")]
