@@ -157,5 +157,5 @@ def test_calibration_size_per_model_and_the_makefile_leaves_it_to_calibrate():
     dry = subprocess.run(["make", "-n", "engines", "MODEL=tiny", "RECIPE=mine.toml", "INT8=clip_l", "SYSTEM_PYTHON=1"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     steps = {line.split()[3]: line for line in dry.replace("\\\n", " ").splitlines() if " -m sd35trt " in line}
-    assert all('--config "mine.toml"' in steps[step] for step in ("calibrate", "export")), dry  # both read it
+    assert all('--config "mine.toml"' in steps[step] for step in ("preflight", "calibrate", "export")), dry
     assert "--config" not in steps["build"], dry

@@ -4,7 +4,6 @@ runs, the transformer) stored in 8 bits, one scale per output channel, on every 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -298,7 +297,4 @@ def test_preflight_reads_the_users_recipe(capsys, tmp_path):
     broken = tmp_path / "broken.toml"
     broken.write_text("[transformer\n")
     code, err = run_cli(capsys, ["preflight", "--model", "tiny", "--gpu", "ada", "--config", broken])
-    assert_user_error(code, err, "recipe is not valid TOML")
-    dry = subprocess.run(["make", "-n", "preflight", f"RECIPE={mine}", "SYSTEM_PYTHON=1"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
-    assert f'--config "{mine}"' in dry
+    assert_user_error(code, err, "recipe is not valid TOML")  # make passes RECIPE= to it: tests/test_calibrate.py
